@@ -1,0 +1,83 @@
+"""The `mmsent` console script: one entry point for the service, the model and the tooling.
+
+Heavy imports (torch, confluent-kafka) happen inside each command, so `mmsent schema` or `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="mmsent",
+    help="Streaming multimodal sentiment for moderation: Kafka in, sentiment events out.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+
+@app.command()
+def consume() -> None:
+    """Run the consumer with the MMSENT_* settings until SIGTERM/SIGINT, then drain, commit and exit 0."""
+    from consumer.app import run_consumer
+    from consumer.logging import configure_logging
+    from consumer.settings import Settings
+
+    settings = Settings()
+    configure_logging(settings.log_level, json_logs=settings.log_json)
+    raise typer.Exit(run_consumer(settings))
+
+
+@app.command()
+def demo(
+    posts: Annotated[int, typer.Option(help="How many synthetic posts to stream.")] = 300,
+) -> None:
+    """The embedded default: broker, Redis, image server, consumer and model on this machine, then a summary."""
+    from consumer.demo import run_demo
+
+    raise typer.Exit(run_demo(posts=posts))
+
+
+@app.command()
+def schema(
+    write: Annotated[
+        Path | None, typer.Option(help="Write one <name>.json per message into this directory instead of printing.")
+    ] = None,
+) -> None:
+    """Print the JSON Schemas of the wire messages (post, sentiment_event, dead_letter)."""
+    from schemas.export import json_schemas, write_schemas
+
+    if write is not None:
+        for path in write_schemas(write):
+            typer.echo(f"wrote {path}")
+        return
+    typer.echo(json.dumps(json_schemas(), indent=2, sort_keys=True))
+
+
+def _mount_optional(module_name: str, attribute: str = "app") -> None:
+    """Add the commands of another typer app (the model's `train`/`eval`, the tooling's `reconcile`/`bench`)."""
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        return
+    sub_app = getattr(module, attribute)
+    app.registered_commands.extend(sub_app.registered_commands)
+
+
+for _module in ("mmsent.cli", "consumer.reconcile", "consumer.bench"):
+    _mount_optional(_module)
+
+
+def main() -> None:
+    app(prog_name="mmsent")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Throwaway services on loopback: a Kafka-protocol broker and a Redis, for `mmsent demo` and the tests.
+
+The broker is the `noida-db` binary that ships in its pip package (pinned 0.2.3); Redis is the system
+`redis-server` when there is one, otherwise noida-db's Redis-protocol server. Each runs as a child process on a
+free 127.0.0.1 port with its own data directory, and is stopped by PID (SIGTERM, then SIGKILL) on exit, on
+Ctrl-C and on interpreter shutdown.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from importlib.resources import files
+from pathlib import Path
+from types import TracebackType
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+LOOPBACK = "127.0.0.1"
+
+
+class ServiceStartError(RuntimeError):
+    """An embedded service did not start; the message says which and shows the tail of its log."""
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_answers(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def noida_binary() -> Path:
+    # Run the binary itself, not the `noida-db` Python wrapper: killing the wrapper would orphan the broker.
+    path = Path(str(files("noida_db").joinpath("noida-db")))
+    if not path.is_file():
+        raise ServiceStartError(f"the noida-db binary is missing at {path}; reinstall noida-db==0.2.3")
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return path
+
+
+class ManagedProcess:
+    """One service process on a fixed loopback port that can be stopped and started again (same data)."""
+
+    def __init__(self, name: str, port: int, data_dir: Path) -> None:
+        self.name = name
+        self.host = LOOPBACK
+        self.port = port
+        self.data_dir = data_dir
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self.running:
+            return
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_file:
+            self._process = subprocess.Popen(
+                self.command(), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True,  # Ctrl-C in the terminal reaches us, and we stop it in order
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise ServiceStartError(f"{self.name} exited with {self._process.returncode}:\n{self.log_tail()}")
+            if port_answers(self.host, self.port):
+                log.debug("service_started", service=self.name, port=self.port, pid=self._process.pid)
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise ServiceStartError(f"{self.name} did not open {self.host}:{self.port} in {timeout}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Graceful stop (SIGTERM keeps the data), then SIGKILL if it does not go."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(5)
+        self._process = None
+
+    def kill(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(5)
+        self._process = None
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+class NoidaKafka(ManagedProcess):
+    def __init__(self, port: int, data_dir: Path) -> None:
+        super().__init__("kafka (noida-db)", port, data_dir)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [str(noida_binary()), "start", "--only", "kafka", "--kafka-port", str(self.port),
+                "--host", self.host, "--data-dir", str(self.data_dir)]
+
+
+class RedisProcess(ManagedProcess):
+    """`redis-server` without persistence, or noida-db's Redis-protocol server when there is none."""
+
+    def __init__(self, port: int, data_dir: Path) -> None:
+        super().__init__("redis", port, data_dir)
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def command(self) -> list[str]:
+        redis_server = shutil.which("redis-server")
+        if redis_server:
+            return [redis_server, "--port", str(self.port), "--bind", self.host, "--save", "",
+                    "--appendonly", "no", "--dir", str(self.data_dir)]
+        return [str(noida_binary()), "start", "--only", "redis", "--redis-port", str(self.port),
+                "--host", self.host, "--data-dir", str(self.data_dir)]
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+        return bool(client.ping())
+    except (redis.RedisError, ValueError, OSError):
+        return False
+
+
+class EmbeddedServices(contextlib.AbstractContextManager["EmbeddedServices"]):
+    """Starts a broker (always) and a Redis (only when none answers at `redis_url`) on loopback.
+
+    `with EmbeddedServices() as services: services.kafka_bootstrap, services.redis_url`
+    """
+
+    def __init__(self, redis_url: str | None = "redis://127.0.0.1:6379/0", *, force_redis: bool = False) -> None:
+        self._requested_redis_url = redis_url
+        self._force_redis = force_redis
+        self._workdir = Path(tempfile.mkdtemp(prefix="mmsent-embedded-"))
+        self.kafka = NoidaKafka(free_port(), self._workdir / "kafka")
+        self.redis: RedisProcess | None = None
+        self.redis_url: str | None = redis_url
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        return self.kafka.bootstrap
+
+    def __enter__(self) -> EmbeddedServices:
+        atexit.register(self.close)
+        try:
+            self.kafka.start()
+            if self._force_redis or not (self._requested_redis_url and redis_answers(self._requested_redis_url)):
+                self.redis = RedisProcess(free_port(), self._workdir / "redis")
+                self.redis.start()
+                self.redis_url = self.redis.url
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for service in (self.redis, self.kafka):
+            if service is not None:
+                service.stop()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        atexit.unregister(self.close)

@@ -1,0 +1,127 @@
+"""Every setting of the consumer, read from `MMSENT_*` environment variables (or a config file).
+
+The names and defaults are the ones `../shared/CONTRACT.md` promises; add, never rename.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ProcessingGuarantee(StrEnum):
+    AT_LEAST_ONCE = "at_least_once"
+    EXACTLY_ONCE = "exactly_once"
+
+
+# Settings for the Kafka client that pass straight through: MMSENT_KAFKA_SECURITY_PROTOCOL=SASL_SSL
+# becomes {"security.protocol": "SASL_SSL"}.
+_KAFKA_PASSTHROUGH_PREFIXES = ("MMSENT_KAFKA_SECURITY_", "MMSENT_KAFKA_SASL_", "MMSENT_KAFKA_SSL_")
+
+
+class Settings(BaseSettings):
+    """The consumer's configuration. Environment variables win over the config file (`MMSENT_CONFIG`)."""
+
+    model_config = SettingsConfigDict(env_prefix="MMSENT_", extra="ignore", frozen=True)
+
+    kafka_bootstrap_servers: str = "localhost:9092"
+    input_topic: str = "posts"
+    output_topic: str = "sentiment"
+    dlq_topic: str = "sentiment.dlq"
+    group_id: str = "mmsent"
+    redis_url: str | None = "redis://localhost:6379/0"
+    model: str | None = Field(default=None, description="A model directory or preset name; None: the default.")
+    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    max_wait_ms: int = Field(default=50, ge=0, le=60_000)
+    max_in_flight: int = Field(default=256, ge=1, description="Posts read but not yet committed, at most.")
+    max_text_chars: int = Field(default=10_000, ge=0)
+
+    fetch_allow_private: bool = False
+    fetch_allow_cidrs: Annotated[
+        tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], NoDecode
+    ] = ()
+    fetch_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+    fetch_max_pixels: int = Field(default=40_000_000, ge=1)
+    fetch_max_side: int = Field(default=8_192, ge=1)
+    fetch_connect_timeout_s: float = Field(default=3.0, gt=0)
+    fetch_read_timeout_s: float = Field(default=5.0, gt=0)
+    fetch_total_timeout_s: float = Field(default=10.0, gt=0)
+    fetch_max_redirects: int = Field(default=3, ge=0, le=10)
+    fetch_retries: int = Field(default=2, ge=0, le=10)
+    fetch_per_host_concurrency: int = Field(default=8, ge=1)
+    fetch_concurrency: int = Field(default=64, ge=1)
+    fetch_negative_cache_s: float = Field(default=60.0, ge=0)
+
+    cache_image_ttl_s: int = Field(default=24 * 3600, ge=1)
+    cache_embedding_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    cache_max_image_bytes: int = Field(default=2 * 1024 * 1024, ge=0)
+
+    processing_guarantee: ProcessingGuarantee = ProcessingGuarantee.AT_LEAST_ONCE
+    transactional_id: str | None = None
+    shutdown_grace_s: float = Field(default=20.0, ge=0)
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+
+    alert_topic: str | None = None
+    alert_label: str = "negative"
+    alert_min_probability: float = Field(default=0.9, ge=0, le=1)
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    @field_validator("fetch_allow_cidrs", mode="before")
+    @classmethod
+    def _parse_cidrs(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return tuple(ipaddress.ip_network(part, strict=False) for part in value)
+
+    @property
+    def alerts_enabled(self) -> bool:
+        return bool(self.alert_topic)
+
+    def kafka_client_config(self) -> dict[str, str]:
+        """librdkafka settings shared by consumer, producer and admin: the brokers plus security pass-through."""
+        config = {"bootstrap.servers": self.kafka_bootstrap_servers}
+        for name, value in os.environ.items():
+            if name.startswith(_KAFKA_PASSTHROUGH_PREFIXES):
+                key = name.removeprefix("MMSENT_KAFKA_").lower().replace("_", ".")
+                config[key] = value
+        return config
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("MMSENT_CONFIG")
+        if config_file:
+            sources.append(_file_source(settings_cls, Path(config_file)))
+        return tuple(sources)
+
+
+def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    """A TOML, JSON or YAML file with the same names as the variables, without the prefix, in lower case."""
+    from pydantic_settings import JsonConfigSettingsSource, TomlConfigSettingsSource, YamlConfigSettingsSource
+
+    if not path.is_file():
+        raise FileNotFoundError(f"MMSENT_CONFIG names {path}, which is not a file")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    if suffix == ".json":
+        return JsonConfigSettingsSource(settings_cls, json_file=path)
+    if suffix in {".yaml", ".yml"}:
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    raise ValueError(f"MMSENT_CONFIG {path}: use .toml, .json or .yaml")

@@ -1,0 +1,181 @@
+"""The wire contracts of mmsent, exactly as `../shared/CONTRACT.md` defines them (schema version 1).
+
+Pydantic v2 models, strict: a number is not a string, a string is not a number. The JSON Schema files in
+`schemas/json/` are generated from these models (`mmsent schema --write schemas/json`) and a test fails when
+they drift apart.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    StrictStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+SCHEMA_VERSION: Literal[1] = 1
+DEFAULT_MAX_TEXT_CHARS = 10_000
+MAX_POST_ID_CHARS = 256
+MAX_IMAGE_URL_CHARS = 2_048
+LABELS: tuple[str, str, str] = ("negative", "neutral", "positive")
+
+
+class Label(StrEnum):
+    NEGATIVE = "negative"
+    NEUTRAL = "neutral"
+    POSITIVE = "positive"
+
+
+class ImageStatus(StrEnum):
+    OK = "ok"  # the image was used
+    NONE = "none"  # the post had no image
+    UNAVAILABLE = "unavailable"  # fetch or decode failed
+    BLOCKED = "blocked"  # the URL was refused by the fetch policy
+
+
+class PostEvent(BaseModel):
+    """A post on the input topic. Unknown fields are ignored (and never reach the output).
+
+    The text limit is configurable: validate with `PostEvent.model_validate(obj, context={"max_text_chars": n})`.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, strict=True)
+
+    post_id: Annotated[StrictStr, Field(min_length=1, max_length=MAX_POST_ID_CHARS)]
+    text: StrictStr = Field(
+        default="",
+        description=f"The caption; may be empty; at most {DEFAULT_MAX_TEXT_CHARS} characters by default.",
+        # The enforced limit is configurable (the validator below); the schema states the default.
+        json_schema_extra={"maxLength": DEFAULT_MAX_TEXT_CHARS},
+    )
+    image_url: Annotated[StrictStr, Field(max_length=MAX_IMAGE_URL_CHARS)] | None = None
+    created_at: AwareDatetime | None = Field(default=None, description="RFC 3339 date-time.")
+
+    @field_validator("text")
+    @classmethod
+    def _text_within_limit(cls, text: str, info: ValidationInfo) -> str:
+        limit = (info.context or {}).get("max_text_chars", DEFAULT_MAX_TEXT_CHARS)
+        if len(text) > limit:
+            raise ValueError(f"text is {len(text)} characters, more than the limit of {limit}")
+        return text
+
+    @field_validator("created_at", mode="before")
+    @classmethod
+    def _created_at_is_rfc3339_string(cls, value: Any) -> Any:
+        # Strict mode would refuse the string; RFC 3339 text is exactly what the contract carries.
+        if value is None or isinstance(value, datetime):
+            return value
+        if not isinstance(value, str):
+            raise ValueError("created_at must be an RFC 3339 string")
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
+        except ValueError as exc:
+            raise ValueError(f"created_at is not an RFC 3339 date-time: {exc}") from None
+
+
+class SourceCoordinates(BaseModel):
+    """Where an input record was read: a consumer that sees the same coordinates twice has a repeat."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    topic: StrictStr = Field(min_length=1)
+    partition: StrictInt = Field(ge=0)
+    offset: StrictInt = Field(ge=0)
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True, strict=True)
+
+    name: StrictStr = Field(min_length=1)
+    version: StrictStr = Field(min_length=1)
+
+
+class Scores(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    negative: float = Field(ge=0, le=1)
+    neutral: float = Field(ge=0, le=1)
+    positive: float = Field(ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> Scores:
+        total = self.negative + self.neutral + self.positive
+        if not math.isclose(total, 1.0, abs_tol=1e-3):
+            raise ValueError(f"scores must sum to 1, they sum to {total:.6f}")
+        return self
+
+
+class SentimentEvent(BaseModel):
+    """A scored post on the output topic."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    post_id: Annotated[StrictStr, Field(min_length=1, max_length=MAX_POST_ID_CHARS)]
+    # Enum and date fields accept their JSON spellings (strings) from Python dicts too.
+    label: Label = Field(strict=False)
+    scores: Scores
+    image_status: ImageStatus = Field(strict=False)
+    model: ModelInfo
+    source: SourceCoordinates
+    scored_at: AwareDatetime = Field(strict=False, description="RFC 3339 date-time.")
+
+    def to_json_bytes(self) -> bytes:
+        return self.model_dump_json().encode()
+
+
+class ErrorInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    code: StrictStr = Field(min_length=1, description="Stable, machine-readable, e.g. `invalid_json`.")
+    message: StrictStr = Field(description="For a person: which field, which rule.")
+
+
+class DeadLetter(BaseModel):
+    """A record that could not be scored at all, kept whole so that nothing is silently lost."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    error: ErrorInfo
+    source: SourceCoordinates
+    value_b64: StrictStr | None = Field(description="The original record value, base64; null for a null value.")
+    key_b64: StrictStr | None = Field(default=None, description="The original record key, base64, when present.")
+    failed_at: AwareDatetime | None = Field(default=None, strict=False)
+
+    @classmethod
+    def for_record(
+        cls,
+        *,
+        code: str,
+        message: str,
+        source: SourceCoordinates,
+        value: bytes | None,
+        key: bytes | None,
+        failed_at: datetime | None = None,
+    ) -> DeadLetter:
+        return cls(
+            error=ErrorInfo(code=code, message=message),
+            source=source,
+            value_b64=None if value is None else base64.b64encode(value).decode("ascii"),
+            key_b64=None if key is None else base64.b64encode(key).decode("ascii"),
+            failed_at=failed_at,
+        )
+
+    def original_value(self) -> bytes | None:
+        return None if self.value_b64 is None else base64.b64decode(self.value_b64)
+
+    def to_json_bytes(self) -> bytes:
+        return self.model_dump_json().encode()

@@ -1,0 +1,1 @@
+# placeholder until the fetch work lands: fixtures live here.

@@ -1,0 +1,134 @@
+"""Small helpers for tests that talk to a real Kafka-protocol broker."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics(
+        [NewTopic(name, num_partitions=partitions, replication_factor=1) for name, partitions in topics.items()],
+        operation_timeout=timeout,
+    )
+    for name, future in futures.items():
+        try:
+            future.result(timeout)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+                raise RuntimeError(f"could not create topic {name}: {exc}") from exc
+
+
+def produce(
+    bootstrap: str,
+    topic: str,
+    values: Iterable[bytes | None],
+    keys: Iterable[bytes | None] | None = None,
+    partition: int | None = None,
+) -> int:
+    """Produce and wait for every acknowledgement; returns how many were acknowledged."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    errors: list[str] = []
+    acked = 0
+
+    def on_delivery(err: object, _msg: Message) -> None:
+        nonlocal acked
+        if err is not None:
+            errors.append(str(err))
+        else:
+            acked += 1
+
+    key_list: Sequence[bytes | None] = list(keys) if keys is not None else []
+    for index, value in enumerate(values):
+        key = key_list[index] if index < len(key_list) else None
+        kwargs = {"partition": partition} if partition is not None else {}
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **kwargs)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    remaining = producer.flush(60)
+    if remaining or errors:
+        raise RuntimeError(f"produce to {topic}: {remaining} unacknowledged, errors: {errors[:3]}")
+    return acked
+
+
+def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mmsent-test-offsets"})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        partitions = sorted(metadata.topics[topic].partitions)
+        return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+    finally:
+        consumer.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        partitions = [TopicPartition(topic, p) for p in sorted(metadata.topics[topic].partitions)]
+        return {tp.partition: tp.offset for tp in consumer.committed(partitions, timeout=10)}
+    finally:
+        consumer.close()
+
+
+def read_all(
+    bootstrap: str,
+    topic: str,
+    expected: int | None = None,
+    timeout: float = 30,
+    isolation_level: str = "read_uncommitted",
+) -> list[Record]:
+    """Everything on `topic` from the beginning: until `expected` records arrived, or until the end offsets."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"mmsent-test-reader-{time.monotonic_ns()}",
+            "enable.auto.commit": False,
+            "isolation.level": isolation_level,
+        }
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        partitions = sorted(metadata.topics[topic].partitions)
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        targets = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
+        records: list[Record] = []
+        positions = {p: 0 for p in partitions}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if expected is not None and len(records) >= expected:
+                break
+            if expected is None and all(positions[p] >= targets[p] for p in partitions):
+                break
+            for message in consumer.consume(500, 0.5):
+                if message.error():
+                    continue
+                positions[message.partition()] = message.offset() + 1
+                records.append(
+                    Record(message.topic(), message.partition(), message.offset(), message.key(), message.value())
+                )
+            if expected is None and isolation_level == "read_committed":
+                # Transaction markers occupy offsets: stop when the reader has reached the end offsets.
+                positions = {p: max(positions[p], consumer.position([TopicPartition(topic, p)])[0].offset)
+                             for p in partitions}
+        return records
+    finally:
+        consumer.close()

@@ -1,0 +1,43 @@
+"""The fixtures themselves: a record round-trips through the broker, a key through Redis."""
+
+from __future__ import annotations
+
+import redis
+
+from consumer.embedded import RedisProcess
+from tests.kafkautil import committed_offsets, create_topics, end_offsets, produce, read_all
+
+
+def test_record_round_trips_through_the_broker(kafka_bootstrap: str, unique_name: str) -> None:
+    create_topics(kafka_bootstrap, {unique_name: 3})
+    values = [f"value-{i}".encode() for i in range(30)]
+    keys = [f"key-{i}".encode() for i in range(30)]
+
+    assert produce(kafka_bootstrap, unique_name, values, keys) == 30
+
+    records = read_all(kafka_bootstrap, unique_name, expected=30)
+    assert sorted(r.value for r in records if r.value) == sorted(values)
+    assert {r.key: r.value for r in records} == dict(zip(keys, values, strict=True))
+    assert sum(end_offsets(kafka_bootstrap, unique_name).values()) == 30
+    # No group has committed anything on a fresh topic.
+    assert all(offset < 0 for offset in committed_offsets(kafka_bootstrap, unique_name, unique_name).values())
+
+
+def test_key_round_trips_through_redis(redis_url: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    client.set("mmsent:test", b"\x00\xffbytes", ex=60)
+    assert client.get("mmsent:test") == b"\x00\xffbytes"
+    assert client.ttl("mmsent:test") > 0
+
+
+def test_redis_stops_and_starts_again(redis_server: RedisProcess) -> None:
+    client = redis.Redis.from_url(redis_server.url, socket_connect_timeout=0.5)
+    assert client.ping()
+    redis_server.stop()
+    try:
+        client.ping()
+        raise AssertionError("Redis answered after it was stopped")
+    except redis.ConnectionError:
+        pass
+    redis_server.start()
+    assert client.ping()
