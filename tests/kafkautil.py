@@ -2,21 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from consumer.topicreader import Record, read_topic
 
-@dataclass(frozen=True)
-class Record:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
+__all__ = ["Record", "committed_offsets", "create_topics", "end_offsets", "produce", "read_all"]
 
 
 def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30) -> None:
@@ -55,10 +48,15 @@ def produce(
     key_list: Sequence[bytes | None] = list(keys) if keys is not None else []
     for index, value in enumerate(values):
         key = key_list[index] if index < len(key_list) else None
-        kwargs = {"partition": partition} if partition is not None else {}
         while True:
             try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery, **kwargs)
+                producer.produce(
+                    topic,
+                    value=value,
+                    key=key,
+                    partition=-1 if partition is None else partition,  # -1: let the partitioner choose
+                    on_delivery=on_delivery,
+                )
                 break
             except BufferError:
                 producer.poll(0.1)
@@ -97,38 +95,10 @@ def read_all(
     isolation_level: str = "read_uncommitted",
 ) -> list[Record]:
     """Everything on `topic` from the beginning: until `expected` records arrived, or until the end offsets."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"mmsent-test-reader-{time.monotonic_ns()}",
-            "enable.auto.commit": False,
-            "isolation.level": isolation_level,
-        }
+    return read_topic(
+        {"bootstrap.servers": bootstrap},
+        topic,
+        until_count=expected,
+        timeout_s=timeout,
+        isolation_level=isolation_level,
     )
-    try:
-        metadata = consumer.list_topics(topic, timeout=10)
-        partitions = sorted(metadata.topics[topic].partitions)
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        targets = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in partitions}
-        records: list[Record] = []
-        positions = {p: 0 for p in partitions}
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if expected is not None and len(records) >= expected:
-                break
-            if expected is None and all(positions[p] >= targets[p] for p in partitions):
-                break
-            for message in consumer.consume(500, 0.5):
-                if message.error():
-                    continue
-                positions[message.partition()] = message.offset() + 1
-                records.append(
-                    Record(message.topic(), message.partition(), message.offset(), message.key(), message.value())
-                )
-            if expected is None and isolation_level == "read_committed":
-                # Transaction markers occupy offsets: stop when the reader has reached the end offsets.
-                positions = {p: max(positions[p], consumer.position([TopicPartition(topic, p)])[0].offset)
-                             for p in partitions}
-        return records
-    finally:
-        consumer.close()

@@ -1,0 +1,153 @@
+"""`mmsent reconcile`: did every input record end as an event or a dead letter? The oracle of the fault tests.
+
+It reads the input, output and dead-letter topics and reports, per input partition, how many records ended as an
+event, a dead letter, both, or neither (lost), and how many outputs were repeats. Exit status 1 when any is lost.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Any
+
+import typer
+
+from consumer.topicreader import Record, read_topic
+
+app = typer.Typer()
+
+
+@dataclass
+class PartitionReport:
+    partition: int
+    inputs: int = 0
+    events: int = 0
+    dead_letters: int = 0
+    both: int = 0
+    lost: int = 0
+    repeats: int = 0
+    lost_offsets: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    input_topic: str
+    partitions: list[PartitionReport]
+    unknown_outputs: int = 0  # outputs whose source is not an input record in range (another topic, a bad value)
+
+    def total(self, name: str) -> int:
+        return sum(int(getattr(p, name)) for p in self.partitions)
+
+    @property
+    def ok(self) -> bool:
+        return self.total("lost") == 0
+
+    def as_dict(self) -> dict[str, Any]:
+        totals = {name: self.total(name) for name in ("inputs", "events", "dead_letters", "both", "lost", "repeats")}
+        return {
+            "input_topic": self.input_topic,
+            "ok": self.ok,
+            "totals": totals,
+            "unknown_outputs": self.unknown_outputs,
+            "partitions": [asdict(p) for p in self.partitions],
+        }
+
+
+def _sources(records: list[Record], input_topic: str) -> tuple[Counter[tuple[int, int]], int]:
+    """(partition, offset) -> how many outputs name it as their source; plus the count that name no input."""
+    seen: Counter[tuple[int, int]] = Counter()
+    unknown = 0
+    for record in records:
+        try:
+            source = json.loads(record.value or b"")["source"]
+            if source["topic"] != input_topic:
+                unknown += 1
+                continue
+            seen[(int(source["partition"]), int(source["offset"]))] += 1
+        except (ValueError, KeyError, TypeError):
+            unknown += 1
+    return seen, unknown
+
+
+def reconcile(
+    client_config: dict[str, Any],
+    input_topic: str,
+    output_topic: str,
+    dlq_topic: str,
+    *,
+    isolation_level: str = "read_uncommitted",
+    timeout_s: float = 120.0,
+) -> Report:
+    inputs = read_topic(client_config, input_topic, timeout_s=timeout_s)
+    events, unknown_events = _sources(
+        read_topic(client_config, output_topic, timeout_s=timeout_s, isolation_level=isolation_level), input_topic
+    )
+    dead, unknown_dead = _sources(
+        read_topic(client_config, dlq_topic, timeout_s=timeout_s, isolation_level=isolation_level), input_topic
+    )
+    by_partition: dict[int, PartitionReport] = defaultdict(lambda: PartitionReport(partition=-1))
+    input_keys = set()
+    for record in inputs:
+        key = (record.partition, record.offset)
+        input_keys.add(key)
+        report = by_partition[record.partition]
+        report.partition = record.partition
+        report.inputs += 1
+        n_events, n_dead = events.get(key, 0), dead.get(key, 0)
+        report.events += n_events > 0
+        report.dead_letters += n_dead > 0
+        report.both += n_events > 0 and n_dead > 0
+        report.repeats += max(0, n_events + n_dead - 1)
+        if n_events + n_dead == 0:
+            report.lost += 1
+            if len(report.lost_offsets) < 20:
+                report.lost_offsets.append(record.offset)
+    unknown = unknown_events + unknown_dead
+    unknown += sum(n for key, n in (events + dead).items() if key not in input_keys)
+    return Report(input_topic, sorted(by_partition.values(), key=lambda p: p.partition), unknown)
+
+
+def render_table(report: Report) -> str:
+    header = f"{'partition':>9} {'inputs':>8} {'events':>8} {'dead':>6} {'both':>5} {'lost':>6} {'repeats':>8}"
+    lines = [f"reconcile {report.input_topic}", header]
+    for p in report.partitions:
+        lines.append(
+            f"{p.partition:>9} {p.inputs:>8} {p.events:>8} {p.dead_letters:>6} {p.both:>5} {p.lost:>6} {p.repeats:>8}"
+            + (f"  lost offsets: {p.lost_offsets}" if p.lost_offsets else "")
+        )
+    totals = report.as_dict()["totals"]
+    lines.append(
+        f"{'total':>9} {totals['inputs']:>8} {totals['events']:>8} {totals['dead_letters']:>6} {totals['both']:>5} "
+        f"{totals['lost']:>6} {totals['repeats']:>8}"
+    )
+    lines.append(f"unknown outputs: {report.unknown_outputs}")
+    lines.append("OK: nothing lost" if report.ok else f"LOST: {totals['lost']} input records have no output")
+    return "\n".join(lines)
+
+
+@app.command(name="reconcile")
+def reconcile_command(
+    bootstrap: Annotated[str | None, typer.Option(help="Brokers; default MMSENT_KAFKA_BOOTSTRAP_SERVERS.")] = None,
+    input_topic: Annotated[str | None, typer.Option("--input", help="Default MMSENT_INPUT_TOPIC.")] = None,
+    output_topic: Annotated[str | None, typer.Option("--output", help="Default MMSENT_OUTPUT_TOPIC.")] = None,
+    dlq_topic: Annotated[str | None, typer.Option("--dlq", help="Default MMSENT_DLQ_TOPIC.")] = None,
+    read_committed: Annotated[bool, typer.Option(help="Read outputs as a read_committed consumer would.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Check that every input record ended as an event or a dead letter; exit 1 when any is lost."""
+    from consumer.settings import Settings
+
+    settings = Settings()
+    client_config = settings.kafka_client_config()
+    if bootstrap:
+        client_config["bootstrap.servers"] = bootstrap
+    report = reconcile(
+        client_config,
+        input_topic or settings.input_topic,
+        output_topic or settings.output_topic,
+        dlq_topic or settings.dlq_topic,
+        isolation_level="read_committed" if read_committed else "read_uncommitted",
+    )
+    typer.echo(json.dumps(report.as_dict()) if as_json else render_table(report))
+    raise typer.Exit(0 if report.ok else 1)

@@ -1,0 +1,79 @@
+"""Read a whole topic (or until a count) with a throwaway assignment: no group, nothing committed."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, TopicPartition
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+
+
+def read_topic(
+    client_config: dict[str, Any],
+    topic: str,
+    *,
+    until_count: int | None = None,
+    timeout_s: float = 60.0,
+    isolation_level: str = "read_uncommitted",
+) -> list[Record]:
+    """Every record of `topic` from the start to the end offsets seen when reading began (or `until_count`).
+
+    With `read_committed`, aborted records and transaction markers are skipped; the reader still stops at the
+    end offsets because it follows its position, not the count of records it saw.
+    """
+    consumer = Consumer(
+        {
+            **client_config,
+            "group.id": f"mmsent-reader-{time.monotonic_ns()}",  # required by librdkafka; never committed
+            "enable.auto.commit": False,
+            "isolation.level": isolation_level,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=10)
+        if topic not in metadata.topics or metadata.topics[topic].error is not None:
+            raise LookupError(f"topic {topic!r} does not exist")
+        partitions = sorted(metadata.topics[topic].partitions)
+        bounds = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions}
+        consumer.assign([TopicPartition(topic, p, low) for p, (low, _high) in bounds.items()])
+        records: list[Record] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if until_count is not None and len(records) >= until_count:
+                break
+            if until_count is None and _reached_end(consumer, topic, bounds):
+                break
+            for message in consumer.consume(1000, 0.2):
+                if message.error():
+                    continue
+                records.append(
+                    Record(
+                        topic,
+                        message.partition(),
+                        message.offset(),
+                        message.key(),
+                        message.value(),
+                        message.timestamp()[1],
+                    )
+                )
+        return records
+    finally:
+        consumer.close()
+
+
+def _reached_end(consumer: Consumer, topic: str, bounds: dict[int, tuple[int, int]]) -> bool:
+    positions = consumer.position([TopicPartition(topic, p) for p in bounds])
+    return all(tp.offset >= bounds[tp.partition][1] or bounds[tp.partition][1] == bounds[tp.partition][0]
+               for tp in positions)
