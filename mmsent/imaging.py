@@ -1,0 +1,157 @@
+"""Safe image decoding and per-encoder preprocessing.
+
+`decode_image` is the one door through which untrusted image bytes enter the model (the consumer's fetcher uses it
+too). It sniffs the format from magic bytes, checks the pixel dimensions from the header *before* any pixels are
+decoded (a decompression bomb is refused without allocating its pixels), applies the EXIF orientation, takes the
+first frame of an animation and returns an RGB image, whatever the source mode (CMYK, 16-bit, palette, alpha).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MAX_SIDE",
+    "ImageDecodeError",
+    "ImagePreprocess",
+    "decode_image",
+    "sniff_format",
+]
+
+DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_SIDE = 12_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we accept. `reason` is a short machine-readable word."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The PIL format name from the magic bytes, or None for anything we do not accept."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "JPEG"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "PNG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if data[:2] == b"BM":
+        return "BMP"
+    return None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparency is composited on white; high bit depths are scaled, not clipped."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(im).astype(np.float64)
+        hi = float(arr.max()) if arr.size else 0.0
+        if mode == "F":
+            lo = float(arr.min()) if arr.size else 0.0
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        elif hi > 255.0:  # 16-bit (or wider) samples: scale to 8 bit instead of clipping to white
+            arr = arr / (65535.0 if hi <= 65535.0 else hi) * 255.0
+        gray = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="L")
+        return gray.convert("RGB")
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:
+    """Decode untrusted bytes into an RGB `PIL.Image.Image`, or raise `ImageDecodeError` with a reason.
+
+    Reasons: `empty`, `unsupported_format`, `too_large`, `truncated`, `corrupt`.
+    """
+    if not data:
+        raise ImageDecodeError("empty", "no bytes")
+    fmt = sniff_format(data[:16])
+    if fmt is None:
+        raise ImageDecodeError("unsupported_format", "not JPEG, PNG, WebP, GIF or BMP")
+    im: Image.Image
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=[fmt])  # lazy: reads the header only
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError("too_large", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:  # PIL raises all of these for bad headers
+        raise ImageDecodeError("corrupt", f"{fmt}: {exc}") from None
+    width, height = im.size
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError("corrupt", f"{fmt}: empty dimensions {width}x{height}")
+    if width * height > max_pixels or max(width, height) > max_side:
+        raise ImageDecodeError("too_large", f"{width}x{height} exceeds {max_pixels} pixels or {max_side} px side")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if getattr(im, "is_animated", False):
+                im.seek(0)  # the first frame only; never walk the whole animation
+            im.load()
+            im = ImageOps.exif_transpose(im) or im
+            rgb = _to_rgb(im)
+            rgb.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError("too_large", str(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        reason = "truncated" if "truncated" in str(exc).lower() or isinstance(exc, EOFError) else "corrupt"
+        raise ImageDecodeError(reason, f"{fmt}: {exc}") from None
+    if rgb is not im:
+        im.close()
+    return rgb
+
+
+@dataclass(frozen=True)
+class ImagePreprocess:
+    """Resize -> center crop -> normalise, matched to an image encoder. Part of `Scorer.image_encoder_id`."""
+
+    size: int = 224
+    resize: int = 256
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def ident(self) -> str:
+        mean = ",".join(f"{m:g}" for m in self.mean)
+        std = ",".join(f"{s:g}" for s in self.std)
+        return f"r{self.resize}c{self.size}m{mean}s{std}"
+
+    def to_tensor(self, im: Image.Image, *, hflip: bool = False) -> torch.Tensor:
+        """One RGB PIL image -> normalised float tensor (3, size, size)."""
+        if im.mode != "RGB":
+            im = _to_rgb(im)
+        w, h = im.size
+        scale = self.resize / min(w, h)
+        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        im = im.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        im = im.crop((left, top, left + self.size, top + self.size))
+        if hflip:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        arr: np.ndarray = np.asarray(im, dtype=np.float32) / 255.0
+        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+    def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.to_tensor(im) for im in images]) if images else torch.zeros(0, 3, self.size, self.size)

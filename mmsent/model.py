@@ -1,0 +1,356 @@
+"""The multimodal sentiment model, in one file.
+
+    text  --TextEncoder-->  tokens (B, T, H) --pool--> text feature  (B, Dt)   Dt = H or 2H (cls+mean)
+    image --ImageEncoder--> regions (B, R, C) --mean--> image feature (B, Di)  Di = C
+                     \\__________________ FusionHead ___________________/
+                                          |
+                                   logits (B, n_classes)
+
+Fusions (HeadConfig.fusion):
+  concat    the tutorial's head: [text; image] -> Linear(Dt+Di, hidden) -> ReLU -> Dropout -> Linear(hidden, K)
+  gated     gated multimodal unit: z = sigmoid(W[t; i]); h = z * tanh(t') + (1 - z) * tanh(i') -> MLP
+  attention cross-modal attention: text tokens attend to image regions and image regions attend to text tokens,
+            each side pooled, concatenated -> MLP
+
+A missing modality is never zeros: it is replaced by a *learned* embedding (one per modality, and one token per
+modality for the attention fusion). Modality dropout during training (`modality_dropout`) drops the text or the
+image of complete posts so that these learned paths are trained: a post without an image is scored by a learned
+text-only path, a post without text by an image-only path.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmsent.encoders import ImageEncoder, ImageSpec, TextEncoder, TextSpec
+
+LABELS: tuple[str, str, str] = ("negative", "neutral", "positive")
+FORMAT = "mmsent-model/1"
+FUSIONS = ("concat", "gated", "attention")
+
+
+# ---------------------------------------------------------------------------------------------------------- config
+@dataclass(frozen=True)
+class HeadConfig:
+    text_dim: int  # pooled text feature width Dt
+    image_dim: int  # image region/pooled feature width Di (= C)
+    text_token_dim: int = 0  # per-token text width H (attention fusion); 0 -> text_dim
+    fusion: str = "concat"  # one of FUSIONS
+    proj_dim: int = 0  # concat: 0 = raw concatenation (tutorial); gated/attention: shared width (0 -> 256)
+    hidden: int = 512  # the fusion layer
+    dropout: float = 0.3
+    input_dropout: float = 0.0  # dropout on the encoder features (strong regularisation for frozen features)
+    n_classes: int = 3
+    modality_dropout: float = 0.15  # P(drop the text) = P(drop the image) per training post with both
+    heads: int = 4  # attention heads
+    layer_norm: bool = False  # LayerNorm on the incoming features
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+
+    @property
+    def needs_regions(self) -> bool:
+        return self.fusion == "attention"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    text: TextSpec
+    image: ImageSpec
+    head: HeadConfig
+    labels: tuple[str, ...] = LABELS
+    name: str = "mmsent"
+    version: str = "0"
+    text_trainable_layers: int = 0  # fine-tuning: last N transformer layers trainable (-1: all)
+    image_trainable_blocks: int = 0  # fine-tuning: last N CNN blocks trainable (-1: all)
+    extra: dict[str, Any] = field(default_factory=dict)  # provenance (training command, CV scores)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "labels": list(self.labels),
+            "text_encoder": asdict(self.text),
+            "image_encoder": self.image.to_dict(),
+            "head": asdict(self.head),
+            "text_trainable_layers": self.text_trainable_layers,
+            "image_trainable_blocks": self.image_trainable_blocks,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        if d.get("format") != FORMAT:
+            raise ValueError(f"not an {FORMAT} config (format={d.get('format')!r})")
+        return cls(
+            text=TextSpec(**d["text_encoder"]),
+            image=ImageSpec.from_dict(d["image_encoder"]),
+            head=HeadConfig(**d["head"]),
+            labels=tuple(d["labels"]),
+            name=d.get("name", "mmsent"),
+            version=str(d.get("version", "0")),
+            text_trainable_layers=int(d.get("text_trainable_layers", 0)),
+            image_trainable_blocks=int(d.get("image_trainable_blocks", 0)),
+            extra=dict(d.get("extra", {})),
+        )
+
+
+# -------------------------------------------------------------------------------------------------------- features
+class Features(NamedTuple):
+    """What the fusion head sees. Rows whose modality is absent may hold anything there (it is replaced)."""
+
+    text: torch.Tensor  # (B, Dt) pooled text
+    image: torch.Tensor  # (B, Di) pooled image
+    has_text: torch.Tensor  # (B,) bool
+    has_image: torch.Tensor  # (B,) bool
+    text_tokens: torch.Tensor | None = None  # (B, T, H)    attention fusion only
+    text_mask: torch.Tensor | None = None  # (B, T) 1 = real token
+    image_regions: torch.Tensor | None = None  # (B, R, C)  attention fusion only
+
+
+def modality_dropout(has_text: torch.Tensor, has_image: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the text (prob p) or the image (prob p) of posts that have both; never both at once."""
+    both = has_text & has_image
+    u = torch.rand(has_text.shape, device=has_text.device)
+    drop_text = both & (u < p)
+    drop_image = both & (u >= p) & (u < 2 * p)
+    return has_text & ~drop_text, has_image & ~drop_image
+
+
+# ----------------------------------------------------------------------------------------------------------- head
+class FusionHead(nn.Module):
+    def __init__(self, cfg: HeadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        dt, di = cfg.text_dim, cfg.image_dim
+        self.missing_text = nn.Parameter(torch.randn(dt) * 0.02)  # learned text-absent feature (Dt,)
+        self.missing_image = nn.Parameter(torch.randn(di) * 0.02)  # learned image-absent feature (Di,)
+        self.norm_text: nn.Module = nn.LayerNorm(dt) if cfg.layer_norm else nn.Identity()
+        self.norm_image: nn.Module = nn.LayerNorm(di) if cfg.layer_norm else nn.Identity()
+        self.in_drop = nn.Dropout(cfg.input_dropout)
+        d = cfg.proj_dim or 256
+        self.proj_text: nn.Module = nn.Identity()
+        self.proj_image: nn.Module = nn.Identity()
+        if cfg.fusion == "concat":
+            if cfg.proj_dim:
+                self.proj_text, self.proj_image = nn.Linear(dt, d), nn.Linear(di, d)
+                fused_dim = 2 * d
+            else:
+                fused_dim = dt + di  # tutorial: 768 + 2048 = 2816
+        elif cfg.fusion == "gated":
+            self.proj_text, self.proj_image = nn.Linear(dt, d), nn.Linear(di, d)
+            self.gate = nn.Linear(dt + di, d)
+            fused_dim = d
+        else:  # attention
+            h = cfg.text_token_dim or dt
+            self.tok_text, self.tok_image = nn.Linear(h, d), nn.Linear(di, d)
+            self.missing_text_token = nn.Parameter(torch.randn(d) * 0.02)  # (d,)
+            self.missing_image_token = nn.Parameter(torch.randn(d) * 0.02)
+            self.t2i = nn.MultiheadAttention(d, cfg.heads, dropout=cfg.dropout, batch_first=True)
+            self.i2t = nn.MultiheadAttention(d, cfg.heads, dropout=cfg.dropout, batch_first=True)
+            self.ln_text, self.ln_image = nn.LayerNorm(d), nn.LayerNorm(d)
+            self.proj_text, self.proj_image = nn.Linear(dt, d), nn.Linear(di, d)
+            fused_dim = 4 * d  # [attended text; attended image; pooled text; pooled image]
+        self.mlp = nn.Sequential(
+            nn.Linear(fused_dim, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.n_classes)
+        )
+
+    def forward(self, f: Features) -> torch.Tensor:
+        cfg = self.cfg
+        has_t, has_i = f.has_text.bool(), f.has_image.bool()
+        if self.training and cfg.modality_dropout > 0:
+            has_t, has_i = modality_dropout(has_t, has_i, cfg.modality_dropout)
+        t = torch.where(has_t[:, None], f.text, self.missing_text.to(f.text.dtype))  # (B, Dt)
+        i = torch.where(has_i[:, None], f.image, self.missing_image.to(f.image.dtype))  # (B, Di)
+        t, i = self.in_drop(self.norm_text(t)), self.in_drop(self.norm_image(i))
+        if cfg.fusion == "concat":
+            fused = torch.cat([self.proj_text(t), self.proj_image(i)], dim=-1)  # (B, Dt+Di) or (B, 2d)
+        elif cfg.fusion == "gated":
+            z = torch.sigmoid(self.gate(torch.cat([t, i], dim=-1)))  # (B, d)
+            fused = z * torch.tanh(self.proj_text(t)) + (1 - z) * torch.tanh(self.proj_image(i))  # (B, d)
+        else:
+            fused = torch.cat([*self._cross(f, has_t, has_i), self.proj_text(t), self.proj_image(i)], dim=-1)
+        return self.mlp(fused)  # (B, K)
+
+    def _cross(self, f: Features, has_t: torch.Tensor, has_i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if f.text_tokens is None or f.text_mask is None or f.image_regions is None:
+            raise ValueError("the attention fusion needs text tokens and image regions")
+        tt = self.tok_text(f.text_tokens)  # (B, T, d)
+        ii = self.tok_image(f.image_regions)  # (B, R, d)
+        tmask = f.text_mask.bool()  # (B, T)
+        imask = torch.ones(ii.shape[:2], dtype=torch.bool, device=ii.device)  # (B, R)
+        # an absent modality becomes a single learned token (the other positions are masked out)
+        first_t = torch.zeros_like(tmask)
+        first_t[:, 0] = True
+        first_i = torch.zeros_like(imask)
+        first_i[:, 0] = True
+        tt = torch.where(has_t[:, None, None], tt, self.missing_text_token.to(tt.dtype))
+        ii = torch.where(has_i[:, None, None], ii, self.missing_image_token.to(ii.dtype))
+        tmask = torch.where(has_t[:, None], tmask, first_t)
+        imask = torch.where(has_i[:, None], imask, first_i)
+        t_att, _ = self.t2i(tt, ii, ii, key_padding_mask=~imask, need_weights=False)  # text queries image (B,T,d)
+        i_att, _ = self.i2t(ii, tt, tt, key_padding_mask=~tmask, need_weights=False)  # image queries text (B,R,d)
+        tt = self.ln_text(tt + t_att)
+        ii = self.ln_image(ii + i_att)
+        return _masked_mean(tt, tmask), _masked_mean(ii, imask)  # (B, d), (B, d)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------------------------------- full model
+class Batch(NamedTuple):
+    input_ids: torch.Tensor  # (B, T) padded to the longest text in the batch
+    attention_mask: torch.Tensor  # (B, T)
+    has_text: torch.Tensor  # (B,) bool
+    has_image: torch.Tensor  # (B,) bool
+    pixels: torch.Tensor | None = None  # (B, 3, S, S), rows without an image are zeros
+    image_emb: torch.Tensor | None = None  # (B, R, C) precomputed image embeddings (cache), instead of pixels
+    labels: torch.Tensor | None = None  # (B,)
+
+
+class MMSentModel(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.text_encoder = TextEncoder(cfg.text)
+        self.image_encoder = ImageEncoder(cfg.image)
+        self.text_encoder.set_trainable(cfg.text_trainable_layers)
+        self.image_encoder.set_trainable(cfg.image_trainable_blocks)
+        self.head = FusionHead(cfg.head)
+
+    @classmethod
+    def from_encoders(cls, text: TextSpec, image: ImageSpec, **head_kwargs: Any) -> MMSentModel:
+        """Build with the head's input dims taken from the encoders."""
+        enc_t, enc_i = TextEncoder(text), ImageEncoder(image)
+        model_kwargs = {k: head_kwargs.pop(k) for k in list(head_kwargs) if k in _MODEL_FIELDS}
+        head = HeadConfig(
+            text_dim=enc_t.out_dim, image_dim=enc_i.out_dim, text_token_dim=enc_t.hidden_size, **head_kwargs
+        )
+        cfg = ModelConfig(text=text, image=image, head=head, **model_kwargs)
+        return cls._assemble(cfg, enc_t, enc_i)
+
+    @classmethod
+    def _assemble(cls, cfg: ModelConfig, enc_t: TextEncoder, enc_i: ImageEncoder) -> MMSentModel:
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.cfg = cfg
+        self.text_encoder, self.image_encoder = enc_t, enc_i
+        enc_t.set_trainable(cfg.text_trainable_layers)
+        enc_i.set_trainable(cfg.image_trainable_blocks)
+        self.head = FusionHead(cfg.head)
+        return self
+
+    def with_config(self, **changes: Any) -> MMSentModel:
+        """Same encoders, new config (e.g. new head settings or trainable layers); a fresh head."""
+        head_changes = {k: changes.pop(k) for k in list(changes) if k in HeadConfig.__dataclass_fields__}
+        cfg = replace(self.cfg, head=replace(self.cfg.head, **head_changes), **changes)
+        return MMSentModel._assemble(cfg, self.text_encoder, self.image_encoder)
+
+    # --- encoders -------------------------------------------------------------------------------------------
+    def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> image embedding (B, R, C); R = 1 (pooled) unless the head attends to regions."""
+        regions = self.image_encoder(pixels)  # (B, R, C)
+        return regions if self.cfg.head.needs_regions else regions.mean(1, keepdim=True)
+
+    def features(self, b: Batch) -> Features:
+        tokens = self.text_encoder(b.input_ids, b.attention_mask)  # (B, T, H)
+        text = self.text_encoder.pool(tokens, b.attention_mask)  # (B, Dt)
+        if b.image_emb is not None:
+            emb = b.image_emb.to(text.dtype)  # (B, R, C)
+        elif b.pixels is not None:
+            emb = torch.zeros(len(b.has_image), *self._emb_shape(), dtype=text.dtype, device=text.device)
+            idx = b.has_image.nonzero().flatten()
+            if len(idx):  # the CNN runs on the rows that have an image only
+                emb[idx] = self.embed_pixels(b.pixels[idx]).to(text.dtype)
+        else:
+            emb = torch.zeros(len(b.has_image), *self._emb_shape(), dtype=text.dtype, device=text.device)
+        need = self.cfg.head.needs_regions
+        return Features(
+            text=text,
+            image=emb.mean(1),
+            has_text=b.has_text,
+            has_image=b.has_image,
+            text_tokens=tokens if need else None,
+            text_mask=b.attention_mask if need else None,
+            image_regions=emb if need else None,
+        )
+
+    def _emb_shape(self) -> tuple[int, int]:
+        """The shape of one image embedding: (1, C) pooled, or (R, C) regions for the attention fusion."""
+        if not self.cfg.head.needs_regions:
+            return (1, self.image_encoder.out_dim)
+        cached: tuple[int, int] | None = getattr(self, "_emb_shape_cache", None)
+        if cached is not None:
+            return cached
+        s = self.cfg.image.preprocess.size
+        with torch.no_grad():
+            was = self.image_encoder.training
+            self.image_encoder.eval()
+            dev = next(self.image_encoder.parameters()).device
+            r = self.image_encoder(torch.zeros(1, 3, s, s, device=dev)).shape[1]
+            self.image_encoder.train(was)
+        self._emb_shape_cache = (int(r), self.image_encoder.out_dim)
+        return self._emb_shape_cache
+
+    def forward(self, b: Batch) -> torch.Tensor:
+        return self.head(self.features(b))  # (B, K)
+
+    # --- persistence ----------------------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The head, plus the encoder parameters that were trained (frozen ones come from their references)."""
+        state = {f"head.{k}": v for k, v in self.head.state_dict().items()}
+        for prefix, enc in (("text_encoder.", self.text_encoder), ("image_encoder.", self.image_encoder)):
+            for k, p in enc.named_parameters():
+                if p.requires_grad:
+                    state[prefix + k] = p.detach()
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def save(self, directory: str | Path, *, half: bool = False) -> Path:
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = self.trainable_state()
+        if half:
+            state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        save_file(state, str(out / "model.safetensors"), metadata={"format": FORMAT})
+        (out / "config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2, default=str) + "\n")
+        (out / "labels.json").write_text(json.dumps(list(self.cfg.labels)) + "\n")
+        return out
+
+    @classmethod
+    def load(cls, directory: str | Path, *, map_location: str = "cpu") -> MMSentModel:
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        cfg = ModelConfig.from_dict(json.loads((d / "config.json").read_text()))
+        model = cls(cfg)
+        state = load_file(str(d / "model.safetensors"), device=map_location)
+        own = model.state_dict()
+        unknown = [k for k in state if k not in own]
+        if unknown:
+            raise ValueError(f"{d}: model.safetensors has keys this model does not: {unknown[:5]}")
+        missing_head = [k for k in own if k.startswith("head.") and k not in state]
+        if missing_head:
+            raise ValueError(f"{d}: model.safetensors lacks head weights: {missing_head[:5]}")
+        model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+        return model.eval()
+
+
+_MODEL_FIELDS = {"labels", "name", "version", "text_trainable_layers", "image_trainable_blocks", "extra"}
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    return F.softmax(logits.float(), dim=-1)

@@ -1,0 +1,157 @@
+"""The Scorer on the tiny-random preset: each fusion, missing modalities, padding, broken images, no network."""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mmsent
+from mmsent import Scorer, ScoreResult
+from mmsent.presets import preset_config
+from mmsent.scorer import _from_config
+
+FUSIONS = ["concat", "gated", "attention"]
+
+
+def _jpeg(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> bytes:
+    rng = np.random.default_rng(sum(color))
+    arr = (rng.integers(0, 60, (size[1], size[0], 3)) + np.array(color) * 0.7).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module", params=FUSIONS)
+def scorer(request: pytest.FixtureRequest) -> Scorer:
+    return Scorer(_from_config(preset_config("tiny-random", fusion=request.param)))
+
+
+def _close(a: ScoreResult, b: ScoreResult, atol: float = 1e-5) -> bool:
+    return a.label == b.label and all(abs(a.scores[k] - b.scores[k]) < atol for k in a.scores)
+
+
+def test_public_api_exports() -> None:
+    for name in ("Scorer", "ScoreResult", "ImageEmbedding", "decode_image", "ImageDecodeError"):
+        assert hasattr(mmsent, name)
+    assert issubclass(mmsent.ImageDecodeError, ValueError)
+
+
+def test_tiny_random_loads_fast_and_scores_fast() -> None:
+    Scorer.load("tiny-random")  # warm imports
+    t0 = time.perf_counter()
+    s = Scorer.load("tiny-random")
+    assert time.perf_counter() - t0 < 1.0
+    posts = [{"text": f"post number {i} is lovely", "image": _jpeg((i * 7 % 255, 50, 90))} for i in range(32)]
+    s.score(posts)
+    best = min(_timed(s, posts) for _ in range(3))
+    assert best < 0.1, best
+    assert s.info["name"] == "mmsent-tiny-random" and "version" in s.info
+    assert s.labels == ("negative", "neutral", "positive")
+
+
+def _timed(s: Scorer, posts: list[dict[str, object]]) -> float:
+    t0 = time.perf_counter()
+    s.score(posts)
+    return time.perf_counter() - t0
+
+
+def test_each_fusion_scores_a_mixed_batch(scorer: Scorer) -> None:
+    img = Image.new("RGB", (50, 40), (200, 30, 30))
+    posts = [
+        {"text": "so happy today", "image": img},
+        {"text": "what a disaster", "image": _jpeg((10, 10, 200))},
+        {"text": "no picture here", "image": None},
+        {"text": "", "image": img},
+        {"text": "missing key"},
+    ]
+    out = scorer.score(posts)
+    assert len(out) == len(posts)
+    assert [r.image_used for r in out] == [True, True, False, True, False]
+    for r in out:
+        assert set(r.scores) == {"negative", "neutral", "positive"}
+        assert abs(sum(r.scores.values()) - 1.0) < 1e-6
+        assert r.label == max(r.scores, key=r.scores.__getitem__)
+
+
+def test_missing_image_and_missing_text_use_learned_paths(scorer: Scorer) -> None:
+    """A missing modality is a learned embedding, not zeros: output differs from a real all-zero feature."""
+    head = scorer.model.head
+    assert head.missing_text.abs().sum() > 0 and head.missing_image.abs().sum() > 0
+    text_only = scorer.score([{"text": "a caption", "image": None}])[0]
+    image_only = scorer.score([{"text": "", "image": Image.new("RGB", (40, 40), (0, 255, 0))}])[0]
+    both = scorer.score([{"text": "a caption", "image": Image.new("RGB", (40, 40), (0, 255, 0))}])[0]
+    assert not text_only.image_used and image_only.image_used
+    assert not _close(text_only, both, 1e-7) and not _close(image_only, both, 1e-7)
+    # a zero embedding passed as if it were a real image is *not* what a missing image means
+    zero = np.zeros(scorer.model._emb_shape(), dtype=np.float32)
+    as_zero = scorer.score([{"text": "a caption", "image": zero}])[0]
+    assert as_zero.image_used and not _close(as_zero, text_only, 1e-7)
+
+
+def test_dynamic_padding_gives_same_logits_as_unpadded(scorer: Scorer) -> None:
+    short = {"text": "ok", "image": Image.new("RGB", (30, 30), (100, 100, 100))}
+    long = {"text": " ".join(["really"] * 40) + " long caption", "image": None}
+    alone = scorer.score([short])[0]
+    padded = scorer.score([short, long])[0]
+    assert _close(alone, padded), (alone, padded)
+    enc = scorer.model.text_encoder.tokenize(["ok", "a much longer text than ok is"])
+    assert enc["input_ids"].shape[1] < 64  # padded to the longest in the batch, not to max_length
+
+
+def test_corrupt_image_bytes_score_text_only_and_never_break_the_batch(scorer: Scorer) -> None:
+    good = _jpeg((200, 100, 0))
+    posts = [
+        {"text": "fine", "image": good},
+        {"text": "fine", "image": b"\xff\xd8\xff\xe0 not really a jpeg"},
+        {"text": "fine", "image": b"GIF89a"},
+        {"text": "fine", "image": good[: len(good) // 3]},
+        {"text": "fine", "image": b""},
+        {"text": "fine", "image": None},
+    ]
+    out = scorer.score(posts)
+    assert [r.image_used for r in out] == [True, False, False, False, False, False]
+    for r in out[1:]:
+        assert _close(r, out[-1])  # exactly the text-only score
+
+
+def test_embed_images_matches_scoring_from_pixels(scorer: Scorer) -> None:
+    img = Image.new("RGB", (64, 64), (10, 180, 90))
+    [emb] = scorer.embed_images([img])
+    assert emb.dtype == np.float32 and emb.shape == scorer.model._emb_shape()
+    a = scorer.score([{"text": "hello", "image": img}])[0]
+    b = scorer.score([{"text": "hello", "image": emb}])[0]
+    c = scorer.score([{"text": "hello", "image": emb.astype(np.float16)}])[0]
+    assert _close(a, b) and _close(a, c, 1e-2)
+    assert isinstance(scorer.image_encoder_id, str) and scorer.image_encoder_id
+
+
+def test_deterministic_across_loads() -> None:
+    posts = [{"text": "same input", "image": _jpeg((1, 2, 3))}]
+    a = Scorer.load("tiny-random").score(posts)[0]
+    b = Scorer.load("tiny-random").score(posts)[0]
+    assert a == b
+
+
+def test_no_code_path_reaches_the_network(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: object) -> object:
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and host not in ("127.0.0.1", "::1", "localhost") and self.family != socket.AF_UNIX:
+            raise AssertionError(f"network access attempted: {address}")
+        return real_connect(self, address)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(AssertionError(a)))
+    for name in ("tiny-random", None):
+        s = Scorer.load(name)
+        out = s.score([{"text": "offline please", "image": _jpeg((5, 5, 5))}, {"text": "x", "image": None}])
+        assert len(out) == 2
+    with torch.inference_mode():
+        assert s.embed_images([Image.new("RGB", (32, 32))])[0].shape == s.model._emb_shape()
