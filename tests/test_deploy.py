@@ -482,9 +482,7 @@ def test_selectors_match_the_pods(overlay: str) -> None:
 # ------------------------------------------------------------------------------------------ network
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_network_policy_limits_egress(overlay: str) -> None:
-    netpol = one(rendered(overlay), "NetworkPolicy")["spec"]
+def check_egress(netpol: dict[str, Any], bootstrap_port: int) -> None:
     assert sorted(netpol["policyTypes"]) == ["Egress", "Ingress"]
     egress = netpol["egress"]
     for rule in egress:
@@ -508,9 +506,43 @@ def test_network_policy_limits_egress(overlay: str) -> None:
     # The other rules: DNS, the brokers, Redis; each to selected pods or namespaces.
     ports = {(p["protocol"], p["port"]) for r in egress if r is not rule for p in r["ports"]}
     assert {("UDP", 53), ("TCP", 53), ("TCP", 6379)} <= ports
-    bootstrap_port = int(config(rendered(overlay))["MMSENT_KAFKA_BOOTSTRAP_SERVERS"].split(",")[0].rsplit(":", 1)[1])
     assert ("TCP", bootstrap_port) in ports
     assert ports <= {("UDP", 53), ("TCP", 53), ("TCP", 6379), ("TCP", 9092), ("TCP", 9093)}
+
+
+def bootstrap_port(objects: list[dict[str, Any]]) -> int:
+    return int(config(objects)["MMSENT_KAFKA_BOOTSTRAP_SERVERS"].split(",")[0].rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policy_limits_egress(overlay: str) -> None:
+    objects = rendered(overlay)
+    check_egress(one(objects, "NetworkPolicy")["spec"], bootstrap_port(objects))
+
+
+def _internet(spec: dict[str, Any]) -> dict[str, Any]:
+    return next(rule for rule in spec["egress"] if any("ipBlock" in peer for peer in rule["to"]))
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda spec: _internet(spec)["ports"].append({"protocol": "TCP", "port": 22}),
+        lambda spec: _internet(spec)["to"][0]["ipBlock"]["except"].remove("169.254.0.0/16"),
+        lambda spec: _internet(spec)["to"][0]["ipBlock"]["except"].remove("10.0.0.0/8"),
+        lambda spec: _internet(spec)["to"][1]["ipBlock"]["except"].remove("fc00::/7"),
+        lambda spec: _internet(spec).pop("ports"),
+        lambda spec: spec["egress"].append({"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 5432}]}),
+        lambda spec: spec["egress"].append({"ports": [{"protocol": "TCP", "port": 443}]}),
+        lambda spec: spec["policyTypes"].remove("Egress"),
+    ],
+)
+def test_network_policy_check_rejects_wider_policies(breakage: Any) -> None:
+    objects = rendered("gpu")
+    spec = json.loads(json.dumps(one(objects, "NetworkPolicy")["spec"]))
+    breakage(spec)
+    with pytest.raises((AssertionError, StopIteration)):
+        check_egress(spec, bootstrap_port(objects))
 
 
 # -------------------------------------------------------------------------------------- autoscaling
