@@ -47,11 +47,12 @@ ARG TORCHVISION_VERSION=0.29.1
 # multi-GB CUDA build), the GPU variant from PyPI (whose Linux x86_64 torch is the CUDA build and carries
 # its own cuBLAS/cuDNN). Set it to use a mirror or another CUDA build.
 ARG TORCH_INDEX_URL=""
-# Compilers for any dependency without a wheel for this platform; they stay in this stage. Unpinned apt
-# versions for the same reason as above.
+# Compilers (and, on Ubuntu, the Python headers that python:slim already has) for any dependency without a
+# wheel for this platform; they stay in this stage. Unpinned apt versions for the same reason as above.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends build-essential \
+    && if [ "${VARIANT}" = "gpu" ]; then headers="python3-dev"; else headers=""; fi \
+    && apt-get install -y --no-install-recommends build-essential ${headers:+"$headers"} \
     && rm -rf /var/lib/apt/lists/*
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import kubernetes_validate  # dev dependency: kubernetes-validate (offline Kubernetes schemas)
 import pytest
 import yaml
 
 from consumer.settings import Settings
 from tests.deploy_support import kustomize
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
