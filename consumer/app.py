@@ -1,0 +1,660 @@
+"""`Application`: every collaborator of the consumer wired in one place, and the poll loop.
+
+    records ──consume()──▶ decode ──▶ MicroBatcher ──▶ ImageStage (I/O loop) ──▶ ModelStage (model thread)
+        ▲                                                                                 │
+        └─ commit low watermark ◀── OffsetTracker ◀── delivery acks ◀── Sink ◀────────────┘
+
+The poll loop (this thread) owns the Kafka consumer, the offset tracker, the batcher and the producer's
+callbacks: nothing in it is shared with the stage threads except the batches it hands over and gets back.
+It never blocks for long, so it keeps polling (heartbeats, rebalances, `max.poll.interval.ms`) while the stages
+work, and pauses the partitions when too much is in flight.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from functools import partial
+from types import FrameType
+from typing import Any
+
+import structlog
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from consumer.batcher import Batch, MicroBatcher, WorkItem
+from consumer.errors import Action, DeliveryFailed, ErrorPolicy, FatalError, is_rebalance_error
+from consumer.metrics import HealthServer, Metrics
+from consumer.offsets import OffsetTracker, TopicPartitionKey
+from consumer.pausing import PausingManager
+from consumer.settings import ProcessingGuarantee, Settings
+from consumer.sink import Sink, member_identity, producer_config
+from consumer.stages import CacheLike, FetcherLike, ImageStage, LoopThread, ModelStage, Pipeline, ScorerLike
+from schemas.decode import BadRecord, decode_post
+from schemas.models import (
+    DeadLetter,
+    ModelInfo,
+    Scores,
+    SentimentEvent,
+    SourceCoordinates,
+)
+
+log = structlog.get_logger("consumer")
+
+SESSION_TIMEOUT_MS = 10_000
+COMMIT_INTERVAL_S = 0.5
+REVOKE_FLUSH_S = 10.0
+MAX_CONSUME = 500
+
+
+class _LibrdkafkaLog:
+    """librdkafka's own log lines, as structlog lines."""
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        text = message % args if args else message
+        if level >= 40:
+            log.error("librdkafka", detail=text)
+        elif level >= 30:
+            log.warning("librdkafka", detail=text)
+        else:
+            log.debug("librdkafka", detail=text)
+
+
+def consumer_config(settings: Settings, **callbacks: Any) -> dict[str, Any]:
+    return {
+        **settings.kafka_client_config(),
+        "group.id": settings.group_id,
+        "client.id": f"mmsent-{member_identity()}-{os.getpid()}",
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "isolation.level": "read_committed",
+        "session.timeout.ms": SESSION_TIMEOUT_MS,
+        "heartbeat.interval.ms": 1_000,
+        "max.poll.interval.ms": 300_000,
+        "statistics.interval.ms": 5_000,
+        **callbacks,
+    }
+
+
+class Application:
+    """The consumer service. `run()` blocks until `stop()` (or a fatal error) and returns the exit code."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        scorer: ScorerLike | None = None,
+        fetcher_factory: Callable[[Settings], FetcherLike] | None = None,
+        cache_factory: Callable[[Settings], CacheLike | None] | None = None,
+        image_decoder: Callable[[bytes], Any] | None = None,
+        error_policy: ErrorPolicy | None = None,
+        metrics: Metrics | None = None,
+        serve_http: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.eos = settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
+        self.metrics = metrics or Metrics.get()
+        self.policy = error_policy or ErrorPolicy()
+        self._scorer = scorer
+        self._fetcher_factory = fetcher_factory
+        self._cache_factory = cache_factory
+        self._image_decoder = image_decoder
+        self._serve_http = serve_http
+        self._stop = threading.Event()
+        self._fatal: BaseException | None = None
+        self.ready = False
+        self.health: HealthServer | None = None
+
+        self.tracker = OffsetTracker()
+        self.batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms / 1000)
+        self._last_commit = 0.0
+        self._model_info: ModelInfo | None = None
+        self._assigned: set[TopicPartitionKey] = set()
+        # set in _start(): Kafka clients, I/O loop, stages
+        self.consumer: Consumer | None = None
+        self.sink: Sink | None = None
+        self.pausing: PausingManager | None = None
+        self.pipeline: Pipeline | None = None
+        self._io: LoopThread | None = None
+        self._fetcher: FetcherLike | None = None
+        self._cache: CacheLike | None = None
+        self.started = threading.Event()
+
+    # -- wiring ---------------------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        s = self.settings
+        if self._serve_http and self.health is None:
+            self.health = HealthServer(s.metrics_host, s.metrics_port, lambda: self.ready).start()
+        scorer = self._scorer or _load_scorer(s)
+        self._scorer = scorer
+        info = {str(k): str(v) for k, v in dict(scorer.info).items()}
+        self._model_info = ModelInfo(**info)
+        decoder = self._image_decoder or _default_image_decoder(s)
+
+        self._io = LoopThread()
+        self._fetcher = self._io.call(_construct(self._fetcher_factory or _default_fetcher, s), timeout=30)
+        self._cache = self._io.call(_construct(self._cache_factory or _default_cache, s), timeout=30)
+        image_stage = ImageStage(self._fetcher, self._cache, decoder, scorer.image_encoder_id, self.metrics)
+        model_stage = ModelStage(scorer, self._cache, self._io, self.policy, self.metrics)
+        self.pipeline = Pipeline(self._io, image_stage, model_stage)
+
+        self.sink = Sink(producer_config(s, error_cb=self._on_client_error) | {"logger": _LibrdkafkaLog()})
+        if self.eos:
+            # Before joining the group: fences a dead predecessor with our transactional id and aborts its
+            # open transaction, so the offsets we are about to read are the committed ones.
+            self.sink.init_transactions()
+        self.consumer = Consumer(
+            consumer_config(
+                s, error_cb=self._on_client_error, stats_cb=self._on_stats, logger=_LibrdkafkaLog()
+            )
+        )
+        self.pausing = PausingManager(self.consumer, s.max_in_flight)
+        self.consumer.subscribe(
+            [s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+        )
+        log.info(
+            "consumer_started",
+            group=s.group_id,
+            input_topic=s.input_topic,
+            output_topic=s.output_topic,
+            guarantee=s.processing_guarantee.value,
+            model=info,
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            max_in_flight=s.max_in_flight,
+        )
+        self.started.set()
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask the loop to stop (thread- and signal-safe); `run()` then drains, commits and returns."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self) -> int:
+        try:
+            self._start()
+        except Exception:
+            log.exception("consumer_start_failed")
+            self._close_quietly()
+            return 1
+        try:
+            while not self._stop.is_set() and self._fatal is None:
+                self._tick()
+        except FatalError as exc:
+            self._fatal = exc
+        except Exception as exc:
+            log.exception("consumer_loop_failed")
+            self._fatal = exc
+        return self._shutdown()
+
+    def _tick(self) -> None:
+        assert self.consumer is not None and self.pausing is not None and self.sink is not None
+        in_flight = self.tracker.in_flight
+        self.pausing.update(in_flight)
+        room = self.pausing.room(in_flight)
+        messages = self.consumer.consume(max(1, min(room, MAX_CONSUME)), self._poll_timeout())
+        for message in messages:
+            self._accept(message)
+        for batch in self.batcher.ready():
+            self._submit(batch)
+        self._drain_completed()
+        self.sink.poll(0)
+        self._maybe_commit()
+        self.metrics.in_flight.set(self.tracker.in_flight)
+        self.metrics.paused_partitions.set(self.pausing.paused_partitions)
+        if self._fatal is not None:
+            raise self._fatal if isinstance(self._fatal, FatalError) else FatalError(str(self._fatal))
+
+    def _poll_timeout(self) -> float:
+        assert self.pipeline is not None
+        if self.pipeline.pending:
+            return 0.005
+        due = self.batcher.time_to_deadline()
+        return 0.1 if due is None else min(0.1, due)
+
+    def _accept(self, message: Message) -> None:
+        error = message.error()
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                return
+            if error.fatal():
+                raise FatalError(f"consumer: {error}")
+            log.warning("consume_error", error=str(error))
+            return
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        assert topic is not None and partition is not None and offset is not None
+        state = self.tracker.state((topic, partition))
+        self.tracker.register(state, offset)
+        self.metrics.records_consumed.inc()
+        ts_type, ts = message.timestamp()
+        item = WorkItem(
+            state=state,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            key=message.key(),
+            value=message.value(),
+            received_at=time.monotonic(),
+            timestamp_ms=ts if ts_type != 0 and ts > 0 else None,
+        )
+        try:
+            item.post = decode_post(item.value, max_text_chars=self.settings.max_text_chars)
+        except BadRecord as bad:
+            decision = self.policy.on_bad_record(bad, item)
+            if decision.action is Action.FATAL:
+                raise FatalError(f"bad record at {topic}[{partition}]@{offset}: {bad}") from None
+            item.error = decision
+            log.warning("bad_record", code=bad.code, reason=bad.message[:300], action=decision.action,
+                        **item.log_fields())
+        self.batcher.add(item)
+
+    def _submit(self, batch: Batch) -> None:
+        assert self.pipeline is not None
+        self.metrics.batch_size.observe(len(batch))
+        wait = batch.cut_at - batch.oldest_at
+        batch.timings["wait"] = wait
+        self.metrics.stage_latency.labels("wait").observe(wait)
+        self.pipeline.submit(batch)
+
+    def _drain_completed(self) -> None:
+        assert self.pipeline is not None
+        done: list[WorkItem] = []
+        for batch, exc in self.pipeline.completed():
+            if exc is not None:
+                if isinstance(exc, FatalError):
+                    raise exc
+                raise FatalError(f"batch {batch.batch_id} failed in a stage: {exc!r}") from exc
+            live = [item for item in batch.items if self.tracker.is_current(item.state)]
+            self._observe_batch(batch, live)
+            if self.eos:
+                done.extend(live)
+            else:
+                for item in live:
+                    self._emit(item)
+        if done:
+            self._transact(done)
+
+    def _observe_batch(self, batch: Batch, live: Sequence[WorkItem]) -> None:
+        latency = time.monotonic() - batch.cut_at
+        self.metrics.batch_latency.observe(latency)
+        for stage in ("fetch", "model"):
+            if stage in batch.timings:
+                self.metrics.stage_latency.labels(stage).observe(batch.timings[stage])
+        labels: dict[str, int] = {}
+        for item in live:
+            key = item.error.code if item.error else (item.result.label if item.result is not None else "none")
+            labels[key] = labels.get(key, 0) + 1
+        log.info(
+            "batch_done",
+            batch_id=batch.batch_id,
+            size=len(batch),
+            dropped=len(batch) - len(live),
+            outcomes=labels,
+            wait_ms=round(batch.timings.get("wait", 0) * 1000, 1),
+            fetch_ms=round(batch.timings.get("fetch", 0) * 1000, 1),
+            model_ms=round(batch.timings.get("model", 0) * 1000, 1),
+            in_flight=self.tracker.in_flight,
+        )
+
+    # -- outputs -----------------------------------------------------------------------------------------------
+
+    def _outputs(self, item: WorkItem) -> list[tuple[str, bytes | None, bytes]]:
+        """(topic, key, value) of everything this record produces; empty for a skipped record."""
+        s = self.settings
+        source = SourceCoordinates(topic=item.topic, partition=item.partition, offset=item.offset)
+        if item.error is not None:
+            if item.error.action is Action.SKIP:
+                return []
+            letter = DeadLetter.for_record(
+                code=item.error.code,
+                message=item.error.message,
+                source=source,
+                value=item.value,
+                key=item.key,
+                failed_at=datetime.now(UTC),
+            )
+            return [(s.dlq_topic, item.key, letter.to_json_bytes())]
+        assert item.post is not None and item.result is not None and self._model_info is not None
+        scores = {name: float(p) for name, p in dict(item.result.scores).items()}
+        event = SentimentEvent(
+            post_id=item.post.post_id,
+            label=item.result.label,
+            scores=Scores(**scores),
+            image_status=item.image_status,
+            model=self._model_info,
+            source=source,
+            scored_at=datetime.now(UTC),
+        )
+        value = event.to_json_bytes()
+        key = item.post.post_id.encode()
+        outputs: list[tuple[str, bytes | None, bytes]] = [(s.output_topic, key, value)]
+        if s.alert_topic and event.label == s.alert_label and scores.get(s.alert_label, 0.0) >= s.alert_min_probability:
+            outputs.append((s.alert_topic, key, value))
+        return outputs
+
+    def _emit(self, item: WorkItem) -> None:
+        """At least once: produce, and mark the record done when every output of it is acknowledged."""
+        assert self.sink is not None
+        outputs = self._outputs(item)
+        if not outputs:
+            if self.tracker.done(item.state, item.offset):
+                self._count_done(item)
+            return
+        remaining = [len(outputs)]
+        for topic, key, value in outputs:
+            self.sink.produce(topic, value, key, partial(self._on_delivery, item, remaining))
+
+    def _on_delivery(self, item: WorkItem, remaining: list[int], error: KafkaError | None, _msg: Message) -> None:
+        if error is not None:
+            decision = self.policy.on_delivery_error(error, item)
+            log.error("delivery_failed", error=str(error), action=decision.action, **item.log_fields())
+            if decision.action is Action.FATAL:
+                self._fatal = DeliveryFailed(f"output of {item.topic}[{item.partition}]@{item.offset}: {error}")
+                return
+        remaining[0] -= 1
+        if remaining[0] == 0 and self.tracker.done(item.state, item.offset):
+            self._count_done(item)
+
+    def _count_done(self, item: WorkItem) -> None:
+        m = self.metrics
+        if item.error is not None:
+            if item.error.action is Action.SKIP:
+                m.skipped.labels(item.error.code).inc()
+            else:
+                m.dead_letters.labels(item.error.code).inc()
+            return
+        m.events_produced.labels(item.result.label).inc()
+        m.image_status.labels(item.image_status.value).inc()
+        s = self.settings
+        scores = dict(item.result.scores)
+        if s.alert_topic and item.result.label == s.alert_label and float(scores.get(s.alert_label, 0)) >= (
+            s.alert_min_probability
+        ):
+            m.alerts.inc()
+        if item.timestamp_ms is not None:
+            m.end_to_end_latency.observe(max(0.0, time.time() - item.timestamp_ms / 1000))
+
+    def _transact(self, items: list[WorkItem]) -> None:
+        """Exactly once: the outputs of these records and the offsets they free, in one transaction."""
+        assert self.sink is not None and self.consumer is not None
+        try:
+            self.sink.begin()
+            for item in items:
+                for topic, key, value in self._outputs(item):
+                    self.sink.produce(topic, value, key)
+            for item in items:
+                self.tracker.done(item.state, item.offset)
+            offsets = self.tracker.committable()
+            if offsets:
+                self.sink.send_offsets(offsets, self.consumer.consumer_group_metadata())
+            self.sink.commit()
+        except KafkaException as exc:
+            error = exc.args[0]
+            self.metrics.commits.labels("aborted").inc()
+            if error.fatal():
+                raise FatalError(f"transaction: {error}") from exc
+            log.warning("transaction_aborted", error=str(error), records=len(items))
+            try:
+                self.sink.abort()
+            except KafkaException as abort_exc:
+                raise FatalError(f"abort_transaction: {abort_exc}") from abort_exc
+            self._rewind()
+            return
+        self.tracker.mark_committed(offsets)
+        self.metrics.commits.labels("transaction").inc()
+        for item in items:
+            self._count_done(item)
+
+    def _rewind(self) -> None:
+        """After an aborted transaction: drop everything in flight and read again from the committed offsets."""
+        assert self.consumer is not None
+        positions = self.tracker.rewind()
+        self.batcher.drop()
+        for (topic, partition), offset in positions.items():
+            try:
+                self.consumer.seek(TopicPartition(topic, partition, offset))
+            except KafkaException as exc:
+                raise FatalError(f"could not rewind {topic}[{partition}] to {offset}: {exc}") from exc
+        log.info("rewound", positions={f"{t}[{p}]": o for (t, p), o in positions.items()})
+
+    # -- commits (at least once) --------------------------------------------------------------------------------
+
+    def _maybe_commit(self, force: bool = False, keys: Sequence[TopicPartitionKey] | None = None) -> None:
+        if self.eos or self.consumer is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._last_commit < COMMIT_INTERVAL_S:
+            return
+        offsets = self.tracker.committable(keys)
+        if not offsets:
+            return
+        self._last_commit = now
+        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+        try:
+            results = self.consumer.commit(offsets=partitions, asynchronous=False)
+        except KafkaException as exc:
+            self._commit_failed(exc.args[0], offsets)
+            return
+        failed = {(tp.topic, tp.partition) for tp in results or [] if tp.error is not None}
+        if failed:
+            first = next(tp.error for tp in results or [] if tp.error is not None)
+            self._commit_failed(first, {k: v for k, v in offsets.items() if k in failed})
+        ok = {k: v for k, v in offsets.items() if k not in failed}
+        self.tracker.mark_committed(ok)
+        if ok:
+            self.metrics.commits.labels("ok").inc()
+            log.debug("committed", offsets={f"{t}[{p}]": o for (t, p), o in ok.items()})
+
+    def _commit_failed(self, error: KafkaError, offsets: dict[TopicPartitionKey, int]) -> None:
+        self.tracker.mark_dirty(offsets)
+        self.metrics.commits.labels("rejected").inc()
+        log.warning(
+            "commit_rejected",
+            error=str(error),
+            rebalance=is_rebalance_error(error),
+            offsets={f"{t}[{p}]": o for (t, p), o in offsets.items()},
+        )
+
+    # -- rebalances ----------------------------------------------------------------------------------------------
+
+    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self.tracker.assign((tp.topic, tp.partition))
+            self._assigned.add((tp.topic, tp.partition))
+        self.metrics.rebalances.labels("assigned").inc()
+        self._set_ready()
+        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in partitions))
+
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        keys = [(tp.topic, tp.partition) for tp in partitions]
+        if not self.eos and self.sink is not None:
+            # What is already produced: wait for its acknowledgements, then commit it before handing over.
+            self.sink.flush(REVOKE_FLUSH_S)
+            self._maybe_commit(force=True, keys=keys)
+        self._forget(partitions, keys)
+        self.metrics.rebalances.labels("revoked").inc()
+        log.info("partitions_revoked", partitions=sorted(tp.partition for tp in partitions))
+
+    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._forget(partitions, [(tp.topic, tp.partition) for tp in partitions])
+        self.metrics.rebalances.labels("lost").inc()
+        log.warning("partitions_lost", partitions=sorted(tp.partition for tp in partitions))
+
+    def _forget(self, partitions: list[TopicPartition], keys: list[TopicPartitionKey]) -> None:
+        for key in keys:
+            self.tracker.revoke(key)
+            self._assigned.discard(key)
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(str(key[1]))
+        dropped = self.batcher.drop(set(keys))
+        if self.pausing is not None:
+            self.pausing.forget(partitions)
+        if dropped:
+            log.info("waiting_records_dropped", count=dropped)
+        self._set_ready()
+
+    def _set_ready(self) -> None:
+        self.ready = bool(self._assigned) and self._scorer is not None and not self._stop.is_set()
+        self.metrics.ready.set(1 if self.ready else 0)
+
+    # -- client callbacks (called from inside consume()/poll(), on this thread) ---------------------------------
+
+    def _on_client_error(self, error: KafkaError) -> None:
+        if error.fatal():
+            log.error("kafka_fatal_error", error=str(error))
+            self._fatal = FatalError(f"kafka: {error}")
+        elif error.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
+            log.warning("kafka_error", error=str(error))
+        else:
+            log.warning("kafka_error", error=str(error), code=error.code())
+
+    def _on_stats(self, stats_json: str) -> None:
+        try:
+            stats = json.loads(stats_json)
+            partitions = stats.get("topics", {}).get(self.settings.input_topic, {}).get("partitions", {})
+        except (ValueError, AttributeError):
+            return
+        for name, values in partitions.items():
+            partition = int(name)
+            if partition < 0 or (self.settings.input_topic, partition) not in self._assigned:
+                continue
+            lag = values.get("consumer_lag_stored", values.get("consumer_lag", -1))
+            if lag is not None and lag >= 0:
+                self.metrics.consumer_lag.labels(str(partition)).set(lag)
+
+    # -- shutdown --------------------------------------------------------------------------------------------
+
+    def _shutdown(self) -> int:
+        fatal = self._fatal
+        started = time.monotonic()
+        deadline = started + self.settings.shutdown_grace_s
+        self.ready = False
+        self.metrics.ready.set(0)
+        log.info("consumer_stopping", reason="fatal" if fatal else "signal", in_flight=self.tracker.in_flight)
+        try:
+            if self.pausing is not None:
+                self.pausing.pause_for_good()
+            if fatal is None and self.pipeline is not None:
+                for batch in self.batcher.flush():
+                    self._submit(batch)
+                while self.pipeline.pending and time.monotonic() < deadline and self._fatal is None:
+                    self.pipeline.wait_head(min(0.05, max(0.0, deadline - time.monotonic())))
+                    self._drain_completed()
+                    if self.sink is not None:
+                        self.sink.poll(0)
+            if self.sink is not None and not self.eos:
+                left = self.sink.flush(max(0.5, deadline - time.monotonic()))
+                if left:
+                    log.warning("shutdown_unacknowledged", count=left)
+                self._maybe_commit(force=True)
+        except FatalError as exc:
+            fatal = fatal or exc
+            log.error("shutdown_failed", error=str(exc))
+        except Exception as exc:
+            fatal = fatal or exc
+            log.exception("shutdown_failed")
+        abandoned = self.tracker.in_flight
+        self._close_quietly()
+        if fatal is not None:
+            log.error("consumer_stopped", error=str(fatal), abandoned=abandoned)
+            return 1
+        log.info("consumer_stopped", abandoned=abandoned, shutdown_s=round(time.monotonic() - started, 3))
+        return 0
+
+    def _close_quietly(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+        if self.consumer is not None:
+            try:
+                self.consumer.close()  # leaves the group at once (its partitions go to the others now)
+            except (KafkaException, RuntimeError) as exc:
+                log.warning("consumer_close_failed", error=str(exc))
+            self.consumer = None
+        if self.sink is not None:
+            self.sink.close(timeout=2.0)
+            self.sink = None
+        if self._io is not None:
+            for resource in (self._fetcher, self._cache):
+                closer = getattr(resource, "aclose", None)
+                if closer is not None:
+                    try:
+                        self._io.call(closer(), timeout=5)
+                    except Exception as exc:
+                        log.warning("close_failed", resource=type(resource).__name__, error=repr(exc))
+            self._io.close()
+            self._io = None
+        if self.health is not None:
+            self.health.close()
+            self.health = None
+
+
+async def _construct(factory: Callable[[Settings], Any], settings: Settings) -> Any:
+    """Build an async collaborator on the I/O loop (its connection pools bind to that loop)."""
+    return factory(settings)
+
+
+def _default_fetcher(settings: Settings) -> FetcherLike:
+    from consumer.fetch import ImageFetcher
+
+    return ImageFetcher(settings)
+
+
+def _default_cache(settings: Settings) -> CacheLike | None:
+    if not settings.redis_url:
+        return None
+    from consumer.cache import ImageCache
+
+    return ImageCache.from_settings(settings)
+
+
+def _load_scorer(settings: Settings) -> ScorerLike:
+    from mmsent import Scorer
+
+    started = time.monotonic()
+    scorer = Scorer.load(settings.model)
+    log.info("model_loaded", model=dict(scorer.info), seconds=round(time.monotonic() - started, 2))
+    return scorer
+
+
+def _default_image_decoder(settings: Settings) -> Callable[[bytes], Any]:
+    from mmsent import decode_image
+
+    return partial(decode_image, max_pixels=settings.fetch_max_pixels, max_side=settings.fetch_max_side)
+
+
+# -- the process -------------------------------------------------------------------------------------------------
+
+
+def install_signal_handlers(app: Application) -> None:
+    """First SIGTERM/SIGINT: stop polling, drain within the grace period, commit, exit 0. Second: exit now."""
+    received: list[int] = []
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        received.append(signum)
+        if len(received) > 1:
+            log.warning("second_signal_exiting_now", signal=signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("signal_received", signal=signal.Signals(signum).name, grace_s=app.settings.shutdown_grace_s)
+        app.stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def run_consumer(settings: Settings) -> int:
+    """`mmsent consume`: run until SIGTERM/SIGINT; returns the process exit code."""
+    app = Application(settings)
+    install_signal_handlers(app)
+    return app.run()

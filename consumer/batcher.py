@@ -1,0 +1,107 @@
+"""Micro-batches across partitions: cut at `max_size` records or when the oldest has waited `max_wait_s`.
+
+A `WorkItem` is one input record on its way through the stages: its coordinates, its partition generation (so
+that work for a revoked partition can be recognised and dropped), the decoded post or the reason it is bad, and
+what the stages found (image, result).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from consumer.errors import Decision
+from consumer.offsets import PartitionState, TopicPartitionKey
+from schemas.models import ImageStatus, PostEvent
+
+
+@dataclass(slots=True, eq=False)
+class WorkItem:
+    state: PartitionState
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    received_at: float  # time.monotonic() when read
+    timestamp_ms: int | None  # the record's Kafka timestamp, when it has one
+    post: PostEvent | None = None
+    error: Decision | None = None  # set: the record is dead-lettered (or skipped) instead of scored
+    image: Any = None  # what the model gets: an embedding, a PIL image, or None
+    image_status: ImageStatus = ImageStatus.NONE
+    image_url_key: str | None = None  # the URL whose embedding this item's image is
+    image_bytes: int = 0  # size of the encoded image, when it was had as bytes
+    result: Any = None  # the scorer's ScoreResult
+
+    @property
+    def tp(self) -> TopicPartitionKey:
+        return (self.topic, self.partition)
+
+    def log_fields(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+        if self.post is not None:
+            fields["post_id"] = self.post.post_id
+        return fields
+
+
+_batch_ids = itertools.count(1)
+
+
+@dataclass(slots=True, eq=False)
+class Batch:
+    items: list[WorkItem]
+    oldest_at: float
+    cut_at: float
+    batch_id: int = field(default_factory=lambda: next(_batch_ids))
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class MicroBatcher:
+    def __init__(self, max_size: int, max_wait_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.max_size = max_size
+        self.max_wait_s = max_wait_s
+        self._clock = clock
+        self._items: list[WorkItem] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, item: WorkItem) -> None:
+        self._items.append(item)
+
+    def time_to_deadline(self) -> float | None:
+        """Seconds until the partial batch is due; None when empty."""
+        if not self._items:
+            return None
+        return max(0.0, self._items[0].received_at + self.max_wait_s - self._clock())
+
+    def ready(self) -> list[Batch]:
+        """Full batches, and the partial one when its oldest record has waited long enough."""
+        batches: list[Batch] = []
+        while len(self._items) >= self.max_size:
+            batches.append(self._cut(self.max_size))
+        if self._items and self._clock() - self._items[0].received_at >= self.max_wait_s:
+            batches.append(self._cut(len(self._items)))
+        return batches
+
+    def flush(self) -> list[Batch]:
+        batches: list[Batch] = []
+        while self._items:
+            batches.append(self._cut(min(self.max_size, len(self._items))))
+        return batches
+
+    def drop(self, keys: Collection[TopicPartitionKey] | None = None) -> int:
+        """Forget the waiting records of these partitions (all when None); returns how many."""
+        before = len(self._items)
+        self._items = [] if keys is None else [item for item in self._items if item.tp not in keys]
+        return before - len(self._items)
+
+    def _cut(self, size: int) -> Batch:
+        items, self._items = self._items[:size], self._items[size:]
+        return Batch(items=items, oldest_at=items[0].received_at, cut_at=self._clock())

@@ -1,0 +1,98 @@
+"""Typed failures of the consumer, and the typed callbacks that decide what a failure means for one record.
+
+Three outcomes for a record that cannot be scored normally: `dead_letter` (the default: the record goes to the
+dead-letter topic with a stable code, and its offset counts as done), `skip` (counted done, nothing produced) and
+`fatal` (the service stops; nothing past the last committed offset is lost, it is redelivered).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka import KafkaError
+
+if TYPE_CHECKING:
+    from schemas.decode import BadRecord
+
+
+class ConsumerError(Exception):
+    """Base of the consumer's own exceptions."""
+
+
+class FatalError(ConsumerError):
+    """The service cannot go on safely; it stops, commits what is done and exits non-zero."""
+
+
+class DeliveryFailed(FatalError):
+    """The broker did not acknowledge an output after the producer's own retries."""
+
+
+class TransactionFailed(ConsumerError):
+    """A transaction was aborted; the consumer rewinds to the last committed offsets and tries again."""
+
+
+class Action(StrEnum):
+    DEAD_LETTER = "dead_letter"
+    SKIP = "skip"
+    FATAL = "fatal"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    action: Action
+    code: str
+    message: str
+
+
+MODEL_ERROR = "model_error"
+
+
+def dead_letter_bad_records(error: BadRecord, record: Any) -> Decision:
+    """Default for records that are not posts: dead-letter with the decoder's stable code."""
+    return Decision(Action.DEAD_LETTER, error.code, error.message)
+
+
+def dead_letter_poison_posts(error: BaseException, record: Any) -> Decision:
+    """Default for a single post that makes the model raise (found by bisecting its batch)."""
+    return Decision(Action.DEAD_LETTER, MODEL_ERROR, f"{type(error).__name__}: {error}"[:2000])
+
+
+def stop_on_delivery_failure(error: KafkaError, record: Any) -> Decision:
+    """Default for an output the broker refused for good: stop (at-least-once redelivers the record)."""
+    return Decision(Action.FATAL, "delivery_failed", str(error))
+
+
+DecodeErrorCallback = Callable[["BadRecord", Any], Decision]
+ModelErrorCallback = Callable[[BaseException, Any], Decision]
+DeliveryErrorCallback = Callable[[KafkaError, Any], Decision]
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorPolicy:
+    """The three typed callbacks, in one place; `Application` takes one."""
+
+    on_bad_record: DecodeErrorCallback = dead_letter_bad_records
+    on_model_error: ModelErrorCallback = dead_letter_poison_posts
+    on_delivery_error: DeliveryErrorCallback = stop_on_delivery_failure
+
+
+# Commit failures that only mean "a rebalance happened under you": log them, the records are redelivered.
+_REBALANCE_CODE_NAMES = (
+    "ILLEGAL_GENERATION",
+    "REBALANCE_IN_PROGRESS",
+    "UNKNOWN_MEMBER_ID",
+    "FENCED_INSTANCE_ID",
+    "STALE_MEMBER_EPOCH",
+    "_ASSIGNMENT_LOST",
+    "_STATE",
+)
+REBALANCE_COMMIT_CODES = frozenset(
+    getattr(KafkaError, name) for name in _REBALANCE_CODE_NAMES if hasattr(KafkaError, name)
+)
+
+
+def is_rebalance_error(error: KafkaError | None) -> bool:
+    return error is not None and error.code() in REBALANCE_COMMIT_CODES

@@ -1,0 +1,119 @@
+"""Per-partition done offsets; what may be committed is the contiguous low watermark.
+
+Every record read is registered as pending; when its output (or dead letter) is acknowledged it is marked done.
+The offset to commit for a partition is the lowest still-pending offset, or one past the highest done when
+nothing is pending: never past a record whose output is not yet safe. Offsets may have gaps (transaction
+markers, compaction), so "contiguous" is over the records read, not over the integers.
+
+Each assignment of a partition gets a fresh `PartitionState`; work that carries a state which is no longer the
+current one (the partition was revoked, or rewound) is stale and is dropped by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+TopicPartitionKey = tuple[str, int]
+
+
+class PartitionState:
+    """One assignment (a generation) of one partition."""
+
+    __slots__ = ("committed", "dirty", "highest", "key", "pending")
+
+    def __init__(self, key: TopicPartitionKey) -> None:
+        self.key = key
+        self.pending: set[int] = set()
+        self.highest = -1  # highest offset read in this generation
+        self.committed: int | None = None  # the next offset to consume, as committed (or where reading began)
+        self.dirty = False  # a commit failed: commit again even without progress
+
+    def low_watermark(self) -> int | None:
+        if self.pending:
+            return min(self.pending)
+        if self.highest < 0:
+            return None
+        return self.highest + 1
+
+
+class OffsetTracker:
+    def __init__(self) -> None:
+        self._states: dict[TopicPartitionKey, PartitionState] = {}
+
+    def assign(self, key: TopicPartitionKey) -> PartitionState:
+        state = PartitionState(key)
+        self._states[key] = state
+        return state
+
+    def revoke(self, key: TopicPartitionKey) -> PartitionState | None:
+        return self._states.pop(key, None)
+
+    def state(self, key: TopicPartitionKey) -> PartitionState:
+        """The current generation of a partition, creating one for a partition read without an assignment."""
+        state = self._states.get(key)
+        return state if state is not None else self.assign(key)
+
+    def is_current(self, state: PartitionState) -> bool:
+        return self._states.get(state.key) is state
+
+    def partitions(self) -> list[TopicPartitionKey]:
+        return list(self._states)
+
+    def register(self, state: PartitionState, offset: int) -> None:
+        if state.committed is None:
+            state.committed = offset  # everything before the first record read was committed already
+        state.pending.add(offset)
+        if offset > state.highest:
+            state.highest = offset
+
+    def done(self, state: PartitionState, offset: int) -> bool:
+        """Mark one record done; False when its partition generation is gone (the work was dropped)."""
+        if not self.is_current(state):
+            return False
+        state.pending.discard(offset)
+        return True
+
+    @property
+    def in_flight(self) -> int:
+        return sum(len(state.pending) for state in self._states.values())
+
+    def in_flight_for(self, key: TopicPartitionKey) -> int:
+        state = self._states.get(key)
+        return len(state.pending) if state else 0
+
+    def committable(self, keys: Iterable[TopicPartitionKey] | None = None) -> dict[TopicPartitionKey, int]:
+        """Offsets (next to consume) that are ahead of what was committed, per partition."""
+        result: dict[TopicPartitionKey, int] = {}
+        for key in self._states if keys is None else keys:
+            state = self._states.get(key)
+            if state is None:
+                continue
+            low = state.low_watermark()
+            if low is None or state.committed is None:
+                continue
+            if low > state.committed or (state.dirty and low >= state.committed):
+                result[key] = low
+        return result
+
+    def mark_committed(self, offsets: dict[TopicPartitionKey, int]) -> None:
+        for key, offset in offsets.items():
+            state = self._states.get(key)
+            if state is not None and (state.committed is None or offset >= state.committed):
+                state.committed = offset
+                state.dirty = False
+
+    def mark_dirty(self, keys: Iterable[TopicPartitionKey]) -> None:
+        for key in keys:
+            state = self._states.get(key)
+            if state is not None:
+                state.dirty = True
+
+    def rewind(self) -> dict[TopicPartitionKey, int]:
+        """Forget all work in flight: every partition gets a new generation. Returns where to seek each one."""
+        positions: dict[TopicPartitionKey, int] = {}
+        for key, state in list(self._states.items()):
+            if state.committed is not None:
+                positions[key] = state.committed
+            fresh = self.assign(key)
+            fresh.committed = state.committed
+        return positions

@@ -1,0 +1,78 @@
+"""Backpressure: pause every assigned partition while too much work is in flight, resume when there is room.
+
+The poll loop keeps calling `consume()` while paused (paused partitions return nothing), so heartbeats, rebalance
+callbacks and `max.poll.interval.ms` are served and the group never evicts a slow consumer. Hysteresis: pause at
+`high`, resume at `low`. Partitions assigned while paused are paused too (`update` reconciles every call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+from confluent_kafka import TopicPartition
+
+
+class PausableConsumer(Protocol):
+    def assignment(self) -> list[TopicPartition]: ...
+    def pause(self, partitions: list[TopicPartition]) -> None: ...
+    def resume(self, partitions: list[TopicPartition]) -> None: ...
+
+
+class PausingManager:
+    def __init__(self, consumer: PausableConsumer, high: int, low: int | None = None) -> None:
+        if high < 1:
+            raise ValueError("high must be at least 1")
+        self._consumer = consumer
+        self.high = high
+        self.low = max(0, min(high - 1, high // 2 if low is None else low))
+        self.paused = False
+        self.forced = False  # paused for good (shutting down): never resumed by `update`
+        self._paused_keys: set[tuple[str, int]] = set()
+        self.pauses = 0
+        self.resumes = 0
+
+    @property
+    def paused_partitions(self) -> int:
+        return len(self._paused_keys)
+
+    def room(self, in_flight: int) -> int:
+        """How many more records may be read now."""
+        return 0 if self.paused else max(0, self.high - in_flight)
+
+    def update(self, in_flight: int) -> bool:
+        """Pause or resume for the current amount of work in flight; returns whether consumption is paused."""
+        if not self.paused and in_flight >= self.high:
+            self.paused = True
+            self.pauses += 1
+        elif self.paused and not self.forced and in_flight <= self.low:
+            self.paused = False
+            self.resumes += 1
+            self._resume_all()
+        if self.paused:
+            self._pause_unpaused()
+        return self.paused
+
+    def pause_for_good(self) -> None:
+        self.forced = True
+        if not self.paused:
+            self.paused = True
+            self.pauses += 1
+        self._pause_unpaused()
+
+    def forget(self, partitions: Sequence[TopicPartition]) -> None:
+        """Partitions revoked: they are no longer ours to pause or resume."""
+        for tp in partitions:
+            self._paused_keys.discard((tp.topic, tp.partition))
+
+    def _pause_unpaused(self) -> None:
+        missing = [tp for tp in self._consumer.assignment() if (tp.topic, tp.partition) not in self._paused_keys]
+        if missing:
+            self._consumer.pause(missing)
+            self._paused_keys.update((tp.topic, tp.partition) for tp in missing)
+
+    def _resume_all(self) -> None:
+        assigned = self._consumer.assignment()
+        if assigned:
+            self._consumer.resume(assigned)
+        self._paused_keys.clear()

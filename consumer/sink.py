@@ -1,0 +1,134 @@
+"""The producer side: events, dead letters and alerts, acknowledged by all in-sync replicas.
+
+At least once: an idempotent producer (acks=all, no duplicates from its own retries, order kept per partition);
+the poll loop learns of each acknowledgement through the delivery callback, on its own thread (`poll`).
+Exactly once: a transactional producer; the input offsets go into the same transaction
+(`send_offsets_to_transaction` with the consumer's group metadata), so outputs and offsets commit together.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from consumer.offsets import TopicPartitionKey
+from consumer.settings import ProcessingGuarantee, Settings
+
+log = structlog.get_logger(__name__)
+
+DeliveryCallback = Callable[[KafkaError | None, Message], None]
+
+TRANSACTION_TIMEOUT_S = 10.0
+
+
+def member_identity() -> str:
+    """A stable name for this process: the pod or host name (a StatefulSet pod keeps it across restarts)."""
+    return os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+def transactional_id(settings: Settings) -> str:
+    """`MMSENT_TRANSACTIONAL_ID`, or one derived from the group and this member's stable identity.
+
+    Stable across restarts, so a restarted member fences its dead predecessor and aborts its open transaction
+    at once; distinct per member, so two live members never fence each other (on one host, set it per process).
+    """
+    return settings.transactional_id or f"mmsent-{settings.group_id}-{member_identity()}"
+
+
+def producer_config(settings: Settings, error_cb: Callable[[KafkaError], None] | None = None) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        **settings.kafka_client_config(),
+        "client.id": f"mmsent-producer-{member_identity()}-{os.getpid()}",
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+    }
+    if settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:
+        config["transactional.id"] = transactional_id(settings)
+        config["transaction.timeout.ms"] = 60_000
+    if error_cb is not None:
+        config["error_cb"] = error_cb
+    return config
+
+
+class Sink:
+    def __init__(self, config: Mapping[str, Any], *, producer_factory: Callable[..., Producer] = Producer) -> None:
+        self.transactional = "transactional.id" in config
+        self._producer = producer_factory(dict(config))
+        self._in_transaction = False
+
+    # -- at least once and exactly once ---------------------------------------------------------------
+
+    def produce(
+        self, topic: str, value: bytes, key: bytes | None, on_delivery: DeliveryCallback | None = None
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                return
+            except BufferError:
+                self._producer.poll(0.05)  # the local queue is full: serve acknowledgements, then again
+
+    def poll(self, timeout: float = 0.0) -> int:
+        return int(self._producer.poll(timeout))
+
+    def flush(self, timeout: float) -> int:
+        """Wait for every acknowledgement (firing the callbacks); returns how many are still outstanding."""
+        return int(self._producer.flush(max(0.0, timeout)))
+
+    def __len__(self) -> int:
+        return len(self._producer)
+
+    # -- exactly once -----------------------------------------------------------------------------------
+
+    def init_transactions(self, timeout: float = 30.0) -> None:
+        """Registers the transactional id: fences any older producer with it and aborts its open transaction."""
+        self._producer.init_transactions(timeout)
+
+    def begin(self) -> None:
+        self._producer.begin_transaction()
+        self._in_transaction = True
+
+    def send_offsets(self, offsets: Mapping[TopicPartitionKey, int], group_metadata: Any) -> None:
+        partitions = [TopicPartition(topic, partition, offset) for (topic, partition), offset in offsets.items()]
+        self._producer.send_offsets_to_transaction(partitions, group_metadata, TRANSACTION_TIMEOUT_S)
+
+    def commit(self) -> None:
+        self._producer.commit_transaction(TRANSACTION_TIMEOUT_S)
+        self._in_transaction = False
+
+    def abort(self) -> None:
+        """Abort the open transaction (if any); retried while the client says the error is retriable."""
+        if not self._in_transaction:
+            return
+        for _attempt in range(5):
+            try:
+                self._producer.abort_transaction(TRANSACTION_TIMEOUT_S)
+                self._in_transaction = False
+                return
+            except KafkaException as exc:
+                error = exc.args[0]
+                if not error.retriable():
+                    raise
+                log.warning("transaction_abort_retry", error=str(error))
+        raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "abort_transaction kept timing out"))
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_transaction
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._in_transaction:
+            try:
+                self.abort()
+            except KafkaException as exc:
+                log.warning("transaction_abort_on_close_failed", error=str(exc))
+        remaining = self.flush(timeout)
+        if remaining:
+            log.warning("producer_closed_with_unacknowledged", count=remaining)

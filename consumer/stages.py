@@ -1,0 +1,307 @@
+"""The two work stages and the pipeline that overlaps them.
+
+* `ImageStage` (async, on the I/O loop thread): for the distinct image URLs of a batch, the embedding cache
+  (a hit skips the download and the CNN), then the bytes cache (a hit skips the download), then the safe
+  fetcher; bytes are decoded off the loop.
+* `ModelStage` (the model worker thread): the image encoder for images without a cached embedding (stored back
+  in the cache), then the scorer on the batch, sorted by text length. A batch that raises is split in halves
+  until the poison post is alone; that post gets the error policy's decision (a `model_error` dead letter).
+* `Pipeline`: batch N+1's images are fetched on the loop while batch N is on the model; results come back in
+  submission order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+import structlog
+
+from consumer.batcher import Batch, WorkItem
+from consumer.errors import Action, ErrorPolicy, FatalError
+from consumer.metrics import Metrics
+from schemas.models import ImageStatus
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+
+
+class ScorerLike(Protocol):
+    @property
+    def info(self) -> Mapping[str, str]: ...
+    @property
+    def image_encoder_id(self) -> str: ...
+
+    def score(self, posts: Sequence[Mapping[str, Any]]) -> list[Any]: ...
+    def embed_images(self, images: Sequence[Any]) -> list[Any]: ...
+
+
+class FetcherLike(Protocol):
+    async def fetch_image(self, url: str) -> tuple[Any, Any]: ...
+    async def aclose(self) -> None: ...
+
+
+class CacheLike(Protocol):
+    async def get_embeddings(self, urls: Sequence[str], encoder_id: str) -> Mapping[str, Any]: ...
+    async def put_embeddings(
+        self, embeddings: Mapping[str, Any], encoder_id: str, image_sizes: Mapping[str, int] | None = None
+    ) -> Any: ...
+    async def get_images(self, urls: Sequence[str]) -> Mapping[str, bytes]: ...
+    async def put_images(self, images: Mapping[str, bytes]) -> Any: ...
+
+
+class LoopThread:
+    """An asyncio event loop on its own daemon thread, for the fetcher and the cache."""
+
+    def __init__(self, name: str = "mmsent-io") -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return self.submit(coro).result(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+def _http_url(url: str) -> bool:
+    return url[:8].lower().startswith(("http://", "https://"))
+
+
+class ImageStage:
+    def __init__(
+        self,
+        fetcher: FetcherLike,
+        cache: CacheLike | None,
+        decode: Callable[[bytes], Any],
+        encoder_id: str,
+        metrics: Metrics,
+    ) -> None:
+        self._fetcher = fetcher
+        self._cache = cache
+        self._decode = decode
+        self._encoder_id = encoder_id
+        self._metrics = metrics
+
+    async def prepare(self, batch: Batch) -> Batch:
+        started = time.monotonic()
+        by_url: dict[str, list[WorkItem]] = {}
+        for item in batch.items:
+            if item.error is None and item.post is not None and item.post.image_url:
+                by_url.setdefault(item.post.image_url, []).append(item)
+        if by_url:
+            found = await self._resolve(list(by_url))
+            for url, items in by_url.items():
+                status, image, size = found[url]
+                for item in items:
+                    item.image_status, item.image, item.image_url_key, item.image_bytes = status, image, url, size
+        batch.timings["fetch"] = time.monotonic() - started
+        return batch
+
+    async def _resolve(self, urls: list[str]) -> dict[str, tuple[ImageStatus, Any, int]]:
+        """Per URL: the status, the image (an embedding or a decoded image, or None) and its size in bytes."""
+        found: dict[str, tuple[ImageStatus, Any, int]] = {}
+        cacheable = [url for url in urls if _http_url(url)]
+        embeddings = await self._cache_call(self._cache.get_embeddings(cacheable, self._encoder_id)) if (
+            self._cache and cacheable) else {}
+        for url, embedding in (embeddings or {}).items():
+            found[url] = (ImageStatus.OK, embedding, 0)
+            self._metrics.image_source.labels("embedding_cache").inc()
+        missing = [url for url in cacheable if url not in found]
+        cached_bytes = await self._cache_call(self._cache.get_images(missing)) if (self._cache and missing) else {}
+        decodes: dict[str, tuple[Awaitable[Any], int]] = {}
+        for url, data in (cached_bytes or {}).items():
+            self._metrics.image_source.labels("bytes_cache").inc()
+            decodes[url] = (asyncio.ensure_future(asyncio.to_thread(self._safe_decode, data)), len(data))
+        to_fetch = [url for url in urls if url not in found and url not in decodes]
+        fetched = await asyncio.gather(*(self._fetch(url) for url in to_fetch))
+        fresh_bytes: dict[str, bytes] = {}
+        for url, (status, image, body) in zip(to_fetch, fetched, strict=True):
+            found[url] = (status, image, len(body) if body else 0)
+            if body is not None and image is not None:
+                fresh_bytes[url] = body
+        for url, (awaitable, size) in decodes.items():
+            image = await awaitable
+            found[url] = (ImageStatus.OK, image, size) if image is not None else (ImageStatus.UNAVAILABLE, None, 0)
+        if fresh_bytes and self._cache is not None:
+            await self._cache_call(self._cache.put_images(fresh_bytes))
+        return found
+
+    async def _fetch(self, url: str) -> tuple[ImageStatus, Any, bytes | None]:
+        self._metrics.image_source.labels("fetch").inc()
+        try:
+            result, image = await self._fetcher.fetch_image(url)
+        except Exception as exc:  # the fetcher promises not to raise; a bug there must not stop the stream
+            log.warning("image_fetch_raised", url=url[:200], error=repr(exc))
+            return ImageStatus.UNAVAILABLE, None, None
+        if result.status == "blocked":
+            return ImageStatus.BLOCKED, None, None
+        if result.status != "ok" or image is None:
+            return ImageStatus.UNAVAILABLE, None, None
+        return ImageStatus.OK, image, result.data
+
+    def _safe_decode(self, data: bytes) -> Any:
+        try:
+            return self._decode(data)
+        except Exception as exc:
+            log.info("cached_image_undecodable", error=repr(exc))
+            return None
+
+    async def _cache_call(self, awaitable: Awaitable[T]) -> T | None:
+        try:
+            return await awaitable
+        except Exception as exc:  # the cache degrades to misses by itself; this is belt and braces
+            log.warning("cache_call_failed", error=repr(exc))
+            return None
+
+
+class ModelStage:
+    def __init__(
+        self,
+        scorer: ScorerLike,
+        cache: CacheLike | None,
+        io: LoopThread | None,
+        policy: ErrorPolicy,
+        metrics: Metrics,
+    ) -> None:
+        self._scorer = scorer
+        self._cache = cache
+        self._io = io
+        self._policy = policy
+        self._metrics = metrics
+
+    def run(self, batch: Batch) -> Batch:
+        started = time.monotonic()
+        self._embed(batch.items)
+        live = [item for item in batch.items if item.error is None and item.post is not None]
+        live.sort(key=lambda item: len(item.post.text) if item.post else 0)
+        if live:
+            self._score(live)
+        batch.timings["model"] = time.monotonic() - started
+        return batch
+
+    def _embed(self, items: Sequence[WorkItem]) -> None:
+        images: dict[str, Any] = {}
+        sizes: dict[str, int] = {}
+        for item in items:
+            if item.image_status is ImageStatus.OK and item.image_url_key and not _is_embedding(item.image):
+                images.setdefault(item.image_url_key, item.image)
+                sizes[item.image_url_key] = item.image_bytes
+        if not images:
+            return
+        urls = list(images)
+        embeddings = self._embed_many(urls, [images[url] for url in urls])
+        self._metrics.cnn_images.inc(len(urls))
+        stored = {url: emb for url, emb in embeddings.items() if emb is not None}
+        if stored and self._cache is not None and self._io is not None:
+            future = self._io.submit(_quiet(self._cache.put_embeddings(stored, self._scorer.image_encoder_id, sizes)))
+            future.add_done_callback(lambda _f: None)
+        for item in items:
+            if item.image_url_key in embeddings:
+                embedding = embeddings[item.image_url_key]
+                if embedding is None:
+                    item.image, item.image_status = None, ImageStatus.UNAVAILABLE
+                else:
+                    item.image = embedding
+
+    def _embed_many(self, urls: list[str], images: list[Any]) -> dict[str, Any]:
+        try:
+            return dict(zip(urls, self._scorer.embed_images(images), strict=True))
+        except Exception as exc:
+            if len(urls) == 1:
+                log.warning("image_embedding_failed", url=urls[0][:200], error=repr(exc))
+                return {urls[0]: None}
+            middle = len(urls) // 2
+            return self._embed_many(urls[:middle], images[:middle]) | self._embed_many(urls[middle:], images[middle:])
+
+    def _score(self, items: list[WorkItem]) -> None:
+        posts = [{"text": item.post.text if item.post else "", "image": item.image} for item in items]
+        try:
+            results = self._scorer.score(posts)
+            if len(results) != len(items):
+                raise RuntimeError(f"the scorer returned {len(results)} results for {len(items)} posts")
+        except Exception as exc:
+            if len(items) == 1:
+                item = items[0]
+                decision = self._policy.on_model_error(exc, item)
+                log.error("poison_post", error=repr(exc)[:500], action=decision.action, **item.log_fields())
+                if decision.action is Action.FATAL:
+                    raise FatalError(f"the model failed on a post: {exc!r}") from exc
+                item.error = decision
+                return
+            self._metrics.model_splits.inc()
+            middle = len(items) // 2
+            self._score(items[:middle])
+            self._score(items[middle:])
+            return
+        for item, result in zip(items, results, strict=True):
+            item.result = result
+            if item.image_status is ImageStatus.OK and not getattr(result, "image_used", True):
+                item.image_status = ImageStatus.UNAVAILABLE
+
+
+def _is_embedding(image: Any) -> bool:
+    return hasattr(image, "dtype") and hasattr(image, "shape")
+
+
+async def _quiet(awaitable: Awaitable[Any]) -> None:
+    try:
+        await awaitable
+    except Exception as exc:
+        log.warning("cache_store_failed", error=repr(exc))
+
+
+class Pipeline:
+    """Batches go in; the same batches come out, completed or failed, in the order they went in."""
+
+    def __init__(self, io: LoopThread, image_stage: ImageStage, model_stage: ModelStage) -> None:
+        self._io = io
+        self._image_stage = image_stage
+        self._model_stage = model_stage
+        self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mmsent-model")
+        self._pending: deque[tuple[Batch, concurrent.futures.Future[Batch]]] = deque()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def submit(self, batch: Batch) -> None:
+        prepared = self._io.submit(self._image_stage.prepare(batch))
+        scored = self._model_thread.submit(self._model_step, prepared)
+        self._pending.append((batch, scored))
+
+    def _model_step(self, prepared: concurrent.futures.Future[Batch]) -> Batch:
+        return self._model_stage.run(prepared.result())
+
+    def wait_head(self, timeout: float) -> None:
+        if self._pending:
+            concurrent.futures.wait([self._pending[0][1]], timeout=timeout)
+
+    def completed(self) -> list[tuple[Batch, BaseException | None]]:
+        out: list[tuple[Batch, BaseException | None]] = []
+        while self._pending and self._pending[0][1].done():
+            batch, future = self._pending.popleft()
+            out.append((batch, future.exception()))
+        return out
+
+    def close(self) -> None:
+        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._pending.clear()
