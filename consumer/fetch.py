@@ -1,0 +1,588 @@
+"""Fetch one image URL written by a stranger, safely: `ImageFetcher.fetch(url) -> FetchResult`, never raising.
+
+How the dangerous parts are handled, and why:
+
+* Server-side request forgery: every URL (and every redirect hop) goes through `AddressPolicy`; the host is
+  resolved here, in a thread, and *every* address it resolves to is checked. The connection is then made to one
+  of those checked addresses by `PinnedNetworkBackend`, which refuses any connect it was not told about, so a
+  second DNS answer (rebinding) can never be used.
+* Resource exhaustion: connect/read timeouts per request, a total deadline per fetch, a byte limit while
+  streaming, `Accept-Encoding: identity` (no compression bombs at the HTTP layer), per-host and global
+  concurrency limits, concurrent fetches of one URL share a single download, and failures are remembered for a
+  short while (negative cache) so a dead URL is not hammered by every repost.
+* Content: judged by its magic bytes, never by the server's Content-Type; decoding (in `fetch_image`) checks the
+  declared dimensions before a single pixel is allocated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import io
+import ipaddress
+import random
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import urljoin
+
+import httpcore
+import httpx
+import structlog
+from prometheus_client import Counter, Histogram
+
+from consumer.netpolicy import AddressPolicy, Refused, Target
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from consumer.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+FetchStatus = Literal["ok", "blocked", "unavailable"]
+
+FETCH_RESULTS = Counter(
+    "mmsent_image_fetch_total",
+    "Image fetches by outcome: status is ok, blocked or unavailable; reason is a short bounded label.",
+    ["status", "reason"],
+)
+FETCH_NEGATIVE_CACHE_HITS = Counter(
+    "mmsent_image_fetch_negative_cache_hits_total",
+    "Fetches answered from the short-lived cache of failures, without touching the network.",
+)
+FETCH_BYTES = Counter("mmsent_image_fetch_bytes_total", "Image bytes downloaded.")
+FETCH_SECONDS = Histogram(
+    "mmsent_image_fetch_seconds",
+    "Time to fetch one image URL (all hops and retries).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+DECODE_FAILURES = Counter(
+    "mmsent_image_decode_failures_total", "Downloaded images that could not be decoded safely.", ["reason"]
+)
+
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+USER_AGENT = "mmsent-image-fetcher/1"
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    """The outcome of one fetch. `data` is set only when `status` is "ok"; `content_type` is the sniffed type."""
+
+    status: FetchStatus
+    data: bytes | None = field(repr=False)
+    reason: str
+    content_type: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    @classmethod
+    def blocked(cls, reason: str) -> FetchResult:
+        return cls("blocked", None, reason)
+
+    @classmethod
+    def unavailable(cls, reason: str) -> FetchResult:
+        return cls("unavailable", None, reason)
+
+
+class _Failure(Exception):
+    """Internal: ends one fetch with a result; `retryable` failures are tried again after a backoff."""
+
+    def __init__(self, result: FetchResult, retryable: bool = False, detail: str = "") -> None:
+        super().__init__(result.reason)
+        self.result = result
+        self.retryable = retryable
+        self.detail = detail
+
+
+# -- content sniffing ------------------------------------------------------------------------------
+
+_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", 0, "image/png"),
+    (b"GIF87a", 0, "image/gif"),
+    (b"GIF89a", 0, "image/gif"),
+    (b"BM", 0, "image/bmp"),
+)
+SNIFF_BYTES = 12
+
+
+def sniff_image_type(head: bytes) -> str | None:
+    """The image MIME type from the first bytes, or None when they are not JPEG/PNG/WebP/GIF/BMP."""
+    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "image/webp"
+    for magic, offset, mime in _SIGNATURES:
+        if head[offset : offset + len(magic)] == magic:
+            return mime
+    return None
+
+
+# -- connecting only to checked addresses ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pin:
+    host: str
+    port: int
+    addresses: tuple[str, ...]
+
+
+# The addresses the current task may connect to. A contextvar, because httpcore opens the connection inside the
+# task that sends the request, and concurrent fetches must not see each other's pins.
+_PIN: contextvars.ContextVar[_Pin | None] = contextvars.ContextVar("mmsent_fetch_pin", default=None)
+
+
+def _same_host(a: str, b: str) -> bool:
+    try:
+        return ipaddress.ip_address(a) == ipaddress.ip_address(b)
+    except ValueError:
+        return a.lower().rstrip(".") == b.lower().rstrip(".")
+
+
+class PinnedNetworkBackend(httpcore.AsyncNetworkBackend):
+    """Connects to the checked addresses of the pinned host instead of resolving the name again.
+
+    TLS still uses the URL's host name for SNI and certificate checks (httpcore passes it to start_tls), and the
+    Host header comes from the URL, so only the address lookup is replaced. Anything not pinned is refused:
+    fail closed.
+    """
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self._inner = inner or httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        pin = _PIN.get()
+        if pin is None or port != pin.port or not _same_host(host, pin.host):
+            raise httpcore.ConnectError(f"refusing an unpinned connection to {host}:{port}")
+        error: Exception | None = None
+        for address in pin.addresses:
+            try:
+                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        raise error or httpcore.ConnectError("no address to connect to")
+
+    async def connect_unix_socket(
+        self,
+        path: str,
+        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("unix sockets are never used for image fetches")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+@contextlib.contextmanager
+def _pinned(target: Target, addresses: Sequence[str]) -> Any:
+    token = _PIN.set(_Pin(target.host, target.port, tuple(addresses)))
+    try:
+        yield
+    finally:
+        _PIN.reset(token)
+
+
+def _build_transport(settings: Settings) -> httpx.AsyncHTTPTransport:
+    """httpx's transport over an httpcore pool whose only way out is the pinned backend."""
+    keepalive = min(settings.fetch_concurrency, 32)
+    transport = httpx.AsyncHTTPTransport(trust_env=False, retries=0)
+    # httpx offers no public hook for the network backend; swap the pool it built. The isinstance check makes an
+    # httpx upgrade that changes this fail loudly here rather than silently resolving names again.
+    if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
+        raise RuntimeError("httpx.AsyncHTTPTransport has no httpcore pool to replace; check the httpx version")
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=httpx.create_ssl_context(trust_env=False),
+        max_connections=settings.fetch_concurrency,
+        max_keepalive_connections=keepalive,
+        keepalive_expiry=30.0,
+        http1=True,
+        http2=False,
+        network_backend=PinnedNetworkBackend(),
+    )
+    return transport
+
+
+# -- small helpers -----------------------------------------------------------------------------------
+
+Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
+
+
+async def system_resolve(host: str, port: int) -> list[str]:
+    """Every address the system resolver gives for `host`, in its order, without duplicates."""
+    infos = await asyncio.to_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    addresses: list[str] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        address = str(sockaddr[0])
+        if address not in addresses:
+            addresses.append(address)
+    return addresses
+
+
+class _HostLimiter:
+    """One semaphore per host, created on demand and dropped when nobody holds it (bounded memory)."""
+
+    def __init__(self, per_host: int) -> None:
+        self._per_host = per_host
+        self._slots: dict[str, tuple[asyncio.Semaphore, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, host: str) -> AsyncIterator[None]:
+        semaphore, users = self._slots.get(host, (asyncio.Semaphore(self._per_host), 0))
+        self._slots[host] = (semaphore, users + 1)
+        try:
+            async with semaphore:
+                yield
+        finally:
+            semaphore, users = self._slots[host]
+            if users <= 1:
+                del self._slots[host]
+            else:
+                self._slots[host] = (semaphore, users - 1)
+
+
+class _NegativeCache:
+    """Recent failures by URL, for `ttl_s` seconds, at most `max_entries` (oldest dropped first)."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic):
+        self._ttl_s = ttl_s
+        self._max = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[float, FetchResult]] = OrderedDict()
+
+    def get(self, url: str) -> FetchResult | None:
+        entry = self._entries.get(url)
+        if entry is None:
+            return None
+        expires, result = entry
+        if expires <= self._clock():
+            del self._entries[url]
+            return None
+        return result
+
+    def put(self, url: str, result: FetchResult) -> None:
+        if self._ttl_s <= 0 or self._max <= 0:
+            return
+        self._entries[url] = (self._clock() + self._ttl_s, result)
+        self._entries.move_to_end(url)
+        while len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+# -- the fetcher -------------------------------------------------------------------------------------
+
+
+class ImageFetcher:
+    """Safe async image downloads. One per process: it owns the connection pool (`aclose()` it)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        resolver: Resolver | None = None,
+        policy: AddressPolicy | None = None,
+        retry_backoff_s: float = 0.2,
+        negative_cache_size: int = 10_000,
+    ) -> None:
+        self._settings = settings
+        self._policy = policy or AddressPolicy(settings.fetch_allow_private, settings.fetch_allow_cidrs)
+        self._resolve = resolver or system_resolve
+        self._backoff_s = retry_backoff_s
+        self._timeout = httpx.Timeout(
+            connect=settings.fetch_connect_timeout_s,
+            read=settings.fetch_read_timeout_s,
+            write=settings.fetch_read_timeout_s,
+            pool=settings.fetch_total_timeout_s,
+        )
+        self._transport = _build_transport(settings)
+        self._all = asyncio.Semaphore(settings.fetch_concurrency)
+        self._hosts = _HostLimiter(settings.fetch_per_host_concurrency)
+        self._negative = _NegativeCache(settings.fetch_negative_cache_s, negative_cache_size)
+        self._in_flight: dict[str, asyncio.Future[FetchResult]] = {}
+        self._decoder = _ImageDecoder(settings.fetch_max_pixels, settings.fetch_max_side)
+
+    @property
+    def policy(self) -> AddressPolicy:
+        return self._policy
+
+    async def aclose(self) -> None:
+        await self._transport.aclose()
+
+    async def __aenter__(self) -> ImageFetcher:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- public --------------------------------------------------------------------------------------
+
+    async def fetch(self, url: str) -> FetchResult:
+        """Download `url` as image bytes. Never raises (except cancellation of the caller)."""
+        cached = self._negative.get(url)
+        if cached is not None:
+            FETCH_NEGATIVE_CACHE_HITS.inc()
+            return cached
+        shared = self._in_flight.get(url)
+        if shared is None:
+            # Reposts of a viral image in one batch share one download.
+            shared = asyncio.ensure_future(self._fetch_and_record(url))
+            self._in_flight[url] = shared
+            shared.add_done_callback(lambda _f: self._in_flight.pop(url, None))
+        # shield: one caller being cancelled must not cancel the download the others wait for.
+        return await asyncio.shield(shared)
+
+    async def fetch_image(self, url: str) -> tuple[FetchResult, Image.Image | None]:
+        """`fetch`, then a safe decode (pixel limit, max side, EXIF orientation, first frame), off the loop."""
+        result = await self.fetch(url)
+        if not result.ok or result.data is None:
+            return result, None
+        try:
+            image = await asyncio.to_thread(self._decoder.decode, result.data)
+        except _DecodeRefused as exc:
+            DECODE_FAILURES.labels(exc.reason).inc()
+            log.info("image_decode_refused", url=_short(url), reason=exc.reason, detail=exc.detail)
+            failed = FetchResult("unavailable", None, exc.reason, result.content_type)
+            self._negative.put(url, failed)
+            return failed, None
+        return result, image
+
+    # -- one fetch, start to end ---------------------------------------------------------------------
+
+    async def _fetch_and_record(self, url: str) -> FetchResult:
+        started = time.monotonic()
+        try:
+            async with self._all, asyncio.timeout(self._settings.fetch_total_timeout_s):
+                result = await self._follow(url)
+        except _Failure as failure:
+            result = failure.result
+            detail = failure.detail
+        except TimeoutError:
+            result, detail = FetchResult.unavailable("timeout"), "total deadline"
+        except Exception as exc:  # the fetcher never raises: an unforeseen error is one more "unavailable"
+            log.exception("image_fetch_internal_error", url=_short(url))
+            result, detail = FetchResult.unavailable("internal_error"), type(exc).__name__
+        else:
+            detail = ""
+        elapsed = time.monotonic() - started
+        FETCH_SECONDS.observe(elapsed)
+        FETCH_RESULTS.labels(result.status, result.reason).inc()
+        if result.ok:
+            FETCH_BYTES.inc(len(result.data or b""))
+            log.debug("image_fetched", url=_short(url), bytes=len(result.data or b""), seconds=round(elapsed, 3))
+        else:
+            self._negative.put(url, result)
+            emit = log.warning if result.status == "blocked" else log.info
+            emit("image_fetch_failed", url=_short(url), status=result.status, reason=result.reason, detail=detail)
+        return result
+
+    async def _follow(self, url: str) -> FetchResult:
+        """Each hop: check the URL, resolve, check every address, request; redirects start a new hop."""
+        current = url
+        for _hop in range(self._settings.fetch_max_redirects + 1):
+            target = self._check_url(current)
+            addresses = await self._addresses_for(target)
+            location = await self._request_with_retries(target, addresses)
+            if isinstance(location, FetchResult):
+                return location
+            current = location
+        raise _Failure(FetchResult.unavailable("too_many_redirects"), detail=f"stopped at {_short(current)}")
+
+    def _check_url(self, url: str) -> Target:
+        try:
+            target = self._policy.check_url(url)
+        except Refused as exc:
+            raise _Failure(FetchResult.blocked(exc.reason), detail=exc.detail) from None
+        # The policy rebuilt the URL; make sure httpx reads the same host and port from it (no parser gaps).
+        parsed = httpx.URL(target.url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        if not _same_host(parsed.raw_host.decode("ascii"), target.host) or port != target.port:
+            raise _Failure(FetchResult.blocked("ambiguous_url"), detail=target.url)
+        return target
+
+    async def _addresses_for(self, target: Target) -> list[str]:
+        if target.ip is not None:
+            return [str(target.ip)]
+        try:
+            async with asyncio.timeout(self._settings.fetch_connect_timeout_s):
+                addresses = list(await self._resolve(target.host, target.port))
+        except (OSError, TimeoutError, UnicodeError) as exc:
+            raise _Failure(FetchResult.unavailable("dns_error"), detail=f"{target.host}: {exc}") from None
+        reason = self._policy.check_addresses(addresses)
+        if reason is not None:
+            raise _Failure(FetchResult.blocked(reason), detail=f"{target.host} -> {addresses}")
+        return addresses
+
+    async def _request_with_retries(self, target: Target, addresses: list[str]) -> FetchResult | str:
+        attempts = self._settings.fetch_retries + 1
+        for attempt in range(attempts):
+            try:
+                async with self._hosts.hold(target.host):
+                    return await self._request_once(target, addresses)
+            except _Failure as failure:
+                if not failure.retryable or attempt == attempts - 1:
+                    raise
+                # Full jitter: reposts of one dead image must not retry in lockstep.
+                await asyncio.sleep(random.uniform(0, self._backoff_s * 2**attempt))
+        raise AssertionError("unreachable")
+
+    async def _request_once(self, target: Target, addresses: list[str]) -> FetchResult | str:
+        """One GET: an ok result, or the next URL when redirected; raises `_Failure` otherwise."""
+        request = httpx.Request(
+            "GET",
+            target.url,
+            headers={"Accept": "image/*", "Accept-Encoding": "identity", "User-Agent": USER_AGENT},
+            extensions={"timeout": self._timeout.as_dict()},
+        )
+        with _pinned(target, addresses):
+            try:
+                response = await self._transport.handle_async_request(request)
+            except httpx.TimeoutException as exc:
+                raise _Failure(FetchResult.unavailable("timeout"), retryable=True, detail=repr(exc)) from None
+            except httpx.TransportError as exc:
+                raise _Failure(FetchResult.unavailable("connect_error"), True, detail=repr(exc)) from None
+            try:
+                return await self._handle_response(target, response)
+            except httpx.TimeoutException as exc:
+                raise _Failure(FetchResult.unavailable("timeout"), retryable=True, detail=repr(exc)) from None
+            except httpx.TransportError as exc:
+                raise _Failure(FetchResult.unavailable("read_error"), True, detail=repr(exc)) from None
+            finally:
+                await response.aclose()
+
+    async def _handle_response(self, target: Target, response: httpx.Response) -> FetchResult | str:
+        status = response.status_code
+        if status in REDIRECT_STATUSES:
+            location = response.headers.get("location")
+            if not location:
+                raise _Failure(FetchResult.unavailable("redirect_without_location"))
+            return urljoin(target.url, location.strip())
+        if status >= 500:
+            raise _Failure(FetchResult.unavailable("http_5xx"), retryable=True, detail=str(status))
+        if status >= 400:
+            raise _Failure(FetchResult.unavailable("http_4xx"), detail=str(status))
+        if status != 200:
+            raise _Failure(FetchResult.unavailable("http_status"), detail=str(status))
+        encoding = response.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # We asked for identity; a compressed body could expand far past the byte limit while decoding.
+            raise _Failure(FetchResult.unavailable("content_encoding"), detail=encoding)
+        data = await self._read_body(response)
+        content_type = sniff_image_type(data)
+        if content_type is None:
+            raise _Failure(FetchResult.unavailable("not_an_image" if data else "empty_body"))
+        return FetchResult("ok", data, "ok", content_type)
+
+    async def _read_body(self, response: httpx.Response) -> bytes:
+        limit = self._settings.fetch_max_bytes
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+            raise _Failure(FetchResult.unavailable("too_large"), detail=f"declared {declared}")
+        body = bytearray()
+        sniffed = False
+        async for chunk in response.aiter_raw():
+            body += chunk
+            if len(body) > limit:
+                raise _Failure(FetchResult.unavailable("too_large"), detail=f"over {limit} bytes")
+            if not sniffed and len(body) >= SNIFF_BYTES:
+                # Stop early: there is no point downloading megabytes of HTML.
+                if sniff_image_type(bytes(body[:SNIFF_BYTES])) is None:
+                    raise _Failure(FetchResult.unavailable("not_an_image"))
+                sniffed = True
+        return bytes(body)
+
+
+def _short(url: str, limit: int = 200) -> str:
+    """URLs in logs are attacker-controlled: keep them short."""
+    return url if len(url) <= limit else url[:limit] + "..."
+
+
+# -- decoding --------------------------------------------------------------------------------------
+
+
+class _DecodeRefused(Exception):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.detail = detail
+
+
+_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+
+
+class _ImageDecoder:
+    """Checks the declared size from the header alone, then decodes with `mmsent.decode_image` when the model
+    package provides it (it owns the model's notion of a usable image), or with the same rules here."""
+
+    def __init__(self, max_pixels: int, max_side: int) -> None:
+        self.max_pixels = max_pixels
+        self.max_side = max_side
+        self._model_decode: Callable[[bytes], Image.Image] | None = None
+        self._model_checked = False
+
+    def decode(self, data: bytes) -> Image.Image:
+        from PIL import Image
+
+        try:
+            with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as probe:
+                width, height = probe.size  # read from the header: nothing is decoded yet
+        except Exception as exc:  # Pillow raises many types for hostile input
+            raise _DecodeRefused("decode_error", f"{type(exc).__name__}: {exc}") from None
+        if width <= 0 or height <= 0:
+            raise _DecodeRefused("decode_error", "empty image")
+        if width * height > self.max_pixels:
+            raise _DecodeRefused("too_many_pixels", f"{width}x{height}")
+        if max(width, height) > self.max_side:
+            raise _DecodeRefused("too_large_side", f"{width}x{height}")
+        if not self._model_checked:
+            # Imported on first use: the model package pulls in torch, which plain fetching does not need.
+            self._model_decode = _model_decoder(self.max_pixels, self.max_side)
+            self._model_checked = True
+        try:
+            if self._model_decode is not None:
+                return self._model_decode(data)
+            return self._decode_here(data)
+        except _DecodeRefused:
+            raise
+        except Exception as exc:
+            raise _DecodeRefused("decode_error", f"{type(exc).__name__}: {exc}") from None
+
+    def _decode_here(self, data: bytes) -> Image.Image:
+        from PIL import Image, ImageOps
+
+        with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
+            image.seek(0)  # animated images: the first frame
+            image.load()
+            upright = ImageOps.exif_transpose(image)
+            return upright.convert("RGB")
+
+
+def _model_decoder(max_pixels: int, max_side: int) -> Callable[[bytes], Image.Image] | None:
+    """`mmsent.decode_image` bound to our limits, or None when the model package does not provide it."""
+    try:
+        from mmsent import ImageDecodeError, decode_image
+    except ImportError:
+        return None
+
+    def decode(data: bytes) -> Image.Image:
+        try:
+            return decode_image(data, max_pixels=max_pixels, max_side=max_side)
+        except ImageDecodeError as exc:
+            raise _DecodeRefused(getattr(exc, "reason", "decode_error"), str(exc)) from None
+
+    return decode
