@@ -78,6 +78,7 @@ def consumer_config(settings: Settings, **callbacks: Any) -> dict[str, Any]:
         "heartbeat.interval.ms": 1_000,
         "max.poll.interval.ms": 300_000,
         "statistics.interval.ms": 5_000,
+        "fetch.wait.max.ms": 100,
         **callbacks,
     }
 

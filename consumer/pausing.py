@@ -7,16 +7,19 @@ callbacks and `max.poll.interval.ms` are served and the group never evicts a slo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Protocol
 
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 
 
 class PausableConsumer(Protocol):
     def assignment(self) -> list[TopicPartition]: ...
     def pause(self, partitions: list[TopicPartition]) -> None: ...
     def resume(self, partitions: list[TopicPartition]) -> None: ...
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]: ...
+    def seek(self, partition: TopicPartition) -> None: ...
 
 
 class PausingManager:
@@ -75,4 +78,10 @@ class PausingManager:
         assigned = self._consumer.assignment()
         if assigned:
             self._consumer.resume(assigned)
+            # librdkafka notices a resume only at its fetcher's next wake-up (up to a second); a seek to the
+            # current position (nothing past it was handed out: pausing purged the prefetched records) wakes it.
+            for tp in self._consumer.position(assigned):
+                if tp.offset >= 0:
+                    with contextlib.suppress(KafkaException):
+                        self._consumer.seek(tp)
         self._paused_keys.clear()

@@ -16,7 +16,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
@@ -181,12 +181,17 @@ class ModelStage:
         io: LoopThread | None,
         policy: ErrorPolicy,
         metrics: Metrics,
+        recent_embeddings: int = 2048,
     ) -> None:
         self._scorer = scorer
         self._cache = cache
         self._io = io
         self._policy = policy
         self._metrics = metrics
+        # The batches after this one had their cache lookups done before this one's embeddings were stored:
+        # a small in-process memory of the latest embeddings spares them the CNN for the same image.
+        self._recent: OrderedDict[str, Any] = OrderedDict()
+        self._recent_max = recent_embeddings
 
     def run(self, batch: Batch) -> Batch:
         started = time.monotonic()
@@ -207,10 +212,23 @@ class ModelStage:
                 sizes[item.image_url_key] = item.image_bytes
         if not images:
             return
+        embeddings: dict[str, Any] = {}
+        for url in list(images):
+            if url in self._recent:
+                self._recent.move_to_end(url)
+                embeddings[url] = self._recent[url]
+                del images[url]
+        if embeddings:
+            self._metrics.image_source.labels("recent_embedding").inc(len(embeddings))
         urls = list(images)
-        embeddings = self._embed_many(urls, [images[url] for url in urls])
+        fresh = self._embed_many(urls, [images[url] for url in urls]) if urls else {}
         self._metrics.cnn_images.inc(len(urls))
-        stored = {url: emb for url, emb in embeddings.items() if emb is not None}
+        stored = {url: emb for url, emb in fresh.items() if emb is not None}
+        for url, emb in stored.items():
+            self._recent[url] = emb
+        while len(self._recent) > self._recent_max:
+            self._recent.popitem(last=False)
+        embeddings.update(fresh)
         if stored and self._cache is not None and self._io is not None:
             future = self._io.submit(_quiet(self._cache.put_embeddings(stored, self._scorer.image_encoder_id, sizes)))
             future.add_done_callback(lambda _f: None)

@@ -1,0 +1,200 @@
+"""Unit tests of the consumer's small parts: offsets, pausing, batching, the model stage's bisection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from confluent_kafka import TopicPartition
+
+from consumer.batcher import Batch, MicroBatcher, WorkItem
+from consumer.errors import Action, ErrorPolicy
+from consumer.metrics import Metrics
+from consumer.offsets import OffsetTracker
+from consumer.pausing import PausingManager
+from consumer.stages import ModelStage
+from schemas.models import PostEvent
+
+# -- offsets -------------------------------------------------------------------------------------------
+
+
+def test_commits_only_the_contiguous_low_watermark() -> None:
+    tracker = OffsetTracker()
+    state = tracker.assign(("t", 0))
+    for offset in (10, 11, 12, 14):  # 13 is a gap (a transaction marker, say): never read
+        tracker.register(state, offset)
+    assert tracker.committable() == {}
+    tracker.done(state, 11)
+    tracker.done(state, 12)
+    assert tracker.committable() == {}  # 10 is still pending: nothing may be committed
+    tracker.done(state, 10)
+    assert tracker.committable() == {("t", 0): 14}  # up to the pending 14
+    tracker.mark_committed({("t", 0): 14})
+    assert tracker.committable() == {}
+    tracker.done(state, 14)
+    assert tracker.committable() == {("t", 0): 15}
+    assert tracker.in_flight == 0
+
+
+def test_work_of_a_revoked_generation_is_stale() -> None:
+    tracker = OffsetTracker()
+    old = tracker.assign(("t", 1))
+    tracker.register(old, 5)
+    tracker.revoke(("t", 1))
+    new = tracker.assign(("t", 1))
+    assert not tracker.done(old, 5)
+    assert tracker.is_current(new) and not tracker.is_current(old)
+    assert tracker.in_flight == 0
+
+
+def test_failed_commit_is_retried_and_rewind_returns_committed_positions() -> None:
+    tracker = OffsetTracker()
+    state = tracker.assign(("t", 0))
+    for offset in range(3):
+        tracker.register(state, offset)
+        tracker.done(state, offset)
+    tracker.mark_committed({("t", 0): 3})
+    tracker.mark_dirty([("t", 0)])
+    assert tracker.committable() == {("t", 0): 3}
+    tracker.register(state, 3)
+    assert tracker.rewind() == {("t", 0): 3}
+    assert tracker.in_flight == 0 and not tracker.is_current(state)
+
+
+# -- pausing -------------------------------------------------------------------------------------------
+
+
+class FakeConsumer:
+    def __init__(self, partitions: list[int]) -> None:
+        self.partitions = [TopicPartition("t", p) for p in partitions]
+        self.paused: set[int] = set()
+        self.calls: list[tuple[str, list[int]]] = []
+
+    def assignment(self) -> list[TopicPartition]:
+        return list(self.partitions)
+
+    def pause(self, partitions: list[TopicPartition]) -> None:
+        self.paused |= {tp.partition for tp in partitions}
+        self.calls.append(("pause", sorted(tp.partition for tp in partitions)))
+
+    def resume(self, partitions: list[TopicPartition]) -> None:
+        self.paused -= {tp.partition for tp in partitions}
+        self.calls.append(("resume", sorted(tp.partition for tp in partitions)))
+
+    def position(self, partitions: list[TopicPartition]) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, 100 + tp.partition if tp.partition else -1001)
+                for tp in partitions]
+
+    def seek(self, partition: TopicPartition) -> None:
+        self.calls.append(("seek", [partition.partition, partition.offset]))
+
+
+def test_pausing_manager_pauses_at_high_resumes_at_low_and_pauses_new_partitions() -> None:
+    consumer = FakeConsumer([0, 1])
+    manager = PausingManager(consumer, high=10, low=4)
+    assert not manager.update(9) and manager.room(9) == 1
+    assert manager.update(10)
+    assert consumer.paused == {0, 1} and manager.room(3) == 0
+    assert manager.update(7)  # above low: still paused (hysteresis)
+    consumer.partitions.append(TopicPartition("t", 2))  # assigned while paused
+    manager.update(6)
+    assert consumer.paused == {0, 1, 2}
+    assert not manager.update(4)  # room again
+    assert consumer.paused == set() and manager.room(4) == 6
+    assert manager.pauses == 1 and manager.resumes == 1
+    # resumed, then each partition with a known position sought to it (wakes librdkafka's fetcher at once)
+    assert consumer.calls == [("pause", [0, 1]), ("pause", [2]), ("resume", [0, 1, 2]), ("seek", [1, 101]),
+                              ("seek", [2, 102])]
+
+
+def test_pausing_for_good_is_never_undone() -> None:
+    consumer = FakeConsumer([0])
+    manager = PausingManager(consumer, high=4)
+    manager.pause_for_good()
+    assert manager.update(0)
+    assert consumer.paused == {0}
+
+
+# -- batching ------------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _item(tracker: OffsetTracker, partition: int, offset: int, at: float, text: str = "x") -> WorkItem:
+    state = tracker.state(("t", partition))
+    tracker.register(state, offset)
+    return WorkItem(state, "t", partition, offset, None, b"{}", at, None,
+                    post=PostEvent(post_id=f"{partition}-{offset}", text=text))
+
+
+def test_batches_are_cut_by_size_or_by_the_oldest_wait_across_partitions() -> None:
+    clock, tracker = Clock(), OffsetTracker()
+    batcher = MicroBatcher(max_size=3, max_wait_s=0.05, clock=clock)
+    for offset in range(4):
+        batcher.add(_item(tracker, offset % 2, offset, clock.now))
+    [full] = batcher.ready()
+    assert [(i.partition, i.offset) for i in full.items] == [(0, 0), (1, 1), (0, 2)]
+    assert batcher.ready() == [] and batcher.time_to_deadline() == pytest.approx(0.05)
+    clock.now += 0.06
+    [partial] = batcher.ready()
+    assert [i.offset for i in partial.items] == [3] and len(batcher) == 0
+
+
+def test_revoked_partitions_leave_the_batcher() -> None:
+    clock, tracker = Clock(), OffsetTracker()
+    batcher = MicroBatcher(max_size=10, max_wait_s=1, clock=clock)
+    for offset in range(6):
+        batcher.add(_item(tracker, offset % 3, offset, clock.now))
+    assert batcher.drop({("t", 1)}) == 2
+    assert {i.partition for b in batcher.flush() for i in b.items} == {0, 2}
+
+
+# -- the model stage -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FakeResult:
+    label: str
+    scores: dict[str, float]
+    image_used: bool = False
+
+
+class PoisonScorer:
+    """Raises for any batch holding a post whose text contains POISON; records the batch sizes it saw."""
+
+    info = {"name": "fake", "version": "1"}
+    image_encoder_id = "none"
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+
+    def score(self, posts: list[dict[str, Any]]) -> list[FakeResult]:
+        self.calls.append([p["text"] for p in posts])
+        if any("POISON" in p["text"] for p in posts):
+            raise ValueError("the model cannot take this")
+        return [FakeResult("neutral", {"negative": 0.2, "neutral": 0.6, "positive": 0.2}) for _ in posts]
+
+    def embed_images(self, images: list[Any]) -> list[Any]:
+        raise AssertionError("no images here")
+
+
+def test_a_poison_post_is_found_by_bisection_and_dead_lettered_the_rest_scored() -> None:
+    tracker = OffsetTracker()
+    items = [_item(tracker, 0, i, 0.0, text="ok " * (i % 5) + ("POISON" if i in (5, 11) else "")) for i in range(16)]
+    scorer = PoisonScorer()
+    stage = ModelStage(scorer, None, None, ErrorPolicy(), Metrics.get())
+    stage.run(Batch(items=items, oldest_at=0.0, cut_at=0.0))
+    poisoned = {item.offset for item in items if item.error is not None}
+    assert poisoned == {5, 11}
+    assert all(item.error.code == "model_error" and item.error.action is Action.DEAD_LETTER
+               for item in items if item.error)
+    assert all(item.result is not None for item in items if item.offset not in poisoned)
+    assert len(scorer.calls) <= 2 * 2 * 4 + 1  # two poison posts: at most two root-to-leaf paths of splits
+    assert [len(t) for t in scorer.calls[0]] == sorted(len(t) for t in scorer.calls[0])  # sorted by length
