@@ -541,6 +541,8 @@ class _ImageDecoder:
         try:
             with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as probe:
                 width, height = probe.size  # read from the header: nothing is decoded yet
+        except Image.DecompressionBombError as exc:  # Pillow's own, coarser limit, checked at open
+            raise _DecodeRefused("too_many_pixels", str(exc)) from None
         except Exception as exc:  # Pillow raises many types for hostile input
             raise _DecodeRefused("decode_error", f"{type(exc).__name__}: {exc}") from None
         if width <= 0 or height <= 0:
