@@ -138,7 +138,7 @@ def decode_image_value(blob: bytes) -> bytes:
 
 
 def encode_embedding(embedding: np.ndarray, encoder_id: str, source_bytes: int = 0) -> bytes:
-    array = np.ascontiguousarray(embedding)
+    array = np.asarray(embedding, order="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
     dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
     array = array.astype(dtype, copy=False)
     dtype_code = dtype.str.replace("=", "<").replace("|", "<")

@@ -1,0 +1,486 @@
+"""ImageCache against a real `redis-server` this module starts on a free loopback port (and stops, and freezes).
+
+The end-to-end tests run a small version of the consumer's image path: embedding from the cache, else image
+bytes from the cache, else a download from the recording image server, then a CNN pass, counted by a fake
+encoder. They show a repost costs no request and no CNN pass, and that a Redis outage costs nothing but hits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+from consumer.cache import (
+    CircuitBreaker,
+    CorruptValue,
+    ImageCache,
+    decode_embedding,
+    decode_image_value,
+    encode_embedding,
+    encode_image,
+    normalise_url,
+)
+from consumer.fetch import ImageFetcher
+from consumer.settings import Settings
+from tests.imageserver import ImageServer, image, sample_image
+
+pytestmark = [pytest.mark.redis, pytest.mark.usefixtures("netguard")]
+
+ENCODER = "test-encoder@1"
+JPEG = sample_image("JPEG")
+PNG = sample_image("PNG")
+
+
+# -- a Redis of our own -----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """`redis-server` on 127.0.0.1, no persistence; stop/start (same port) and pause/resume (SIGSTOP)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.port = _free_port()
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.resume()
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def pause(self) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            os.kill(self.process.pid, signal.SIGCONT)
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists():
+        pytest.fail("redis-server is not installed (apt-get install redis-server)")
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+# -- the envelope (no Redis) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(8,), (1280,), (2, 3, 4), ()])
+def test_embeddings_round_trip(dtype: Any, shape: tuple[int, ...]) -> None:
+    embedding = np.random.default_rng(0).standard_normal(shape).astype(dtype)
+    decoded, size = decode_embedding(encode_embedding(embedding, ENCODER, 1234), ENCODER)
+    assert decoded.dtype == embedding.dtype and decoded.shape == embedding.shape and size == 1234
+    np.testing.assert_array_equal(decoded, embedding)
+    assert decoded.flags.writeable
+
+
+def test_big_endian_embeddings_are_stored_little_endian() -> None:
+    embedding = np.arange(4, dtype=">f4")
+    decoded, _ = decode_embedding(encode_embedding(embedding, ENCODER), ENCODER)
+    np.testing.assert_array_equal(decoded, embedding)
+
+
+def test_non_float_embeddings_are_refused() -> None:
+    for bad in (np.arange(3), np.array(["a"]), np.array([1 + 2j])):
+        with pytest.raises(ValueError):
+            encode_embedding(bad, ENCODER)
+
+
+def test_damaged_or_foreign_values_are_rejected() -> None:
+    blob = encode_embedding(np.ones(16, dtype=np.float32), ENCODER)
+    flipped = bytearray(blob)
+    flipped[30] ^= 0x01
+    for bad in (
+        b"",
+        b"garbage",
+        blob[:-1],
+        blob[:20],
+        bytes(flipped),
+        b"XXXX" + blob[4:],
+        encode_image(JPEG),  # an image where an embedding belongs
+        JPEG,
+        np.ones(16, dtype=np.float32).tobytes(),
+    ):
+        with pytest.raises(CorruptValue):
+            decode_embedding(bad, ENCODER)
+    with pytest.raises(CorruptValue):
+        decode_embedding(blob, "another-encoder@2")
+    with pytest.raises(CorruptValue):
+        decode_image_value(blob)
+    with pytest.raises(CorruptValue):
+        decode_image_value(encode_image(b"<html>not an image</html>"))
+    assert decode_image_value(encode_image(JPEG)) == JPEG
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("HTTP://Example.COM/a.jpg", "http://example.com/a.jpg"),
+        ("http://example.com:80/a.jpg", "http://example.com/a.jpg"),
+        ("https://example.com:443/a.jpg", "https://example.com/a.jpg"),
+        ("http://example.com/a.jpg#frag", "http://example.com/a.jpg"),
+        ("http://example.com", "http://example.com/"),
+        ("http://[2001:DB8::1]:80/x", "http://[2001:db8::1]/x"),
+    ],
+)
+def test_equivalent_urls_share_a_key(a: str, b: str) -> None:
+    assert normalise_url(a) == normalise_url(b)
+    cache = ImageCache(None)
+    assert cache.image_key(a) == cache.image_key(b)
+    assert cache.embedding_key(a, ENCODER) == cache.embedding_key(b, ENCODER)
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("http://example.com/a.jpg", "https://example.com/a.jpg"),
+        ("http://example.com/a.jpg", "http://example.com:8080/a.jpg"),
+        ("http://example.com/A.jpg", "http://example.com/a.jpg"),  # paths are case-sensitive
+        ("http://example.com/a.jpg?x=1", "http://example.com/a.jpg?x=2"),
+    ],
+)
+def test_different_urls_get_different_keys(a: str, b: str) -> None:
+    assert ImageCache(None).image_key(a) != ImageCache(None).image_key(b)
+
+
+def test_embedding_keys_depend_on_the_encoder() -> None:
+    cache = ImageCache(None)
+    assert cache.embedding_key("http://x.test/a", "enc@1") != cache.embedding_key("http://x.test/a", "enc@2")
+
+
+def test_breaker_backs_off_then_probes_once() -> None:
+    now = [0.0]
+    breaker = CircuitBreaker(5.0, clock=lambda: now[0])
+    assert breaker.allow()
+    assert breaker.record_failure() is True  # the start of an outage: warn
+    assert breaker.record_failure() is False  # still the same outage: do not warn again
+    assert not breaker.allow()
+    now[0] = 5.0
+    assert breaker.allow()  # one probe
+    assert not breaker.allow()  # and only one
+    breaker.record_failure()
+    assert not breaker.allow()
+    now[0] = 10.0
+    assert breaker.allow()
+    assert breaker.record_success() is True
+    assert breaker.allow() and not breaker.is_open
+
+
+def test_without_redis_everything_is_a_miss() -> None:
+    async def main() -> None:
+        cache = ImageCache(None)
+        await cache.put_images({"http://x.test/a.jpg": JPEG})
+        await cache.put_embeddings({"http://x.test/a.jpg": np.ones(4, np.float32)}, ENCODER)
+        assert await cache.get_images(["http://x.test/a.jpg"]) == {}
+        assert await cache.get_embeddings(["http://x.test/a.jpg"], ENCODER) == {}
+        assert not cache.enabled and cache.stats.errors == 0
+        await cache.aclose()
+
+    run(main())
+
+
+# -- against a real Redis -----------------------------------------------------------------------------------
+
+
+def test_images_and_embeddings_round_trip_in_one_round_trip_per_batch(redis_server: RedisServer) -> None:
+    urls = [f"http://img.test/{i}.jpg" for i in range(20)]
+    embeddings = {u: np.full(32, i, dtype=np.float32) for i, u in enumerate(urls)}
+
+    async def main() -> tuple[dict[str, bytes], dict[str, np.ndarray], dict[str, np.ndarray]]:
+        cache = ImageCache(redis_server.url, image_ttl_s=100, embedding_ttl_s=1000)
+        await cache.put_images({u: JPEG for u in urls[:10]})
+        await cache.put_embeddings(dict(list(embeddings.items())[:15]), ENCODER)
+        images = await cache.get_images(urls + urls[:3])  # duplicates are fine
+        found = await cache.get_embeddings(urls, ENCODER)
+        other = await cache.get_embeddings(urls, "another-encoder")
+        await cache.aclose()
+        return images, found, other
+
+    images, found, other = run(main())
+    assert set(images) == set(urls[:10]) and all(v == JPEG for v in images.values())
+    assert set(found) == set(urls[:15])
+    for url in urls[:15]:
+        np.testing.assert_array_equal(found[url], embeddings[url])
+    assert other == {}
+    client = redis_server.client()
+    image_ttls = [client.ttl(k) for k in client.keys("mmsent:img:*")]
+    embedding_ttls = [client.ttl(k) for k in client.keys("mmsent:emb:*")]
+    assert len(image_ttls) == 10 and all(90 <= t <= 100 for t in image_ttls)
+    assert len(embedding_ttls) == 15 and all(990 <= t <= 1000 for t in embedding_ttls)
+
+
+def test_oversized_images_are_not_cached(redis_server: RedisServer) -> None:
+    async def main() -> dict[str, bytes]:
+        cache = ImageCache(redis_server.url, max_image_bytes=len(JPEG) - 1)
+        await cache.put_images({"http://img.test/big.jpg": JPEG, "http://img.test/empty.jpg": b""})
+        found = await cache.get_images(["http://img.test/big.jpg", "http://img.test/empty.jpg"])
+        await cache.aclose()
+        return found
+
+    assert run(main()) == {}
+    assert redis_server.client().dbsize() == 0
+
+
+def test_corrupt_and_foreign_values_are_misses(redis_server: RedisServer) -> None:
+    url = "http://img.test/cat.jpg"
+    cache = ImageCache(redis_server.url)
+    client = redis_server.client()
+
+    async def store() -> None:
+        await cache.put_images({url: JPEG})
+        await cache.put_embeddings({url: np.ones(8, np.float32)}, ENCODER)
+
+    async def lookup() -> tuple[dict[str, bytes], dict[str, np.ndarray]]:
+        return await cache.get_images([url]), await cache.get_embeddings([url], ENCODER)
+
+    async def main() -> None:
+        await store()
+        images, embeddings = await lookup()
+        assert url in images and url in embeddings
+        for damage in (
+            lambda v: v[:-3],  # truncated
+            lambda v: v[:40] + bytes([v[40] ^ 0xFF]) + v[41:],  # one flipped byte
+            lambda v: b"something else entirely",  # written by another program
+            lambda v: b"",
+        ):
+            for key in (cache.image_key(url), cache.embedding_key(url, ENCODER)):
+                client.set(key, damage(client.get(key) or b""))
+            assert await lookup() == ({}, {})
+            await store()
+        # Swap the two values: an embedding under an image key and the other way round.
+        image_value = client.get(cache.image_key(url))
+        client.set(cache.image_key(url), client.get(cache.embedding_key(url, ENCODER)) or b"")
+        client.set(cache.embedding_key(url, ENCODER), image_value or b"")
+        assert await lookup() == ({}, {})
+        assert cache.stats.corrupt == 10
+        await cache.aclose()
+
+    run(main())
+
+
+# -- the consumer's image path, in miniature ------------------------------------------------------------------
+
+
+@dataclass
+class CountingEncoder:
+    """Stands in for the CNN: counts forward passes (one per image)."""
+
+    passes: int = 0
+    seen: list[bytes] = field(default_factory=list)
+
+    def embed(self, data: bytes) -> np.ndarray:
+        self.passes += 1
+        self.seen.append(data)
+        return np.frombuffer(data[:64].ljust(64, b"\x00"), dtype=np.uint8).astype(np.float32)
+
+
+async def image_path(
+    urls: list[str], cache: ImageCache, fetcher: ImageFetcher, encoder: CountingEncoder
+) -> dict[str, np.ndarray]:
+    """Embeddings for a batch of posts' image URLs, as the consumer gets them."""
+    embeddings = dict(await cache.get_embeddings(urls, ENCODER))
+    missing = [u for u in dict.fromkeys(urls) if u not in embeddings]
+    images = dict(await cache.get_images(missing))
+    for url in missing:
+        if url not in images:
+            result = await fetcher.fetch(url)
+            assert result.ok and result.data is not None
+            images[url] = result.data
+    fresh = {url: encoder.embed(images[url]) for url in missing}
+    embeddings.update(fresh)
+    await cache.put_images({u: images[u] for u in missing})
+    await cache.put_embeddings(fresh, ENCODER, image_sizes={u: len(images[u]) for u in missing})
+    return embeddings
+
+
+def fetch_settings() -> Settings:
+    return Settings(fetch_allow_cidrs="127.0.0.1/32", fetch_negative_cache_s=0, fetch_retries=0)
+
+
+def test_a_repost_costs_no_request_and_no_cnn_pass(redis_server: RedisServer, image_server: ImageServer) -> None:
+    cat = image_server.route("/cat.jpg", image(JPEG))
+    dog = image_server.route("/dog.png", image(PNG, "image/png"))
+    encoder = CountingEncoder()
+    saved_before = metric("mmsent_cache_cnn_passes_saved_total")
+    bytes_before = metric("mmsent_cache_bytes_saved_total")
+
+    async def main() -> list[dict[str, np.ndarray]]:
+        cache = ImageCache(redis_server.url)
+        async with ImageFetcher(fetch_settings()) as fetcher:
+            first = await image_path([cat], cache, fetcher, encoder)
+            assert (image_server.count(), encoder.passes) == (1, 1)
+            second = await image_path([cat], cache, fetcher, encoder)  # the repost
+            assert (image_server.count(), encoder.passes) == (1, 1)
+            # A batch with the cat again, a spelling of the same URL, and a new image.
+            third = await image_path([cat, cat.replace("http://", "HTTP://"), dog], cache, fetcher, encoder)
+        await cache.aclose()
+        return [first, second, third]
+
+    first, second, third = run(main())
+    np.testing.assert_array_equal(first[cat], second[cat])
+    assert image_server.count("/cat.jpg") == 1 and image_server.count("/dog.png") == 1
+    assert encoder.passes == 2
+    assert metric("mmsent_cache_cnn_passes_saved_total") - saved_before == 3
+    assert metric("mmsent_cache_bytes_saved_total") - bytes_before == 3 * len(JPEG)
+
+
+def test_a_new_encoder_reuses_cached_bytes_but_not_embeddings(
+    redis_server: RedisServer, image_server: ImageServer
+) -> None:
+    cat = image_server.route("/cat.jpg", image(JPEG))
+    encoder = CountingEncoder()
+
+    async def main() -> None:
+        cache = ImageCache(redis_server.url)
+        async with ImageFetcher(fetch_settings()) as fetcher:
+            await image_path([cat], cache, fetcher, encoder)
+            # Same bytes, another encoder id: no download, one CNN pass.
+            found = await cache.get_embeddings([cat], "encoder@2")
+            assert found == {}
+            assert await cache.get_images([cat]) == {cat: JPEG}
+        await cache.aclose()
+
+    run(main())
+    assert image_server.count() == 1
+
+
+def test_redis_stopping_mid_run_loses_nothing_and_its_return_restores_hits(
+    redis_server: RedisServer, image_server: ImageServer
+) -> None:
+    urls = [image_server.route(f"/img{i}.jpg", image(sample_image("JPEG", color=(i * 20, 0, 0)))) for i in range(4)]
+    encoder = CountingEncoder()
+    errors_before = metric("mmsent_cache_errors_total", op="get_embeddings")
+
+    async def main() -> None:
+        cache = ImageCache(redis_server.url, retry_after_s=0.3, op_timeout_s=0.3)
+        async with ImageFetcher(fetch_settings()) as fetcher:
+            await image_path(urls, cache, fetcher, encoder)
+            assert (image_server.count(), encoder.passes) == (4, 4)
+            await image_path(urls, cache, fetcher, encoder)
+            assert (image_server.count(), encoder.passes) == (4, 4)  # all hits
+
+            redis_server.stop()
+            for _round in range(3):  # every post still gets its embedding, from the network and the CNN
+                started = time.monotonic()
+                result = await image_path(urls, cache, fetcher, encoder)
+                assert set(result) == set(urls)
+                assert time.monotonic() - started < 2
+            assert not cache.available
+            assert (image_server.count(), encoder.passes) == (16, 16)
+
+            redis_server.start()  # empty: it kept nothing
+            await asyncio.sleep(0.4)  # past the back-off
+            await image_path(urls, cache, fetcher, encoder)  # refills
+            assert cache.available
+            count, passes = image_server.count(), encoder.passes
+            await image_path(urls, cache, fetcher, encoder)
+            assert (image_server.count(), encoder.passes) == (count, passes)  # hits again
+        await cache.aclose()
+
+    run(main())
+    assert metric("mmsent_cache_errors_total", op="get_embeddings") > errors_before
+
+
+def test_a_frozen_redis_costs_at_most_the_timeout(redis_server: RedisServer) -> None:
+    url = "http://img.test/a.jpg"
+
+    async def main() -> None:
+        cache = ImageCache(redis_server.url, retry_after_s=0.5, op_timeout_s=0.2)
+        await cache.put_images({url: JPEG})
+        redis_server.pause()  # accepts connections, answers nothing
+        try:
+            started = time.monotonic()
+            assert await cache.get_images([url]) == {}
+            assert time.monotonic() - started < 0.6
+            started = time.monotonic()
+            for _ in range(50):  # backed off: no waiting at all
+                assert await cache.get_images([url]) == {}
+            assert time.monotonic() - started < 0.2
+            assert cache.stats.errors == 1
+        finally:
+            redis_server.resume()
+        await asyncio.sleep(0.6)
+        for _attempt in range(50):  # the first call after the back-off probes; give it a few tries
+            if await cache.get_images([url]) == {url: JPEG}:
+                break
+            await asyncio.sleep(0.1)
+        assert await cache.get_images([url]) == {url: JPEG}
+        assert cache.available
+        await cache.aclose()
+
+    run(main())
+
+
+def test_the_cache_metrics_are_exported(redis_server: RedisServer) -> None:
+    async def main() -> None:
+        cache = ImageCache(redis_server.url)
+        await cache.put_images({"http://img.test/a.jpg": JPEG})
+        await cache.get_images(["http://img.test/a.jpg", "http://img.test/b.jpg"])
+        await cache.aclose()
+
+    hits = metric("mmsent_cache_hits_total", kind="image")
+    misses = metric("mmsent_cache_misses_total", kind="image")
+    run(main())
+    assert metric("mmsent_cache_hits_total", kind="image") == hits + 1
+    assert metric("mmsent_cache_misses_total", kind="image") == misses + 1
+    assert REGISTRY.get_sample_value("mmsent_cache_available") == 1.0
