@@ -104,7 +104,7 @@ class RedisServer:
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     if shutil.which("redis-server") is None and not Path("/usr/bin/redis-server").exists():
         pytest.fail("redis-server is not installed (apt-get install redis-server)")
     server = RedisServer(tmp_path)
@@ -242,12 +242,12 @@ def test_without_redis_everything_is_a_miss() -> None:
 # -- against a real Redis -----------------------------------------------------------------------------------
 
 
-def test_images_and_embeddings_round_trip_in_one_round_trip_per_batch(redis_server: RedisServer) -> None:
+def test_images_and_embeddings_round_trip_in_one_round_trip_per_batch(own_redis: RedisServer) -> None:
     urls = [f"http://img.test/{i}.jpg" for i in range(20)]
     embeddings = {u: np.full(32, i, dtype=np.float32) for i, u in enumerate(urls)}
 
     async def main() -> tuple[dict[str, bytes], dict[str, np.ndarray], dict[str, np.ndarray]]:
-        cache = ImageCache(redis_server.url, image_ttl_s=100, embedding_ttl_s=1000)
+        cache = ImageCache(own_redis.url, image_ttl_s=100, embedding_ttl_s=1000)
         await cache.put_images({u: JPEG for u in urls[:10]})
         await cache.put_embeddings(dict(list(embeddings.items())[:15]), ENCODER)
         images = await cache.get_images(urls + urls[:3])  # duplicates are fine
@@ -262,29 +262,29 @@ def test_images_and_embeddings_round_trip_in_one_round_trip_per_batch(redis_serv
     for url in urls[:15]:
         np.testing.assert_array_equal(found[url], embeddings[url])
     assert other == {}
-    client = redis_server.client()
+    client = own_redis.client()
     image_ttls = [client.ttl(k) for k in client.keys("mmsent:img:*")]
     embedding_ttls = [client.ttl(k) for k in client.keys("mmsent:emb:*")]
     assert len(image_ttls) == 10 and all(90 <= t <= 100 for t in image_ttls)
     assert len(embedding_ttls) == 15 and all(990 <= t <= 1000 for t in embedding_ttls)
 
 
-def test_oversized_images_are_not_cached(redis_server: RedisServer) -> None:
+def test_oversized_images_are_not_cached(own_redis: RedisServer) -> None:
     async def main() -> dict[str, bytes]:
-        cache = ImageCache(redis_server.url, max_image_bytes=len(JPEG) - 1)
+        cache = ImageCache(own_redis.url, max_image_bytes=len(JPEG) - 1)
         await cache.put_images({"http://img.test/big.jpg": JPEG, "http://img.test/empty.jpg": b""})
         found = await cache.get_images(["http://img.test/big.jpg", "http://img.test/empty.jpg"])
         await cache.aclose()
         return found
 
     assert run(main()) == {}
-    assert redis_server.client().dbsize() == 0
+    assert own_redis.client().dbsize() == 0
 
 
-def test_corrupt_and_foreign_values_are_misses(redis_server: RedisServer) -> None:
+def test_corrupt_and_foreign_values_are_misses(own_redis: RedisServer) -> None:
     url = "http://img.test/cat.jpg"
-    cache = ImageCache(redis_server.url)
-    client = redis_server.client()
+    cache = ImageCache(own_redis.url)
+    client = own_redis.client()
 
     async def store() -> None:
         await cache.put_images({url: JPEG})
@@ -357,7 +357,7 @@ def fetch_settings() -> Settings:
     return Settings(fetch_allow_cidrs="127.0.0.1/32", fetch_negative_cache_s=0, fetch_retries=0)
 
 
-def test_a_repost_costs_no_request_and_no_cnn_pass(redis_server: RedisServer, image_server: ImageServer) -> None:
+def test_a_repost_costs_no_request_and_no_cnn_pass(own_redis: RedisServer, image_server: ImageServer) -> None:
     cat = image_server.route("/cat.jpg", image(JPEG))
     dog = image_server.route("/dog.png", image(PNG, "image/png"))
     encoder = CountingEncoder()
@@ -365,7 +365,7 @@ def test_a_repost_costs_no_request_and_no_cnn_pass(redis_server: RedisServer, im
     bytes_before = metric("mmsent_cache_bytes_saved_total")
 
     async def main() -> list[dict[str, np.ndarray]]:
-        cache = ImageCache(redis_server.url)
+        cache = ImageCache(own_redis.url)
         async with ImageFetcher(fetch_settings()) as fetcher:
             first = await image_path([cat], cache, fetcher, encoder)
             assert (image_server.count(), encoder.passes) == (1, 1)
@@ -385,13 +385,13 @@ def test_a_repost_costs_no_request_and_no_cnn_pass(redis_server: RedisServer, im
 
 
 def test_a_new_encoder_reuses_cached_bytes_but_not_embeddings(
-    redis_server: RedisServer, image_server: ImageServer
+    own_redis: RedisServer, image_server: ImageServer
 ) -> None:
     cat = image_server.route("/cat.jpg", image(JPEG))
     encoder = CountingEncoder()
 
     async def main() -> None:
-        cache = ImageCache(redis_server.url)
+        cache = ImageCache(own_redis.url)
         async with ImageFetcher(fetch_settings()) as fetcher:
             await image_path([cat], cache, fetcher, encoder)
             # Same bytes, another encoder id: no download, one CNN pass.
@@ -405,21 +405,21 @@ def test_a_new_encoder_reuses_cached_bytes_but_not_embeddings(
 
 
 def test_redis_stopping_mid_run_loses_nothing_and_its_return_restores_hits(
-    redis_server: RedisServer, image_server: ImageServer
+    own_redis: RedisServer, image_server: ImageServer
 ) -> None:
     urls = [image_server.route(f"/img{i}.jpg", image(sample_image("JPEG", color=(i * 20, 0, 0)))) for i in range(4)]
     encoder = CountingEncoder()
     errors_before = metric("mmsent_cache_errors_total", op="get_embeddings")
 
     async def main() -> None:
-        cache = ImageCache(redis_server.url, retry_after_s=0.3, op_timeout_s=0.3)
+        cache = ImageCache(own_redis.url, retry_after_s=0.3, op_timeout_s=0.3)
         async with ImageFetcher(fetch_settings()) as fetcher:
             await image_path(urls, cache, fetcher, encoder)
             assert (image_server.count(), encoder.passes) == (4, 4)
             await image_path(urls, cache, fetcher, encoder)
             assert (image_server.count(), encoder.passes) == (4, 4)  # all hits
 
-            redis_server.stop()
+            own_redis.stop()
             for _round in range(3):  # every post still gets its embedding, from the network and the CNN
                 started = time.monotonic()
                 result = await image_path(urls, cache, fetcher, encoder)
@@ -428,7 +428,7 @@ def test_redis_stopping_mid_run_loses_nothing_and_its_return_restores_hits(
             assert not cache.available
             assert (image_server.count(), encoder.passes) == (16, 16)
 
-            redis_server.start()  # empty: it kept nothing
+            own_redis.start()  # empty: it kept nothing
             await asyncio.sleep(0.4)  # past the back-off
             await image_path(urls, cache, fetcher, encoder)  # refills
             assert cache.available
@@ -441,13 +441,13 @@ def test_redis_stopping_mid_run_loses_nothing_and_its_return_restores_hits(
     assert metric("mmsent_cache_errors_total", op="get_embeddings") > errors_before
 
 
-def test_a_frozen_redis_costs_at_most_the_timeout(redis_server: RedisServer) -> None:
+def test_a_frozen_redis_costs_at_most_the_timeout(own_redis: RedisServer) -> None:
     url = "http://img.test/a.jpg"
 
     async def main() -> None:
-        cache = ImageCache(redis_server.url, retry_after_s=0.5, op_timeout_s=0.2)
+        cache = ImageCache(own_redis.url, retry_after_s=0.5, op_timeout_s=0.2)
         await cache.put_images({url: JPEG})
-        redis_server.pause()  # accepts connections, answers nothing
+        own_redis.pause()  # accepts connections, answers nothing
         try:
             started = time.monotonic()
             assert await cache.get_images([url]) == {}
@@ -458,7 +458,7 @@ def test_a_frozen_redis_costs_at_most_the_timeout(redis_server: RedisServer) -> 
             assert time.monotonic() - started < 0.2
             assert cache.stats.errors == 1
         finally:
-            redis_server.resume()
+            own_redis.resume()
         await asyncio.sleep(0.6)
         for _attempt in range(50):  # the first call after the back-off probes; give it a few tries
             if await cache.get_images([url]) == {url: JPEG}:
@@ -471,9 +471,9 @@ def test_a_frozen_redis_costs_at_most_the_timeout(redis_server: RedisServer) -> 
     run(main())
 
 
-def test_the_cache_metrics_are_exported(redis_server: RedisServer) -> None:
+def test_the_cache_metrics_are_exported(own_redis: RedisServer) -> None:
     async def main() -> None:
-        cache = ImageCache(redis_server.url)
+        cache = ImageCache(own_redis.url)
         await cache.put_images({"http://img.test/a.jpg": JPEG})
         await cache.get_images(["http://img.test/a.jpg", "http://img.test/b.jpg"])
         await cache.aclose()
