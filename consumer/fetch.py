@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import io
 import ipaddress
 import random
@@ -26,6 +27,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urljoin
@@ -221,9 +223,11 @@ def _build_transport(settings: Settings) -> httpx.AsyncHTTPTransport:
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
 
 
-async def system_resolve(host: str, port: int) -> list[str]:
+async def system_resolve(host: str, port: int, executor: Executor | None = None) -> list[str]:
     """Every address the system resolver gives for `host`, in its order, without duplicates."""
-    infos = await asyncio.to_thread(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    loop = asyncio.get_running_loop()
+    lookup = functools.partial(socket.getaddrinfo, host, port, 0, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    infos = await loop.run_in_executor(executor, lookup)
     addresses: list[str] = []
     for _family, _type, _proto, _canon, sockaddr in infos:
         address = str(sockaddr[0])
@@ -302,7 +306,10 @@ class ImageFetcher:
     ) -> None:
         self._settings = settings
         self._policy = policy or AddressPolicy(settings.fetch_allow_private, settings.fetch_allow_cidrs)
-        self._resolve = resolver or system_resolve
+        # Lookups get threads of their own: a slow DNS server must not starve the default executor, which
+        # decodes images. A lookup that outlives its timeout keeps its thread until the OS gives up.
+        self._dns_threads = ThreadPoolExecutor(min(32, settings.fetch_concurrency), thread_name_prefix="mmsent-dns")
+        self._resolve = resolver or functools.partial(system_resolve, executor=self._dns_threads)
         self._backoff_s = retry_backoff_s
         self._timeout = httpx.Timeout(
             connect=settings.fetch_connect_timeout_s,
@@ -323,6 +330,7 @@ class ImageFetcher:
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+        self._dns_threads.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> ImageFetcher:
         return self
@@ -367,8 +375,10 @@ class ImageFetcher:
     async def _fetch_and_record(self, url: str) -> FetchResult:
         started = time.monotonic()
         try:
-            async with self._all, asyncio.timeout(self._settings.fetch_total_timeout_s):
-                result = await self._follow(url)
+            # The deadline starts once a slot is free: waiting behind other fetches is not this URL's fault.
+            async with self._all:
+                async with asyncio.timeout(self._settings.fetch_total_timeout_s):
+                    result = await self._follow(url)
         except _Failure as failure:
             result = failure.result
             detail = failure.detail
@@ -508,7 +518,8 @@ class ImageFetcher:
 
 
 def _short(url: str, limit: int = 200) -> str:
-    """URLs in logs are attacker-controlled: keep them short."""
+    """URLs for logs: attacker-controlled, so kept short, and without the query, which may hold a signature."""
+    url = url.split("?", 1)[0]
     return url if len(url) <= limit else url[:limit] + "..."
 
 
