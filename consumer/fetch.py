@@ -24,6 +24,7 @@ import io
 import ipaddress
 import random
 import socket
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -198,7 +199,7 @@ def _pinned(target: Target, addresses: Sequence[str]) -> Any:
         _PIN.reset(token)
 
 
-def _build_transport(settings: Settings) -> httpx.AsyncHTTPTransport:
+def _build_transport(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> httpx.AsyncHTTPTransport:
     """httpx's transport over an httpcore pool whose only way out is the pinned backend."""
     keepalive = min(settings.fetch_concurrency, 32)
     transport = httpx.AsyncHTTPTransport(trust_env=False, retries=0)
@@ -207,7 +208,7 @@ def _build_transport(settings: Settings) -> httpx.AsyncHTTPTransport:
     if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
         raise RuntimeError("httpx.AsyncHTTPTransport has no httpcore pool to replace; check the httpx version")
     transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=httpx.create_ssl_context(trust_env=False),
+        ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
         max_connections=settings.fetch_concurrency,
         max_keepalive_connections=keepalive,
         keepalive_expiry=30.0,
@@ -303,7 +304,10 @@ class ImageFetcher:
         policy: AddressPolicy | None = None,
         retry_backoff_s: float = 0.2,
         negative_cache_size: int = 10_000,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`resolver` and `ssl_context` exist for tests (fake DNS, a private CA); production uses the defaults:
+        the system resolver and certifi's roots, with certificate and host name checks on."""
         self._settings = settings
         self._policy = policy or AddressPolicy(settings.fetch_allow_private, settings.fetch_allow_cidrs)
         # Lookups get threads of their own: a slow DNS server must not starve the default executor, which
@@ -317,7 +321,7 @@ class ImageFetcher:
             write=settings.fetch_read_timeout_s,
             pool=settings.fetch_total_timeout_s,
         )
-        self._transport = _build_transport(settings)
+        self._transport = _build_transport(settings, ssl_context)
         self._all = asyncio.Semaphore(settings.fetch_concurrency)
         self._hosts = _HostLimiter(settings.fetch_per_host_concurrency)
         self._negative = _NegativeCache(settings.fetch_negative_cache_s, negative_cache_size)

@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import io
 import socket
+import ssl
 import struct
+import subprocess
 import threading
 import time
 import zlib
@@ -239,11 +241,16 @@ class _LoopbackHTTPServer(ThreadingHTTPServer):
     block_on_close = False
     allow_reuse_address = False
 
-    def __init__(self, host: str, port: int, state: _State, stopping: threading.Event) -> None:
+    def __init__(
+        self, host: str, port: int, state: _State, stopping: threading.Event, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.state = state
         self.stopping = stopping
         super().__init__((host, port), RecordingHandler)
+        if tls is not None:
+            # The handshake happens in the handler thread, on first read, so a failed one never blocks accept().
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
 
     def process_request(self, request: socket.socket | tuple[bytes, socket.socket], client_address: object) -> None:  # type: ignore[override]
         local = request.getsockname() if isinstance(request, socket.socket) else ("?", 0)
@@ -259,7 +266,9 @@ class _LoopbackHTTPServer(ThreadingHTTPServer):
 class ImageServer:
     """HTTP servers on one port of one or more loopback addresses, sharing routes and a record."""
 
-    def __init__(self, hosts: Sequence[str] = ("127.0.0.1",)) -> None:
+    def __init__(self, hosts: Sequence[str] = ("127.0.0.1",), tls: ssl.SSLContext | None = None) -> None:
+        self.scheme = "https" if tls is not None else "http"
+        self._tls = tls
         self._state = _State()
         self._stopping = threading.Event()
         self._servers: list[_LoopbackHTTPServer] = []
@@ -269,11 +278,13 @@ class ImageServer:
 
     def _bind_all(self, hosts: list[str], attempts: int = 20) -> int:
         for _ in range(attempts):
-            first = _LoopbackHTTPServer(hosts[0], 0, self._state, self._stopping)
+            first = _LoopbackHTTPServer(hosts[0], 0, self._state, self._stopping, self._tls)
             port = int(first.server_address[1])
             servers = [first]
             try:
-                servers += [_LoopbackHTTPServer(host, port, self._state, self._stopping) for host in hosts[1:]]
+                servers += [
+                    _LoopbackHTTPServer(host, port, self._state, self._stopping, self._tls) for host in hosts[1:]
+                ]
             except OSError:  # that port is taken on another address: try another port
                 for server in servers:
                     server.server_close()
@@ -296,7 +307,7 @@ class ImageServer:
     def url(self, path: str = "/", host: str | None = None) -> str:
         host = host or self.hosts[0]
         authority = f"[{host}]" if ":" in host else host
-        return f"http://{authority}:{self.port}{path}"
+        return f"{self.scheme}://{authority}:{self.port}{path}"
 
     # -- the record ----------------------------------------------------------------------------------
 
@@ -337,6 +348,39 @@ class ImageServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class SelfSignedCert:
+    """A self-signed certificate (its own CA) for `names`, made with the openssl command line."""
+
+    cert: str
+    key: str
+
+    def server_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+    def client_context(self) -> ssl.SSLContext:
+        """Trusts only this certificate; host name checks stay on."""
+        return ssl.create_default_context(cafile=self.cert)
+
+
+def make_certificate(directory: str, names: Sequence[str]) -> SelfSignedCert:
+    cert, key = f"{directory}/cert.pem", f"{directory}/key.pem"
+    san = ",".join(f"DNS:{name}" for name in names)
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", key, "-out", cert, "-subj", f"/CN={names[0]}"),
+            *("-addext", f"subjectAltName={san}", "-addext", "basicConstraints=critical,CA:TRUE"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return SelfSignedCert(cert, key)
 
 
 def bindable(host: str) -> bool:

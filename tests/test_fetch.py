@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import io
 import resource
+import shutil
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import httpcore
@@ -26,12 +27,14 @@ from tests.imageserver import (
     ImageServer,
     RecordingHandler,
     Responder,
+    SelfSignedCert,
     body,
     drip,
     drop,
     endless,
     garbage,
     image,
+    make_certificate,
     png_bomb,
     redirect,
     sample_image,
@@ -555,3 +558,47 @@ def test_sniffing() -> None:
     assert sniff_image_type(b"RIFF\x00\x00\x00\x00AVI LIST") is None
     assert sniff_image_type(b"<svg xmlns=") is None
     assert sniff_image_type(b"") is None
+
+
+# -- https: the pinned address, with the URL's name for SNI and certificate checks -------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> SelfSignedCert:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    return make_certificate(str(tmp_path_factory.mktemp("tls")), ["images.test"])
+
+
+@pytest.fixture
+def tls_server(certificate: SelfSignedCert) -> Iterator[ImageServer]:
+    with ImageServer(("127.0.0.1",), tls=certificate.server_context()) as server:
+        server.route("/a.jpg", image(JPEG))
+        yield server
+
+
+def test_https_to_a_pinned_address_checks_the_certificate_against_the_name(
+    tls_server: ImageServer, certificate: SelfSignedCert, netguard: NetGuard
+) -> None:
+    netguard.add_host("images.test", "127.0.0.1")
+    url = f"https://images.test:{tls_server.port}/a.jpg"
+    result = fetch_one(url, ssl_context=certificate.client_context())
+    assert result.ok and result.data == JPEG
+    assert netguard.connects == [("127.0.0.1", tls_server.port)]
+    assert tls_server.requests[0].headers["Host"] == f"images.test:{tls_server.port}"
+
+
+def test_https_with_a_certificate_for_another_name_fails(
+    tls_server: ImageServer, certificate: SelfSignedCert, netguard: NetGuard
+) -> None:
+    netguard.add_host("other.test", "127.0.0.1")
+    result = fetch_one(f"https://other.test:{tls_server.port}/a.jpg", ssl_context=certificate.client_context())
+    assert (result.status, result.reason) == ("unavailable", "connect_error")
+    assert tls_server.requests == []
+
+
+def test_https_with_an_untrusted_certificate_fails(tls_server: ImageServer, netguard: NetGuard) -> None:
+    netguard.add_host("images.test", "127.0.0.1")
+    result = fetch_one(f"https://images.test:{tls_server.port}/a.jpg")  # the public roots, not our test CA
+    assert (result.status, result.reason) == ("unavailable", "connect_error")
+    assert tls_server.requests == []
