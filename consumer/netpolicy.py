@@ -316,7 +316,9 @@ def parse_ipv4_number(host: str) -> ipaddress.IPv4Address | None:
 
 def _parse_ipv4_part(label: str, host: str) -> int:
     if label[:2].lower() == "0x":
-        return int(label[2:], 16) if len(label) > 2 else 0
+        if len(label) == 2:  # "0x" is 0 to WHATWG and invalid to inet_aton: parsers disagree, so refuse
+            raise Refused("invalid_host", f"{host}: bare 0x")
+        return int(label[2:], 16)
     if len(label) > 1 and label.startswith("0"):
         if not set(label) <= set("01234567"):
             raise Refused("invalid_host", f"{host}: {label} is not octal")

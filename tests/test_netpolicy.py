@@ -6,7 +6,7 @@ import ipaddress
 import socket
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from consumer.netpolicy import AddressPolicy, Refused, parse_ipv4_number, parse_url
@@ -169,6 +169,8 @@ def test_loopback_spellings_are_refused(url: str) -> None:
         ("http://08.0.0.1/", "invalid_host"),  # "08" is neither octal nor decimal to every parser
         ("http://256.0.0.1/", "invalid_host"),
         ("http://0x100000000/", "invalid_host"),
+        ("http://0x/", "invalid_host"),
+        ("http://images.0x/", "invalid_host"),
         ("http://%31%32%37.0.0.1/", "invalid_host"),
         ("http://127.0.0.1%00.example.com/", "invalid_host"),
         ("http://[fe80::1%25eth0]/", "invalid_host"),
@@ -234,6 +236,8 @@ _part = st.one_of(
 
 
 @given(st.lists(_part, min_size=1, max_size=5))
+@example(["0x"])
+@example(["0x7f", "0", "0", "0x"])
 def test_numeric_hosts_parse_like_inet_aton(parts: list[str]) -> None:
     """Whatever glibc's inet_aton (what getaddrinfo uses for numeric hosts) reads, we read the same, or refuse."""
     host = ".".join(parts)
