@@ -33,7 +33,7 @@ from consumer.metrics import HealthServer, Metrics
 from consumer.offsets import OffsetTracker, TopicPartitionKey
 from consumer.pausing import PausingManager
 from consumer.settings import ProcessingGuarantee, Settings
-from consumer.sink import Sink, member_identity, producer_config
+from consumer.sink import Sink, group_instance_id, member_identity, optional_setting, producer_config
 from consumer.stages import CacheLike, FetcherLike, ImageStage, LoopThread, ModelStage, Pipeline, ScorerLike
 from schemas.decode import BadRecord, decode_post
 from schemas.models import (
@@ -66,21 +66,25 @@ class _LibrdkafkaLog:
 
 
 def consumer_config(settings: Settings, **callbacks: Any) -> dict[str, Any]:
-    return {
+    config: dict[str, Any] = {
         **settings.kafka_client_config(),
         "group.id": settings.group_id,
-        "client.id": f"mmsent-{member_identity()}-{os.getpid()}",
+        "client.id": f"mmsent-{member_identity(settings)}-{os.getpid()}",
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
-        "session.timeout.ms": SESSION_TIMEOUT_MS,
+        "session.timeout.ms": int(optional_setting(settings, "kafka_session_timeout_ms") or SESSION_TIMEOUT_MS),
         "heartbeat.interval.ms": 1_000,
         "max.poll.interval.ms": 300_000,
         "statistics.interval.ms": 5_000,
         "fetch.wait.max.ms": 100,
         **callbacks,
     }
+    static_id = group_instance_id(settings)
+    if static_id:
+        config["group.instance.id"] = static_id
+    return config
 
 
 class Application:

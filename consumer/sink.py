@@ -26,9 +26,26 @@ DeliveryCallback = Callable[[KafkaError | None, Message], None]
 TRANSACTION_TIMEOUT_S = 10.0
 
 
-def member_identity() -> str:
-    """A stable name for this process: the pod or host name (a StatefulSet pod keeps it across restarts)."""
-    return os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
+def optional_setting(settings: Settings, name: str) -> str | None:
+    """A setting `Settings` may not declare (yet): its attribute when it has one, else `MMSENT_<NAME>`."""
+    value = getattr(settings, name, None)
+    if value is None:
+        value = os.environ.get(f"MMSENT_{name.upper()}")
+    return None if value in (None, "") else str(value)
+
+
+def group_instance_id(settings: Settings) -> str | None:
+    """`MMSENT_GROUP_INSTANCE_ID`: static group membership (KIP-345), e.g. the StatefulSet pod name.
+
+    A restarted member with the same id takes its partitions back at once, without a rebalance.
+    """
+    return optional_setting(settings, "group_instance_id")
+
+
+def member_identity(settings: Settings | None = None) -> str:
+    """A stable name for this process: the static member id, else the pod or host name."""
+    static = group_instance_id(settings) if settings is not None else None
+    return static or os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
 
 
 def transactional_id(settings: Settings) -> str:
@@ -37,7 +54,7 @@ def transactional_id(settings: Settings) -> str:
     Stable across restarts, so a restarted member fences its dead predecessor and aborts its open transaction
     at once; distinct per member, so two live members never fence each other (on one host, set it per process).
     """
-    return settings.transactional_id or f"mmsent-{settings.group_id}-{member_identity()}"
+    return settings.transactional_id or f"mmsent-{settings.group_id}-{member_identity(settings)}"
 
 
 def producer_config(settings: Settings, error_cb: Callable[[KafkaError], None] | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 from consumer.app import Application
 from consumer.settings import Settings
 from schemas.models import DeadLetter, SentimentEvent
-from tests.kafkautil import Record, committed_offsets, end_offsets, produce, read_all
+from tests.kafkautil import Record, committed_offsets, end_offsets, read_all
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -199,14 +199,22 @@ class SteadyProducer:
         return self
 
     def _run(self) -> None:
-        for start in range(0, len(self.values), self.per_burst):
-            if self._stop.is_set():
-                return
-            chunk = self.values[start : start + self.per_burst]
-            produce(self.bootstrap, self.topic, chunk,
-                    keys=[f"{self.key_prefix}{start + i}".encode() for i in range(len(chunk))])
-            self.produced += len(chunk)
-            time.sleep(self.interval_s)
+        from confluent_kafka import Producer
+
+        producer = Producer({"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 5})
+        try:
+            for start in range(0, len(self.values), self.per_burst):
+                if self._stop.is_set():
+                    return
+                chunk = self.values[start : start + self.per_burst]
+                for index, value in enumerate(chunk):
+                    producer.produce(self.topic, value=value, key=f"{self.key_prefix}{start + index}".encode())
+                if producer.flush(30):
+                    raise RuntimeError("the steady producer's records were not acknowledged")
+                self.produced += len(chunk)
+                time.sleep(self.interval_s)
+        finally:
+            producer.flush(30)
 
     def join(self, timeout: float = 120) -> None:
         if self._thread is not None:

@@ -110,9 +110,10 @@ def test_every_post_yields_one_event_bad_records_dead_letter_and_offsets_commit(
     assert app.rc == 0  # type: ignore[attr-defined]
 
     outcome = Outcome.read(kafka_bootstrap, topics)
+    cnn_images = metrics.cnn_images._value.get() - cnn_before
     print(f"\n{count} posts + {len(BAD_RECORDS)} bad records -> {len(outcome.events)} events, "
           f"{len(outcome.dead_letters)} dead letters in {elapsed:.1f}s (incl. start-up); "
-          f"image fetches: red.jpg {image_server.count('/red.jpg')}, cnn images {metrics.cnn_images._value.get() - cnn_before:.0f}")
+          f"downloads of red.jpg: {image_server.count('/red.jpg')}, images through the CNN: {cnn_images:.0f}")
 
     # exactly one event per post, with the contract's fields and the input's coordinates
     by_id = Counter(event.post_id for event in outcome.events)
@@ -146,7 +147,7 @@ def test_every_post_yields_one_event_bad_records_dead_letter_and_offsets_commit(
 
     # repeated images: far fewer downloads than posts with them; the cache held their embeddings
     assert image_server.count("/red.jpg") < count * 2 // 10 // 2
-    assert metrics.cnn_images._value.get() - cnn_before <= 10  # red, blue, u0..u7: each through the CNN once
+    assert cnn_images <= 10  # red, blue, u0..u7: each through the CNN once
     assert committed_offsets(kafka_bootstrap, topics.group, topics.posts) == end_offsets(kafka_bootstrap, topics.posts)
 
     # a second run of the group produces nothing new
