@@ -123,7 +123,14 @@ class TextEncoder(nn.Module):
 
             self.tokenizer = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
             if path is not None:
-                self.model = AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+                from transformers.utils import logging as hf_logging
+
+                level = hf_logging.get_verbosity()
+                hf_logging.set_verbosity_error()  # the unused pooler weights are expected, not news
+                try:
+                    self.model = AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+                finally:
+                    hf_logging.set_verbosity(level)
             else:
                 if spec.config is None:
                     raise ValueError("a random-weight text encoder needs a config")
@@ -138,19 +145,23 @@ class TextEncoder(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Dynamic padding: pad to the longest text in *this* batch, never to max_length."""
+    def tokenize(self, texts: list[str], pad_to: int | None = None) -> dict[str, torch.Tensor]:
+        """Dynamic padding: pad to the longest text in *this* batch (or to `pad_to`, for benchmarks)."""
+        texts = [t if t else "" for t in texts]
         if self._fast is not None:
-            encs = self._fast.encode_batch([t if t else "" for t in texts])
-            return {
-                "input_ids": torch.tensor([e.ids for e in encs], dtype=torch.long),
-                "attention_mask": torch.tensor([e.attention_mask for e in encs], dtype=torch.long),
-            }
+            encs = self._fast.encode_batch(texts)
+            ids = [e.ids for e in encs]
+            mask = [e.attention_mask for e in encs]
+            if pad_to is not None:
+                width = max(pad_to, max((len(i) for i in ids), default=0))
+                ids = [i + [0] * (width - len(i)) for i in ids]
+                mask = [m + [0] * (width - len(m)) for m in mask]
+            return {"input_ids": torch.tensor(ids, dtype=torch.long), "attention_mask": torch.tensor(mask)}
         enc = self.tokenizer(
-            [t if t else "" for t in texts],
-            padding="longest",
+            texts,
+            padding="longest" if pad_to is None else "max_length",
             truncation=True,
-            max_length=self.spec.max_length,
+            max_length=self.spec.max_length if pad_to is None else max(pad_to, 1),
             return_tensors="pt",
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

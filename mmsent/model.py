@@ -71,6 +71,7 @@ class ModelConfig:
     version: str = "0"
     text_trainable_layers: int = 0  # fine-tuning: last N transformer layers trainable (-1: all)
     image_trainable_blocks: int = 0  # fine-tuning: last N CNN blocks trainable (-1: all)
+    ensemble: int = 1  # >1: the head is an average of this many FusionHeads (same config, different seeds)
     extra: dict[str, Any] = field(default_factory=dict)  # provenance (training command, CV scores)
 
     def to_dict(self) -> dict[str, Any]:
@@ -84,6 +85,7 @@ class ModelConfig:
             "head": asdict(self.head),
             "text_trainable_layers": self.text_trainable_layers,
             "image_trainable_blocks": self.image_trainable_blocks,
+            "ensemble": self.ensemble,
             "extra": self.extra,
         }
 
@@ -100,6 +102,7 @@ class ModelConfig:
             version=str(d.get("version", "0")),
             text_trainable_layers=int(d.get("text_trainable_layers", 0)),
             image_trainable_blocks=int(d.get("image_trainable_blocks", 0)),
+            ensemble=int(d.get("ensemble", 1)),
             extra=dict(d.get("extra", {})),
         )
 
@@ -204,6 +207,25 @@ class FusionHead(nn.Module):
         return _masked_mean(tt, tmask), _masked_mean(ii, imask)  # (B, d), (B, d)
 
 
+class HeadEnsemble(nn.Module):
+    """The mean of several heads' probabilities, returned as log-probabilities (valid logits)."""
+
+    def __init__(self, heads: list[FusionHead]) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList(heads)
+        self.cfg = heads[0].cfg
+
+    def forward(self, f: Features) -> torch.Tensor:
+        probs = torch.stack([F.softmax(h(f), -1) for h in self.heads]).mean(0)  # (B, K)
+        return torch.log(probs.clamp(min=1e-12))
+
+
+def make_head(cfg: ModelConfig) -> nn.Module:
+    if cfg.ensemble > 1:
+        return HeadEnsemble([FusionHead(cfg.head) for _ in range(cfg.ensemble)])
+    return FusionHead(cfg.head)
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
@@ -228,7 +250,7 @@ class MMSentModel(nn.Module):
         self.image_encoder = ImageEncoder(cfg.image)
         self.text_encoder.set_trainable(cfg.text_trainable_layers)
         self.image_encoder.set_trainable(cfg.image_trainable_blocks)
-        self.head = FusionHead(cfg.head)
+        self.head = make_head(cfg)
 
     @classmethod
     def from_encoders(cls, text: TextSpec, image: ImageSpec, **head_kwargs: Any) -> MMSentModel:
@@ -249,7 +271,7 @@ class MMSentModel(nn.Module):
         self.text_encoder, self.image_encoder = enc_t, enc_i
         enc_t.set_trainable(cfg.text_trainable_layers)
         enc_i.set_trainable(cfg.image_trainable_blocks)
-        self.head = FusionHead(cfg.head)
+        self.head = make_head(cfg)
         return self
 
     def with_config(self, **changes: Any) -> MMSentModel:
@@ -349,7 +371,7 @@ class MMSentModel(nn.Module):
         return model.eval()
 
 
-_MODEL_FIELDS = {"labels", "name", "version", "text_trainable_layers", "image_trainable_blocks", "extra"}
+_MODEL_FIELDS = {"labels", "name", "version", "text_trainable_layers", "image_trainable_blocks", "ensemble", "extra"}
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:

@@ -71,7 +71,16 @@ def _seed(bert: str | None = None, resnet50: str | None = None, **head: Any) -> 
         max_length=128,
     )
     image = ImageSpec(arch="resnet50", weights=resnet50)
-    kw: dict[str, Any] = {"fusion": "concat", "proj_dim": 0, "hidden": 512, "dropout": 0.3, "modality_dropout": 0.15}
+    # LayerNorm on each encoder's features before the concatenation keeps ResNet's large activations (norm ~1e3
+    # with random weights, ~30 pretrained) from swamping BERT's; the dims stay the tutorial's: 768 + 2048 -> 512 -> 3.
+    kw: dict[str, Any] = {
+        "fusion": "concat",
+        "proj_dim": 0,
+        "hidden": 512,
+        "dropout": 0.3,
+        "modality_dropout": 0.15,
+        "layer_norm": True,
+    }
     kw.update(head)
     return ModelConfig(
         text=text,
@@ -89,8 +98,10 @@ def _tiny_random(**head: Any) -> ModelConfig:
         path=None, tokenizer=MINILM, config=TINY_TEXT_CONFIG, pooling="mean", max_length=64, init_seed=0, arch="tiny"
     )
     image = ImageSpec(arch="tiny-cnn", weights=None, init_seed=0, preprocess=ImagePreprocess(size=32, resize=36))
-    kw: dict[str, Any] = {"fusion": "concat", "proj_dim": 0, "hidden": 32, "dropout": 0.1}
+    kw: dict[str, Any] = {"fusion": "concat", "proj_dim": 0, "hidden": 32, "dropout": 0.1, "heads": 2}
     kw.update(head)
+    if kw["fusion"] != "concat" and not kw["proj_dim"]:
+        kw["proj_dim"] = 32  # keep the tiny preset tiny whatever the fusion
     return ModelConfig(
         text=text,
         image=image,

@@ -80,6 +80,7 @@ class Scorer:
         if cfg.image_trainable_blocks:  # fine-tuned CNN: its weights are part of the identity
             self.image_encoder_id += f":{cfg.name}@{cfg.version}"
         self.batch_size = batch_size
+        self.pad_to_length: int | None = None  # None: dynamic padding; an int pads every batch (benchmarks)
         self.max_pixels = DEFAULT_MAX_PIXELS
         self.max_side = DEFAULT_MAX_SIDE
 
@@ -143,7 +144,7 @@ class Scorer:
                     raise ValueError(f"image embedding shape {im.shape} != {emb_shape} for {self.image_encoder_id}")
                 embs[k] = torch.from_numpy(im.astype(np.float32))
             has_image[k] = im is not None
-        enc = model.text_encoder.tokenize(texts)
+        enc = model.text_encoder.tokenize(texts, pad_to=self.pad_to_length)
         batch = Batch(
             input_ids=enc["input_ids"].to(self.device),
             attention_mask=enc["attention_mask"].to(self.device),

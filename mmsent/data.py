@@ -1,0 +1,154 @@
+"""Labelled posts: JSONL or CSV with mappable columns, image loading, augmentation, dynamic-padding batches.
+
+Default columns are the shared data's (`id`, `text`, `label`, `image`); the tutorial's dataframe columns map with
+`ColumnMap(text="review_text", label="sentiment_label", image="image_path")`. Image paths are relative to the data
+file. Image URLs are *not* fetched here (training never touches the network): such rows train text-only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageEnhance
+
+from mmsent.imaging import ImageDecodeError, ImagePreprocess, decode_image
+from mmsent.model import Batch
+from mmsent.textnorm import normalize_tweet
+
+__all__ = ["ColumnMap", "Example", "augment_image", "collate", "load_examples", "load_image"]
+
+LABEL_ALIASES = {
+    "neg": "negative",
+    "pos": "positive",
+    "neu": "neutral",
+    "0": "negative",
+    "1": "neutral",
+    "2": "positive",
+}
+
+
+@dataclass(frozen=True)
+class ColumnMap:
+    id: str = "id"
+    text: str = "text"
+    label: str = "label"
+    image: str = "image"
+
+    @classmethod
+    def parse(cls, spec: str | None) -> ColumnMap:
+        """`"text=review_text,label=sentiment_label,image=image_path"` -> ColumnMap."""
+        if not spec:
+            return cls()
+        kw: dict[str, str] = {}
+        for part in spec.split(","):
+            key, _, value = part.partition("=")
+            if key.strip() not in cls.__dataclass_fields__ or not value.strip():
+                raise ValueError(f"bad column mapping {part!r}; use e.g. text=review_text,label=sentiment_label")
+            kw[key.strip()] = value.strip()
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    text: str  # normalised
+    label: int | None  # index into labels; None when unlabelled
+    image: Path | None  # local file, or None
+
+
+def _rows(path: Path) -> list[dict[str, object]]:
+    if path.suffix.lower() in (".csv", ".tsv"):
+        with path.open(newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    out = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}:{n}: not a JSON object")
+                out.append(row)
+    return out
+
+
+def load_examples(
+    path: str | Path, labels: Sequence[str], columns: ColumnMap | None = None, *, require_labels: bool = True
+) -> list[Example]:
+    path = Path(path)
+    cols = columns or ColumnMap()
+    index = {lab: k for k, lab in enumerate(labels)}
+    examples = []
+    for n, row in enumerate(_rows(path)):
+        raw_label = row.get(cols.label)
+        label: int | None = None
+        if raw_label is not None and str(raw_label) != "":
+            name = LABEL_ALIASES.get(str(raw_label).strip().lower(), str(raw_label).strip().lower())
+            if name not in index:
+                raise ValueError(f"{path}: row {n}: unknown label {raw_label!r} (labels: {', '.join(labels)})")
+            label = index[name]
+        elif require_labels:
+            raise ValueError(f"{path}: row {n} has no {cols.label!r}")
+        img = row.get(cols.image)
+        image: Path | None = None
+        if isinstance(img, str) and img and not img.startswith(("http://", "https://")):
+            image = (path.parent / img).resolve()
+        ident = str(row.get(cols.id, n))
+        examples.append(Example(ident, normalize_tweet(str(row.get(cols.text) or "")), label, image))
+    return examples
+
+
+def load_image(path: Path | None) -> Image.Image | None:
+    """The image of an example, via the safe decoder; None when absent or undecodable."""
+    if path is None:
+        return None
+    try:
+        return decode_image(path.read_bytes(), max_pixels=40_000_000, max_side=12_000)
+    except (OSError, ImageDecodeError):
+        return None
+
+
+def augment_image(im: Image.Image, rng: random.Random) -> Image.Image:
+    """Training augmentation: random resized crop (70-100% of the area), horizontal flip, mild colour jitter."""
+    w, h = im.size
+    scale = rng.uniform(0.7, 1.0)
+    cw, ch = max(1, int(w * scale**0.5)), max(1, int(h * scale**0.5))
+    x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    im = im.crop((x0, y0, x0 + cw, y0 + ch))
+    if rng.random() < 0.5:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.85, 1.15))
+    return ImageEnhance.Contrast(im).enhance(rng.uniform(0.85, 1.15))
+
+
+def collate(
+    examples: Sequence[Example],
+    tokenize: object,
+    preprocess: ImagePreprocess,
+    *,
+    rng: random.Random | None = None,
+    use_text: bool = True,
+    use_image: bool = True,
+) -> Batch:
+    """Examples -> a Batch padded to the longest text in it. `rng` switches augmentation on."""
+    texts = [e.text if use_text else "" for e in examples]
+    enc = tokenize(texts)  # type: ignore[operator]
+    images = [load_image(e.image) if use_image else None for e in examples]
+    pixels = torch.zeros(len(examples), 3, preprocess.size, preprocess.size)
+    for k, im in enumerate(images):
+        if im is not None:
+            pixels[k] = preprocess.to_tensor(augment_image(im, rng) if rng else im)
+    labels = torch.tensor([e.label if e.label is not None else -100 for e in examples], dtype=torch.long)
+    return Batch(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        has_text=torch.tensor([bool(t) for t in texts]),
+        has_image=torch.tensor([im is not None for im in images]),
+        pixels=pixels,
+        labels=labels,
+    )

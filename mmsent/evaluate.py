@@ -1,0 +1,107 @@
+"""Metrics (accuracy, macro/weighted F1, per-class P/R/F1, expected calibration error) and evaluation of a file."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["compute_metrics", "evaluate_file", "expected_calibration_error", "plot_confusion"]
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) -> float:
+    """ECE over equal-width confidence bins of the top-1 probability."""
+    conf = probs.max(1)
+    correct = (probs.argmax(1) == y_true).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        m = (conf > lo) & (conf <= hi)
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def compute_metrics(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    y = np.asarray(y_true, dtype=np.int64)
+    pred = probs.argmax(1)
+    ks = list(range(len(labels)))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=ks, zero_division=0)
+    return {
+        "n": int(len(y)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, labels=ks, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y, pred, labels=ks, average="weighted", zero_division=0)),
+        "ece": expected_calibration_error(y, probs),
+        "per_class": {
+            lab: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]), "support": int(s[k])}
+            for k, lab in enumerate(labels)
+        },
+        "confusion_matrix": confusion_matrix(y, pred, labels=ks).tolist(),
+    }
+
+
+def plot_confusion(cm: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arr = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.imshow(arr, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(arr.shape[0]):
+        for j in range(arr.shape[1]):
+            ax.text(j, i, str(arr[i, j]), ha="center", va="center", color="black")
+    ax.set_title(title or "confusion matrix")
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def evaluate_file(
+    data: str | Path,
+    model: str | Path | None = None,
+    *,
+    modality: str = "both",
+    columns: Any = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score a labelled file with a Scorer; `modality` "text" drops images, "image" drops captions."""
+    from tqdm.auto import tqdm
+
+    from mmsent.data import load_examples, load_image
+    from mmsent.scorer import Scorer
+
+    if modality not in ("both", "text", "image"):
+        raise ValueError("modality must be text, image or both")
+    scorer = Scorer.load(model)
+    examples = load_examples(data, scorer.labels, columns)
+    probs = np.zeros((len(examples), len(scorer.labels)))
+    step = 64
+    for s in tqdm(range(0, len(examples), step), desc="eval", disable=not progress, leave=False):
+        chunk = examples[s : s + step]
+        posts = [
+            {
+                "text": e.text if modality != "image" else "",
+                "image": load_image(e.image) if modality != "text" else None,
+            }
+            for e in chunk
+        ]
+        for k, res in enumerate(scorer.score(posts)):
+            probs[s + k] = [res.scores[lab] for lab in scorer.labels]
+    metrics = compute_metrics([e.label if e.label is not None else -1 for e in examples], probs, scorer.labels)
+    metrics["modality"] = modality
+    metrics["model"] = dict(scorer.info)
+    return metrics

@@ -1,0 +1,153 @@
+"""Frozen encoder features, extracted once and cached in the user cache dir (never in the repository).
+
+Head-only training then runs on these tensors in seconds. The cache key covers the encoders' identities, the
+examples (ids, normalised texts, image files with size and mtime) and the feature options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mmsent.data import Example, load_image
+from mmsent.model import Features, MMSentModel
+
+__all__ = ["FeatureSet", "cache_dir", "extract_features"]
+
+FEATURE_VERSION = 2
+
+
+def cache_dir() -> Path:
+    base = (
+        os.environ.get("MMSENT_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmsent"
+    )
+    return Path(base)
+
+
+@dataclass
+class FeatureSet:
+    text: torch.Tensor  # (N, Dt) float32 pooled text
+    image: torch.Tensor  # (N, R, C) image embedding (R = 1 pooled)
+    image_flip: torch.Tensor  # (N, R, C) the mirrored image's embedding (augmentation / TTA)
+    has_text: torch.Tensor  # (N,) bool
+    has_image: torch.Tensor  # (N,) bool
+    labels: torch.Tensor  # (N,) long, -100 unlabelled
+    text_tokens: torch.Tensor | None = None  # (N, T, H) float16, attention fusion only
+    text_mask: torch.Tensor | None = None  # (N, T)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor, *, flip: torch.Tensor | None = None, tta: bool = False) -> Features:
+        """Features for rows `idx`. `flip` (bool per row) picks the mirrored image; `tta` averages both."""
+        img = self.image[idx].float()
+        if tta:
+            img = 0.5 * (img + self.image_flip[idx].float())
+        elif flip is not None:
+            img = torch.where(flip[:, None, None], self.image_flip[idx].float(), img)
+        tokens = self.text_tokens[idx].float() if self.text_tokens is not None else None
+        mask = self.text_mask[idx] if self.text_mask is not None else None
+        return Features(
+            text=self.text[idx].float(),
+            image=img.mean(1),
+            has_text=self.has_text[idx],
+            has_image=self.has_image[idx],
+            text_tokens=tokens,
+            text_mask=mask,
+            image_regions=img if tokens is not None else None,
+        )
+
+
+def _key(model: MMSentModel, examples: Sequence[Example], regions: bool) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([FEATURE_VERSION, model.cfg.text.ident, model.cfg.image.ident, regions]).encode())
+    for e in examples:
+        stat = ""
+        if e.image is not None and e.image.exists():
+            st = e.image.stat()
+            stat = f"{st.st_size}:{int(st.st_mtime)}"
+        h.update(f"\x00{e.id}\x01{e.text}\x02{e.image}\x03{stat}".encode())
+    return h.hexdigest()[:24]
+
+
+@torch.inference_mode()
+def extract_features(
+    model: MMSentModel,
+    examples: Sequence[Example],
+    *,
+    regions: bool = False,
+    batch_size: int = 32,
+    use_cache: bool = True,
+    progress: bool = True,
+    desc: str = "features",
+) -> FeatureSet:
+    path = cache_dir() / "features" / f"{_key(model, examples, regions)}.pt"
+    if use_cache and path.exists():
+        return FeatureSet(**torch.load(path, map_location="cpu", weights_only=True))
+    model.eval()
+    n = len(examples)
+    enc_t, enc_i = model.text_encoder, model.image_encoder
+    max_len = model.cfg.text.max_length
+    text = torch.zeros(n, enc_t.out_dim)
+    tokens = torch.zeros(n, max_len, enc_t.hidden_size, dtype=torch.float16) if regions else None
+    tmask = torch.zeros(n, max_len, dtype=torch.long) if regions else None
+    order = sorted(range(n), key=lambda k: len(examples[k].text))  # similar lengths together: less padding
+    for s in tqdm(range(0, n, 64), desc=f"{desc}: text", disable=not progress, leave=False):
+        idx = order[s : s + 64]
+        enc = enc_t.tokenize([examples[k].text for k in idx])
+        tok = enc_t(enc["input_ids"], enc["attention_mask"])  # (b, T, H)
+        text[idx] = enc_t.pool(tok, enc["attention_mask"]).float()
+        if tokens is not None and tmask is not None:
+            t = tok.shape[1]
+            tokens[idx, :t] = tok.half()
+            tmask[idx, :t] = enc["attention_mask"]
+    pre = model.cfg.image.preprocess
+    has_image = torch.zeros(n, dtype=torch.bool)
+    image: torch.Tensor | None = None
+    image_flip: torch.Tensor | None = None
+    for s in tqdm(range(0, n, batch_size), desc=f"{desc}: images", disable=not progress, leave=False):
+        ims = [(k, load_image(examples[k].image)) for k in range(s, min(n, s + batch_size))]
+        present = [(k, im) for k, im in ims if im is not None]
+        if not present:
+            continue
+        pixels = torch.stack([pre.to_tensor(im) for _, im in present])
+        fmap = enc_i._trunk_map(pixels)  # (b, C, h, w)
+        fmap_f = enc_i._trunk_map(pixels.flip(-1)).flip(-1)
+        emb = fmap.flatten(2).transpose(1, 2)  # (b, R, C)
+        emb_f = fmap_f.flatten(2).transpose(1, 2)
+        if not regions:
+            emb, emb_f = emb.mean(1, keepdim=True), emb_f.mean(1, keepdim=True)
+        if image is None or image_flip is None:
+            image = torch.zeros(n, *emb.shape[1:], dtype=torch.float16 if regions else torch.float32)
+            image_flip = torch.zeros_like(image)
+        rows = torch.tensor([k for k, _ in present])
+        image[rows] = emb.to(image.dtype)
+        image_flip[rows] = emb_f.to(image.dtype)
+        has_image[rows] = True
+    if image is None or image_flip is None:
+        shape = (n, 1, enc_i.out_dim)
+        image, image_flip = torch.zeros(shape), torch.zeros(shape)
+    fs = FeatureSet(
+        text=text,
+        image=image,
+        image_flip=image_flip,
+        has_text=torch.tensor([bool(e.text) for e in examples]),
+        has_image=has_image,
+        labels=torch.tensor([e.label if e.label is not None else -100 for e in examples], dtype=torch.long),
+        text_tokens=tokens,
+        text_mask=tmask,
+    )
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(fs.__dict__, tmp)
+        tmp.replace(path)
+    return fs

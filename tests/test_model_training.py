@@ -1,0 +1,234 @@
+"""Training, the seed preset, save/load, CV, `mmsent eval --json`, data loading and text normalisation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mmsent import Scorer
+from mmsent.cli import app
+from mmsent.data import ColumnMap, collate, load_examples
+from mmsent.encoders import RandomWeightsWarning
+from mmsent.model import HeadConfig, MMSentModel
+from mmsent.presets import preset_config
+from mmsent.scorer import _from_config
+from mmsent.textnorm import normalize_tweet
+from mmsent.train import TrainConfig, loss_fn, make_class_weights, train_live
+
+LABELS = ("negative", "neutral", "positive")
+COLOURS = {"negative": (200, 20, 20), "neutral": (120, 120, 120), "positive": (20, 200, 40)}
+WORDS = {"negative": "awful terrible sad", "neutral": "a photo of the street", "positive": "great lovely happy"}
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def make_dataset(root: Path, n: int = 36, *, seed: int = 0, name: str = "data.jsonl") -> Path:
+    """A tiny labelled set whose label is visible in both the caption and the image colour."""
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(n):
+        label = LABELS[k % 3]
+        colour = tuple(min(255, max(0, c + rng.randint(-20, 20))) for c in COLOURS[label])
+        Image.new("RGB", (40, 30), colour).save(root / "images" / f"{k}.jpg")
+        text = f"@someone {WORDS[label]} number {k} http://t.co/x"
+        row = {"id": str(k), "text": text, "label": label, "image": f"images/{k}.jpg"}
+        if k % 7 == 3:
+            row["image"] = f"images/missing-{k}.jpg"  # an absent file trains text-only
+        rows.append(row)
+    path = root / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_text_normalisation() -> None:
+    assert normalize_tweet("RT @Bob_1: so good!! http://t.co/abc #win") == "@user: so good!! http #win"
+    assert normalize_tweet("see https://t.co/N8…") == "see http"
+    assert normalize_tweet("donâ€™t stop 😍") == "don’t stop 😍"
+    assert normalize_tweet("a &amp; b\x00\ufffd  c") == "a & b c"
+    assert normalize_tweet("") == "" and normalize_tweet(None) == ""
+    assert normalize_tweet("mail me at a@b.com") == "mail me at a@b.com"
+
+
+def test_csv_with_tutorial_columns(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    with (tmp_path / "reviews.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["review_text", "sentiment_label", "image_path"])
+        w.writerow(["loved it @shop", "positive", "a.png"])
+        w.writerow(["meh", "neutral", ""])
+        w.writerow(["bad", "0", "https://example.com/x.jpg"])
+    cols = ColumnMap.parse("text=review_text,label=sentiment_label,image=image_path")
+    ex = load_examples(tmp_path / "reviews.csv", LABELS, cols)
+    assert [e.label for e in ex] == [2, 1, 0]
+    assert ex[0].text == "loved it @user" and ex[0].image == (tmp_path / "a.png").resolve()
+    assert ex[1].image is None and ex[2].image is None  # URLs are never fetched while training
+    with pytest.raises(ValueError):
+        ColumnMap.parse("txt=review_text")
+
+
+def test_collate_pads_dynamically_and_marks_missing_images(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path, 9)
+    model = _from_config(preset_config("tiny-random"))
+    ex = load_examples(data, LABELS)
+    b = collate(ex[:4], model.text_encoder.tokenize, model.cfg.image.preprocess, rng=random.Random(0))
+    longest = max(len(model.text_encoder.tokenize([e.text])["input_ids"][0]) for e in ex[:4])
+    assert b.input_ids.shape == (4, longest)
+    assert b.has_image.tolist() == [True, True, True, False]
+    assert b.labels is not None and b.labels.tolist() == [0, 1, 2, 0]
+
+
+def test_class_weights_and_focal_loss() -> None:
+    y = torch.tensor([0] * 30 + [1] * 10 + [2] * 60)
+    w = make_class_weights(y, 3, "balanced")
+    assert w is not None and w[1] > w[0] > w[2]
+    logits = torch.randn(100, 3)
+    ce = loss_fn(logits, y, TrainConfig(label_smoothing=0.0), None, torch.ones(100))
+    focal = loss_fn(logits, y, TrainConfig(loss="focal", label_smoothing=0.0), None, torch.ones(100))
+    assert 0 < focal < ce
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gated", "attention"])
+def test_each_fusion_learns_on_cached_features(tmp_path: Path, fusion: str) -> None:
+    data = make_dataset(tmp_path, 48)
+    runner = CliRunner()
+    out = tmp_path / "model"
+    args = ["train", str(data), "--out", str(out), "--preset", "tiny-random", "--fusion", fusion]
+    res = runner.invoke(app, [*args, "--epochs", "60", "--lr", "0.01", "--patience", "60", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert {"config.json", "model.safetensors", "labels.json", "training.png"} <= {p.name for p in out.iterdir()}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["head"]["fusion"] == fusion and cfg["labels"] == list(LABELS)
+    res = runner.invoke(app, ["eval", str(data), "--model", str(out), "--json"])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads(res.output.strip().splitlines()[-1])
+    assert metrics["n"] == 48 and metrics["accuracy"] > 0.6, metrics
+
+
+def test_eval_json_contract_and_modalities(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path, 12)
+    runner = CliRunner()
+    for modality in ("both", "text", "image"):
+        res = runner.invoke(app, ["eval", str(data), "--model", "tiny-random", "--json", "--modality", modality])
+        assert res.exit_code == 0, res.output
+        lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+        assert len(lines) == 1  # one JSON object, nothing else on stdout
+        m = json.loads(lines[0])
+        for key in ("n", "accuracy", "macro_f1", "weighted_f1", "ece", "per_class"):
+            assert key in m
+        assert m["n"] == 12 and 0 <= m["accuracy"] <= 1 and m["modality"] == modality
+        assert set(m["per_class"]) == set(LABELS)
+        assert Path(m["confusion_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = runner.invoke(app, ["eval", str(data), "--model", "tiny-random"])
+    assert res.exit_code == 0 and "macro-F1" in res.output
+
+
+def test_kfold_cross_validation_reports_mean_and_std(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path, 45)
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"text": WORDS[lab], "label": lab}) + "\n" for lab in LABELS * 4))
+    out = tmp_path / "cv"
+    args = ["train", str(data), "--out", str(out), "--preset", "tiny-random", "--folds", "3", "--epochs", "5"]
+    res = CliRunner().invoke(app, [*args, "--extra-text", str(extra), "--quiet", "--ensemble", "2"])
+    assert res.exit_code == 0, res.output
+    cv = json.loads((out / "cv.json").read_text())
+    assert cv["folds"] == 3 and len(cv["per_fold"]["both"]) == 3
+    for mod in ("both", "text", "image"):
+        s = cv["summary"][mod]["accuracy"]
+        assert 0 <= s["mean"] <= 1 and s["std"] >= 0
+    assert "3-fold cross-validation" in res.output
+    scorer = Scorer.load(out)  # an ensemble head loads and scores
+    assert scorer.model.cfg.ensemble == 2
+    assert len(scorer.score([{"text": "great", "image": None}])) == 1
+
+
+def test_resume_continues_from_train_state(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path, 30)
+    out = tmp_path / "m"
+    base = ["train", str(data), "--out", str(out), "--preset", "tiny-random", "--quiet", "--patience", "99"]
+    assert CliRunner().invoke(app, [*base, "--epochs", "3"]).exit_code == 0
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    assert state["epoch"] == 2
+    res = CliRunner().invoke(app, [*base, "--epochs", "5", "--resume"])
+    assert res.exit_code == 0, res.output
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    assert state["epoch"] == 4 and len(state["history"]) == 5
+
+
+def test_seed_preset_tutorial_dims_trains_and_round_trips(tmp_path: Path) -> None:
+    with pytest.warns(RandomWeightsWarning):
+        model = MMSentModel(preset_config("seed"))
+    cfg = model.cfg
+    assert cfg.head == HeadConfig(
+        text_dim=768,
+        image_dim=2048,
+        text_token_dim=768,
+        fusion="concat",
+        proj_dim=0,
+        hidden=512,
+        dropout=0.3,
+        n_classes=3,
+        modality_dropout=0.15,
+        layer_norm=True,
+    )
+    assert model.head.mlp[0].in_features == 768 + 2048 and model.head.mlp[0].out_features == 512
+    assert model.head.mlp[-1].out_features == 3
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"text_encoder", "image_encoder", "head"}  # the last layers train, the rest is frozen
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert n_frozen > 50_000_000
+
+    data = make_dataset(tmp_path, 3)
+    ex = list(load_examples(data, LABELS))
+    pre = model.cfg.image.preprocess
+    batch = collate(ex, model.text_encoder.tokenize, pre)
+    assert batch.labels is not None
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model(batch), batch.labels))
+
+    before = eval_loss()
+    tc = TrainConfig(epochs=4, batch_size=3, lr=1e-3, encoder_lr=1e-5, progress=False, label_smoothing=0.0)
+    model, hist = train_live(model, ex, None, tc)
+    assert len(hist) == 4
+    after = eval_loss()
+    assert after < before * 0.9, (before, after)
+
+    out = model.save(tmp_path / "seed-model")
+    assert (out / "model.safetensors").stat().st_size < 200_000_000  # frozen encoder weights are not copied
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        loaded = MMSentModel.load(out)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(batch), loaded(batch)
+    assert torch.equal(a, b)
+
+
+def test_trained_model_directory_scores_through_scorer(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path, 30)
+    out = tmp_path / "m"
+    res = CliRunner().invoke(
+        app, ["train", str(data), "--out", str(out), "--preset", "tiny-random", "--epochs", "4", "--quiet", "--half"]
+    )
+    assert res.exit_code == 0, res.output
+    s1, s2 = Scorer.load(out), Scorer.load(str(out))
+    img = Image.new("RGB", (30, 30), COLOURS["positive"])
+    posts = [{"text": "great lovely happy", "image": img}, {"text": "", "image": None}]
+    r1, r2 = s1.score(posts), s2.score(posts)
+    assert r1 == r2
+    assert np.isclose(sum(r1[1].scores.values()), 1.0)
