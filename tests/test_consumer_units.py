@@ -198,3 +198,67 @@ def test_a_poison_post_is_found_by_bisection_and_dead_lettered_the_rest_scored()
     assert all(item.result is not None for item in items if item.offset not in poisoned)
     assert len(scorer.calls) <= 2 * 2 * 4 + 1  # two poison posts: at most two root-to-leaf paths of splits
     assert [len(t) for t in scorer.calls[0]] == sorted(len(t) for t in scorer.calls[0])  # sorted by length
+
+
+# -- health and metrics endpoints ----------------------------------------------------------------------
+
+
+def test_health_server_serves_metrics_liveness_and_readiness() -> None:
+    import httpx
+
+    from consumer.metrics import HealthServer
+
+    state = {"ready": False}
+    Metrics.get().records_consumed.inc(0)
+    server = HealthServer("127.0.0.1", 0, lambda: state["ready"]).start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert httpx.get(f"{base}/healthz").status_code == 200
+        assert httpx.get(f"{base}/readyz").status_code == 503
+        state["ready"] = True
+        assert httpx.get(f"{base}/readyz").status_code == 200
+        body = httpx.get(f"{base}/metrics").text
+        for name in ("mmsent_records_consumed_total", "mmsent_in_flight", "mmsent_ready",
+                     "mmsent_batch_latency_seconds", "mmsent_end_to_end_latency_seconds"):
+            assert name in body
+    finally:
+        server.close()
+
+
+# -- commits rejected by a rebalance ---------------------------------------------------------------------
+
+
+class RejectingConsumer:
+    """commit() fails with the given errors first, then succeeds."""
+
+    def __init__(self, *errors: int) -> None:
+        self.errors = list(errors)
+        self.committed: list[list[tuple[int, int]]] = []
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool = True) -> list[TopicPartition]:
+        from confluent_kafka import KafkaError, KafkaException
+
+        if self.errors:
+            raise KafkaException(KafkaError(self.errors.pop(0)))
+        self.committed.append([(tp.partition, tp.offset) for tp in offsets])
+        return offsets
+
+
+def test_a_commit_rejected_by_a_rebalance_is_logged_survived_and_retried() -> None:
+    from confluent_kafka import KafkaError
+
+    from consumer.app import Application
+    from consumer.settings import Settings
+
+    app = Application(Settings(redis_url=None, metrics_port=0), serve_http=False)
+    fake = RejectingConsumer(KafkaError.ILLEGAL_GENERATION, KafkaError.REBALANCE_IN_PROGRESS)
+    app.consumer = fake  # type: ignore[assignment]
+    state = app.tracker.assign(("posts", 0))
+    for offset in range(5):
+        app.tracker.register(state, offset)
+        app.tracker.done(state, offset)
+    app._maybe_commit(force=True)  # ILLEGAL_GENERATION: survived
+    app._maybe_commit(force=True)  # REBALANCE_IN_PROGRESS: survived
+    assert fake.committed == [] and app.tracker.committable() == {("posts", 0): 5}
+    app._maybe_commit(force=True)
+    assert fake.committed == [[(0, 5)]] and app.tracker.committable() == {}
