@@ -56,13 +56,14 @@ def read_topic(
             if until_count is None and _reached_end(consumer, topic, bounds):
                 break
             for message in consumer.consume(1000, 0.2):
-                if message.error():
+                partition, offset = message.partition(), message.offset()
+                if message.error() or partition is None or offset is None:
                     continue
                 records.append(
                     Record(
                         topic,
-                        message.partition(),
-                        message.offset(),
+                        partition,
+                        offset,
                         message.key(),
                         message.value(),
                         message.timestamp()[1],
