@@ -535,7 +535,7 @@ class Application:
             partition = int(name)
             if partition < 0 or (self.settings.input_topic, partition) not in self._assigned:
                 continue
-            lag = values.get("consumer_lag_stored", values.get("consumer_lag", -1))
+            lag = values.get("consumer_lag", -1)  # end of the partition minus the committed offset
             if lag is not None and lag >= 0:
                 self.metrics.consumer_lag.labels(str(partition)).set(lag)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import queue
 import threading
 import time
 from collections import OrderedDict, deque
@@ -294,7 +295,7 @@ class Pipeline:
         self._io = io
         self._image_stage = image_stage
         self._model_stage = model_stage
-        self._model_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mmsent-model")
+        self._model_thread = SerialWorker("mmsent-model")
         self._pending: deque[tuple[Batch, concurrent.futures.Future[Batch]]] = deque()
 
     @property
@@ -321,5 +322,47 @@ class Pipeline:
         return out
 
     def close(self) -> None:
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._model_thread.close()
         self._pending.clear()
+
+
+_Task = tuple[Callable[..., Any], tuple[Any, ...], concurrent.futures.Future[Any]]
+
+
+class SerialWorker:
+    """One daemon thread running submitted calls in order. Daemon: a model stuck past the shutdown grace
+    period must not keep the process from exiting (a ThreadPoolExecutor's workers are joined at exit)."""
+
+    def __init__(self, name: str) -> None:
+        self._queue: queue.SimpleQueue[_Task | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., T], *args: Any) -> concurrent.futures.Future[T]:
+        future: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((fn, args, future))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            task = self._queue.get()
+            if task is None:
+                return
+            fn, args, future = task
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def close(self) -> None:
+        """Cancel what has not started; the running call (if any) finishes on its own."""
+        while True:
+            try:
+                task = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if task is not None:
+                task[2].cancel()
+        self._queue.put(None)
