@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     output_topic: str = "sentiment"
     dlq_topic: str = "sentiment.dlq"
     group_id: str = "mmsent"
+    group_instance_id: str | None = Field(
+        default=None, description="Static group membership (KIP-345): a restarted member takes its partitions back."
+    )
     redis_url: str | None = "redis://localhost:6379/0"
     model: str | None = Field(default=None, description="A model directory or preset name; None: the default.")
     max_batch_size: int = Field(default=32, ge=1, le=4096)
