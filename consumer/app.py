@@ -139,6 +139,7 @@ class Application:
             self.health = HealthServer(s.metrics_host, s.metrics_port, lambda: self.ready).start()
         scorer = self._scorer or _load_scorer(s)
         self._scorer = scorer
+        _warm_up(scorer)
         info = {str(k): str(v) for k, v in dict(scorer.info).items()}
         self._model_info = ModelInfo(**info)
         decoder = self._image_decoder or _default_image_decoder(s)
@@ -485,7 +486,10 @@ class Application:
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
         if not self.eos and self.sink is not None:
-            # What is already produced: wait for its acknowledgements, then commit it before handing over.
+            # Batches already scored are produced; everything produced is waited for (acknowledgements) and
+            # committed before the partitions go: the new owner repeats as little as possible.
+            if self.pipeline is not None:
+                self._drain_completed()
             self.sink.flush(REVOKE_FLUSH_S)
             self._maybe_commit(force=True, keys=keys)
         self._forget(partitions, keys)
@@ -631,6 +635,16 @@ def _load_scorer(settings: Settings) -> ScorerLike:
     scorer = Scorer.load(settings.model)
     log.info("model_loaded", model=dict(scorer.info), seconds=round(time.monotonic() - started, 2))
     return scorer
+
+
+def _warm_up(scorer: ScorerLike) -> None:
+    """One tiny call before the first batch, so that lazy initialisation is not paid by real posts."""
+    started = time.monotonic()
+    try:
+        scorer.score([{"text": "warm up", "image": None}])
+    except Exception as exc:  # a scorer that cannot score a plain caption will say so on the first batch
+        log.warning("model_warm_up_failed", error=repr(exc))
+    log.debug("model_warmed_up", seconds=round(time.monotonic() - started, 3))
 
 
 def _default_image_decoder(settings: Settings) -> Callable[[bytes], Any]:
