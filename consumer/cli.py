@@ -69,6 +69,7 @@ def _mount_optional(module_name: str, attribute: str = "app") -> None:
         return
     sub_app = getattr(module, attribute)
     app.registered_commands.extend(sub_app.registered_commands)
+    app.registered_groups.extend(sub_app.registered_groups)
 
 
 for _module in ("mmsent.cli", "consumer.reconcile", "consumer.bench"):

@@ -1,0 +1,426 @@
+"""`mmsent bench`: model-only figures, end to end through the real broker/Redis/image server, and the naive
+seed-style consumer in the same run, so that the ratios are measured side by side.
+
+    mmsent bench all --write BENCHMARKS.md     # ~10 minutes on a 2-core machine
+    mmsent bench smoke                         # seconds: proves every part runs (used by the test suite)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from consumer.embedded import EmbeddedServices, free_port
+
+app = typer.Typer(help="Benchmarks: model only, end to end, and the naive consumer, side by side.")
+bench_app = typer.Typer(help="Benchmarks (`mmsent bench all --write BENCHMARKS.md`).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+IN, OUT, DLQ = "bench-posts", "bench-sentiment", "bench-dlq"
+
+
+# -- the image server and the posts -------------------------------------------------------------------------------
+
+
+class PhotoServer:
+    """Serves the given photos at /p<n>.jpg on 127.0.0.1 and counts the requests."""
+
+    def __init__(self, photos: list[bytes]) -> None:
+        self.requests = 0
+        server_self = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+                server_self.requests += 1
+                try:
+                    path = self.path.split("?", 1)[0]
+                    body = photos[int(path.removeprefix("/p").removesuffix(".jpg"))]
+                except (ValueError, IndexError):
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/jpeg")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                return
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def url(self, index: int, run: int = 0) -> str:
+        # The run number makes each run's URLs new to the cache; the photo bytes are shared.
+        return f"{self.base}/p{index}.jpg?run={run}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def make_posts(count: int, n_photos: int, server: PhotoServer, repeat_share: float, seed: int) -> list[bytes]:
+    """Tweet-like captions; each post has an image, `repeat_share` of them an image seen earlier in the stream."""
+    from mmsent.bench import synthetic_captions
+
+    rng = random.Random(seed)
+    captions = synthetic_captions(count, seed)
+    posts, fresh = [], 0
+    for index, caption in enumerate(captions):
+        if fresh and rng.random() < repeat_share:
+            photo = rng.randrange(fresh)
+        else:
+            photo, fresh = fresh % n_photos, fresh + 1
+        posts.append(json.dumps({"post_id": f"b{seed}-{index}", "text": caption, "image_url": server.url(photo, seed),
+                                 "created_at": datetime.now(UTC).isoformat()}).encode())
+    return posts
+
+
+# -- end to end -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EndToEnd:
+    load: str
+    posts: int
+    offered_per_s: float | None
+    posts_per_s: float
+    latency_ms_p50: float
+    latency_ms_p95: float
+    latency_ms_p99: float
+    image_requests: int
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def _create_topics(bootstrap: str, partitions: int) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.create_topics(
+        [NewTopic(IN, partitions, 1), NewTopic(OUT, partitions, 1), NewTopic(DLQ, 1, 1)], operation_timeout=30
+    ).values():
+        future.result(30)
+
+
+@contextmanager
+def consumer_process(env: dict[str, str], metrics_port: int, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`mmsent consume` as its own process, as it is deployed; yields once it reports ready."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("MMSENT_")} | env
+    with log_path.open("ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "consumer", "consume"], env=full_env, stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/readyz", timeout=1) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            raise RuntimeError(f"the consumer did not become ready; see {log_path}")
+        yield process
+    finally:
+        process.terminate()
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+class OutputWatcher:
+    """Reads the output topic on a thread; latency = output record time - input record time (same clock)."""
+
+    def __init__(self, bootstrap: str) -> None:
+        from confluent_kafka import Consumer
+
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-watch-{time.monotonic_ns()}",
+                                   "auto.offset.reset": "latest", "enable.auto.commit": False})
+        self._consumer.subscribe([OUT])
+        self.latencies_ms: dict[str, float] = {}
+        self.done_at: dict[str, float] = {}
+        self.sent_ms: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for message in self._consumer.consume(1000, 0.1):
+                value = message.value()
+                if message.error() or value is None:
+                    continue
+                post_id = json.loads(value)["post_id"]
+                sent = self.sent_ms.get(post_id)
+                if sent is not None and post_id not in self.latencies_ms:
+                    self.latencies_ms[post_id] = message.timestamp()[1] - sent
+                    self.done_at[post_id] = time.monotonic()
+        self._consumer.close()
+
+    def wait_for(self, ids: list[str], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(i in self.latencies_ms for i in ids):
+                return True
+            time.sleep(0.1)
+        return False
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def _produce(bootstrap: str, posts: list[bytes], watcher: OutputWatcher, rate_per_s: float | None) -> float:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 2, "enable.idempotence": True})
+    started = time.monotonic()
+    for index, value in enumerate(posts):
+        if rate_per_s:
+            delay = started + index / rate_per_s - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        post_id = json.loads(value)["post_id"]
+        watcher.sent_ms[post_id] = time.time() * 1000
+        producer.produce(IN, value=value, timestamp=int(watcher.sent_ms[post_id]))
+        producer.poll(0)
+    producer.flush(60)
+    return time.monotonic() - started
+
+
+def run_end_to_end(posts: list[bytes], bootstrap: str, watcher: OutputWatcher, server: PhotoServer, load: str,
+                   rate_per_s: float | None) -> EndToEnd:
+    ids = [json.loads(p)["post_id"] for p in posts]
+    requests_before = server.requests
+    started = time.monotonic()
+    _produce(bootstrap, posts, watcher, rate_per_s)
+    if not watcher.wait_for(ids, timeout_s=600):
+        raise RuntimeError(f"only {sum(i in watcher.latencies_ms for i in ids)} of {len(ids)} posts were scored")
+    finished = max(watcher.done_at[i] for i in ids)
+    latencies = [watcher.latencies_ms[i] for i in ids]
+    return EndToEnd(load, len(ids), rate_per_s, len(ids) / (finished - started), _percentile(latencies, 0.50),
+                    _percentile(latencies, 0.95), _percentile(latencies, 0.99), server.requests - requests_before)
+
+
+# -- the naive consumer -----------------------------------------------------------------------------------------
+
+
+def run_naive(posts: list[bytes], bootstrap: str, model: str | None, server: PhotoServer) -> dict[str, Any]:
+    """The seed-style consumer: one record at a time, the image downloaded every time, captions padded to 128,
+    fp32, a synchronous produce and commit per record. Same model, same posts, same broker."""
+    import httpx
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    from mmsent import Scorer
+
+    topic = f"naive-{time.monotonic_ns()}"
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    feeder = Producer({"bootstrap.servers": bootstrap})
+    for value in posts:
+        feeder.produce(topic, value=value)
+    feeder.flush(60)
+    scorer = Scorer.load(model)
+    scorer.pad_to_length = 128
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": topic, "auto.offset.reset": "earliest",
+                         "enable.auto.commit": False})
+    consumer.subscribe([topic])
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
+    requests_before = server.requests
+    done, started = 0, 0.0
+    with httpx.Client(timeout=10) as http:
+        while done < len(posts):
+            message = consumer.poll(1.0)
+            if message is None or message.error():
+                continue
+            if not started:
+                started = time.monotonic()
+            post = json.loads(message.value() or b"{}")
+            image = http.get(post["image_url"]).content
+            result = scorer.score([{"text": post["text"], "image": image}])[0]
+            producer.produce(f"{topic}-out", value=json.dumps({"post_id": post["post_id"], "label": result.label}))
+            producer.flush(10)
+            consumer.commit(message=message, asynchronous=False)
+            done += 1
+    elapsed = time.monotonic() - started
+    consumer.close()
+    return {"posts": done, "posts_per_s": done / elapsed, "image_requests": server.requests - requests_before}
+
+
+# -- the whole run ----------------------------------------------------------------------------------------------
+
+
+def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: int, naive_posts: int,
+            model_batch_sizes: list[int], seed_batch_sizes: list[int], min_seconds: float,
+            partitions: int = 3) -> dict[str, Any]:
+    import torch
+
+    from mmsent.bench import bench_model, matmul_flops_per_s, sample_photos
+
+    result: dict[str, Any] = {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+        "matmul_flops_per_s": matmul_flops_per_s(),
+    }
+    print(f"matmul: {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
+    result["model_only"] = [bench_model(model or "default", model_batch_sizes, min_seconds=min_seconds,
+                                        compare_padding_at=batch_size)]
+    if seed_batch_sizes:
+        result["model_only"].append(bench_model("seed", seed_batch_sizes, min_seconds=min_seconds,
+                                                compare_padding_at=None))
+    for entry in result["model_only"]:
+        for figure in entry["figures"]:
+            print(f"model {entry['preset']} batch {figure['batch_size']:>3} {figure['padding']:<8} "
+                  f"{figure['posts_per_s']:8.1f} posts/s  {figure['batch_ms_p50']:8.1f} ms/batch", flush=True)
+    photos, _ = sample_photos(max(64, e2e_posts))
+    server = PhotoServer(photos)
+    workdir = Path(tempfile.mkdtemp(prefix="mmsent-bench-"))
+    with EmbeddedServices(force_redis=True) as services:
+        bootstrap = services.kafka_bootstrap
+        _create_topics(bootstrap, partitions)
+        metrics_port = free_port()
+        env = {
+            "MMSENT_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MMSENT_REDIS_URL": services.redis_url or "",
+            "MMSENT_INPUT_TOPIC": IN, "MMSENT_OUTPUT_TOPIC": OUT, "MMSENT_DLQ_TOPIC": DLQ,
+            "MMSENT_GROUP_ID": "bench", "MMSENT_MAX_BATCH_SIZE": str(batch_size),
+            "MMSENT_MAX_WAIT_MS": str(max_wait_ms), "MMSENT_METRICS_PORT": str(metrics_port),
+            "MMSENT_METRICS_HOST": "127.0.0.1", "MMSENT_FETCH_ALLOW_CIDRS": "127.0.0.1/32",
+            "MMSENT_LOG_LEVEL": "WARNING", **({"MMSENT_MODEL": model} if model else {}),
+        }
+        watcher = OutputWatcher(bootstrap)
+        try:
+            with consumer_process(env, metrics_port, workdir / "consumer.log"):
+                # warm-up: the first batches pay for allocator growth and tokenizer caches
+                run_end_to_end(make_posts(2 * batch_size, len(photos), server, 0.3, seed=1), bootstrap, watcher,
+                               server, "warm-up", None)
+                full = run_end_to_end(make_posts(e2e_posts, len(photos), server, 0.3, seed=2), bootstrap, watcher,
+                                      server, "full", None)
+                half = run_end_to_end(make_posts(max(batch_size * 4, e2e_posts // 2), len(photos), server, 0.3,
+                                                 seed=3), bootstrap, watcher, server, "half", full.posts_per_s / 2)
+        finally:
+            watcher.close()
+        for figure in (full, half):
+            print(f"end to end {figure.load}: {figure.posts_per_s:.1f} posts/s, p50/p95/p99 "
+                  f"{figure.latency_ms_p50:.0f}/{figure.latency_ms_p95:.0f}/{figure.latency_ms_p99:.0f} ms",
+                  flush=True)
+        naive = run_naive(make_posts(naive_posts, len(photos), server, 0.3, seed=4), bootstrap, model, server)
+        print(f"naive: {naive['posts_per_s']:.1f} posts/s", flush=True)
+    server.close()
+    model_at_batch = next(f for f in result["model_only"][0]["figures"]
+                          if f["batch_size"] == batch_size and f["padding"] == "dynamic")
+    result.update(
+        batch_size=batch_size, max_wait_ms=max_wait_ms, end_to_end=[asdict(full), asdict(half)], naive=naive,
+        ratio_vs_naive=full.posts_per_s / naive["posts_per_s"],
+        share_of_model_only=full.posts_per_s / model_at_batch["posts_per_s"],
+        model_batch_ms=model_at_batch["batch_ms_p50"],
+        p99_bound_ms=max_wait_ms + 2 * model_at_batch["batch_ms_p50"],
+    )
+    for entry in result["model_only"]:
+        achieved = entry["flops_per_post"] * max(f["posts_per_s"] for f in entry["figures"])
+        entry["flops_fraction"] = achieved / result["matmul_flops_per_s"]
+    return result
+
+
+def render_markdown(result: dict[str, Any], command: str) -> str:
+    lines = [f"## {result['date']} — `{command}`", "", f"Machine: {result['machine']}; measured fp32 matmul "
+             f"{result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s.", ""]
+    lines += ["### Model only (`Scorer.score`, images as JPEG bytes: decode + CNN + text + fusion)", "",
+              "| preset | batch | padding | posts/s | ms/batch (p50) | ms/batch (max) |", "|---|---|---|---|---|---|"]
+    for entry in result["model_only"]:
+        for f in entry["figures"]:
+            lines.append(f"| {entry['preset']} | {f['batch_size']} | {f['padding']} | {f['posts_per_s']:.1f} | "
+                         f"{f['batch_ms_p50']:.1f} | {f['batch_ms_max']:.1f} |")
+    lines += ["", "| preset | GFLOPs/post | share of matmul FLOP/s at best batch | photos |", "|---|---|---|---|"]
+    for entry in result["model_only"]:
+        lines.append(f"| {entry['preset']} | {entry['flops_per_post'] / 1e9:.2f} | "
+                     f"{100 * entry['flops_fraction']:.0f}% | {entry['photos']} |")
+    lines += ["", f"### End to end (broker, Redis, image server; batch {result['batch_size']}, "
+              f"max wait {result['max_wait_ms']} ms; 30% of posts repeat an earlier image)", "",
+              "| load | posts | offered/s | posts/s | p50 ms | p95 ms | p99 ms | image requests |",
+              "|---|---|---|---|---|---|---|---|"]
+    for e in result["end_to_end"]:
+        offered = f"{e['offered_per_s']:.1f}" if e["offered_per_s"] else "backlog"
+        lines.append(f"| {e['load']} | {e['posts']} | {offered} | {e['posts_per_s']:.1f} | {e['latency_ms_p50']:.0f} | "
+                     f"{e['latency_ms_p95']:.0f} | {e['latency_ms_p99']:.0f} | {e['image_requests']} |")
+    naive = result["naive"]
+    half = result["end_to_end"][1]
+    lines += ["", f"Naive seed-style consumer (one record at a time, download every time, pad to 128, fp32, sync "
+              f"commit per record): {naive['posts_per_s']:.1f} posts/s over {naive['posts']} posts, "
+              f"{naive['image_requests']} image requests.", "",
+              f"- end to end / naive: **{result['ratio_vs_naive']:.1f}x** (target ≥ 5x)",
+              f"- end to end / model only at batch {result['batch_size']}: "
+              f"**{100 * result['share_of_model_only']:.0f}%** (target ≥ 80%)",
+              f"- p99 at half load: **{half['latency_ms_p99']:.0f} ms**; bound max_wait + 2 × model batch time = "
+              f"{result['max_wait_ms']} + 2 × {result['model_batch_ms']:.0f} = {result['p99_bound_ms']:.0f} ms", ""]
+    return "\n".join(lines)
+
+
+# -- commands ---------------------------------------------------------------------------------------------------
+
+
+@bench_app.command("all")
+def bench_all(
+    write: Annotated[Path | None, typer.Option(help="Append the results to this Markdown file.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model directory or preset; default: the packaged model.")] = None,
+    batch_size: Annotated[int, typer.Option(help="MMSENT_MAX_BATCH_SIZE for end to end.")] = 32,
+    max_wait_ms: Annotated[int, typer.Option(help="MMSENT_MAX_WAIT_MS for end to end.")] = 50,
+    e2e_posts: Annotated[int, typer.Option(help="Posts in the full-load run.")] = 1500,
+    naive_posts: Annotated[int, typer.Option(help="Posts through the naive consumer.")] = 150,
+    seed: Annotated[bool, typer.Option(help="Also bench the seed preset (BERT-base + ResNet-50).")] = True,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the raw figures as JSON here.")] = None,
+) -> None:
+    """Everything, in one run, so that ratios compare figures measured side by side."""
+    result = run_all(model=model, batch_size=batch_size, max_wait_ms=max_wait_ms, e2e_posts=e2e_posts,
+                     naive_posts=naive_posts, model_batch_sizes=[1, 2, 4, 8, 16, 32, 64, 128],
+                     seed_batch_sizes=[1, 8, 32] if seed else [], min_seconds=2.0)
+    _report(result, "mmsent bench all" + (f" --batch-size {batch_size}" if batch_size != 32 else ""), write, json_out)
+
+
+@bench_app.command("smoke")
+def bench_smoke(
+    model: Annotated[str, typer.Option(help="Model directory or preset.")] = "tiny-random",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the raw figures as JSON here.")] = None,
+) -> None:
+    """A few seconds of every part, to prove the command works (run by the test suite; figures meaningless)."""
+    result = run_all(model=model, batch_size=8, max_wait_ms=20, e2e_posts=48, naive_posts=8,
+                     model_batch_sizes=[1, 8], seed_batch_sizes=[], min_seconds=0.1)
+    _report(result, "mmsent bench smoke", None, json_out)
+
+
+def _report(result: dict[str, Any], command: str, write: Path | None, json_out: Path | None) -> None:
+    text = render_markdown(result, command)
+    typer.echo("\n" + text)
+    if write is not None:
+        existing = write.read_text() if write.exists() else "# Benchmarks\n\n"
+        write.write_text(existing.rstrip() + "\n\n" + text + "\n")
+        typer.echo(f"appended to {write}")
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2, default=str))

@@ -1,0 +1,157 @@
+"""Model-only benchmarks: posts/s and batch latency of `Scorer`, FLOPs per post, and the machine's matmul FLOP/s.
+
+Synthetic posts with a tweet-like caption-length mix (most under 40 tokens) and real photos: the MVSA images in
+`../shared/data` when present, otherwise generated pictures (said so in the output).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw
+
+from mmsent.scorer import Scorer
+
+_WORDS = (
+    "love hate great awful today game team happy sad new best worst photo day night city rain sun friends "
+    "family work school music show live amazing terrible beautiful broken win lose fans crowd breaking news "
+    "watch look finally again never always thanks sorry wow omg lol #tbt #love @user http"
+).split()
+SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvsa-single" / "images"
+
+
+def caption_lengths(n: int, rng: random.Random) -> list[int]:
+    """Word counts shaped like tweets: most short, a long tail to ~60 words (≈ 80 tokens)."""
+    return [max(1, min(60, int(rng.lognormvariate(2.6, 0.6)))) for _ in range(n)]
+
+
+def synthetic_captions(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(_WORDS) for _ in range(k)) for k in caption_lengths(n, rng)]
+
+
+def _generated_photo(index: int) -> bytes:
+    rng = random.Random(index)
+    image = Image.new("RGB", (480, 360), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x, y = rng.randrange(480), rng.randrange(360)
+        draw.ellipse(
+            (x, y, x + rng.randrange(20, 160), y + rng.randrange(20, 160)),
+            fill=tuple(rng.randrange(256) for _ in range(3)),
+        )
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+def sample_photos(n: int) -> tuple[list[bytes], str]:
+    """`n` encoded JPEGs and where they came from."""
+    if SHARED_IMAGES.is_dir():
+        paths = sorted(SHARED_IMAGES.glob("*.jpg"))[:n]
+        if len(paths) == n:
+            return [p.read_bytes() for p in paths], f"MVSA photos from {SHARED_IMAGES}"
+    return [_generated_photo(i) for i in range(n)], "generated pictures (the MVSA photos were not found)"
+
+
+@dataclass
+class BatchFigure:
+    preset: str
+    batch_size: int
+    padding: str
+    posts_per_s: float
+    batch_ms_p50: float
+    batch_ms_max: float
+
+
+def matmul_flops_per_s(size: int = 2048, repeats: int = 10) -> float:
+    """The machine's measured fp32 matrix-multiply rate, the roof the model is compared with."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    return 2 * size**3 * repeats / (time.perf_counter() - start)
+
+
+def flops_per_post(scorer: Scorer, posts: Sequence[dict[str, Any]]) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        scorer.score(posts)
+    return counter.get_total_flops() / len(posts)
+
+
+def time_batches(scorer: Scorer, posts: list[dict[str, Any]], batch_size: int, min_seconds: float) -> list[float]:
+    """Seconds per batch of `batch_size` posts (images as encoded bytes: decode + CNN + text + fusion)."""
+    scorer.score(posts[:batch_size])  # warm-up: allocator, tokenizer caches
+    times: list[float] = []
+    start = time.perf_counter()
+    index = 0
+    while time.perf_counter() - start < min_seconds or len(times) < 2:
+        batch = [posts[(index + k) % len(posts)] for k in range(batch_size)]
+        index += batch_size
+        t0 = time.perf_counter()
+        scorer.score(batch)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def bench_model(
+    preset: str,
+    batch_sizes: Sequence[int],
+    *,
+    min_seconds: float = 2.0,
+    compare_padding_at: int | None = 32,
+) -> dict[str, Any]:
+    scorer = Scorer.load(preset)
+    scorer.batch_size = max(batch_sizes)
+    n = max(max(batch_sizes), 64)
+    photos, photo_source = sample_photos(n)
+    posts = [{"text": text, "image": photo} for text, photo in zip(synthetic_captions(n), photos, strict=True)]
+    figures: list[BatchFigure] = []
+    for batch_size in batch_sizes:
+        times = time_batches(scorer, posts, batch_size, min_seconds)
+        figures.append(
+            BatchFigure(
+                preset,
+                batch_size,
+                "dynamic",
+                batch_size / statistics.median(times),
+                1000 * statistics.median(times),
+                1000 * max(times),
+            )
+        )
+    if compare_padding_at:
+        scorer.pad_to_length = 128
+        times = time_batches(scorer, posts, compare_padding_at, min_seconds)
+        figures.append(
+            BatchFigure(
+                preset,
+                compare_padding_at,
+                "pad-128",
+                compare_padding_at / statistics.median(times),
+                1000 * statistics.median(times),
+                1000 * max(times),
+            )
+        )
+        scorer.pad_to_length = None
+    flops = flops_per_post(scorer, posts[:16])
+    return {
+        "preset": preset,
+        "model": scorer.info,
+        "device": str(scorer.device),
+        "threads": torch.get_num_threads(),
+        "photos": photo_source,
+        "flops_per_post": flops,
+        "figures": [asdict(f) for f in figures],
+    }

@@ -1,0 +1,33 @@
+"""`mmsent bench smoke`: every part of the benchmark runs and reports figures (their values mean nothing here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.kafka, pytest.mark.redis]
+
+
+def test_bench_smoke_runs_every_part(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer", "bench", "smoke", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["matmul_flops_per_s"] > 1e8
+    figures = result["model_only"][0]["figures"]
+    assert {f["padding"] for f in figures} == {"dynamic", "pad-128"}
+    assert all(f["posts_per_s"] > 0 for f in figures)
+    full, half = result["end_to_end"]
+    assert full["posts"] == 48 and full["posts_per_s"] > 0 and full["latency_ms_p99"] >= full["latency_ms_p50"]
+    assert half["offered_per_s"] == pytest.approx(full["posts_per_s"] / 2)
+    assert full["image_requests"] > 0, "the posts' images were never fetched"
+    assert result["naive"]["image_requests"] == result["naive"]["posts"], "the naive consumer downloads every time"
+    assert result["ratio_vs_naive"] > 0
+    assert "| tiny-random |" in done.stdout
