@@ -475,10 +475,13 @@ class Application:
 
     # -- rebalances ----------------------------------------------------------------------------------------------
 
-    def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.tracker.assign((tp.topic, tp.partition))
             self._assigned.add((tp.topic, tp.partition))
+        consumer.assign(partitions)  # now, not after this callback: the pause state below applies to them
+        if self.pausing is not None:
+            self.pausing.on_assign(partitions)
         self.metrics.rebalances.labels("assigned").inc()
         self._set_ready()
         log.info("partitions_assigned", partitions=sorted(tp.partition for tp in partitions))

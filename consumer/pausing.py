@@ -63,6 +63,18 @@ class PausingManager:
             self.pauses += 1
         self._pause_unpaused()
 
+    def on_assign(self, partitions: Sequence[TopicPartition]) -> None:
+        """Newly assigned (and already `assign()`ed) partitions get the current state explicitly: librdkafka
+        keeps a partition's pause flag across a revoke and a re-assignment, so a partition paused before a
+        rebalance would otherwise stay paused for good."""
+        if not partitions:
+            return
+        if self.paused:
+            self._consumer.pause(list(partitions))
+            self._paused_keys.update((tp.topic, tp.partition) for tp in partitions)
+        else:
+            self._consumer.resume(list(partitions))
+
     def forget(self, partitions: Sequence[TopicPartition]) -> None:
         """Partitions revoked: they are no longer ours to pause or resume."""
         for tp in partitions:

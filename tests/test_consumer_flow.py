@@ -21,6 +21,7 @@ from tests.consumerutil import (
     Topics,
     all_committed,
     app_in_thread,
+    committed_total,
     keys_for,
     make_settings,
     post,
@@ -252,3 +253,43 @@ def test_backpressure_pauses_the_partitions_and_resumes_without_losing_anything(
     assert pauses >= 1 and resumes >= 1
     assert slow.max_in_flight_seen <= 12
     assert sorted(e.post_id for e in outcome.events) == sorted(f"p{i}" for i in range(120))
+
+
+def test_scoring_goes_on_with_images_while_redis_is_down(
+    kafka_bootstrap: str, redis_server: Any, image_server: ImageServer, unique_name: str, scorer: Any
+) -> None:
+    topics = Topics.named(unique_name)
+    create_topics(kafka_bootstrap, {topics.posts: 2, topics.sentiment: 2, topics.dlq: 1})
+    urls = _serve_images(image_server)
+    values = synthetic_posts(80, lambda i: urls["red"] if i % 2 else urls["blue"])
+    produce(kafka_bootstrap, topics.posts, values, keys=keys_for(values))
+    redis_server.stop()  # the cache is configured but does not answer
+    settings = make_settings(settings_env(kafka_bootstrap, topics, redis_server.url))
+    with app_in_thread(settings, scorer=scorer):
+        assert wait_until(lambda: all_committed(kafka_bootstrap, topics), timeout=60)
+    outcome = Outcome.read(kafka_bootstrap, topics)
+    assert sorted(e.post_id for e in outcome.events) == sorted(f"p{i}" for i in range(80))
+    assert {e.image_status for e in outcome.events} == {ImageStatus.OK}
+
+
+def test_exactly_once_through_a_rebalance_when_a_second_member_joins(
+    kafka_bootstrap: str, unique_name: str, scorer: Any
+) -> None:
+    topics = Topics.named(unique_name)
+    create_topics(kafka_bootstrap, {topics.posts: 4, topics.sentiment: 4, topics.dlq: 1})
+    values = synthetic_posts(1200, lambda i: None)
+    produce(kafka_bootstrap, topics.posts, values, keys=keys_for(values))
+    base = settings_env(kafka_bootstrap, topics, None, processing_guarantee="exactly_once", max_batch_size=8)
+    slow = SlowScorer(scorer, [], delay_s=0.01)
+    with app_in_thread(make_settings({**base, "MMSENT_TRANSACTIONAL_ID": f"{unique_name}-a"}), scorer=slow,
+                       cache_factory=lambda _s: None):
+        assert wait_until(lambda: committed_total(kafka_bootstrap, topics) >= 100, timeout=60)
+        with app_in_thread(make_settings({**base, "MMSENT_TRANSACTIONAL_ID": f"{unique_name}-b"}), scorer=slow,
+                           cache_factory=lambda _s: None) as second:
+            assert wait_until(lambda: bool(second.ready), timeout=30), "the second member never got partitions"
+            assert wait_until(lambda: all_committed(kafka_bootstrap, topics), timeout=90)
+    committed_view = Outcome.read(kafka_bootstrap, topics, isolation_level="read_committed")
+    raw_view = Outcome.read(kafka_bootstrap, topics)
+    print(f"\nexactly once through a rebalance: read_committed {len(committed_view.events)} events for 1200 posts "
+          f"({committed_view.repeats()} repeats); read_uncommitted {len(raw_view.events)}")
+    assert Counter(e.post_id for e in committed_view.events) == Counter(f"p{i}" for i in range(1200))

@@ -262,3 +262,18 @@ def test_a_commit_rejected_by_a_rebalance_is_logged_survived_and_retried() -> No
     assert fake.committed == [] and app.tracker.committable() == {("posts", 0): 5}
     app._maybe_commit(force=True)
     assert fake.committed == [[(0, 5)]] and app.tracker.committable() == {}
+
+
+def test_partitions_assigned_after_a_rebalance_get_the_current_pause_state() -> None:
+    consumer = FakeConsumer([0, 1])
+    manager = PausingManager(consumer, high=4)
+    manager.update(4)  # paused
+    manager.forget(consumer.partitions)  # revoked while paused (librdkafka keeps their pause flag)
+    consumer.partitions = []
+    manager.update(0)  # room again, nothing assigned at this moment
+    consumer.partitions = [TopicPartition("t", 1)]
+    manager.on_assign(consumer.partitions)  # re-assigned: resumed explicitly
+    assert consumer.calls[-1] == ("resume", [1]) and not manager.paused
+    manager.update(4)
+    manager.on_assign([TopicPartition("t", 2)])
+    assert {1, 2} <= consumer.paused
