@@ -113,6 +113,9 @@ class Application:
         self._serve_http = serve_http
         self._stop = threading.Event()
         self._fatal: BaseException | None = None
+        # At least once: a producer that hit a fatal error (e.g. its idempotence state was lost with a broker
+        # restart) is replaced and everything not yet acknowledged is read again, instead of exiting.
+        self._producer_failed: KafkaError | None = None
         self.ready = False
         self.health: HealthServer | None = None
 
@@ -151,7 +154,7 @@ class Application:
         model_stage = ModelStage(scorer, self._cache, self._io, self.policy, self.metrics)
         self.pipeline = Pipeline(self._io, image_stage, model_stage)
 
-        self.sink = Sink(producer_config(s, error_cb=self._on_client_error) | {"logger": _LibrdkafkaLog()})
+        self.sink = self._new_sink()
         if self.eos:
             # Before joining the group: fences a dead predecessor with our transactional id and aborts its
             # open transaction, so the offsets we are about to read are the committed ones.
@@ -216,7 +219,12 @@ class Application:
         for batch in self.batcher.ready():
             self._submit(batch)
         self._drain_completed()
-        self.sink.poll(0)
+        try:
+            self.sink.poll(0)
+        except KafkaException as exc:
+            self._on_producer_error(exc.args[0])
+        if self._producer_failed is not None:
+            self._replace_producer()
         self._maybe_commit()
         self.metrics.in_flight.set(self.tracker.in_flight)
         self.metrics.paused_partitions.set(self.pausing.paused_partitions)
@@ -367,7 +375,10 @@ class Application:
             decision = self.policy.on_delivery_error(error, item)
             log.error("delivery_failed", error=str(error), action=decision.action, **item.log_fields())
             if decision.action is Action.FATAL:
-                self._fatal = DeliveryFailed(f"output of {item.topic}[{item.partition}]@{item.offset}: {error}")
+                if error.fatal() and not self.eos:
+                    self._producer_failed = error
+                else:
+                    self._fatal = DeliveryFailed(f"output of {item.topic}[{item.partition}]@{item.offset}: {error}")
                 return
         remaining[0] -= 1
         if remaining[0] == 0 and self.tracker.done(item.state, item.offset):
@@ -422,6 +433,29 @@ class Application:
         self.metrics.commits.labels("transaction").inc()
         for item in items:
             self._count_done(item)
+
+    def _new_sink(self) -> Sink:
+        return Sink(producer_config(self.settings, error_cb=self._on_producer_error) | {"logger": _LibrdkafkaLog()})
+
+    def _on_producer_error(self, error: KafkaError) -> None:
+        if error.fatal() and not self.eos:
+            self._producer_failed = error
+        else:
+            self._on_client_error(error)
+
+    def _replace_producer(self) -> None:
+        """At least once: a fresh idempotent producer, and every unacknowledged record read again.
+
+        Nothing is lost (offsets past the last acknowledged output were never committed); records whose output
+        did reach the broker before the failure may be repeated, as at-least-once allows.
+        """
+        assert self.sink is not None
+        log.error("producer_failed_replacing", error=str(self._producer_failed))
+        self.sink.abandon()
+        self.sink = self._new_sink()
+        self._producer_failed = None
+        self.metrics.producer_replacements.inc()
+        self._rewind()
 
     def _rewind(self) -> None:
         """After an aborted transaction: drop everything in flight and read again from the committed offsets."""

@@ -66,6 +66,9 @@ class Metrics:
         self.ready = Gauge("mmsent_ready", "1 when the model is loaded and partitions are assigned.")
         self.commits = Counter("mmsent_commits_total", "Offset commits (or transactions), by outcome.", ["outcome"])
         self.rebalances = Counter("mmsent_rebalances_total", "Partition assignment changes.", ["kind"])
+        self.producer_replacements = Counter(
+            "mmsent_producer_replacements_total", "Producers replaced after a fatal error (at least once)."
+        )
         self.model_splits = Counter("mmsent_model_batch_splits_total", "Batches split to find a poison post.")
 
     @classmethod

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from confluent_kafka import OFFSET_BEGINNING
+
 TopicPartitionKey = tuple[str, int]
 
 
@@ -112,8 +114,8 @@ class OffsetTracker:
         """Forget all work in flight: every partition gets a new generation. Returns where to seek each one."""
         positions: dict[TopicPartitionKey, int] = {}
         for key, state in list(self._states.items()):
-            if state.committed is not None:
-                positions[key] = state.committed
+            # Never committed: start over from the beginning, as `auto.offset.reset=earliest` did.
+            positions[key] = state.committed if state.committed is not None else OFFSET_BEGINNING
             fresh = self.assign(key)
             fresh.committed = state.committed
         return positions

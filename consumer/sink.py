@@ -8,6 +8,7 @@ Exactly once: a transactional producer; the input offsets go into the same trans
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from collections.abc import Callable, Mapping
@@ -98,6 +99,12 @@ class Sink:
     def flush(self, timeout: float) -> int:
         """Wait for every acknowledgement (firing the callbacks); returns how many are still outstanding."""
         return int(self._producer.flush(max(0.0, timeout)))
+
+    def abandon(self) -> None:
+        """Drop a failed producer's queue without waiting or firing callbacks; the records will be redone."""
+        # A producer in a fatal state may refuse even this; it is dropped all the same.
+        with contextlib.suppress(KafkaException):
+            self._producer.purge(in_queue=True, in_flight=True, blocking=False)
 
     def __len__(self) -> int:
         return len(self._producer)

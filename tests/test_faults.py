@@ -29,7 +29,7 @@ from tests.consumerutil import (
     wait_until,
 )
 from tests.imageserver import ImageServer, drop, garbage, image, sample_image, slow, status
-from tests.kafkautil import create_topics
+from tests.kafkautil import create_topics, produce
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
@@ -117,13 +117,13 @@ def test_broker_stopped_and_started_mid_stream(
     bootstrap = kafka_broker.bootstrap
     topics = _topics(bootstrap, unique_name)
     urls = _image_urls(image_server)
-    values = _with_bad_records(synthetic_posts(1500, lambda i: urls[i % len(urls)] if i % 2 else None))
+    values = _with_bad_records(synthetic_posts(4000, lambda i: urls[i % len(urls)] if i % 2 else None))
     consumer = _start(settings_env(bootstrap, topics, redis_url), tmp_path / "consumer.log")
     started = time.monotonic()
     try:
-        first, second = values[:750], values[750:]
-        SteadyProducer(bootstrap, topics.posts, first, per_burst=50, interval_s=0.05).start().join(120)
-        time.sleep(1.0)  # mid-stream: the consumer is working on the first half
+        first, second = values[:3000], values[3000:]
+        produce(bootstrap, topics.posts, first)  # a backlog: the consumer is busy producing events
+        time.sleep(0.5)
         kafka_broker.stop()  # SIGTERM: the broker keeps its data across a graceful stop
         down = time.monotonic()
         time.sleep(3.0)
@@ -137,7 +137,9 @@ def test_broker_stopped_and_started_mid_stream(
         assert consumer.process.poll() is None, "the consumer died with the broker instead of reconnecting"
     finally:
         consumer.stop()
-    _reconciled(bootstrap, topics, "broker restart", started, len(values), broker_down_s=f"{outage_s:.1f}")
+    replaced = len(consumer.events("producer_failed_replacing"))
+    _reconciled(bootstrap, topics, "broker restart", started, len(values), broker_down_s=f"{outage_s:.1f}",
+                producers_replaced=replaced)
 
 
 def test_redis_stopped_and_started_mid_stream(
