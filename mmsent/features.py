@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -68,7 +68,9 @@ class FeatureSet:
 
 def _key(model: MMSentModel, examples: Sequence[Example], regions: bool) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([FEATURE_VERSION, model.cfg.text.ident, model.cfg.image.ident, regions]).encode())
+    # both the image and its mirror are always extracted, so the cache does not depend on `tta_flip`
+    image_ident = replace(model.cfg.image, tta_flip=False).ident
+    h.update(json.dumps([FEATURE_VERSION, model.cfg.text.ident, image_ident, regions]).encode())
     for e in examples:
         stat = ""
         if e.image is not None and e.image.exists():
