@@ -168,6 +168,7 @@ def test_resume_continues_from_train_state(tmp_path: Path) -> None:
 
 
 def test_seed_preset_tutorial_dims_trains_and_round_trips(tmp_path: Path) -> None:
+    torch.manual_seed(0)
     with pytest.warns(RandomWeightsWarning):
         model = MMSentModel(preset_config("seed"))
     cfg = model.cfg
@@ -190,7 +191,7 @@ def test_seed_preset_tutorial_dims_trains_and_round_trips(tmp_path: Path) -> Non
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     assert n_frozen > 50_000_000
 
-    data = make_dataset(tmp_path, 3)
+    data = make_dataset(tmp_path, 6)
     ex = list(load_examples(data, LABELS))
     pre = model.cfg.image.preprocess
     batch = collate(ex, model.text_encoder.tokenize, pre)
@@ -202,11 +203,11 @@ def test_seed_preset_tutorial_dims_trains_and_round_trips(tmp_path: Path) -> Non
             return float(torch.nn.functional.cross_entropy(model(batch), batch.labels))
 
     before = eval_loss()
-    tc = TrainConfig(epochs=4, batch_size=3, lr=1e-3, encoder_lr=1e-5, progress=False, label_smoothing=0.0)
+    tc = TrainConfig(epochs=8, batch_size=6, lr=1e-3, encoder_lr=1e-5, progress=False, label_smoothing=0.0)
     model, hist = train_live(model, ex, None, tc)
-    assert len(hist) == 4
+    assert len(hist) == 8
     after = eval_loss()
-    assert after < before * 0.9, (before, after)
+    assert after < before * 0.85, (before, after)
 
     out = model.save(tmp_path / "seed-model")
     assert (out / "model.safetensors").stat().st_size < 200_000_000  # frozen encoder weights are not copied
