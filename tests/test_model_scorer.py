@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -42,23 +41,15 @@ def test_public_api_exports() -> None:
     assert issubclass(mmsent.ImageDecodeError, ValueError)
 
 
-def test_tiny_random_loads_fast_and_scores_fast() -> None:
-    Scorer.load("tiny-random")  # warm imports
-    t0 = time.perf_counter()
+def test_tiny_random_scores_a_batch_of_32() -> None:
+    # Speed is measured by `mmsent bench`, not asserted here: a timed test fails on a busy CI machine.
     s = Scorer.load("tiny-random")
-    assert time.perf_counter() - t0 < 1.0
     posts = [{"text": f"post number {i} is lovely", "image": _jpeg((i * 7 % 255, 50, 90))} for i in range(32)]
-    s.score(posts)
-    best = min(_timed(s, posts) for _ in range(3))
-    assert best < 0.1, best
+    results = s.score(posts)
+    assert len(results) == 32 and all(r.image_used for r in results)
+    assert all(abs(sum(r.scores.values()) - 1) < 1e-6 for r in results)
     assert s.info["name"] == "mmsent-tiny-random" and "version" in s.info
     assert s.labels == ("negative", "neutral", "positive")
-
-
-def _timed(s: Scorer, posts: list[dict[str, object]]) -> float:
-    t0 = time.perf_counter()
-    s.score(posts)
-    return time.perf_counter() - t0
 
 
 def test_each_fusion_scores_a_mixed_batch(scorer: Scorer) -> None:
