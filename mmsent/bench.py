@@ -20,7 +20,13 @@ from PIL import Image, ImageDraw
 
 from mmsent.scorer import Scorer
 
-_WORDS = ["love", "hate", "great", "awful", "today", "game", "team", "happy", "sad", "new", "best", "worst", "photo", "day", "night", "city", "rain", "sun", "friends", "family", "work", "school", "music", "show", "live", "amazing", "terrible", "beautiful", "broken", "win", "lose", "fans", "crowd", "breaking", "news", "watch", "look", "finally", "again", "never", "always", "thanks", "sorry", "wow", "omg", "lol", "#tbt", "#love", "@user", "http"]
+_WORDS = [
+    "love", "hate", "great", "awful", "today", "game", "team", "happy", "sad", "new", "best", "worst", "photo",
+    "day", "night", "city", "rain", "sun", "friends", "family", "work", "school", "music", "show", "live",
+    "amazing", "terrible", "beautiful", "broken", "win", "lose", "fans", "crowd", "breaking", "news", "watch",
+    "look", "finally", "again", "never", "always", "thanks", "sorry", "wow", "omg", "lol", "#tbt", "#love",
+    "@user", "http",
+]
 SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvsa-single" / "images"
 
 
