@@ -21,13 +21,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from consumer.embedded import EmbeddedServices, free_port
+from consumer.embedded import EmbeddedServices, create_topics, free_port
+from consumer.localimages import LoopbackImageServer
 
 app = typer.Typer(help="Benchmarks: model only, end to end, and the naive consumer, side by side.")
 bench_app = typer.Typer(help="Benchmarks (`mmsent bench all --write BENCHMARKS.md`).", no_args_is_help=True)
@@ -39,48 +39,16 @@ IN, OUT, DLQ = "bench-posts", "bench-sentiment", "bench-dlq"
 # -- the image server and the posts -------------------------------------------------------------------------------
 
 
-class PhotoServer:
-    """Serves the given photos at /p<n>.jpg on 127.0.0.1 and counts the requests."""
-
-    def __init__(self, photos: list[bytes]) -> None:
-        self.requests = 0
-        server_self = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802 (the http.server API)
-                server_self.requests += 1
-                try:
-                    path = self.path.split("?", 1)[0]
-                    body = photos[int(path.removeprefix("/p").removesuffix(".jpg"))]
-                except (ValueError, IndexError):
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                return
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def url(self, index: int, run: int = 0) -> str:
-        # The run number makes each run's URLs new to the cache; the photo bytes are shared.
-        return f"{self.base}/p{index}.jpg?run={run}"
-
-    def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+def photo_server(photos: list[bytes]) -> LoopbackImageServer:
+    return LoopbackImageServer({f"/p{i}.jpg": (photo, "image/jpeg") for i, photo in enumerate(photos)})
 
 
-def make_posts(count: int, n_photos: int, server: PhotoServer, repeat_share: float, seed: int) -> list[bytes]:
+def photo_url(server: LoopbackImageServer, index: int, run: int) -> str:
+    # The run number makes each run's URLs new to the cache; the photo bytes are shared.
+    return f"{server.base}/p{index}.jpg?run={run}"
+
+
+def make_posts(count: int, n_photos: int, server: LoopbackImageServer, repeat_share: float, seed: int) -> list[bytes]:
     """Tweet-like captions; each post has an image, `repeat_share` of them an image seen earlier in the stream."""
     from mmsent.bench import synthetic_captions
 
@@ -92,7 +60,8 @@ def make_posts(count: int, n_photos: int, server: PhotoServer, repeat_share: flo
             photo = rng.randrange(fresh)
         else:
             photo, fresh = fresh % n_photos, fresh + 1
-        posts.append(json.dumps({"post_id": f"b{seed}-{index}", "text": caption, "image_url": server.url(photo, seed),
+        url = photo_url(server, photo, seed)
+        posts.append(json.dumps({"post_id": f"b{seed}-{index}", "text": caption, "image_url": url,
                                  "created_at": datetime.now(UTC).isoformat()}).encode())
     return posts
 
@@ -115,16 +84,6 @@ class EndToEnd:
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
-
-
-def _create_topics(bootstrap: str, partitions: int) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    for future in admin.create_topics(
-        [NewTopic(IN, partitions, 1), NewTopic(OUT, partitions, 1), NewTopic(DLQ, 1, 1)], operation_timeout=30
-    ).values():
-        future.result(30)
 
 
 @contextmanager
@@ -214,7 +173,7 @@ def _produce(bootstrap: str, posts: list[bytes], watcher: OutputWatcher, rate_pe
     return time.monotonic() - started
 
 
-def run_end_to_end(posts: list[bytes], bootstrap: str, watcher: OutputWatcher, server: PhotoServer, load: str,
+def run_end_to_end(posts: list[bytes], bootstrap: str, watcher: OutputWatcher, server: LoopbackImageServer, load: str,
                    rate_per_s: float | None) -> EndToEnd:
     ids = [json.loads(p)["post_id"] for p in posts]
     requests_before = server.requests
@@ -231,18 +190,16 @@ def run_end_to_end(posts: list[bytes], bootstrap: str, watcher: OutputWatcher, s
 # -- the naive consumer -----------------------------------------------------------------------------------------
 
 
-def run_naive(posts: list[bytes], bootstrap: str, model: str | None, server: PhotoServer) -> dict[str, Any]:
+def run_naive(posts: list[bytes], bootstrap: str, model: str | None, server: LoopbackImageServer) -> dict[str, Any]:
     """The seed-style consumer: one record at a time, the image downloaded every time, captions padded to 128,
     fp32, a synchronous produce and commit per record. Same model, same posts, same broker."""
     import httpx
     from confluent_kafka import Consumer, Producer
-    from confluent_kafka.admin import AdminClient, NewTopic
 
     from mmsent import Scorer
 
     topic = f"naive-{time.monotonic_ns()}"
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    create_topics(bootstrap, {topic: 1})
     feeder = Producer({"bootstrap.servers": bootstrap})
     for value in posts:
         feeder.produce(topic, value=value)
@@ -301,11 +258,11 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
             print(f"model {entry['preset']} batch {figure['batch_size']:>3} {figure['padding']:<8} "
                   f"{figure['posts_per_s']:8.1f} posts/s  {figure['batch_ms_p50']:8.1f} ms/batch", flush=True)
     photos, _ = sample_photos(max(64, e2e_posts))
-    server = PhotoServer(photos)
+    server = photo_server(photos)
     workdir = Path(tempfile.mkdtemp(prefix="mmsent-bench-"))
     with EmbeddedServices(force_redis=True) as services:
         bootstrap = services.kafka_bootstrap
-        _create_topics(bootstrap, partitions)
+        create_topics(bootstrap, {IN: partitions, OUT: partitions, DLQ: 1})
         metrics_port = free_port()
         env = {
             "MMSENT_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MMSENT_REDIS_URL": services.redis_url or "",

@@ -19,11 +19,11 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from consumer.app import Application
-from consumer.embedded import EmbeddedServices
+from consumer.embedded import EmbeddedServices, create_topics
+from consumer.localimages import LoopbackImageServer
 from consumer.metrics import Metrics
 from consumer.settings import Settings
 
@@ -84,53 +84,24 @@ def _render(colour: tuple[int, int, int], pattern: str, fmt: str) -> bytes:
     return out.getvalue()
 
 
-class _ImageServer:
-    """A loopback HTTP server for the sample images (plus a broken one and a missing one)."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, tuple[bytes, str]] = {}
-        for name, (colour, pattern) in SAMPLE_IMAGES.items():
-            fmt, kind = ("JPEG", "image/jpeg") if len(name) % 2 else ("PNG", "image/png")
-            self.files[f"/{name}.{fmt.lower()}"] = (_render(colour, pattern, fmt), kind)
-        self.files["/broken.jpg"] = (b"\xff\xd8\xff\xe0 truncated, not really a JPEG", "image/jpeg")
-        self.hits: Counter[str] = Counter()
-        files, hits = self.files, self.hits
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the http.server API)
-                hits[self.path] += 1
-                found = files.get(self.path)
-                body, kind, status = (found[0], found[1], 200) if found else (b"not found", "text/plain", 404)
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                return
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    def __enter__(self) -> _ImageServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-    def image_urls(self) -> list[str]:
-        return [self.base + path for path in self.files if path != "/broken.jpg"]
+def sample_image_files() -> dict[str, tuple[bytes, str]]:
+    """The sample images (JPEG and PNG), plus a broken one; `/gone.jpg` is left missing on purpose."""
+    files: dict[str, tuple[bytes, str]] = {}
+    for name, (colour, pattern) in SAMPLE_IMAGES.items():
+        fmt, kind = ("JPEG", "image/jpeg") if len(name) % 2 else ("PNG", "image/png")
+        files[f"/{name}.{fmt.lower()}"] = (_render(colour, pattern, fmt), kind)
+    files["/broken.jpg"] = (b"\xff\xd8\xff\xe0 truncated, not really a JPEG", "image/jpeg")
+    return files
 
 
-def synthetic_stream(count: int, images: _ImageServer, seed: int = 7) -> list[tuple[bytes, bytes | None]]:
+def _image_urls(images: LoopbackImageServer) -> list[str]:
+    return [images.base + path for path in images.files if path != "/broken.jpg"]
+
+
+def synthetic_stream(count: int, images: LoopbackImageServer, seed: int = 7) -> list[tuple[bytes, bytes | None]]:
     """(key, value) records: posts with and without images, and a few records that are not posts."""
     rng = random.Random(seed)
-    urls = images.image_urls()
+    urls = _image_urls(images)
     records: list[tuple[bytes, bytes | None]] = []
     for index in range(count):
         sentiment = rng.choice(list(CAPTIONS))
@@ -224,15 +195,6 @@ def _running(app: Application) -> Iterator[threading.Thread]:
         thread.join(60)
 
 
-def _create_topics(bootstrap: str) -> None:
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    topics = [NewTopic(INPUT, 3, 1), NewTopic(OUTPUT, 3, 1), NewTopic(DLQ, 1, 1), NewTopic(ALERTS, 1, 1)]
-    for future in admin.create_topics(topics, operation_timeout=30).values():
-        future.result(30)
-
-
 def run_demo(posts: int = 300, live_rows: int = 40, timeout_s: float = 300.0) -> int:
     """Run the demo; returns the exit code (0 when every record was accounted for)."""
     from confluent_kafka import Producer
@@ -241,9 +203,9 @@ def run_demo(posts: int = 300, live_rows: int = 40, timeout_s: float = 300.0) ->
 
     configure_logging(os.environ.get("MMSENT_LOG_LEVEL", "ERROR"), json_logs=False)
     print(f"mmsent demo: {posts} posts through an embedded broker, Redis, image server and the model\n", flush=True)
-    with EmbeddedServices() as services, _ImageServer() as images:
+    with EmbeddedServices() as services, LoopbackImageServer(sample_image_files()) as images:
         print(f"  broker {services.kafka_bootstrap}   redis {services.redis_url}   images {images.base}", flush=True)
-        _create_topics(services.kafka_bootstrap)
+        create_topics(services.kafka_bootstrap, {INPUT: 3, OUTPUT: 3, DLQ: 1, ALERTS: 1})
         settings = Settings(
             kafka_bootstrap_servers=services.kafka_bootstrap,
             redis_url=services.redis_url,
@@ -306,7 +268,7 @@ def run_demo(posts: int = 300, live_rows: int = 40, timeout_s: float = 300.0) ->
         return rc or app_rc
 
 
-def _summary(watcher: _Watcher, metrics: Metrics, images: _ImageServer, expected: int, elapsed: float) -> None:
+def _summary(watcher: _Watcher, metrics: Metrics, images: LoopbackImageServer, expected: int, elapsed: float) -> None:
     events, letters = watcher.events, watcher.dead_letters
     labels = Counter(e["label"] for e in events)
     statuses = Counter(e["image_status"] for e in events)

@@ -156,6 +156,24 @@ class RedisProcess(ManagedProcess):
                 "--host", self.host, "--data-dir", str(self.data_dir)]
 
 
+def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30) -> None:
+    """Create topics ({name: partitions}, replication 1) and wait; one that exists already is fine."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics(
+        [NewTopic(name, num_partitions=partitions, replication_factor=1) for name, partitions in topics.items()],
+        operation_timeout=timeout,
+    )
+    for name, future in futures.items():
+        try:
+            future.result(timeout)
+        except KafkaException as exc:
+            if "TOPIC_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
+                raise RuntimeError(f"could not create topic {name}: {exc}") from exc
+
+
 def redis_answers(url: str) -> bool:
     import redis
 

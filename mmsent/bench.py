@@ -73,6 +73,11 @@ class BatchFigure:
     batch_ms_p50: float
     batch_ms_max: float
 
+    @classmethod
+    def from_times(cls, preset: str, batch_size: int, padding: str, times: list[float]) -> BatchFigure:
+        median = statistics.median(times)
+        return cls(preset, batch_size, padding, batch_size / median, 1000 * median, 1000 * max(times))
+
 
 def matmul_flops_per_s(size: int = 2048, repeats: int = 10) -> float:
     """The machine's measured fp32 matrix-multiply rate, the roof the model is compared with."""
@@ -123,29 +128,11 @@ def bench_model(
     figures: list[BatchFigure] = []
     for batch_size in batch_sizes:
         times = time_batches(scorer, posts, batch_size, min_seconds)
-        figures.append(
-            BatchFigure(
-                preset,
-                batch_size,
-                "dynamic",
-                batch_size / statistics.median(times),
-                1000 * statistics.median(times),
-                1000 * max(times),
-            )
-        )
+        figures.append(BatchFigure.from_times(preset, batch_size, "dynamic", times))
     if compare_padding_at:
         scorer.pad_to_length = 128
         times = time_batches(scorer, posts, compare_padding_at, min_seconds)
-        figures.append(
-            BatchFigure(
-                preset,
-                compare_padding_at,
-                "pad-128",
-                compare_padding_at / statistics.median(times),
-                1000 * statistics.median(times),
-                1000 * max(times),
-            )
-        )
+        figures.append(BatchFigure.from_times(preset, compare_padding_at, "pad-128", times))
         scorer.pad_to_length = None
     flops = flops_per_post(scorer, posts[:16])
     return {

@@ -4,26 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
+from consumer.embedded import create_topics
 from consumer.topicreader import Record, read_topic
 
 __all__ = ["Record", "committed_offsets", "create_topics", "end_offsets", "produce", "read_all"]
-
-
-def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics(
-        [NewTopic(name, num_partitions=partitions, replication_factor=1) for name, partitions in topics.items()],
-        operation_timeout=timeout,
-    )
-    for name, future in futures.items():
-        try:
-            future.result(timeout)
-        except KafkaException as exc:
-            if "TOPIC_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
-                raise RuntimeError(f"could not create topic {name}: {exc}") from exc
 
 
 def produce(
