@@ -212,6 +212,7 @@ def run_naive(posts: list[bytes], bootstrap: str, model: str | None, server: Loo
     producer = Producer({"bootstrap.servers": bootstrap, "acks": "all"})
     requests_before = server.requests
     done, started = 0, 0.0
+    spent = {"fetch": 0.0, "model": 0.0, "produce+commit": 0.0}
     with httpx.Client(timeout=10) as http:
         while done < len(posts):
             message = consumer.poll(1.0)
@@ -220,15 +221,22 @@ def run_naive(posts: list[bytes], bootstrap: str, model: str | None, server: Loo
             if not started:
                 started = time.monotonic()
             post = json.loads(message.value() or b"{}")
+            t0 = time.monotonic()
             image = http.get(post["image_url"]).content
+            t1 = time.monotonic()
             result = scorer.score([{"text": post["text"], "image": image}])[0]
+            t2 = time.monotonic()
             producer.produce(f"{topic}-out", value=json.dumps({"post_id": post["post_id"], "label": result.label}))
             producer.flush(10)
             consumer.commit(message=message, asynchronous=False)
+            t3 = time.monotonic()
+            for stage, seconds in zip(spent, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                spent[stage] += seconds
             done += 1
     elapsed = time.monotonic() - started
     consumer.close()
-    return {"posts": done, "posts_per_s": done / elapsed, "image_requests": server.requests - requests_before}
+    return {"posts": done, "posts_per_s": done / elapsed, "image_requests": server.requests - requests_before,
+            "ms_per_post": {stage: 1000 * seconds / max(done, 1) for stage, seconds in spent.items()}}
 
 
 # -- the whole run ----------------------------------------------------------------------------------------------
@@ -331,7 +339,8 @@ def render_markdown(result: dict[str, Any], command: str) -> str:
     half = result["end_to_end"][1]
     lines += ["", f"Naive seed-style consumer (one record at a time, download every time, pad to 128, fp32, sync "
               f"commit per record): {naive['posts_per_s']:.1f} posts/s over {naive['posts']} posts, "
-              f"{naive['image_requests']} image requests.", "",
+              f"{naive['image_requests']} image requests; per post: "
+              + ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in naive["ms_per_post"].items()) + ".", "",
               f"- end to end / naive: **{result['ratio_vs_naive']:.1f}x** (target ≥ 5x)",
               f"- end to end / model only at batch {result['batch_size']}: "
               f"**{100 * result['share_of_model_only']:.0f}%** (target ≥ 80%)",

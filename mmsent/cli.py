@@ -41,6 +41,15 @@ def train_cmd(
     dropout: Annotated[float | None, typer.Option()] = None,
     input_dropout: Annotated[float | None, typer.Option()] = None,
     modality_dropout: Annotated[float | None, typer.Option()] = None,
+    modality_pairs: Annotated[
+        bool, typer.Option(help="learn the (text_label, image_label) pair where the data has both (MVSA's rule)")
+    ] = False,
+    crop: Annotated[
+        bool | None, typer.Option("--crop/--squash", help="center-crop the image or squash all of it (default: preset)")
+    ] = None,
+    tta: Annotated[
+        bool, typer.Option("--tta/--no-tta", help="score the image and its mirror (2x CNN cost), in CV and serving")
+    ] = False,
     text_layers: Annotated[int, typer.Option(help="fine-tune the last N text layers (-1: all; 0: frozen)")] = 0,
     image_blocks: Annotated[int, typer.Option(help="fine-tune the last N CNN blocks (-1: all; 0: frozen)")] = 0,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="do not cache frozen features")] = False,
@@ -79,6 +88,7 @@ def train_cmd(
             "dropout": dropout,
             "input_dropout": input_dropout,
             "modality_dropout": modality_dropout,
+            "modality_pairs": modality_pairs or None,
         }.items()
         if v is not None
     }
@@ -90,6 +100,8 @@ def train_cmd(
         changes["name"] = name
     if version:
         changes["version"] = version
+    preprocess = cfg.image.preprocess if crop is None else replace(cfg.image.preprocess, crop=crop)
+    changes["image"] = replace(cfg.image, tta_flip=tta, preprocess=preprocess)
     cfg = replace(cfg, **changes)  # type: ignore[arg-type]
     model = _from_config(cfg).train()
     tc = TrainConfig(
@@ -109,11 +121,12 @@ def train_cmd(
         threads=threads,
         progress=not quiet,
         ensemble=ensemble,
+        tta=tta,
     )
     cmap = ColumnMap.parse(columns)
     examples = load_examples(data, cfg.labels, cmap)
     extra = [ex for p in (extra_text or []) for ex in load_examples(p, cfg.labels)]
-    extra = [ex.__class__(ex.id, ex.text, ex.label, None) for ex in extra]  # text-only
+    extra = [replace(ex, image=None, pair=None) for ex in extra]  # text-only
     cfg_extra = {"command": " ".join(["mmsent train", *sys.argv[2:]]) if len(sys.argv) > 2 else "mmsent train"}
     model.cfg = replace(model.cfg, extra={**model.cfg.extra, **cfg_extra})
     train_model(model, examples, out, tc, extra_text=extra, resume=resume, log=_err, half=half)

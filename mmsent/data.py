@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from mmsent.imaging import ImageDecodeError, ImagePreprocess, decode_image
-from mmsent.model import Batch
+from mmsent.model import LABELS, MODALITY_PAIRS, Batch, pair_label
 from mmsent.textnorm import normalize_tweet
 
 __all__ = ["ColumnMap", "Example", "augment_image", "collate", "load_examples", "load_image"]
@@ -39,6 +39,8 @@ class ColumnMap:
     text: str = "text"
     label: str = "label"
     image: str = "image"
+    text_label: str = "text_label"  # optional per-modality labels (MVSA has them): train a modality-pairs head
+    image_label: str = "image_label"
 
     @classmethod
     def parse(cls, spec: str | None) -> ColumnMap:
@@ -60,6 +62,7 @@ class Example:
     text: str  # normalised
     label: int | None  # index into labels; None when unlabelled
     image: Path | None  # local file, or None
+    pair: int | None = None  # index into model.MODALITY_PAIRS when the row has both per-modality labels
 
 
 def _rows(path: Path) -> list[dict[str, object]]:
@@ -84,22 +87,30 @@ def load_examples(
     cols = columns or ColumnMap()
     index = {lab: k for k, lab in enumerate(labels)}
     examples = []
+    pairs = {pair: k for k, pair in enumerate(MODALITY_PAIRS)} if tuple(labels) == LABELS else {}
+
+    def label_of(n: int, raw: object) -> int | None:
+        if raw is None or str(raw) == "":
+            return None
+        name = LABEL_ALIASES.get(str(raw).strip().lower(), str(raw).strip().lower())
+        if name not in index:
+            raise ValueError(f"{path}: row {n}: unknown label {raw!r} (labels: {', '.join(labels)})")
+        return index[name]
+
     for n, row in enumerate(_rows(path)):
-        raw_label = row.get(cols.label)
-        label: int | None = None
-        if raw_label is not None and str(raw_label) != "":
-            name = LABEL_ALIASES.get(str(raw_label).strip().lower(), str(raw_label).strip().lower())
-            if name not in index:
-                raise ValueError(f"{path}: row {n}: unknown label {raw_label!r} (labels: {', '.join(labels)})")
-            label = index[name]
-        elif require_labels:
+        label = label_of(n, row.get(cols.label))
+        if label is None and require_labels:
             raise ValueError(f"{path}: row {n} has no {cols.label!r}")
+        t, i = label_of(n, row.get(cols.text_label)), label_of(n, row.get(cols.image_label))
+        pair = None  # a row that breaks the labelling rule trains on its label alone
+        if t is not None and i is not None and (t, i) in pairs and label in (None, pair_label(t, i)):
+            pair = pairs[(t, i)]
         img = row.get(cols.image)
         image: Path | None = None
         if isinstance(img, str) and img and not img.startswith(("http://", "https://")):
             image = (path.parent / img).resolve()
         ident = str(row.get(cols.id, n))
-        examples.append(Example(ident, normalize_tweet(str(row.get(cols.text) or "")), label, image))
+        examples.append(Example(ident, normalize_tweet(str(row.get(cols.text) or "")), label, image, pair))
     return examples
 
 

@@ -21,7 +21,7 @@ from mmsent.model import Features, MMSentModel
 
 __all__ = ["FeatureSet", "cache_dir", "extract_features"]
 
-FEATURE_VERSION = 2
+FEATURE_VERSION = 3
 
 
 def cache_dir() -> Path:
@@ -40,6 +40,7 @@ class FeatureSet:
     has_text: torch.Tensor  # (N,) bool
     has_image: torch.Tensor  # (N,) bool
     labels: torch.Tensor  # (N,) long, -100 unlabelled
+    pairs: torch.Tensor | None = None  # (N,) long index into MODALITY_PAIRS, -100 where unknown
     text_tokens: torch.Tensor | None = None  # (N, T, H) float16, attention fusion only
     text_mask: torch.Tensor | None = None  # (N, T)
 
@@ -93,7 +94,8 @@ def extract_features(
 ) -> FeatureSet:
     path = cache_dir() / "features" / f"{_key(model, examples, regions)}.pt"
     if use_cache and path.exists():
-        return FeatureSet(**torch.load(path, map_location="cpu", weights_only=True))
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        return _with_labels(FeatureSet(labels=torch.zeros(0, dtype=torch.long), **cached), examples)
     model.eval()
     n = len(examples)
     enc_t, enc_i = model.text_encoder, model.image_encoder
@@ -143,13 +145,20 @@ def extract_features(
         image_flip=image_flip,
         has_text=torch.tensor([bool(e.text) for e in examples]),
         has_image=has_image,
-        labels=torch.tensor([e.label if e.label is not None else -100 for e in examples], dtype=torch.long),
+        labels=torch.zeros(0, dtype=torch.long),
         text_tokens=tokens,
         text_mask=tmask,
     )
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save(fs.__dict__, tmp)
+        torch.save({k: v for k, v in fs.__dict__.items() if k not in ("labels", "pairs")}, tmp)
         tmp.replace(path)
+    return _with_labels(fs, examples)
+
+
+def _with_labels(fs: FeatureSet, examples: Sequence[Example]) -> FeatureSet:
+    """Labels come from the examples, never from the cache (the key covers the inputs, not the labels)."""
+    fs.labels = torch.tensor([e.label if e.label is not None else -100 for e in examples], dtype=torch.long)
+    fs.pairs = torch.tensor([e.pair if e.pair is not None else -100 for e in examples], dtype=torch.long)
     return fs

@@ -35,6 +35,18 @@ LABELS: tuple[str, str, str] = ("negative", "neutral", "positive")
 FORMAT = "mmsent-model/1"
 FUSIONS = ("concat", "gated", "attention")
 
+# Modality pairs (MVSA's labelling rule): annotators label the text and the image separately; the post's label is
+# the one that is not neutral (neutral when both are), and posts whose text and image disagree in polarity are
+# left out. A head that predicts the pair learns from both annotations and sums the pairs into the post's label.
+MODALITY_PAIRS: tuple[tuple[int, int], ...] = tuple(
+    (t, i) for t in range(3) for i in range(3) if {LABELS[t], LABELS[i]} != {"negative", "positive"}
+)  # 7 (text label, image label) index pairs
+
+
+def pair_label(text_label: int, image_label: int) -> int:
+    """The post's label under the rule above: the non-neutral of the two."""
+    return image_label if LABELS[text_label] == "neutral" else text_label
+
 
 # ---------------------------------------------------------------------------------------------------------- config
 @dataclass(frozen=True)
@@ -51,10 +63,17 @@ class HeadConfig:
     modality_dropout: float = 0.15  # P(drop the text) = P(drop the image) per training post with both
     heads: int = 4  # attention heads
     layer_norm: bool = False  # LayerNorm on the incoming features
+    modality_pairs: bool = False  # predict the (text label, image label) pair and sum into the label (see above)
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, not {self.fusion!r}")
+        if self.modality_pairs and self.n_classes != 3:
+            raise ValueError("modality_pairs needs the three labels negative, neutral, positive")
+
+    @property
+    def n_outputs(self) -> int:
+        return len(MODALITY_PAIRS) if self.modality_pairs else self.n_classes
 
     @property
     def needs_regions(self) -> bool:
@@ -131,6 +150,8 @@ def modality_dropout(has_text: torch.Tensor, has_image: torch.Tensor, p: float) 
 
 # ----------------------------------------------------------------------------------------------------------- head
 class FusionHead(nn.Module):
+    pair_to_label: torch.Tensor  # (P, K) buffer: which label each modality pair sums into
+
     def __init__(self, cfg: HeadConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -164,10 +185,25 @@ class FusionHead(nn.Module):
             self.proj_text, self.proj_image = nn.Linear(dt, d), nn.Linear(di, d)
             fused_dim = 4 * d  # [attended text; attended image; pooled text; pooled image]
         self.mlp = nn.Sequential(
-            nn.Linear(fused_dim, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.n_classes)
+            nn.Linear(fused_dim, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.n_outputs)
         )
+        pair_to_label = torch.zeros(len(MODALITY_PAIRS), cfg.n_classes)  # (P, K) 0/1
+        for k, (t, i) in enumerate(MODALITY_PAIRS):
+            pair_to_label[k, pair_label(t, i)] = 1.0
+        self.register_buffer("pair_to_label", pair_to_label, persistent=False)
 
     def forward(self, f: Features) -> torch.Tensor:
+        """Logits over the labels (B, K); with modality pairs, log-probabilities (valid logits)."""
+        out = self.outputs(f)
+        return self.labels_from_pairs(out) if self.cfg.modality_pairs else out
+
+    def labels_from_pairs(self, pair_logits: torch.Tensor) -> torch.Tensor:
+        """(B, P) pair logits -> (B, K) label log-probabilities: P(label) = sum of its pairs' probabilities."""
+        probs = F.softmax(pair_logits.float(), -1) @ self.pair_to_label  # (B, K)
+        return torch.log(probs.clamp(min=1e-12)).to(pair_logits.dtype)
+
+    def outputs(self, f: Features) -> torch.Tensor:
+        """The raw outputs: label logits (B, K), or pair logits (B, P) with modality pairs."""
         cfg = self.cfg
         has_t, has_i = f.has_text.bool(), f.has_image.bool()
         if self.training and cfg.modality_dropout > 0:
@@ -182,7 +218,7 @@ class FusionHead(nn.Module):
             fused = z * torch.tanh(self.proj_text(t)) + (1 - z) * torch.tanh(self.proj_image(i))  # (B, d)
         else:
             fused = torch.cat([*self._cross(f, has_t, has_i), self.proj_text(t), self.proj_image(i)], dim=-1)
-        return self.mlp(fused)  # (B, K)
+        return self.mlp(fused)  # (B, K) or (B, P)
 
     def _cross(self, f: Features, has_t: torch.Tensor, has_i: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if f.text_tokens is None or f.text_mask is None or f.image_regions is None:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from mmsent.data import Example, collate
 from mmsent.evaluate import compute_metrics
 from mmsent.features import FeatureSet, extract_features
-from mmsent.model import Batch, FusionHead, HeadConfig, HeadEnsemble, MMSentModel
+from mmsent.model import Batch, Features, FusionHead, HeadConfig, HeadEnsemble, MMSentModel
 
 __all__ = ["TrainConfig", "cross_validate", "train_head", "train_live", "train_model"]
 
@@ -131,6 +131,7 @@ def train_head(
     steps = n_epochs * math.ceil(len(train_idx) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.1)
     sw_all = sample_weight if sample_weight is not None else torch.ones(len(fs))
+    pairs_all = _pairs_of(fs)
     weights = make_class_weights(fs.labels[train_idx], head_cfg.n_classes, cfg.class_weights)
     history: list[dict[str, float]] = []
     best, best_state, best_epoch, start, bad = -1.0, None, 0, 0, 0
@@ -158,7 +159,7 @@ def train_head(
         for s in range(0, len(perm), cfg.batch_size):
             idx = perm[s : s + cfg.batch_size]
             f = fs.batch(idx, flip=torch.rand(len(idx)) < 0.5)
-            loss = loss_fn(head(f), fs.labels[idx], cfg, weights, sw_all[idx])
+            loss = head_loss(head, f, fs.labels[idx], pairs_all[idx], cfg, weights, sw_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(head.parameters(), 5.0)
@@ -226,9 +227,34 @@ def _concat(a: FeatureSet, b: FeatureSet) -> FeatureSet:
         has_text=torch.cat([a.has_text, b.has_text]),
         has_image=torch.cat([a.has_image, b.has_image]),
         labels=torch.cat([a.labels, b.labels]),
+        pairs=torch.cat([_pairs_of(a), _pairs_of(b)]),
         text_tokens=tokens,
         text_mask=mask,
     )
+
+
+def _pairs_of(fs: FeatureSet) -> torch.Tensor:
+    return fs.pairs if fs.pairs is not None else torch.full_like(fs.labels, -100)
+
+
+def head_loss(
+    head: FusionHead,
+    f: Features,
+    y: torch.Tensor,
+    pairs: torch.Tensor,
+    cfg: TrainConfig,
+    weights: torch.Tensor | None,
+    sample_w: torch.Tensor,
+) -> torch.Tensor:
+    """The label loss; with a modality-pairs head, rows with both per-modality labels learn the pair instead."""
+    out = head.outputs(f)  # one forward: one dropout mask for both losses
+    if not head.cfg.modality_pairs:
+        return loss_fn(out, y, cfg, weights, sample_w)
+    has_pair = pairs >= 0
+    label_loss = loss_fn(head.labels_from_pairs(out), y, cfg, weights, sample_w * ~has_pair)
+    pair_loss = loss_fn(out, pairs.clamp(min=0), cfg, None, sample_w * has_pair)
+    share = has_pair.float().mean()
+    return share * pair_loss + (1 - share) * label_loss
 
 
 def _summary(per_fold: list[dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -264,18 +290,26 @@ def cross_validate(
         tr_idx = torch.cat([torch.from_numpy(tr[inner_tr]), extra])
         va_idx = torch.from_numpy(tr[inner_va])
         te_idx = torch.from_numpy(te)
-        head, hist, best_epoch = train_head(head_cfg, fs, tr_idx, va_idx, cfg, sample_weight=sw, desc=f"fold {k + 1}")
-        best_epochs.append(best_epoch)
-        histories.append(hist)
+        # the fold scores the recipe that ships: an ensemble of `cfg.ensemble` heads (different seeds)
+        heads = []
+        for e in range(max(1, cfg.ensemble)):
+            head, hist, best_epoch = train_head(
+                head_cfg, fs, tr_idx, va_idx, replace(cfg, seed=cfg.seed + 1000 * e), sample_weight=sw,
+                desc=f"fold {k + 1}" + (f" head {e + 1}" if cfg.ensemble > 1 else ""),
+            )
+            heads.append(head)
+            best_epochs.append(best_epoch)
+            histories.append(hist)
+        fold_model: nn.Module = heads[0] if len(heads) == 1 else HeadEnsemble(heads)
         for modality in folds:
-            probs = predict_head(head, fs, te_idx, tta=cfg.tta, modality=modality)
+            probs = predict_head(fold_model, fs, te_idx, tta=cfg.tta, modality=modality)
             m = compute_metrics(y[te], probs, labels)
             folds[modality].append(m)
         b = folds["both"][-1]
         log(
             f"fold {k + 1}/{cfg.folds}: acc {b['accuracy']:.4f} macro-F1 {b['macro_f1']:.4f} "
             f"weighted-F1 {b['weighted_f1']:.4f} (text-only acc {folds['text'][-1]['accuracy']:.4f}, "
-            f"image-only acc {folds['image'][-1]['accuracy']:.4f}) best epoch {best_epoch + 1}"
+            f"image-only acc {folds['image'][-1]['accuracy']:.4f}) best epoch {best_epoch + 1} (last head)"
         )
     result = {
         "folds": cfg.folds,

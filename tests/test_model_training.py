@@ -233,3 +233,67 @@ def test_trained_model_directory_scores_through_scorer(tmp_path: Path) -> None:
     r1, r2 = s1.score(posts), s2.score(posts)
     assert r1 == r2
     assert np.isclose(sum(r1[1].scores.values()), 1.0)
+
+
+def test_modality_pair_rule_and_loading(tmp_path: Path) -> None:
+    from mmsent.model import MODALITY_PAIRS, pair_label
+
+    assert len(MODALITY_PAIRS) == 7 and (0, 2) not in MODALITY_PAIRS and (2, 0) not in MODALITY_PAIRS
+    assert [pair_label(t, i) for t, i in [(0, 1), (1, 0), (1, 1), (2, 1), (1, 2), (2, 2)]] == [0, 0, 1, 2, 2, 2]
+    rows = [
+        {"id": "a", "text": "x", "label": "negative", "text_label": "neutral", "image_label": "negative"},
+        {"id": "b", "text": "x", "label": "positive", "text_label": "neutral", "image_label": "negative"},  # breaks
+        {"id": "c", "text": "x", "label": "positive"},  # no per-modality labels
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b, c = load_examples(path, LABELS)
+    assert a.pair is not None and MODALITY_PAIRS[a.pair] == (1, 0)
+    assert b.pair is None and c.pair is None  # a row that breaks the rule trains on its label alone
+
+
+def test_modality_pairs_head_learns_and_sums_to_labels(tmp_path: Path) -> None:
+    data = make_dataset(tmp_path, 48)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for r in rows:  # text and image carry the label, as in make_dataset
+        r["text_label"], r["image_label"] = r["label"], r["label"]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "model"
+    args = ["train", str(data), "--out", str(out), "--preset", "tiny-random", "--modality-pairs", "--squash"]
+    res = CliRunner().invoke(app, [*args, "--epochs", "60", "--lr", "0.01", "--patience", "60", "--quiet"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["head"]["modality_pairs"] is True and cfg["image_encoder"]["preprocess"]["crop"] is False
+    scorer = Scorer.load(out)
+    assert scorer.model.head.mlp[-1].out_features == 7  # type: ignore[index,union-attr]
+    results = scorer.score([{"text": WORDS[lab], "image": Image.new("RGB", (40, 30), COLOURS[lab])} for lab in LABELS])
+    assert [r.label for r in results] == list(LABELS)
+    assert all(np.isclose(sum(r.scores.values()), 1.0) for r in results)
+    res = CliRunner().invoke(app, ["eval", str(data), "--model", str(out), "--json"])
+    assert json.loads(res.output.strip().splitlines()[-1])["accuracy"] > 0.6
+
+
+def test_squash_keeps_the_edges_that_a_center_crop_drops() -> None:
+    from mmsent.imaging import ImagePreprocess
+
+    im = Image.new("RGB", (400, 100), (0, 0, 0))
+    im.paste((255, 0, 0), (0, 0, 40, 100))  # a red band at the left edge
+    plain = {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0), "size": 32, "resize": 36}
+    cropped = ImagePreprocess(**plain).to_tensor(im)  # type: ignore[arg-type]
+    squashed = ImagePreprocess(**plain, crop=False).to_tensor(im)  # type: ignore[arg-type]
+    assert cropped.shape == squashed.shape == (3, 32, 32)
+    assert cropped[0].max() < 0.1 and squashed[0, :, 0].min() > 0.9
+    assert ImagePreprocess(crop=False).ident != ImagePreprocess().ident  # separate cache entries
+
+
+def test_cpu_cnn_micro_batches_give_the_same_scores() -> None:
+    scorer = Scorer.load("tiny-random", device="cpu")
+    rng = random.Random(0)
+    posts = [{"text": f"post {k}", "image": Image.new("RGB", (50, 40), tuple(rng.randrange(256) for _ in range(3)))}
+             for k in range(10)]
+    scorer.model.image_encoder.cpu_micro_batch = 3
+    small = scorer.score(posts)
+    scorer.model.image_encoder.cpu_micro_batch = 64
+    whole = scorer.score(posts)
+    for a, b in zip(small, whole, strict=True):
+        assert a.label == b.label and all(abs(a.scores[k] - b.scores[k]) < 1e-5 for k in a.scores)
