@@ -290,16 +290,17 @@ def cross_validate(
         tr_idx = torch.cat([torch.from_numpy(tr[inner_tr]), extra])
         va_idx = torch.from_numpy(tr[inner_va])
         te_idx = torch.from_numpy(te)
-        # the fold scores the recipe that ships: an ensemble of `cfg.ensemble` heads (different seeds)
-        heads = []
-        for e in range(max(1, cfg.ensemble)):
-            head, hist, best_epoch = train_head(
-                head_cfg, fs, tr_idx, va_idx, replace(cfg, seed=cfg.seed + 1000 * e), sample_weight=sw,
-                desc=f"fold {k + 1}" + (f" head {e + 1}" if cfg.ensemble > 1 else ""),
-            )
-            heads.append(head)
-            best_epochs.append(best_epoch)
-            histories.append(hist)
+        # Each fold runs the procedure that makes the shipped model: early stopping on a held-out tenth picks the
+        # epoch count, then `cfg.ensemble` heads (different seeds) train on all of the fold's training part for it.
+        _, hist, best_epoch = train_head(head_cfg, fs, tr_idx, va_idx, cfg, sample_weight=sw, desc=f"fold {k + 1}")
+        best_epochs.append(best_epoch)
+        histories.append(hist)
+        full_idx = torch.cat([torch.from_numpy(tr), extra])
+        heads = [
+            train_head(head_cfg, fs, full_idx, None, replace(cfg, seed=cfg.seed + 1000 * e), sample_weight=sw,
+                       epochs=best_epoch + 1, desc=f"fold {k + 1} head {e + 1}")[0]
+            for e in range(max(1, cfg.ensemble))
+        ]
         fold_model: nn.Module = heads[0] if len(heads) == 1 else HeadEnsemble(heads)
         for modality in folds:
             probs = predict_head(fold_model, fs, te_idx, tta=cfg.tta, modality=modality)
@@ -309,7 +310,7 @@ def cross_validate(
         log(
             f"fold {k + 1}/{cfg.folds}: acc {b['accuracy']:.4f} macro-F1 {b['macro_f1']:.4f} "
             f"weighted-F1 {b['weighted_f1']:.4f} (text-only acc {folds['text'][-1]['accuracy']:.4f}, "
-            f"image-only acc {folds['image'][-1]['accuracy']:.4f}) best epoch {best_epoch + 1} (last head)"
+            f"image-only acc {folds['image'][-1]['accuracy']:.4f}) epochs {best_epoch + 1}"
         )
     result = {
         "folds": cfg.folds,
