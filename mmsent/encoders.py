@@ -248,8 +248,8 @@ def _load_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 # Inference on the CPU runs the CNN a few images at a time: a 64-image batch's activations are hundreds of MB, which
-# the allocator maps and page-faults afresh on every call (sys time exceeded user time; 4.7x slower per image at 64
-# than at 4 on the 2-core bench machine, see BENCHMARKS.md).
+# the allocator maps and page-faults afresh on every call (sys time exceeded user time). Measured on the 2-core dev
+# machine, channels-last: 50.6 ms per image at 64 images a call, 15.9 ms at 4 (see BENCHMARKS.md).
 CPU_MICRO_BATCH = 4
 
 

