@@ -126,10 +126,12 @@ class EventCounter:
         self.sent_ms: dict[str, float] = {}
 
     def events(self) -> int:
+        from prometheus_client.parser import text_string_to_metric_families
+
         with urllib.request.urlopen(f"http://127.0.0.1:{self._metrics_port}/metrics", timeout=5) as answer:
             text = answer.read().decode()
-        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("mmsent_events_produced_total{")))
+        return int(sum(sample.value for family in text_string_to_metric_families(text)
+                       for sample in family.samples if sample.name == "mmsent_events_produced_total"))
 
     def wait_for(self, count: int, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s

