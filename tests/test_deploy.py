@@ -402,7 +402,8 @@ def test_the_consumer_exposes_the_metrics_the_dashboard_and_alerts_use() -> None
     missing, wrong_labels = [], []
     for name, labels in METRICS.items():
         stem = name.removesuffix("_total")
-        found = re.search(rf"""["']({re.escape(name)}|{re.escape(stem)})["']""", source)
+        # the definition (not any mention: the bench, say, reads these names back from /metrics)
+        found = re.search(rf"""(?:Counter|Gauge|Histogram)\(\s*["']({re.escape(name)}|{re.escape(stem)})["']""", source)
         if found is None:
             missing.append(name)
             continue
