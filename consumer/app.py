@@ -669,8 +669,9 @@ def _load_scorer(settings: Settings) -> ScorerLike:
     from mmsent import Scorer
 
     started = time.monotonic()
-    scorer = Scorer.load(settings.model)
-    log.info("model_loaded", model=dict(scorer.info), seconds=round(time.monotonic() - started, 2))
+    scorer = Scorer.load(settings.model, cpu_runtime=settings.cpu_runtime)
+    log.info("model_loaded", model=dict(scorer.info), cpu_runtime=scorer.cpu_runtime,
+             seconds=round(time.monotonic() - started, 2))
     return scorer
 
 

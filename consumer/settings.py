@@ -9,7 +9,7 @@ import ipaddress
 import os
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = "redis://localhost:6379/0"
     model: str | None = Field(default=None, description="A model directory or preset name; None: the default.")
+    cpu_runtime: Literal["auto", "onnx", "torch"] = Field(
+        default="auto", description="On a CPU, the CNN runs in ONNX Runtime (auto: when it exports) or PyTorch."
+    )
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     max_wait_ms: int = Field(default=50, ge=0, le=60_000)
     max_in_flight: int = Field(default=256, ge=1, description="Posts read but not yet committed, at most.")

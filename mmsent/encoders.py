@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,6 +283,7 @@ class ImageEncoder(nn.Module):
             p.requires_grad_(False)
         self._n_trainable_blocks = 0
         self.cpu_micro_batch = CPU_MICRO_BATCH
+        self.onnx_trunk: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @staticmethod
     def _build(arch: str) -> tuple[nn.Module, int]:
@@ -301,11 +303,26 @@ class ImageEncoder(nn.Module):
             return net, 1280
         raise ValueError(f"unknown image encoder architecture {arch!r}")
 
+    def use_onnx_runtime(self, *, threads: int, cache_dir: Path | None) -> None:
+        """Inference on the CPU runs the trunk, with its weights as they are now, through ONNX Runtime (see
+        `mmsent.runtime`); training (grad enabled) still runs in PyTorch, and `set_trainable` drops the graph."""
+        from mmsent.runtime import OnnxCnn
+
+        self.onnx_trunk = OnnxCnn(self.trunk, self._trunk_forward, size=self.spec.preprocess.size, threads=threads,
+                                  cache_dir=cache_dir)
+
     def _trunk_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, C, h, w)."""
+        on_cpu_inference = x.device.type == "cpu" and not torch.is_grad_enabled()
+        if on_cpu_inference and self.onnx_trunk is not None:
+            return torch.cat([self.onnx_trunk(part) for part in x.split(self.cpu_micro_batch)])
         x = x.contiguous(memory_format=torch.channels_last)  # once: the micro-batches below are views of it
-        if x.device.type == "cpu" and len(x) > self.cpu_micro_batch and not torch.is_grad_enabled():
-            return torch.cat([self._trunk_map(part) for part in x.split(self.cpu_micro_batch)])
+        if on_cpu_inference and len(x) > self.cpu_micro_batch:
+            return torch.cat([self._trunk_forward(part) for part in x.split(self.cpu_micro_batch)])
+        return self._trunk_forward(x)
+
+    def _trunk_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The architecture's own forward, (B, 3, S, S) -> (B, C, h, w); what `use_onnx_runtime` exports."""
         t: Any = self.trunk
         if self.spec.arch.startswith("resnet"):
             x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
@@ -332,6 +349,8 @@ class ImageEncoder(nn.Module):
         """Unfreeze the last `n_last` blocks (-1: everything). BatchNorm statistics stay frozen."""
         for p in self.trunk.parameters():
             p.requires_grad_(n_last < 0)
+        if n_last:
+            self.onnx_trunk = None  # the exported graph holds the weights as they were
         if n_last > 0:
             for block in self.blocks()[-n_last:]:
                 for p in block.parameters():

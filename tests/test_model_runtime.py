@@ -1,0 +1,136 @@
+"""The CPU fast paths of the Scorer: the CNN through ONNX Runtime, torch's resize, and length-bucketed captions.
+
+Each must give the scores the plain PyTorch path gives. The ONNX test exports the real EfficientNet-Lite0 (ImageNet
+weights from pip) once into a temporary cache dir (~12 s on 2 cores)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmsent import Scorer
+from mmsent.imaging import ImagePreprocess
+from mmsent.presets import preset_config
+from mmsent.scorer import _from_config
+
+
+def _photo(seed: int, size: tuple[int, int] = (420, 300)) -> bytes:
+    """A JPEG with structure at several scales (gradients, blocks, noise), unlike a flat colour."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([(x * (seed + 1)) % 256, (y * 3 + seed * 40) % 256, ((x // 37 + y // 23) % 2) * 200], axis=-1)
+    arr = (arr + rng.integers(0, 40, arr.shape)).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mmsent-cache")
+
+
+@pytest.fixture(scope="module")
+def default_pair(onnx_cache: Path) -> tuple[Scorer, Scorer]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMSENT_CACHE_DIR", str(onnx_cache))
+        fast = Scorer.load("default", cpu_runtime="onnx")
+    return Scorer.load("default", cpu_runtime="torch"), fast
+
+
+def test_onnx_cnn_gives_pytorchs_features_and_scores(default_pair: tuple[Scorer, Scorer]) -> None:
+    plain, fast = default_pair
+    assert (plain.cpu_runtime, fast.cpu_runtime) == ("torch", "onnx")
+    photos = [_photo(k) for k in range(6)]
+    images = [fast._as_image(p) for p in photos]
+    a = np.stack(plain.embed_images(images))  # type: ignore[arg-type]
+    b = np.stack(fast.embed_images(images))  # type: ignore[arg-type]
+    assert a.shape == b.shape == (6, 1, 1280)
+    assert np.abs(a - b).max() < 1e-3, np.abs(a - b).max()
+    posts = [{"text": f"caption {k}", "image": p} for k, p in enumerate(photos)]
+    for x, y in zip(plain.score(posts), fast.score(posts), strict=True):
+        assert x.label == y.label and all(abs(x.scores[k] - y.scores[k]) < 1e-4 for k in x.scores)
+
+
+def test_the_exported_graph_is_cached_and_reused(
+    default_pair: tuple[Scorer, Scorer], onnx_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    [graph] = list((onnx_cache / "onnx").glob("cnn-*.onnx"))
+    assert graph.stat().st_size > 10_000_000  # EfficientNet-Lite0's weights are in it
+
+    def no_export(*args: object, **kwargs: object) -> None:
+        raise AssertionError("exported again although the graph was cached")
+
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(onnx_cache))
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    again = Scorer.load("default", cpu_runtime="onnx")
+    assert again.cpu_runtime == "onnx"
+    photo = [{"text": "x", "image": _photo(9)}]
+    assert again.score(photo)[0].scores == pytest.approx(default_pair[1].score(photo)[0].scores, abs=1e-6)
+
+
+def test_an_unwritable_cache_keeps_the_graph_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache dir would be")
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(blocker))
+    fast = Scorer(_from_config(preset_config("tiny-random")), cpu_runtime="onnx")
+    plain = Scorer(_from_config(preset_config("tiny-random")), cpu_runtime="torch")
+    posts = [{"text": "hello", "image": _photo(3, (80, 60))}]
+    assert fast.score(posts)[0].scores == pytest.approx(plain.score(posts)[0].scores, abs=1e-5)
+    assert blocker.read_text().startswith("a file")
+
+
+def test_cpu_runtime_is_checked() -> None:
+    model = _from_config(preset_config("tiny-random"))
+    with pytest.raises(ValueError, match="cpu_runtime"):
+        Scorer(model, cpu_runtime="tensorrt")
+    assert Scorer(model, cpu_runtime="torch").model.image_encoder.onnx_trunk is None
+
+
+def test_training_drops_the_exported_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(tmp_path))
+    scorer = Scorer(_from_config(preset_config("tiny-random")), cpu_runtime="onnx")
+    encoder = scorer.model.image_encoder
+    assert encoder.onnx_trunk is not None
+    encoder.set_trainable(1)  # its weights may now change: the graph would be stale
+    assert encoder.onnx_trunk is None
+
+
+def test_length_buckets_give_the_scores_of_one_padded_batch() -> None:
+    scorer = Scorer(_from_config(preset_config("tiny-random")), cpu_runtime="torch")
+    words = ["good", "bad", "fine", "awful", "lovely", "grim", "okay"]
+    posts = [{"text": " ".join(words[(k + j) % 7] for j in range(1 + (k * 13) % 50)), "image": None}
+             for k in range(29)]
+    bucketed = scorer.score(posts)
+    scorer.length_bucket = None
+    whole = scorer.score(posts)
+    alone = [scorer.score([p])[0] for p in posts]
+    for x, y, z in zip(bucketed, whole, alone, strict=True):
+        assert x.label == y.label == z.label
+        assert x.scores == pytest.approx(y.scores, abs=1e-5) and x.scores == pytest.approx(z.scores, abs=1e-5)
+
+
+@pytest.mark.parametrize("crop", [True, False])
+def test_torch_resize_is_within_one_level_of_pillow(crop: bool) -> None:
+    pre = ImagePreprocess(size=224, resize=256, crop=crop)
+    im = Image.open(io.BytesIO(_photo(5, (551, 325)))).convert("RGB")
+    ours = pre.to_uint8(im).permute(1, 2, 0).numpy().astype(int)
+    w, h = im.size
+    if crop:
+        scale = 256 / min(w, h)
+        nw, nh = round(w * scale), round(h * scale)
+        left, top = (nw - 224) // 2, (nh - 224) // 2
+        ref_im = im.resize((nw, nh), Image.Resampling.BILINEAR).crop((left, top, left + 224, top + 224))
+    else:
+        ref_im = im.resize((224, 224), Image.Resampling.BILINEAR)
+    ref = np.asarray(ref_im).astype(int)
+    assert ours.shape == ref.shape == (224, 224, 3)
+    assert np.abs(ours - ref).max() <= 1 and np.abs(ours - ref).mean() < 0.1
+    flipped = pre.to_uint8(im, hflip=True).permute(1, 2, 0).numpy().astype(int)
+    assert np.array_equal(flipped, ours[:, ::-1])
