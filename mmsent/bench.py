@@ -134,7 +134,8 @@ def bench_model(
         times = time_batches(scorer, posts, compare_padding_at, min_seconds)
         figures.append(BatchFigure.from_times(preset, compare_padding_at, "pad-128", times))
         scorer.pad_to_length = None
-    flops = flops_per_post(scorer, posts[:16])
+    # Counted on the plain PyTorch path in this thread: the counter sees neither ONNX Runtime nor worker threads.
+    flops = flops_per_post(Scorer.load(preset, cpu_runtime="torch", cpu_workers=1), posts[:16])
     return {
         "preset": preset,
         "model": scorer.info,

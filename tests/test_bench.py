@@ -30,4 +30,6 @@ def test_bench_smoke_runs_every_part(tmp_path: Path) -> None:
     assert full["image_requests"] > 0, "the posts' images were never fetched"
     assert result["naive"]["image_requests"] == result["naive"]["posts"], "the naive consumer downloads every time"
     assert result["ratio_vs_naive"] > 0
+    assert result["naive"]["cpu_runtime"] == "torch", "the naive consumer runs eager PyTorch"
+    assert result["naive_fast"]["cpu_runtime"] == "onnx" and result["naive_fast"]["posts"] == result["naive"]["posts"]
     assert "| tiny-random |" in done.stdout

@@ -134,3 +134,20 @@ def test_torch_resize_is_within_one_level_of_pillow(crop: bool) -> None:
     assert np.abs(ours - ref).max() <= 1 and np.abs(ours - ref).mean() < 0.1
     flipped = pre.to_uint8(im, hflip=True).permute(1, 2, 0).numpy().astype(int)
     assert np.array_equal(flipped, ours[:, ::-1])
+
+
+def test_cpu_workers_score_slices_at_once_and_keep_every_posts_own_result() -> None:
+    model = _from_config(preset_config("tiny-random"))
+    sliced = Scorer(model, cpu_runtime="torch", cpu_workers=2)
+    assert sliced._pool is not None and sliced._pool.submit(torch.get_num_threads).result() == 1
+    words = ["calm", "storm", "joy", "grief", "meh"]
+    posts = [{"text": " ".join(words[(k * j) % 5] for j in range(1 + (k * 7) % 40)),
+              "image": _photo(k, (64 + k, 48)) if k % 3 else None} for k in range(27)]
+    together = sliced.score(posts)
+    plain = Scorer(_from_config(preset_config("tiny-random")), cpu_runtime="torch", cpu_workers=1)
+    assert plain._pool is None
+    for x, y in zip(together, plain.score(posts), strict=True):
+        assert x.label == y.label and x.image_used == y.image_used
+        assert x.scores == pytest.approx(y.scores, abs=1e-5)
+    images = [Image.open(io.BytesIO(_photo(k, (70, 50)))).convert("RGB") for k in range(11)]
+    assert np.allclose(np.stack(sliced.embed_images(images)), np.stack(plain.embed_images(images)), atol=1e-5)
