@@ -21,12 +21,13 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CPU_RUNTIMES", "OnnxCnn", "onnxruntime_available"]
+__all__ = ["CPU_RUNTIMES", "Exportable", "OnnxGraph", "onnxruntime_available"]
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,16 @@ def onnxruntime_available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnxscript") is not None
 
 
-class _Forward(nn.Module):
-    """Wraps a function of one tensor so that torch.export sees a module."""
+class Exportable(nn.Module):
+    """Wraps a function of tensors, so that torch.export sees a module (and the weights it uses)."""
 
-    def __init__(self, trunk: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, owner: nn.Module, forward: Callable[..., torch.Tensor]) -> None:
         super().__init__()
-        self.trunk = trunk
+        self.owner = owner
         self._forward = forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x)
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self._forward(*inputs)
 
 
 def _weights_digest(module: nn.Module) -> str:
@@ -58,55 +59,59 @@ def _weights_digest(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-class OnnxCnn:
-    """`(B, 3, S, S)` float pixels -> `(B, C, h, w)` feature map, run by ONNX Runtime on the CPU.
+class OnnxGraph:
+    """A frozen module's forward, run by ONNX Runtime on the CPU: tensors in, one float32 tensor out.
 
-    `forward` is the trunk's own eager forward (the one exported); the session is thread-safe."""
+    `dynamic` names, per input, the axes that vary (e.g. `{0: "batch", 1: "tokens"}`); every other axis is fixed
+    to the example's size. The session is thread-safe: slices of a batch may call it at once."""
 
-    def __init__(self, trunk: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor], *, size: int,
-                 threads: int, cache_dir: Path | None) -> None:
+    def __init__(self, name: str, module: Exportable, example: tuple[torch.Tensor, ...],
+                 dynamic: tuple[dict[int, str], ...], *, threads: int, cache_dir: Path | None) -> None:
         import onnxruntime as ort
 
-        key = f"cnn-{_weights_digest(trunk)}-s{size}-t{torch.__version__}-v{_EXPORT_VERSION}"
-        model = self._cached_or_exported(_Forward(trunk, forward).eval(), size, key, cache_dir)
+        shape = "-".join("x".join(str(n) for n in t.shape) for t in example)
+        key = f"{name}-{_weights_digest(module)}-{shape}-t{torch.__version__}-v{_EXPORT_VERSION}"
+        model = _cached_or_exported(module, example, dynamic, key, cache_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
         # Busy-waiting worker threads steal the core that the broker client, the fetcher and Redis need.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        self._input = self._session.get_inputs()[0].name
+        self._inputs = [i.name for i in self._session.get_inputs()]
+        self._dtypes = [t.dtype for t in example]
 
-    def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(pixels.detach().to(torch.float32).cpu().numpy())
-        (fmap,) = self._session.run(None, {self._input: x})
-        return torch.from_numpy(fmap)
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        feed = {name: np.ascontiguousarray(t.detach().to(dtype).cpu().numpy())
+                for name, t, dtype in zip(self._inputs, inputs, self._dtypes, strict=True)}
+        (out,) = self._session.run(None, feed)
+        return torch.from_numpy(out)
 
-    @staticmethod
-    def _cached_or_exported(module: nn.Module, size: int, key: str, cache_dir: Path | None) -> str | bytes:
-        path = cache_dir / "onnx" / f"{key}.onnx" if cache_dir is not None else None
-        if path is not None and path.exists():
-            return str(path)
-        started = time.monotonic()
-        example = torch.zeros(2, 3, size, size)
-        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                module, (example,), dynamo=True, verbose=False, input_names=["pixels"], output_names=["fmap"],
-                dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}},
-            )
-        if program is None:  # only when exporting to a file, which we do not
-            raise RuntimeError("torch.onnx.export returned no program")
-        data: bytes = program.model_proto.SerializeToString()
-        log.info("onnx_cnn_exported seconds=%.1f key=%s", time.monotonic() - started, key)
-        if path is None:
-            return data
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
-                f.write(data)
-            os.replace(f.name, path)  # atomic: a concurrent loader sees the whole file or none
-        except OSError as exc:  # read-only file system: keep the graph in memory
-            log.info("onnx_cnn_cache_unwritable path=%s error=%s", path, exc)
-            return data
+
+def _cached_or_exported(module: Exportable, example: tuple[torch.Tensor, ...], dynamic: tuple[dict[int, str], ...],
+                        key: str, cache_dir: Path | None) -> str | bytes:
+    path = cache_dir / "onnx" / f"{key}.onnx" if cache_dir is not None else None
+    if path is not None and path.exists():
         return str(path)
+    started = time.monotonic()
+    dims: dict[str, Any] = {}
+    shapes = tuple({axis: dims.setdefault(name, torch.export.Dim(name, min=1, max=4096)) for axis, name in d.items()}
+                   for d in dynamic)
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module.eval(), example, dynamo=True, verbose=False, dynamic_shapes=(shapes,))
+    if program is None:  # only when exporting to a file, which we do not
+        raise RuntimeError("torch.onnx.export returned no program")
+    data: bytes = program.model_proto.SerializeToString()
+    log.info("onnx_exported seconds=%.1f key=%s", time.monotonic() - started, key)
+    if path is None:
+        return data
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
+            f.write(data)
+        os.replace(f.name, path)  # atomic: a concurrent loader sees the whole file or none
+    except OSError as exc:  # read-only file system: keep the graph in memory
+        log.info("onnx_cache_unwritable path=%s error=%s", path, exc)
+        return data
+    return str(path)

@@ -74,8 +74,9 @@ class Scorer:
 
     def __init__(self, model: MMSentModel, *, device: str | None = None, batch_size: int = 64,
                  cpu_runtime: str = "auto", cpu_workers: int | None = None) -> None:
-        """`cpu_runtime`: on the CPU, run the frozen CNN through ONNX Runtime ("onnx"), PyTorch ("torch"), or ONNX
-        Runtime when it is installed and the CNN exports ("auto"). The text encoder and head always run in PyTorch.
+        """`cpu_runtime`: on the CPU, run the frozen encoders (the CNN; a Hugging Face text encoder too) through ONNX
+        Runtime ("onnx"), PyTorch ("torch"), or ONNX Runtime where it is installed and they export ("auto"). The
+        small fusion head always runs in PyTorch.
 
         `cpu_workers` (default: torch's thread count, one per core): on the CPU a batch is cut into that many slices
         scored at once, each with single-threaded kernels, instead of one slice with multi-threaded kernels. Depthwise
@@ -112,25 +113,28 @@ class Scorer:
         return cls(build_model(model), device=device, cpu_runtime=cpu_runtime, cpu_workers=cpu_workers)
 
     def _use_cpu_runtime(self, wanted: str) -> str:
-        """The runtime the CNN will use: "onnx" or "torch" ("torch" on a GPU, where cuDNN does the job)."""
+        """Where the frozen encoders run: "onnx" (ONNX Runtime, the CNN at least) or "torch" (also on a GPU)."""
         if wanted not in CPU_RUNTIMES:
             raise ValueError(f"cpu_runtime must be one of {', '.join(CPU_RUNTIMES)}, not {wanted!r}")
-        self.model.image_encoder.onnx_trunk = None  # a model handed over from another Scorer starts plain
+        image, text = self.model.image_encoder, self.model.text_encoder
+        image.onnx_trunk = text.onnx_model = None  # a model handed over from another Scorer starts plain
         if wanted == "torch" or self.device.type != "cpu":
             return "torch"
         if not onnxruntime_available():
             if wanted == "onnx":
                 raise RuntimeError("cpu_runtime='onnx' needs the onnxruntime and onnxscript packages")
             return "torch"
-        try:
-            threads = 1 if self.cpu_workers > 1 else torch.get_num_threads()  # the workers are the parallelism
-            self.model.image_encoder.use_onnx_runtime(threads=threads, cache_dir=cache_dir())
-        except Exception as exc:  # an exotic user CNN that does not export still scores, in PyTorch
-            if wanted == "onnx":
-                raise
-            warnings.warn(f"mmsent: the CNN did not export to ONNX ({exc!r}); it runs in PyTorch", stacklevel=3)
-            return "torch"
-        return "onnx"
+        threads = 1 if self.cpu_workers > 1 else torch.get_num_threads()  # the workers are the parallelism
+        encoders: list[Any] = [image] + ([text] if text.spec.arch == "hf" else [])
+        for encoder in encoders:
+            try:
+                encoder.use_onnx_runtime(threads=threads, cache_dir=cache_dir())
+            except Exception as exc:  # an exotic user encoder that does not export still scores, in PyTorch
+                if wanted == "onnx":
+                    raise
+                warnings.warn(f"mmsent: {type(encoder).__name__} did not export to ONNX ({exc!r}); it runs in "
+                              "PyTorch", stacklevel=3)
+        return "onnx" if image.onnx_trunk is not None else "torch"
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda":

@@ -1,7 +1,6 @@
-"""The CPU fast paths of the Scorer: the CNN through ONNX Runtime, torch's resize, and length-bucketed captions.
-
-Each must give the scores the plain PyTorch path gives. The ONNX test exports the real EfficientNet-Lite0 (ImageNet
-weights from pip) once into a temporary cache dir (~12 s on 2 cores)."""
+"""The CPU fast paths of the Scorer: the encoders through ONNX Runtime, torch's resize, length-bucketed captions and
+batch slices scored at once. Each must give the scores the plain PyTorch path gives. The ONNX tests export the real
+EfficientNet-Lite0 and all-MiniLM-L6-v2 (pretrained weights from pip) once into a temporary cache dir (~20 s)."""
 
 from __future__ import annotations
 
@@ -47,13 +46,15 @@ def default_pair(onnx_cache: Path) -> tuple[Scorer, Scorer]:
 def test_onnx_cnn_gives_pytorchs_features_and_scores(default_pair: tuple[Scorer, Scorer]) -> None:
     plain, fast = default_pair
     assert (plain.cpu_runtime, fast.cpu_runtime) == ("torch", "onnx")
+    assert fast.model.text_encoder.onnx_model is not None and plain.model.text_encoder.onnx_model is None
     photos = [_photo(k) for k in range(6)]
     images = [fast._as_image(p) for p in photos]
     a = np.stack(plain.embed_images(images))  # type: ignore[arg-type]
     b = np.stack(fast.embed_images(images))  # type: ignore[arg-type]
     assert a.shape == b.shape == (6, 1, 1280)
     assert np.abs(a - b).max() < 1e-3, np.abs(a - b).max()
-    posts = [{"text": f"caption {k}", "image": p} for k, p in enumerate(photos)]
+    captions = ["so proud of this team!!", "worst commute ever", "", "meh", "a long caption " * 12, "ok"]
+    posts = [{"text": c, "image": p} for c, p in zip(captions, photos, strict=True)]
     for x, y in zip(plain.score(posts), fast.score(posts), strict=True):
         assert x.label == y.label and all(abs(x.scores[k] - y.scores[k]) < 1e-4 for k in x.scores)
 
@@ -63,6 +64,8 @@ def test_the_exported_graph_is_cached_and_reused(
 ) -> None:
     [graph] = list((onnx_cache / "onnx").glob("cnn-*.onnx"))
     assert graph.stat().st_size > 10_000_000  # EfficientNet-Lite0's weights are in it
+    [text_graph] = list((onnx_cache / "onnx").glob("text-*.onnx"))
+    assert text_graph.stat().st_size > 80_000_000  # MiniLM's
 
     def no_export(*args: object, **kwargs: object) -> None:
         raise AssertionError("exported again although the graph was cached")
