@@ -197,7 +197,7 @@ def run_naive(posts: list[bytes], bootstrap: str, model: str | None, server: Loo
               cpu_runtime: str = "torch") -> dict[str, Any]:
     """The seed-style consumer: one record at a time, the image downloaded every time, captions padded to 128,
     fp32 in eager PyTorch, a synchronous produce and commit per record. Same model, same posts, same broker.
-    `cpu_runtime="auto"` gives it our CNN runtime too, to show how much of the gain is the runtime."""
+    `cpu_runtime="auto"` gives it our encoder runtime too, to show how much of the gain is the runtime."""
     import httpx
     from confluent_kafka import Consumer, Producer
 
@@ -303,8 +303,8 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
         naive = run_naive(naive_input, bootstrap, model, server, cpu_runtime="torch")
         print(f"naive: {naive['posts_per_s']:.1f} posts/s", flush=True)
         naive_fast = run_naive(naive_input, bootstrap, model, server, cpu_runtime="auto")
-        print(f"naive with our CNN runtime ({naive_fast['cpu_runtime']}): {naive_fast['posts_per_s']:.1f} posts/s",
-              flush=True)
+        print(f"naive with our encoder runtime ({naive_fast['cpu_runtime']}): {naive_fast['posts_per_s']:.1f} "
+              "posts/s", flush=True)
     server.close()
     model_at_batch = next(f for f in result["model_only"][0]["figures"]
                           if f["batch_size"] == batch_size and f["padding"] == "dynamic")
@@ -352,10 +352,10 @@ def render_markdown(result: dict[str, Any], command: str) -> str:
     lines += ["", f"Naive seed-style consumer (one record at a time, download every time, pad to 128, fp32 eager "
               f"PyTorch, sync commit per record): {naive['posts_per_s']:.1f} posts/s over {naive['posts']} posts, "
               f"{naive['image_requests']} image requests; per post: {per_post(naive)}. The same consumer with our "
-              f"CNN runtime ({naive_fast['cpu_runtime']}): {naive_fast['posts_per_s']:.1f} posts/s; per post: "
+              f"encoder runtime ({naive_fast['cpu_runtime']}): {naive_fast['posts_per_s']:.1f} posts/s; per post: "
               f"{per_post(naive_fast)}.", "",
               f"- end to end / naive: **{result['ratio_vs_naive']:.1f}x** (target ≥ 5x); against the naive consumer "
-              f"given our CNN runtime: {result['ratio_vs_naive_fast']:.1f}x",
+              f"given our encoder runtime: {result['ratio_vs_naive_fast']:.1f}x",
               f"- end to end / model only at batch {result['batch_size']}: "
               f"**{100 * result['share_of_model_only']:.0f}%** (target ≥ 80%)",
               f"- p99 at half load: **{half['latency_ms_p99']:.0f} ms**; bound max_wait + 2 × model batch time = "
@@ -380,7 +380,7 @@ def bench_all(
     """Everything, in one run, so that ratios compare figures measured side by side."""
     result = run_all(model=model, batch_size=batch_size, max_wait_ms=max_wait_ms, e2e_posts=e2e_posts,
                      naive_posts=naive_posts, model_batch_sizes=[1, 2, 4, 8, 16, 32, 64, 128],
-                     seed_batch_sizes=[1, 8, 32] if seed else [], min_seconds=2.0)
+                     seed_batch_sizes=[1, 8, 32] if seed else [], min_seconds=3.0)
     _report(result, "mmsent bench all" + (f" --batch-size {batch_size}" if batch_size != 32 else ""), write, json_out)
 
 
