@@ -50,6 +50,10 @@ SESSION_TIMEOUT_MS = 10_000
 COMMIT_INTERVAL_S = 0.5
 REVOKE_FLUSH_S = 10.0
 MAX_CONSUME = 500
+# Batches submitted and not yet scored: one in the model, one having its images fetched. More would queue batches
+# cut by the clock while the model is busy; held back, their records join the next, bigger batch instead. At half
+# load on the dev VM an unbounded queue of 1-3-post batches raised p50 latency to 0.9-1 s (bench runs, 2026-11-28).
+PIPELINE_DEPTH = 2
 
 
 class _LibrdkafkaLog:
@@ -210,13 +214,14 @@ class Application:
 
     def _tick(self) -> None:
         assert self.consumer is not None and self.pausing is not None and self.sink is not None
+        assert self.pipeline is not None
         in_flight = self.tracker.in_flight
         self.pausing.update(in_flight)
         room = self.pausing.room(in_flight)
         messages = self.consumer.consume(max(1, min(room, MAX_CONSUME)), self._poll_timeout())
         for message in messages:
             self._accept(message)
-        for batch in self.batcher.ready():
+        for batch in self.batcher.ready(limit=PIPELINE_DEPTH - self.pipeline.pending):
             self._submit(batch)
         self._drain_completed()
         try:

@@ -198,7 +198,6 @@ class ModelStage:
         started = time.monotonic()
         self._embed(batch.items)
         live = [item for item in batch.items if item.error is None and item.post is not None]
-        live.sort(key=lambda item: len(item.post.text) if item.post else 0)
         if live:
             self._score(live)
         batch.timings["model"] = time.monotonic() - started

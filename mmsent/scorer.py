@@ -175,11 +175,8 @@ class Scorer:
         for chunk in _chunks(list(posts), self.batch_size):
             # Similar caption lengths side by side, so that each slice (and each length bucket in it) pads little.
             order = sorted(range(len(chunk)), key=lambda k: len(chunk[k].get("text") or ""))
-            scored = self._in_slices(self._score_batch, [chunk[k] for k in order])
-            in_place: list[ScoreResult | None] = [None] * len(chunk)
-            for k, result in zip(order, scored, strict=True):
-                in_place[k] = result
-            results.extend(r for r in in_place if r is not None)
+            by_index = dict(zip(order, self._in_slices(self._score_batch, [chunk[k] for k in order]), strict=True))
+            results.extend(by_index[k] for k in range(len(chunk)))
         return results
 
     def _in_slices(self, work: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
