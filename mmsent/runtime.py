@@ -1,13 +1,15 @@
-"""The frozen CNN on the CPU through ONNX Runtime: same weights, same outputs (to ~1e-4), about 3x less time.
+"""The frozen encoders on the CPU through ONNX Runtime: same weights, same outputs (to ~1e-4), less time.
 
 PyTorch's eager CPU kernels for EfficientNet's depthwise convolutions are memory-bound and run each BatchNorm and
-ReLU6 as a separate pass over the activations. ONNX Runtime folds them into the convolutions and has tuned
-depthwise kernels. Measured on the 2-core dev VM, 32 MVSA photos: eager channels-last ~24 ms per image, ONNX Runtime
-~7 ms, largest difference in the features 5e-5 (BENCHMARKS.md has the side-by-side run).
+ReLU6 as a separate pass over the activations; ONNX Runtime folds them into the convolutions and has tuned depthwise
+kernels. Measured on the 2-core dev VM, 32 MVSA photos: eager channels-last ~24 ms per image, ONNX Runtime ~7 ms,
+largest difference in the features 5e-5. For a small text encoder eager PyTorch spends most of a short call
+dispatching ops: MiniLM on one caption 18 against 7.5 ms (BENCHMARKS.md, second round).
 
-The ONNX graph is exported once per set of weights (torch.export, ~12 s for EfficientNet-Lite0 on 2 cores) and kept in
-the cache dir under a digest of the weights, so a restart loads it in milliseconds. Where that dir is not writable (a
-read-only pod), the graph lives in memory for the life of the process.
+Each graph is exported once per set of weights (torch.export, ~10-14 s per encoder on 2 cores) and kept in the cache
+dir under a digest of the weights, so a restart loads it in well under a second. Where that dir is not writable (a
+read-only pod), the graph lives in memory for the life of the process. The PyTorch modules stay loaded: training and
+the GPU path use them.
 """
 
 from __future__ import annotations
