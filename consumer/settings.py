@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     redis_url: str | None = "redis://localhost:6379/0"
     model: str | None = Field(default=None, description="A model directory or preset name; None: the default.")
     cpu_runtime: Literal["auto", "onnx", "torch"] = Field(
-        default="auto", description="On a CPU, the CNN runs in ONNX Runtime (auto: when it exports) or PyTorch."
+        default="auto",
+        description="On a CPU, the frozen encoders run in ONNX Runtime (auto: where they export) or PyTorch.",
     )
     max_batch_size: int = Field(default=32, ge=1, le=4096)
     max_wait_ms: int = Field(default=50, ge=0, le=60_000)

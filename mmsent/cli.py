@@ -42,7 +42,8 @@ def train_cmd(
     input_dropout: Annotated[float | None, typer.Option()] = None,
     modality_dropout: Annotated[float | None, typer.Option()] = None,
     modality_pairs: Annotated[
-        bool, typer.Option(help="learn the (text_label, image_label) pair where the data has both (cached features)")
+        bool,
+        typer.Option(help="learn the (text_label, image_label) pair where the data has both (head-only training)"),
     ] = False,
     crop: Annotated[
         bool | None, typer.Option("--crop/--squash", help="center-crop the image or squash all of it (default: preset)")

@@ -4,7 +4,7 @@ PyTorch's eager CPU kernels for EfficientNet's depthwise convolutions are memory
 ReLU6 as a separate pass over the activations; ONNX Runtime folds them into the convolutions and has tuned depthwise
 kernels. Measured on the 2-core dev VM, 32 MVSA photos: eager channels-last ~24 ms per image, ONNX Runtime ~7 ms,
 largest difference in the features 5e-5. For a small text encoder eager PyTorch spends most of a short call
-dispatching ops: MiniLM on one caption 18 against 7.5 ms (BENCHMARKS.md, second round).
+dispatching ops: MiniLM on one caption 20.9 against 11.1 ms (BENCHMARKS.md, second round).
 
 Each graph is exported once per set of weights (torch.export, ~10-14 s per encoder on 2 cores) and kept in the cache
 dir under a digest of the weights, so a restart loads it in well under a second. Where that dir is not writable (a

@@ -33,7 +33,6 @@ from mmsent.textnorm import normalize_tweet
 __all__ = ["ImageEmbedding", "ScoreResult", "Scorer", "build_model"]
 
 ImageEmbedding = np.ndarray  # float32 or float16, shape fixed per image_encoder_id: (R, C)
-MIN_SLICE = 1  # posts per slice: even a pair of posts is scored on two cores
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -82,7 +81,7 @@ class Scorer:
         scored at once, each with single-threaded kernels, instead of one slice with multi-threaded kernels. Depthwise
         convolutions and small matmuls scale poorly across threads, and one preempted thread stalls every parallel
         region. Measured on the 2-core dev VM, 128 MVSA posts: 54 posts/s with 2 workers against 44 with one
-        2-thread call. Calls of fewer than 2 x `MIN_SLICE` posts run in the caller's thread, with its threads."""
+        2-thread call. A single post runs in the caller's thread, with its threads."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         on_cpu = self.device.type == "cpu"
@@ -180,9 +179,8 @@ class Scorer:
         return results
 
     def _in_slices(self, work: Callable[[list[T]], list[R]], items: list[T]) -> list[R]:
-        """`work(items)`, split into up to `cpu_workers` slices of at least `MIN_SLICE` items run at once; the
-        results in the order of `items`."""
-        n = min(self.cpu_workers, len(items) // MIN_SLICE)
+        """`work(items)`, split into up to `cpu_workers` slices run at once; the results in the order of `items`."""
+        n = min(self.cpu_workers, len(items))
         if self._pool is None or n < 2:
             return work(items)
         # Dealt like cards, so that with items sorted by caption length every slice gets as much text to encode.

@@ -89,11 +89,16 @@ def test_an_unwritable_cache_keeps_the_graph_in_memory(tmp_path: Path, monkeypat
     assert blocker.read_text().startswith("a file")
 
 
-def test_cpu_runtime_is_checked() -> None:
+def test_cpu_runtime_is_checked_and_a_torch_scorer_detaches_a_handed_over_graph(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(tmp_path))
     model = _from_config(preset_config("tiny-random"))
     with pytest.raises(ValueError, match="cpu_runtime"):
         Scorer(model, cpu_runtime="tensorrt")
-    assert Scorer(model, cpu_runtime="torch").model.image_encoder.onnx_trunk is None
+    assert Scorer(model, cpu_runtime="onnx").model.image_encoder.onnx_trunk is not None
+    plain = Scorer(model, cpu_runtime="torch")  # the same model object, handed over
+    assert plain.cpu_runtime == "torch" and plain.model.image_encoder.onnx_trunk is None
 
 
 def test_training_drops_the_exported_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
