@@ -68,6 +68,58 @@ def make_posts(count: int, n_photos: int, server: LoopbackImageServer, repeat_sh
 # -- end to end -------------------------------------------------------------------------------------------------
 
 
+class CpuMeter:
+    """Where the machine's cores went over a window: each process's CPU time as a share of all cores' time, by role,
+    and the share that idled (Linux's /proc; on other systems `shares()` is None). A process counts for a role when
+    it or its parent has that role's pid; every other process is "other"."""
+
+    def __init__(self, roles: dict[str, int | None]) -> None:
+        self._role_of = {pid: role for role, pid in roles.items() if pid}
+        self._roles = list(roles)
+        self._start: tuple[dict[int, tuple[int, int]], list[int]] | None = None
+        self._end: tuple[dict[int, tuple[int, int]], list[int]] | None = None
+
+    @staticmethod
+    def _snapshot() -> tuple[dict[int, tuple[int, int]], list[int]] | None:
+        """Per process: (parent pid, CPU ticks); and the machine's counters from /proc/stat (same ticks)."""
+        try:
+            machine = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except OSError:
+            return None
+        processes = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    stat = (entry / "stat").read_text()
+                except OSError:  # exited meanwhile
+                    continue
+                fields = stat[stat.rindex(")") + 2 :].split()
+                processes[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+        return processes, machine
+
+    def __enter__(self) -> CpuMeter:
+        self._start = self._snapshot()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._end = self._snapshot()
+
+    def shares(self) -> dict[str, float] | None:
+        if self._start is None or self._end is None:
+            return None
+        (before, machine0), (after, machine1) = self._start, self._end
+        total = sum(machine1) - sum(machine0)
+        if total <= 0:
+            return None
+        ticks = dict.fromkeys([*self._roles, "other"], 0)
+        for pid, (parent, used) in after.items():
+            role = self._role_of.get(pid) or self._role_of.get(parent) or "other"
+            ticks[role] += used - before.get(pid, (parent, 0))[1]
+        idle = (machine1[3] + machine1[4]) - (machine0[3] + machine0[4])  # idle + iowait
+        return {role: t / total for role, t in ticks.items()} | {"idle": idle / total}
+
+
+
 @dataclass
 class EndToEnd:
     load: str
@@ -78,6 +130,7 @@ class EndToEnd:
     latency_ms_p95: float
     latency_ms_p99: float
     image_requests: int
+    cpu_shares: dict[str, float] | None  # of all cores' time, from the first post produced to the last event
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -180,20 +233,22 @@ def _produce(producer: Any, posts: list[bytes], counter: EventCounter, rate_per_
 
 
 def run_end_to_end(posts: list[bytes], producer: Any, counter: EventCounter, server: LoopbackImageServer,
-                   load: str, rate_per_s: float | None) -> EndToEnd:
+                   load: str, rate_per_s: float | None, roles: dict[str, int | None]) -> EndToEnd:
     ids = [json.loads(p)["post_id"] for p in posts]
     requests_before = server.requests
     expected = counter.events() + len(ids)
-    started = _produce(producer, posts, counter, rate_per_s)
-    if not counter.wait_for(expected, timeout_s=600):
-        raise RuntimeError(f"only {counter.events() - expected + len(ids)} of {len(ids)} posts were scored")
+    with CpuMeter(roles) as cpu:
+        started = _produce(producer, posts, counter, rate_per_s)
+        if not counter.wait_for(expected, timeout_s=600):
+            raise RuntimeError(f"only {counter.events() - expected + len(ids)} of {len(ids)} posts were scored")
     latency, done_at = counter.latencies_ms(ids)
     if len(latency) != len(ids):
         raise RuntimeError(f"{len(ids) - len(latency)} of {len(ids)} events were not found in {OUT}")
     elapsed_s = (max(done_at.values()) - started * 1000) / 1000
     values = list(latency.values())
     return EndToEnd(load, len(ids), rate_per_s, len(ids) / elapsed_s, _percentile(values, 0.50),
-                    _percentile(values, 0.95), _percentile(values, 0.99), server.requests - requests_before)
+                    _percentile(values, 0.95), _percentile(values, 0.99), server.requests - requests_before,
+                    cpu.shares())
 
 
 # -- the naive consumer -----------------------------------------------------------------------------------------
@@ -263,7 +318,7 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
 
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
         "matmul_flops_per_s": matmul_flops_per_s(),
     }
@@ -294,14 +349,17 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
         }
         counter = EventCounter(bootstrap, metrics_port)
         producer = post_producer(bootstrap)
-        with consumer_process(env, metrics_port, workdir / "consumer.log"):
+        with consumer_process(env, metrics_port, workdir / "consumer.log") as consumer:
+            roles = {"consumer": consumer.pid, "broker": services.kafka.pid,
+                     "redis": services.redis.pid if services.redis else None,
+                     "bench (producer, image server)": os.getpid()}
             # warm-up: the first batches pay for allocator growth and tokenizer caches
             run_end_to_end(make_posts(2 * batch_size, len(photos), server, 0.3, seed=1), producer, counter,
-                           server, "warm-up", None)
+                           server, "warm-up", None, roles)
             full = run_end_to_end(make_posts(e2e_posts, len(photos), server, 0.3, seed=2), producer, counter,
-                                  server, "full", None)
+                                  server, "full", None, roles)
             half = run_end_to_end(make_posts(max(batch_size * 4, e2e_posts // 2), len(photos), server, 0.3,
-                                             seed=3), producer, counter, server, "half", full.posts_per_s / 2)
+                                             seed=3), producer, counter, server, "half", full.posts_per_s / 2, roles)
         for figure in (full, half):
             print(f"end to end {figure.load}: {figure.posts_per_s:.1f} posts/s, p50/p95/p99 "
                   f"{figure.latency_ms_p50:.0f}/{figure.latency_ms_p95:.0f}/{figure.latency_ms_p99:.0f} ms",
@@ -329,6 +387,17 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
     return result
 
 
+def _cpu_name() -> str:
+    """The processor's model name (Linux), else the architecture: runs on different VMs differ in speed."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def render_markdown(result: dict[str, Any], command: str) -> str:
     lines = [f"## {result['date']} — `{command}`", "", f"Machine: {result['machine']}; measured fp32 matmul "
              f"{result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s.", ""]
@@ -350,6 +419,14 @@ def render_markdown(result: dict[str, Any], command: str) -> str:
         offered = f"{e['offered_per_s']:.1f}" if e["offered_per_s"] else "backlog"
         lines.append(f"| {e['load']} | {e['posts']} | {offered} | {e['posts_per_s']:.1f} | {e['latency_ms_p50']:.0f} | "
                      f"{e['latency_ms_p95']:.0f} | {e['latency_ms_p99']:.0f} | {e['image_requests']} |")
+    shares = [e for e in result["end_to_end"] if e.get("cpu_shares")]
+    if shares:
+        roles = list(shares[0]["cpu_shares"])
+        lines += ["", "Where the cores went, as shares of all cores' time from the first post produced to the last "
+                  "event (CPU time per process from /proc):", "", "| load | " + " | ".join(roles) + " |",
+                  "|---|" + "---|" * len(roles)]
+        for e in shares:
+            lines.append(f"| {e['load']} | " + " | ".join(f"{100 * e['cpu_shares'][r]:.0f}%" for r in roles) + " |")
     naive, naive_fast = result["naive"], result["naive_fast"]
     half = result["end_to_end"][1]
 

@@ -6,8 +6,8 @@
 * `ModelStage` (the model worker thread): the image encoder for images without a cached embedding (stored back
   in the cache), then the scorer on the batch, sorted by text length. A batch that raises is split in halves
   until the poison post is alone; that post gets the error policy's decision (a `model_error` dead letter).
-* `Pipeline`: batch N+1's images are fetched on the loop while batch N is on the model; results come back in
-  submission order.
+* `Pipeline`: batch N+1's images are fetched on the loop while batch N is on the model (two batches on
+  the model at once keep the scorer's workers busy); results come back in submission order.
 """
 
 from __future__ import annotations
@@ -189,10 +189,7 @@ class ModelStage:
         self._io = io
         self._policy = policy
         self._metrics = metrics
-        # The batches after this one had their cache lookups done before this one's embeddings were stored:
-        # a small in-process memory of the latest embeddings spares them the CNN for the same image.
-        self._recent: OrderedDict[str, Any] = OrderedDict()
-        self._recent_max = recent_embeddings
+        self._recent = RecentEmbeddings(recent_embeddings)
 
     def run(self, batch: Batch) -> Batch:
         started = time.monotonic()
@@ -212,23 +209,18 @@ class ModelStage:
                 sizes[item.image_url_key] = item.image_bytes
         if not images:
             return
-        embeddings: dict[str, Any] = {}
-        for url in list(images):
-            if url in self._recent:
-                self._recent.move_to_end(url)
-                embeddings[url] = self._recent[url]
-                del images[url]
-        if embeddings:
-            self._metrics.image_source.labels("recent_embedding").inc(len(embeddings))
-        urls = list(images)
-        fresh = self._embed_many(urls, [images[url] for url in urls]) if urls else {}
+        embeddings, computing, urls = self._recent.claim(list(images))
+        if embeddings or computing:
+            self._metrics.image_source.labels("recent_embedding").inc(len(embeddings) + len(computing))
+        fresh: dict[str, Any] = {}
+        try:
+            fresh = self._embed_many(urls, [images[url] for url in urls]) if urls else {}
+        finally:
+            self._recent.settle(urls, fresh)  # also on an error: no other batch may wait for these forever
         self._metrics.cnn_images.inc(len(urls))
-        stored = {url: emb for url, emb in fresh.items() if emb is not None}
-        for url, emb in stored.items():
-            self._recent[url] = emb
-        while len(self._recent) > self._recent_max:
-            self._recent.popitem(last=False)
         embeddings.update(fresh)
+        embeddings.update((url, future.result()) for url, future in computing.items())
+        stored = {url: emb for url, emb in fresh.items() if emb is not None}
         if stored and self._cache is not None and self._io is not None:
             future = self._io.submit(_quiet(self._cache.put_embeddings(stored, self._scorer.image_encoder_id, sizes)))
             future.add_done_callback(lambda _f: None)
@@ -287,14 +279,60 @@ async def _quiet(awaitable: Awaitable[Any]) -> None:
         log.warning("cache_store_failed", error=repr(exc))
 
 
+class RecentEmbeddings:
+    """The latest image embeddings in this process, and those being computed right now.
+
+    The batches after one batch had their cache lookups done before its embeddings were stored, and two batches
+    may be on the model at once: this memory spares them the CNN for an image that one of them has just embedded
+    or is embedding. Thread-safe. Claims are atomic, so a batch only ever waits for batches that claimed before it.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._done: OrderedDict[str, Any] = OrderedDict()
+        self._computing: dict[str, concurrent.futures.Future[Any]] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, urls: list[str]) -> tuple[dict[str, Any], dict[str, concurrent.futures.Future[Any]], list[str]]:
+        """-> (embeddings known, embeddings another batch is computing, the URLs this caller must embed)."""
+        known: dict[str, Any] = {}
+        computing: dict[str, concurrent.futures.Future[Any]] = {}
+        mine: list[str] = []
+        with self._lock:
+            for url in urls:
+                if url in self._done:
+                    self._done.move_to_end(url)
+                    known[url] = self._done[url]
+                elif url in self._computing:
+                    computing[url] = self._computing[url]
+                else:
+                    self._computing[url] = concurrent.futures.Future()
+                    mine.append(url)
+        return known, computing, mine
+
+    def settle(self, urls: list[str], embeddings: Mapping[str, Any]) -> None:
+        """The claimed `urls` are done: their embedding, or None for those missing from `embeddings` (failed)."""
+        with self._lock:
+            for url in urls:
+                embedding = embeddings.get(url)
+                self._computing.pop(url).set_result(embedding)
+                if embedding is not None:
+                    self._done[url] = embedding
+            while len(self._done) > self._size:
+                self._done.popitem(last=False)
+
+
 class Pipeline:
     """Batches go in; the same batches come out, completed or failed, in the order they went in."""
 
-    def __init__(self, io: LoopThread, image_stage: ImageStage, model_stage: ModelStage) -> None:
+    def __init__(self, io: LoopThread, image_stage: ImageStage, model_stage: ModelStage, *,
+                 model_concurrency: int = 1) -> None:
         self._io = io
         self._image_stage = image_stage
         self._model_stage = model_stage
-        self._model_thread = SerialWorker("mmsent-model")
+        # Batches are dealt to the model threads in turn, so each thread's batches stay in order.
+        self._model_threads = [SerialWorker(f"mmsent-model-{k}") for k in range(max(1, model_concurrency))]
+        self._submitted = 0
         self._pending: deque[tuple[Batch, concurrent.futures.Future[Batch]]] = deque()
 
     @property
@@ -303,7 +341,9 @@ class Pipeline:
 
     def submit(self, batch: Batch) -> None:
         prepared = self._io.submit(self._image_stage.prepare(batch))
-        scored = self._model_thread.submit(self._model_step, prepared)
+        model_thread = self._model_threads[self._submitted % len(self._model_threads)]
+        self._submitted += 1
+        scored = model_thread.submit(self._model_step, prepared)
         self._pending.append((batch, scored))
 
     def _model_step(self, prepared: concurrent.futures.Future[Batch]) -> Batch:
@@ -321,7 +361,8 @@ class Pipeline:
         return out
 
     def close(self) -> None:
-        self._model_thread.close()
+        for model_thread in self._model_threads:
+            model_thread.close()
         self._pending.clear()
 
 

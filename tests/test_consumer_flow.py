@@ -12,9 +12,11 @@ from collections import Counter
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from consumer.app import Application
 from consumer.metrics import Metrics
+from consumer.sink import Sink
 from schemas.models import ImageStatus
 from tests.consumerutil import (
     Outcome,
@@ -253,6 +255,43 @@ def test_backpressure_pauses_the_partitions_and_resumes_without_losing_anything(
     assert pauses >= 1 and resumes >= 1
     assert slow.max_in_flight_seen <= 12
     assert sorted(e.post_id for e in outcome.events) == sorted(f"p{i}" for i in range(120))
+
+
+class TurnsFatalSink(Sink):
+    """The first producer turns fatal after 30 records and raises from `produce` before any error callback has run,
+    as librdkafka does once a broker restart has cost it its idempotence state."""
+
+    made = 0
+
+    def __init__(self, config: Any, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        TurnsFatalSink.made += 1
+        self._records_left = 30 if TurnsFatalSink.made == 1 else None
+
+    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any) -> None:
+        if self._records_left is not None:
+            if self._records_left == 0:
+                raise KafkaException(KafkaError(KafkaError._FATAL, "sequence state lost", fatal=True))
+            self._records_left -= 1
+        super().produce(topic, value, key, on_delivery)
+
+
+def test_a_producer_that_turns_fatal_mid_batch_is_replaced_and_nothing_is_lost(
+    kafka_bootstrap: str, unique_name: str, scorer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    topics = Topics.named(unique_name)
+    create_topics(kafka_bootstrap, {topics.posts: 3, topics.sentiment: 3, topics.dlq: 1})
+    values = synthetic_posts(120, lambda i: None)
+    produce(kafka_bootstrap, topics.posts, values, keys=keys_for(values))
+    monkeypatch.setattr("consumer.app.Sink", TurnsFatalSink)
+    TurnsFatalSink.made = 0
+    settings = make_settings(settings_env(kafka_bootstrap, topics, None, max_batch_size=8, max_wait_ms=5))
+    with app_in_thread(settings, scorer=scorer, cache_factory=lambda _s: None) as app:
+        assert wait_until(lambda: all_committed(kafka_bootstrap, topics), timeout=60)
+    assert app.rc == 0  # type: ignore[attr-defined]
+    assert TurnsFatalSink.made == 2  # replaced once, not exited
+    outcome = Outcome.read(kafka_bootstrap, topics)
+    assert {e.post_id for e in outcome.events} == {f"p{i}" for i in range(120)}  # at least once: repeats allowed
 
 
 def test_scoring_goes_on_with_images_while_redis_is_down(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +14,7 @@ from consumer.errors import Action, ErrorPolicy
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
 from consumer.pausing import PausingManager
-from consumer.stages import ModelStage
+from consumer.stages import ImageStage, LoopThread, ModelStage, Pipeline, RecentEmbeddings
 from schemas.models import PostEvent
 
 # -- offsets -------------------------------------------------------------------------------------------
@@ -213,6 +214,64 @@ def test_a_poison_post_is_found_by_bisection_and_dead_lettered_the_rest_scored()
                for item in items if item.error)
     assert all(item.result is not None for item in items if item.offset not in poisoned)
     assert len(scorer.calls) <= 2 * 2 * 4 + 1  # two poison posts: at most two root-to-leaf paths of splits
+
+
+def test_an_image_being_embedded_by_one_batch_is_awaited_by_the_next_not_embedded_again() -> None:
+    recent = RecentEmbeddings(size=2)
+    assert recent.claim(["a", "b"]) == ({}, {}, ["a", "b"])
+    known, computing, mine = recent.claim(["a", "c"])
+    assert known == {} and list(computing) == ["a"] and mine == ["c"] and not computing["a"].done()
+    recent.settle(["a", "b"], {"a": "emb-a"})  # b failed: no embedding
+    assert computing["a"].result(timeout=0) == "emb-a"
+    known, computing, mine = recent.claim(["a", "b"])
+    assert known == {"a": "emb-a"} and computing == {} and mine == ["b"]  # a failure is not remembered
+    recent.settle(["c", "b"], {"c": "emb-c", "b": "emb-b"})
+    assert recent.claim(["a", "b", "c"])[2] == ["a"]  # size 2: the least recently used, a, was dropped
+
+
+class GatedScorer:
+    """The batch of "first" posts waits on the model until a batch of "second" posts has been scored beside it."""
+
+    info = {"name": "fake", "version": "1"}
+    image_encoder_id = "none"
+
+    def __init__(self) -> None:
+        self.second_done = threading.Event()
+        self.release_first = threading.Event()
+
+    def score(self, posts: list[dict[str, Any]]) -> list[FakeResult]:
+        if posts[0]["text"] == "first":
+            assert self.second_done.wait(10), "the second batch never reached the model beside the first"
+            assert self.release_first.wait(10)
+        else:
+            self.second_done.set()
+        return [FakeResult("neutral", {"negative": 0.2, "neutral": 0.6, "positive": 0.2}) for _ in posts]
+
+
+def test_two_batches_share_the_model_and_leave_in_submission_order() -> None:
+    tracker, scorer, io = OffsetTracker(), GatedScorer(), LoopThread()
+    metrics = Metrics.get()
+    pipeline = Pipeline(io, ImageStage(None, None, lambda data: None, "none", metrics),  # type: ignore[arg-type]
+                        ModelStage(scorer, None, io, ErrorPolicy(), metrics), model_concurrency=2)
+    try:
+        first, second = (Batch(items=[_item(tracker, 0, 2 * k + j, 0.0, text=text) for j in range(2)],
+                               oldest_at=0.0, cut_at=0.0) for k, text in enumerate(("first", "second")))
+        pipeline.submit(first)
+        pipeline.submit(second)
+        assert scorer.second_done.wait(10)
+        pipeline.wait_head(0.2)
+        assert pipeline.completed() == []  # the second is scored, but the first still holds the head
+        scorer.release_first.set()
+        out: list[tuple[Batch, BaseException | None]] = []
+        while len(out) < 2:
+            pipeline.wait_head(10)
+            out += pipeline.completed()
+        assert [(batch, error) for batch, error in out] == [(first, None), (second, None)]
+        assert all(item.result is not None for batch in (first, second) for item in batch.items)
+    finally:
+        scorer.release_first.set()
+        pipeline.close()
+        io.close()
 
 
 # -- health and metrics endpoints ----------------------------------------------------------------------
