@@ -81,8 +81,9 @@ class MicroBatcher:
             return None
         return max(0.0, self._items[0].received_at + self.max_wait_s - self._clock())
 
-    def ready(self, limit: int | None = None) -> list[Batch]:
-        """Full batches, and the partial one when its oldest record has waited long enough; at most `limit`.
+    def ready(self, limit: int | None = None, partial_limit: int | None = None) -> list[Batch]:
+        """Full batches, and the partial one when its oldest record has waited long enough; at most `limit`
+        batches, and the partial one only as one of the first `partial_limit`.
 
         Records not cut stay here and the next batch grows: while the model is busy, waiting records make one
         bigger batch rather than a queue of small ones, which on a CPU cost more per post."""
@@ -91,7 +92,7 @@ class MicroBatcher:
         while len(self._items) >= self.max_size and len(batches) < room:
             batches.append(self._cut(self.max_size))
         due = self._items and self._clock() - self._items[0].received_at >= self.max_wait_s
-        if due and len(batches) < room:
+        if due and len(batches) < min(room, room if partial_limit is None else partial_limit):
             batches.append(self._cut(len(self._items)))
         return batches
 

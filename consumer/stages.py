@@ -6,8 +6,8 @@
 * `ModelStage` (the model worker thread): the image encoder for images without a cached embedding (stored back
   in the cache), then the scorer on the batch, sorted by text length. A batch that raises is split in halves
   until the poison post is alone; that post gets the error policy's decision (a `model_error` dead letter).
-* `Pipeline`: batch N+1's images are fetched on the loop while batch N is on the model (two batches on
-  the model at once keep the scorer's workers busy); results come back in submission order.
+* `Pipeline`: batch N+1's images are fetched on the loop while batch N is on the model (under a backlog, two
+  full batches on the model at once keep the scorer's workers busy); results come back in submission order.
 """
 
 from __future__ import annotations
@@ -326,13 +326,13 @@ class Pipeline:
     """Batches go in; the same batches come out, completed or failed, in the order they went in."""
 
     def __init__(self, io: LoopThread, image_stage: ImageStage, model_stage: ModelStage, *,
-                 model_concurrency: int = 1) -> None:
+                 model_concurrency: int = 1, full_batch_size: int = 0) -> None:
         self._io = io
         self._image_stage = image_stage
         self._model_stage = model_stage
-        # Batches are dealt to the model threads in turn, so each thread's batches stay in order.
         self._model_threads = [SerialWorker(f"mmsent-model-{k}") for k in range(max(1, model_concurrency))]
-        self._submitted = 0
+        self._full_batch_size = full_batch_size
+        self._turn = 0
         self._pending: deque[tuple[Batch, concurrent.futures.Future[Batch]]] = deque()
 
     @property
@@ -341,9 +341,12 @@ class Pipeline:
 
     def submit(self, batch: Batch) -> None:
         prepared = self._io.submit(self._image_stage.prepare(batch))
-        model_thread = self._model_threads[self._submitted % len(self._model_threads)]
-        self._submitted += 1
-        scored = model_thread.submit(self._model_step, prepared)
+        # Each model thread keeps its batches in order. A full batch (there is a backlog) goes to the next thread,
+        # to share the model with the batch before it; a smaller one follows the last batch on its thread, so that
+        # below capacity a batch waits for no other batch's slices.
+        if len(batch) >= self._full_batch_size:
+            self._turn = (self._turn + 1) % len(self._model_threads)
+        scored = self._model_threads[self._turn].submit(self._model_step, prepared)
         self._pending.append((batch, scored))
 
     def _model_step(self, prepared: concurrent.futures.Future[Batch]) -> Batch:

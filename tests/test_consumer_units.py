@@ -160,8 +160,10 @@ def test_a_busy_pipeline_holds_batches_back_and_the_next_one_grows() -> None:
     [first] = batcher.ready(limit=1)
     assert [i.offset for i in first.items] == [0, 1, 2, 3] and len(batcher) == 7
     clock.now += 0.06
-    second, third = batcher.ready(limit=5)
-    assert [i.offset for i in second.items] == [4, 5, 6, 7] and [i.offset for i in third.items] == [8, 9, 10]
+    [second] = batcher.ready(limit=5, partial_limit=0)  # a backlog may fill the pipeline; a partial batch may not
+    assert [i.offset for i in second.items] == [4, 5, 6, 7] and len(batcher) == 3
+    [third] = batcher.ready(limit=5, partial_limit=1)
+    assert [i.offset for i in third.items] == [8, 9, 10]
 
 
 def test_revoked_partitions_leave_the_batcher() -> None:
@@ -230,48 +232,66 @@ def test_an_image_being_embedded_by_one_batch_is_awaited_by_the_next_not_embedde
 
 
 class GatedScorer:
-    """The batch of "first" posts waits on the model until a batch of "second" posts has been scored beside it."""
+    """The batch of "first" posts waits on the model (up to `wait_s`) for a batch of "second" posts to be scored
+    beside it, then for `release_first`."""
 
     info = {"name": "fake", "version": "1"}
     image_encoder_id = "none"
 
-    def __init__(self) -> None:
+    def __init__(self, wait_s: float) -> None:
+        self.wait_s = wait_s
         self.second_done = threading.Event()
         self.release_first = threading.Event()
+        self.overlapped: bool | None = None
 
     def score(self, posts: list[dict[str, Any]]) -> list[FakeResult]:
         if posts[0]["text"] == "first":
-            assert self.second_done.wait(10), "the second batch never reached the model beside the first"
+            self.overlapped = self.second_done.wait(self.wait_s)
             assert self.release_first.wait(10)
         else:
             self.second_done.set()
         return [FakeResult("neutral", {"negative": 0.2, "neutral": 0.6, "positive": 0.2}) for _ in posts]
 
 
-def test_two_batches_share_the_model_and_leave_in_submission_order() -> None:
-    tracker, scorer, io = OffsetTracker(), GatedScorer(), LoopThread()
-    metrics = Metrics.get()
+def _two_batches(scorer: GatedScorer, full_batch_size: int) -> list[tuple[Batch, BaseException | None]]:
+    """Two batches of 2 posts through a pipeline with two model threads; what it returns, in order."""
+    tracker, io, metrics = OffsetTracker(), LoopThread(), Metrics.get()
     pipeline = Pipeline(io, ImageStage(None, None, lambda data: None, "none", metrics),  # type: ignore[arg-type]
-                        ModelStage(scorer, None, io, ErrorPolicy(), metrics), model_concurrency=2)
+                        ModelStage(scorer, None, io, ErrorPolicy(), metrics), model_concurrency=2,
+                        full_batch_size=full_batch_size)
     try:
-        first, second = (Batch(items=[_item(tracker, 0, 2 * k + j, 0.0, text=text) for j in range(2)],
-                               oldest_at=0.0, cut_at=0.0) for k, text in enumerate(("first", "second")))
-        pipeline.submit(first)
-        pipeline.submit(second)
-        assert scorer.second_done.wait(10)
-        pipeline.wait_head(0.2)
-        assert pipeline.completed() == []  # the second is scored, but the first still holds the head
+        for k, text in enumerate(("first", "second")):
+            pipeline.submit(Batch(items=[_item(tracker, 0, 2 * k + j, 0.0, text=text) for j in range(2)],
+                                  oldest_at=0.0, cut_at=0.0))
+        if scorer.second_done.wait(scorer.wait_s):
+            pipeline.wait_head(0.2)
+            assert pipeline.completed() == []  # the second is scored, but the first still holds the head
         scorer.release_first.set()
         out: list[tuple[Batch, BaseException | None]] = []
         while len(out) < 2:
             pipeline.wait_head(10)
             out += pipeline.completed()
-        assert [(batch, error) for batch, error in out] == [(first, None), (second, None)]
-        assert all(item.result is not None for batch in (first, second) for item in batch.items)
+        return out
     finally:
         scorer.release_first.set()
         pipeline.close()
         io.close()
+
+
+def test_under_a_backlog_two_full_batches_share_the_model_and_leave_in_submission_order() -> None:
+    scorer = GatedScorer(wait_s=10)
+    out = _two_batches(scorer, full_batch_size=2)
+    assert scorer.overlapped is True
+    assert [batch.items[0].post.text for batch, _ in out] == ["first", "second"]  # type: ignore[union-attr]
+    assert all(error is None and all(item.result for item in batch.items) for batch, error in out)
+
+
+def test_below_capacity_smaller_batches_take_the_model_one_at_a_time() -> None:
+    scorer = GatedScorer(wait_s=0.5)
+    scorer.release_first.set()
+    out = _two_batches(scorer, full_batch_size=32)
+    assert scorer.overlapped is False
+    assert [batch.items[0].post.text for batch, _ in out] == ["first", "second"]  # type: ignore[union-attr]
 
 
 # -- health and metrics endpoints ----------------------------------------------------------------------
