@@ -390,18 +390,19 @@ class Application:
                 self.sink.produce(topic, value, key, partial(self._on_delivery, item, remaining))
             except KafkaException as exc:
                 # The producer turned fatal before its error callback ran: replace it, as that callback would.
-                error = exc.args[0]
-                if not (error.fatal() and not self.eos):
+                if not self._replaceable(exc.args[0]):
                     raise
-                self._producer_failed = error
+                self._producer_failed = exc.args[0]
                 return
 
     def _on_delivery(self, item: WorkItem, remaining: list[int], error: KafkaError | None, _msg: Message) -> None:
         if error is not None:
+            if self._producer_failed is not None:
+                return  # the producer failed and is being replaced: this record will be read again
             decision = self.policy.on_delivery_error(error, item)
             log.error("delivery_failed", error=str(error), action=decision.action, **item.log_fields())
             if decision.action is Action.FATAL:
-                if error.fatal() and not self.eos:
+                if self._replaceable(error):
                     self._producer_failed = error
                 else:
                     self._fatal = DeliveryFailed(f"output of {item.topic}[{item.partition}]@{item.offset}: {error}")
@@ -464,10 +465,15 @@ class Application:
         return Sink(producer_config(self.settings, error_cb=self._on_producer_error) | {"logger": _LibrdkafkaLog()})
 
     def _on_producer_error(self, error: KafkaError) -> None:
-        if error.fatal() and not self.eos:
+        if self._replaceable(error):
             self._producer_failed = error
         else:
             self._on_client_error(error)
+
+    def _replaceable(self, error: KafkaError) -> bool:
+        """At least once, a producer in a fatal state is replaced. What `produce` raises for one has the code
+        _FATAL without the fatal flag."""
+        return not self.eos and (error.fatal() or error.code() == KafkaError._FATAL)
 
     def _replace_producer(self) -> None:
         """At least once: a fresh idempotent producer, and every unacknowledged record read again.

@@ -91,8 +91,9 @@ class MicroBatcher:
         room = len(self._items) if limit is None else limit
         while len(self._items) >= self.max_size and len(batches) < room:
             batches.append(self._cut(self.max_size))
+        partial_room = room if partial_limit is None else min(room, partial_limit)
         due = self._items and self._clock() - self._items[0].received_at >= self.max_wait_s
-        if due and len(batches) < min(room, room if partial_limit is None else partial_limit):
+        if due and len(batches) < partial_room:
             batches.append(self._cut(len(self._items)))
         return batches
 

@@ -271,7 +271,8 @@ class TurnsFatalSink(Sink):
     def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any) -> None:
         if self._records_left is not None:
             if self._records_left == 0:
-                raise KafkaException(KafkaError(KafkaError._FATAL, "sequence state lost", fatal=True))
+                # what confluent-kafka raises then: the code _FATAL, without the fatal flag
+                raise KafkaException(KafkaError(KafkaError._FATAL, "Unable to produce message: Local: Fatal error"))
             self._records_left -= 1
         super().produce(topic, value, key, on_delivery)
 
