@@ -119,7 +119,6 @@ class CpuMeter:
         return {role: t / total for role, t in ticks.items()} | {"idle": idle / total}
 
 
-
 @dataclass
 class EndToEnd:
     load: str
