@@ -50,18 +50,12 @@ SESSION_TIMEOUT_MS = 10_000
 COMMIT_INTERVAL_S = 0.5
 REVOKE_FLUSH_S = 10.0
 MAX_CONSUME = 500
-# Batches submitted and not yet scored, below capacity: one on the model, one having its images fetched. While the
-# model is busy, due records wait in the batcher and join the next, bigger batch rather than queueing as many small
-# ones, so the queue ahead of the model stays bounded. Measured on the dev VM (900 posts at full load, then 750 at
-# 26/s, alternating): full load 52.1 and 53.9 posts/s unbounded, 55.1 and 55.3 at depth 2; half-load p99 the same
-# either way (192-336 ms).
-PIPELINE_DEPTH = 2
-# Under a backlog (full batches), batches on the model at once. A batch's scorer slices finish unevenly, and between
-# its CNN and its text calls the model thread does Python work; a second full batch on the model gives the idle
-# workers its slices meanwhile (results still leave in submission order). Below capacity it would only make the
-# batches smaller and each wait for another's slices. Measured on the dev VM, see BENCHMARKS.md "Third round".
+# Under a backlog (full batches), batches on the model at once. With one, the machine idled 9-10% at full load, evenly
+# through the run; most likely (not measured apart) a batch's scorer slices finishing unevenly, and the model thread's
+# own work between the CNN and the text calls, leave the workers waiting. A second full batch on the model gives them
+# its slices meanwhile: idle 4-5% (results still leave in submission order); smaller batches keep to one at a time.
+# BENCHMARKS.md "Third round" has the runs.
 MODEL_CONCURRENCY = 2
-BACKLOG_PIPELINE_DEPTH = PIPELINE_DEPTH + MODEL_CONCURRENCY - 1
 
 
 class _LibrdkafkaLog:
@@ -164,8 +158,7 @@ class Application:
         self._cache = self._io.call(_construct(self._cache_factory or _default_cache, s), timeout=30)
         image_stage = ImageStage(self._fetcher, self._cache, decoder, scorer.image_encoder_id, self.metrics)
         model_stage = ModelStage(scorer, self._cache, self._io, self.policy, self.metrics)
-        self.pipeline = Pipeline(self._io, image_stage, model_stage, model_concurrency=MODEL_CONCURRENCY,
-                                 full_batch_size=s.max_batch_size)
+        self.pipeline = Pipeline(self._io, image_stage, model_stage, model_concurrency=MODEL_CONCURRENCY)
 
         self.sink = self._new_sink()
         if self.eos:
@@ -230,8 +223,7 @@ class Application:
         messages = self.consumer.consume(max(1, min(room, MAX_CONSUME)), self._poll_timeout())
         for message in messages:
             self._accept(message)
-        pending = self.pipeline.pending
-        ready = self.batcher.ready(limit=BACKLOG_PIPELINE_DEPTH - pending, partial_limit=PIPELINE_DEPTH - pending)
+        ready = self.batcher.ready(limit=self.pipeline.room(full=True), partial_limit=self.pipeline.room(full=False))
         for batch in ready:
             self._submit(batch)
         self._drain_completed()

@@ -55,6 +55,7 @@ class Batch:
     items: list[WorkItem]
     oldest_at: float
     cut_at: float
+    full: bool = False  # cut at the size limit: there is a backlog
     batch_id: int = field(default_factory=lambda: next(_batch_ids))
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -111,4 +112,4 @@ class MicroBatcher:
 
     def _cut(self, size: int) -> Batch:
         items, self._items = self._items[:size], self._items[size:]
-        return Batch(items=items, oldest_at=items[0].received_at, cut_at=self._clock())
+        return Batch(items=items, oldest_at=items[0].received_at, cut_at=self._clock(), full=size == self.max_size)

@@ -70,32 +70,26 @@ def make_posts(count: int, n_photos: int, server: LoopbackImageServer, repeat_sh
 
 class CpuMeter:
     """Where the machine's cores went over a window: each process's CPU time as a share of all cores' time, by role,
-    and the share that idled (Linux's /proc; on other systems `shares()` is None). A process counts for a role when
-    it or its parent has that role's pid; every other process is "other"."""
+    and the share that idled. A process counts for a role when it or its parent has that role's pid; every other
+    process is "other"."""
 
     def __init__(self, roles: dict[str, int | None]) -> None:
         self._role_of = {pid: role for role, pid in roles.items() if pid}
         self._roles = list(roles)
-        self._start: tuple[dict[int, tuple[int, int]], list[int]] | None = None
-        self._end: tuple[dict[int, tuple[int, int]], list[int]] | None = None
+        self._start: tuple[dict[int, tuple[int, float]], Any] | None = None
+        self._end: tuple[dict[int, tuple[int, float]], Any] | None = None
 
     @staticmethod
-    def _snapshot() -> tuple[dict[int, tuple[int, int]], list[int]] | None:
-        """Per process: (parent pid, CPU ticks); and the machine's counters from /proc/stat (same ticks)."""
-        try:
-            machine = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        except OSError:
-            return None
+    def _snapshot() -> tuple[dict[int, tuple[int, float]], Any]:
+        """Per process: (parent pid, CPU seconds); and the machine's CPU times."""
+        import psutil
+
         processes = {}
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    stat = (entry / "stat").read_text()
-                except OSError:  # exited meanwhile
-                    continue
-                fields = stat[stat.rindex(")") + 2 :].split()
-                processes[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
-        return processes, machine
+        for process in psutil.process_iter(["ppid", "cpu_times"]):
+            times = process.info["cpu_times"]
+            if times is not None:  # None: not ours to read, or gone meanwhile
+                processes[process.pid] = (process.info["ppid"], times.user + times.system)
+        return processes, psutil.cpu_times()
 
     def __enter__(self) -> CpuMeter:
         self._start = self._snapshot()
@@ -111,12 +105,15 @@ class CpuMeter:
         total = sum(machine1) - sum(machine0)
         if total <= 0:
             return None
-        ticks = dict.fromkeys([*self._roles, "other"], 0)
+        seconds = dict.fromkeys([*self._roles, "other"], 0.0)
         for pid, (parent, used) in after.items():
             role = self._role_of.get(pid) or self._role_of.get(parent) or "other"
-            ticks[role] += used - before.get(pid, (parent, 0))[1]
-        idle = (machine1[3] + machine1[4]) - (machine0[3] + machine0[4])  # idle + iowait
-        return {role: t / total for role, t in ticks.items()} | {"idle": idle / total}
+            seconds[role] += used - before.get(pid, (parent, 0.0))[1]
+
+        def idle(times: Any) -> float:
+            return float(times.idle + getattr(times, "iowait", 0.0))
+
+        return {role: t / total for role, t in seconds.items()} | {"idle": (idle(machine1) - idle(machine0)) / total}
 
 
 @dataclass

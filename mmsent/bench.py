@@ -136,7 +136,8 @@ def bench_model(
         figures.append(BatchFigure.from_times(preset, compare_padding_at, "pad-128", times))
         scorer.pad_to_length = None
     # Counted on the plain PyTorch path in this thread: the counter sees neither ONNX Runtime nor worker threads.
-    flops = flops_per_post(Scorer.load(preset, cpu_runtime="torch", cpu_workers=1), posts[:16])
+    # The same model, handed to a PyTorch scorer (which detaches the ONNX graphs: the timing is done).
+    flops = flops_per_post(Scorer(scorer.model, cpu_runtime="torch", cpu_workers=1), posts[:16])
     return {
         "preset": preset,
         "model": scorer.info,

@@ -197,13 +197,13 @@ class Scorer:
         if to_embed:
             computed = self._embed_chunk([im for _, im in to_embed])
             for (k, _), e in zip(to_embed, computed, strict=True):
-                embs[k] = torch.from_numpy(e.astype(np.float32))
+                embs[k] = torch.from_numpy(e)
         has_image = torch.zeros(len(posts), dtype=torch.bool)
         for k, im in enumerate(images):
             if isinstance(im, np.ndarray):
                 if tuple(im.shape) != emb_shape:
                     raise ValueError(f"image embedding shape {im.shape} != {emb_shape} for {self.image_encoder_id}")
-                embs[k] = torch.from_numpy(im.astype(np.float32))
+                embs[k] = torch.from_numpy(im)  # float16 or float32: the assignment casts
             has_image[k] = im is not None
         enc = model.text_encoder.tokenize(texts, pad_to=self.pad_to_length)
         has_text = torch.tensor([bool(t) for t in texts], device=self.device)

@@ -28,11 +28,10 @@ def test_bench_smoke_runs_every_part(tmp_path: Path) -> None:
     assert full["posts"] == 48 and full["posts_per_s"] > 0 and full["latency_ms_p99"] >= full["latency_ms_p50"]
     assert half["offered_per_s"] == pytest.approx(full["posts_per_s"] / 2)
     assert full["image_requests"] > 0, "the posts' images were never fetched"
-    if Path("/proc/stat").exists():  # where the cores went: every role measured, the shares adding up to the whole
-        shares = full["cpu_shares"]
-        assert set(shares) == {"consumer", "broker", "redis", "bench (producer, image server)", "other", "idle"}
-        assert shares["consumer"] > 0 and shares["broker"] > 0
-        assert 0.8 < sum(shares.values()) < 1.2, shares
+    shares = full["cpu_shares"]  # where the cores went: every role measured, the shares adding up to the whole
+    assert set(shares) == {"consumer", "broker", "redis", "bench (producer, image server)", "other", "idle"}
+    assert shares["consumer"] > 0 and shares["broker"] > 0
+    assert 0.8 < sum(shares.values()) < 1.2, shares
     assert result["naive"]["image_requests"] == result["naive"]["posts"], "the naive consumer downloads every time"
     assert result["ratio_vs_naive"] > 0
     assert result["naive"]["cpu_runtime"] == "torch", "the naive consumer runs eager PyTorch"

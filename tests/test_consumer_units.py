@@ -146,6 +146,7 @@ def test_batches_are_cut_by_size_or_by_the_oldest_wait_across_partitions() -> No
     clock.now += 0.06
     [partial] = batcher.ready()
     assert [i.offset for i in partial.items] == [3] and len(batcher) == 0
+    assert full.full and not partial.full  # a full batch tells the pipeline there is a backlog
 
 
 def test_a_busy_pipeline_holds_batches_back_and_the_next_one_grows() -> None:
@@ -185,6 +186,10 @@ class FakeResult:
     image_used: bool = False
 
 
+def _neutral(n: int) -> list[FakeResult]:
+    return [FakeResult("neutral", {"negative": 0.2, "neutral": 0.6, "positive": 0.2}) for _ in range(n)]
+
+
 class PoisonScorer:
     """Raises for any batch holding a post whose text contains POISON; records the batch sizes it saw."""
 
@@ -198,7 +203,7 @@ class PoisonScorer:
         self.calls.append([p["text"] for p in posts])
         if any("POISON" in p["text"] for p in posts):
             raise ValueError("the model cannot take this")
-        return [FakeResult("neutral", {"negative": 0.2, "neutral": 0.6, "positive": 0.2}) for _ in posts]
+        return _neutral(len(posts))
 
     def embed_images(self, images: list[Any]) -> list[Any]:
         raise AssertionError("no images here")
@@ -250,19 +255,20 @@ class GatedScorer:
             assert self.release_first.wait(10)
         else:
             self.second_done.set()
-        return [FakeResult("neutral", {"negative": 0.2, "neutral": 0.6, "positive": 0.2}) for _ in posts]
+        return _neutral(len(posts))
 
 
-def _two_batches(scorer: GatedScorer, full_batch_size: int) -> list[tuple[Batch, BaseException | None]]:
+def _two_batches(scorer: GatedScorer, *, full: bool) -> list[tuple[Batch, BaseException | None]]:
     """Two batches of 2 posts through a pipeline with two model threads; what it returns, in order."""
     tracker, io, metrics = OffsetTracker(), LoopThread(), Metrics.get()
     pipeline = Pipeline(io, ImageStage(None, None, lambda data: None, "none", metrics),  # type: ignore[arg-type]
-                        ModelStage(scorer, None, io, ErrorPolicy(), metrics), model_concurrency=2,
-                        full_batch_size=full_batch_size)
+                        ModelStage(scorer, None, io, ErrorPolicy(), metrics), model_concurrency=2)
     try:
+        assert (pipeline.room(full=True), pipeline.room(full=False)) == (3, 2)  # two on the model or one, + one
         for k, text in enumerate(("first", "second")):
             pipeline.submit(Batch(items=[_item(tracker, 0, 2 * k + j, 0.0, text=text) for j in range(2)],
-                                  oldest_at=0.0, cut_at=0.0))
+                                  oldest_at=0.0, cut_at=0.0, full=full))
+        assert (pipeline.room(full=True), pipeline.room(full=False)) == (1, 0)
         if scorer.second_done.wait(scorer.wait_s):
             pipeline.wait_head(0.2)
             assert pipeline.completed() == []  # the second is scored, but the first still holds the head
@@ -280,7 +286,7 @@ def _two_batches(scorer: GatedScorer, full_batch_size: int) -> list[tuple[Batch,
 
 def test_under_a_backlog_two_full_batches_share_the_model_and_leave_in_submission_order() -> None:
     scorer = GatedScorer(wait_s=10)
-    out = _two_batches(scorer, full_batch_size=2)
+    out = _two_batches(scorer, full=True)
     assert scorer.overlapped is True
     assert [batch.items[0].post.text for batch, _ in out] == ["first", "second"]  # type: ignore[union-attr]
     assert all(error is None and all(item.result for item in batch.items) for batch, error in out)
@@ -289,7 +295,7 @@ def test_under_a_backlog_two_full_batches_share_the_model_and_leave_in_submissio
 def test_below_capacity_smaller_batches_take_the_model_one_at_a_time() -> None:
     scorer = GatedScorer(wait_s=0.5)
     scorer.release_first.set()
-    out = _two_batches(scorer, full_batch_size=32)
+    out = _two_batches(scorer, full=False)
     assert scorer.overlapped is False
     assert [batch.items[0].post.text for batch, _ in out] == ["first", "second"]  # type: ignore[union-attr]
 
