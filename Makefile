@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[tools,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -22,8 +22,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m scripts.ensure_redis
-	$(BIN)/ruff check consumer mmsent schemas tests scripts
-	$(BIN)/mypy consumer mmsent schemas
+	$(BIN)/ruff check consumer mmsent schemas tooling tests scripts
+	$(BIN)/mypy consumer mmsent schemas tooling
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 chaos: $(STAMP)
@@ -35,10 +35,10 @@ bench: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(BIN)/mmsent bench all --write BENCHMARKS.md
 
 lint: $(STAMP)
-	$(BIN)/ruff check consumer mmsent schemas tests scripts
+	$(BIN)/ruff check consumer mmsent schemas tooling tests scripts
 
 typecheck: $(STAMP)
-	$(BIN)/mypy consumer mmsent schemas
+	$(BIN)/mypy consumer mmsent schemas tooling
 
 schemas: $(STAMP)
 	$(BIN)/mmsent schema --write schemas/json

@@ -29,11 +29,12 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from consumer.batcher import Batch, MicroBatcher, WorkItem
 from consumer.errors import Action, DeliveryFailed, ErrorPolicy, FatalError, is_rebalance_error
+from consumer.kafkaconfig import consumer_config, producer_config
 from consumer.metrics import HealthServer, Metrics
 from consumer.offsets import OffsetTracker, TopicPartitionKey
 from consumer.pausing import PausingManager
 from consumer.settings import ProcessingGuarantee, Settings
-from consumer.sink import Sink, group_instance_id, member_identity, optional_setting, producer_config
+from consumer.sink import Sink
 from consumer.stages import CacheLike, FetcherLike, ImageStage, LoopThread, ModelStage, Pipeline, ScorerLike
 from schemas.decode import BadRecord, decode_post
 from schemas.models import (
@@ -46,7 +47,6 @@ from schemas.models import (
 
 log = structlog.get_logger("consumer")
 
-SESSION_TIMEOUT_MS = 10_000
 COMMIT_INTERVAL_S = 0.5
 REVOKE_FLUSH_S = 10.0
 MAX_CONSUME = 500
@@ -56,41 +56,6 @@ MAX_CONSUME = 500
 # its slices meanwhile: idle 4-5% (results still leave in submission order); smaller batches keep to one at a time.
 # BENCHMARKS.md "Third round" has the runs.
 MODEL_CONCURRENCY = 2
-
-
-class _LibrdkafkaLog:
-    """librdkafka's own log lines, as structlog lines."""
-
-    def log(self, level: int, message: str, *args: Any) -> None:
-        text = message % args if args else message
-        if level >= 40:
-            log.error("librdkafka", detail=text)
-        elif level >= 30:
-            log.warning("librdkafka", detail=text)
-        else:
-            log.debug("librdkafka", detail=text)
-
-
-def consumer_config(settings: Settings, **callbacks: Any) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        **settings.kafka_client_config(),
-        "group.id": settings.group_id,
-        "client.id": f"mmsent-{member_identity(settings)}-{os.getpid()}",
-        "enable.auto.commit": False,
-        "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
-        "isolation.level": "read_committed",
-        "session.timeout.ms": int(optional_setting(settings, "kafka_session_timeout_ms") or SESSION_TIMEOUT_MS),
-        "heartbeat.interval.ms": 1_000,
-        "max.poll.interval.ms": 300_000,
-        "statistics.interval.ms": 5_000,
-        "fetch.wait.max.ms": 100,
-        **callbacks,
-    }
-    static_id = group_instance_id(settings)
-    if static_id:
-        config["group.instance.id"] = static_id
-    return config
 
 
 class Application:
@@ -154,7 +119,8 @@ class Application:
         decoder = self._image_decoder or _default_image_decoder(s)
 
         self._io = LoopThread()
-        self._fetcher = self._io.call(_construct(self._fetcher_factory or _default_fetcher, s), timeout=30)
+        fetcher_factory = self._fetcher_factory or partial(_default_fetcher, decode=decoder)
+        self._fetcher = self._io.call(_construct(fetcher_factory, s), timeout=30)
         self._cache = self._io.call(_construct(self._cache_factory or _default_cache, s), timeout=30)
         image_stage = ImageStage(self._fetcher, self._cache, decoder, scorer.image_encoder_id, self.metrics)
         model_stage = ModelStage(scorer, self._cache, self._io, self.policy, self.metrics)
@@ -165,11 +131,7 @@ class Application:
             # Before joining the group: fences a dead predecessor with our transactional id and aborts its
             # open transaction, so the offsets we are about to read are the committed ones.
             self.sink.init_transactions()
-        self.consumer = Consumer(
-            consumer_config(
-                s, error_cb=self._on_client_error, stats_cb=self._on_stats, logger=_LibrdkafkaLog()
-            )
-        )
+        self.consumer = Consumer(consumer_config(s, error_cb=self._on_client_error, stats_cb=self._on_stats))
         self.pausing = PausingManager(self.consumer, s.max_in_flight)
         self.consumer.subscribe(
             [s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -192,6 +154,11 @@ class Application:
     def stop(self) -> None:
         """Ask the loop to stop (thread- and signal-safe); `run()` then drains, commits and returns."""
         self._stop.set()
+
+    @property
+    def model_info(self) -> ModelInfo | None:
+        """The model that scores the events (name, version, ...), once loaded."""
+        return self._model_info
 
     @property
     def stopping(self) -> bool:
@@ -362,9 +329,16 @@ class Application:
         value = event.to_json_bytes()
         key = item.post.post_id.encode()
         outputs: list[tuple[str, bytes | None, bytes]] = [(s.output_topic, key, value)]
-        if s.alert_topic and event.label == s.alert_label and scores.get(s.alert_label, 0.0) >= s.alert_min_probability:
+        if s.alert_topic and self._alerts(item):
             outputs.append((s.alert_topic, key, value))
         return outputs
+
+    def _alerts(self, item: WorkItem) -> bool:
+        """The alert rule: the post's label is the alert label, at the minimum probability or above."""
+        s, result = self.settings, item.result
+        return result is not None and result.label == s.alert_label and (
+            float(dict(result.scores).get(s.alert_label, 0.0)) >= s.alert_min_probability
+        )
 
     def _emit(self, item: WorkItem) -> None:
         """At least once: produce, and mark the record done when every output of it is acknowledged."""
@@ -413,11 +387,7 @@ class Application:
             return
         m.events_produced.labels(item.result.label).inc()
         m.image_status.labels(item.image_status.value).inc()
-        s = self.settings
-        scores = dict(item.result.scores)
-        if s.alert_topic and item.result.label == s.alert_label and float(scores.get(s.alert_label, 0)) >= (
-            s.alert_min_probability
-        ):
+        if self.settings.alert_topic and self._alerts(item):
             m.alerts.inc()
         if item.timestamp_ms is not None:
             m.end_to_end_latency.observe(max(0.0, time.time() - item.timestamp_ms / 1000))
@@ -454,7 +424,7 @@ class Application:
             self._count_done(item)
 
     def _new_sink(self) -> Sink:
-        return Sink(producer_config(self.settings, error_cb=self._on_producer_error) | {"logger": _LibrdkafkaLog()})
+        return Sink(producer_config(self.settings, error_cb=self._on_producer_error))
 
     def _on_producer_error(self, error: KafkaError) -> None:
         if self._replaceable(error):
@@ -675,10 +645,11 @@ async def _construct(factory: Callable[[Settings], Any], settings: Settings) -> 
     return factory(settings)
 
 
-def _default_fetcher(settings: Settings) -> FetcherLike:
+def _default_fetcher(settings: Settings, decode: Callable[[bytes], Any]) -> FetcherLike:
+    """The safe fetcher, decoding with the same decoder as the cached bytes."""
     from consumer.fetch import ImageFetcher
 
-    return ImageFetcher(settings)
+    return ImageFetcher(settings, decode=decode)
 
 
 def _default_cache(settings: Settings) -> CacheLike | None:
@@ -710,9 +681,9 @@ def _warm_up(scorer: ScorerLike) -> None:
 
 
 def _default_image_decoder(settings: Settings) -> Callable[[bytes], Any]:
-    from mmsent import decode_image
+    from consumer.fetch import image_decoder
 
-    return partial(decode_image, max_pixels=settings.fetch_max_pixels, max_side=settings.fetch_max_side)
+    return image_decoder(settings)
 
 
 # -- the process -------------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from consumer.fetch import sniff_image_type
+from mmsent import sniff_format
 
 if TYPE_CHECKING:
     from consumer.settings import Settings
@@ -132,7 +132,7 @@ def encode_image(data: bytes) -> bytes:
 
 def decode_image_value(blob: bytes) -> bytes:
     data = bytes(_open(blob, _KIND_IMAGE))
-    if sniff_image_type(data[:16]) is None:
+    if sniff_format(data[:16]) is None:
         raise CorruptValue("not an image")
     return data
 

@@ -1,6 +1,8 @@
 """The `mmsent` console script: one entry point for the service, the model and the tooling.
 
-Heavy imports (torch, confluent-kafka) happen inside each command, so `mmsent schema` or `--help` is instant.
+The one place that mounts the other packages' commands: the model's (`mmsent.cli`: train, eval) and, where the
+tooling is installed (a checkout; not the container image), `tooling.cli` (demo, bench, reconcile). Heavy imports
+(torch, confluent-kafka) happen inside each command, so `mmsent schema` or `--help` is instant.
 """
 
 from __future__ import annotations
@@ -34,16 +36,6 @@ def consume() -> None:
 
 
 @app.command()
-def demo(
-    posts: Annotated[int, typer.Option(help="How many synthetic posts to stream.")] = 300,
-) -> None:
-    """The embedded default: broker, Redis, image server, consumer and model on this machine, then a summary."""
-    from consumer.demo import run_demo
-
-    raise typer.Exit(run_demo(posts=posts))
-
-
-@app.command()
 def schema(
     write: Annotated[
         Path | None, typer.Option(help="Write one <name>.json per message into this directory instead of printing.")
@@ -60,19 +52,19 @@ def schema(
 
 
 def _mount_optional(module_name: str, attribute: str = "app") -> None:
-    """Add the commands of another typer app (the model's `train`/`eval`, the tooling's `reconcile`/`bench`)."""
+    """Add the commands of another package's typer app, when that package is installed."""
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
+        if exc.name is None or not f"{module_name}.".startswith(f"{exc.name}."):
+            raise  # the package is there, but something it imports is not: that is a fault, not an absence
         return
     sub_app = getattr(module, attribute)
     app.registered_commands.extend(sub_app.registered_commands)
     app.registered_groups.extend(sub_app.registered_groups)
 
 
-for _module in ("mmsent.cli", "consumer.reconcile", "consumer.bench"):
+for _module in ("mmsent.cli", "tooling.cli"):
     _mount_optional(_module)
 
 

@@ -30,10 +30,6 @@ class DeliveryFailed(FatalError):
     """The broker did not acknowledge an output after the producer's own retries."""
 
 
-class TransactionFailed(ConsumerError):
-    """A transaction was aborted; the consumer rewinds to the last committed offsets and tries again."""
-
-
 class Action(StrEnum):
     DEAD_LETTER = "dead_letter"
     SKIP = "skip"

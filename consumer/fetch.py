@@ -10,8 +10,8 @@ How the dangerous parts are handled, and why:
   streaming, `Accept-Encoding: identity` (no compression bombs at the HTTP layer), per-host and global
   concurrency limits, concurrent fetches of one URL share a single download, and failures are remembered for a
   short while (negative cache) so a dead URL is not hammered by every repost.
-* Content: judged by its magic bytes, never by the server's Content-Type; decoding (in `fetch_image`) checks the
-  declared dimensions before a single pixel is allocated.
+* Content: judged by its magic bytes, never by the server's Content-Type; decoding (`image_decoder`, in
+  `fetch_image`) checks the declared dimensions before a single pixel is allocated.
 """
 
 from __future__ import annotations
@@ -20,13 +20,10 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import io
 import ipaddress
-import random
 import socket
 import ssl
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,9 +33,12 @@ from urllib.parse import urljoin
 import httpcore
 import httpx
 import structlog
+import tenacity
+from cachetools import TTLCache
 from prometheus_client import Counter, Histogram
 
 from consumer.netpolicy import AddressPolicy, Refused, Target
+from mmsent import ImageDecodeError, decode_image, sniff_format
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -106,24 +106,20 @@ class _Failure(Exception):
 
 # -- content sniffing ------------------------------------------------------------------------------
 
-_SIGNATURES: tuple[tuple[bytes, int, str], ...] = (
-    (b"\xff\xd8\xff", 0, "image/jpeg"),
-    (b"\x89PNG\r\n\x1a\n", 0, "image/png"),
-    (b"GIF87a", 0, "image/gif"),
-    (b"GIF89a", 0, "image/gif"),
-    (b"BM", 0, "image/bmp"),
-)
 SNIFF_BYTES = 12
 
 
 def sniff_image_type(head: bytes) -> str | None:
-    """The image MIME type from the first bytes, or None when they are not JPEG/PNG/WebP/GIF/BMP."""
-    if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "image/webp"
-    for magic, offset, mime in _SIGNATURES:
-        if head[offset : offset + len(magic)] == magic:
-            return mime
-    return None
+    """The image MIME type from the first bytes (`mmsent.sniff_format`), or None when they are not an image the
+    model accepts (JPEG, PNG, WebP, GIF, BMP)."""
+    image_format = sniff_format(head)
+    return None if image_format is None else f"image/{image_format.lower()}"
+
+
+def image_decoder(settings: Settings) -> Callable[[bytes], Image.Image]:
+    """The one decoder of fetched and cached bytes: `mmsent.decode_image` (header checked before any pixel is
+    allocated, EXIF orientation, first frame, RGB) under this service's limits."""
+    return functools.partial(decode_image, max_pixels=settings.fetch_max_pixels, max_side=settings.fetch_max_side)
 
 
 # -- connecting only to checked addresses ------------------------------------------------------------
@@ -260,34 +256,19 @@ class _HostLimiter:
 
 
 class _NegativeCache:
-    """Recent failures by URL, for `ttl_s` seconds, at most `max_entries` (oldest dropped first)."""
+    """Recent failures by URL, for `ttl_s` seconds, at most `max_entries`: a `cachetools.TTLCache` (expired
+    entries go first, then the least recently used). A TTL of 0 remembers nothing."""
 
     def __init__(self, ttl_s: float, max_entries: int = 10_000, clock: Callable[[], float] = time.monotonic):
-        self._ttl_s = ttl_s
-        self._max = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[float, FetchResult]] = OrderedDict()
+        remember = ttl_s > 0 and max_entries > 0
+        self._entries: TTLCache[str, FetchResult] | None = TTLCache(max_entries, ttl_s, clock) if remember else None
 
     def get(self, url: str) -> FetchResult | None:
-        entry = self._entries.get(url)
-        if entry is None:
-            return None
-        expires, result = entry
-        if expires <= self._clock():
-            del self._entries[url]
-            return None
-        return result
+        return None if self._entries is None else self._entries.get(url)
 
     def put(self, url: str, result: FetchResult) -> None:
-        if self._ttl_s <= 0 or self._max <= 0:
-            return
-        self._entries[url] = (self._clock() + self._ttl_s, result)
-        self._entries.move_to_end(url)
-        while len(self._entries) > self._max:
-            self._entries.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._entries)
+        if self._entries is not None:
+            self._entries[url] = result
 
 
 # -- the fetcher -------------------------------------------------------------------------------------
@@ -305,9 +286,11 @@ class ImageFetcher:
         retry_backoff_s: float = 0.2,
         negative_cache_size: int = 10_000,
         ssl_context: ssl.SSLContext | None = None,
+        decode: Callable[[bytes], Image.Image] | None = None,
     ) -> None:
         """`resolver` and `ssl_context` exist for tests (fake DNS, a private CA); production uses the defaults:
-        the system resolver and certifi's roots, with certificate and host name checks on."""
+        the system resolver and certifi's roots, with certificate and host name checks on. `decode` defaults to
+        `image_decoder(settings)`."""
         self._settings = settings
         self._policy = policy or AddressPolicy(settings.fetch_allow_private, settings.fetch_allow_cidrs)
         # Lookups get threads of their own: a slow DNS server must not starve the default executor, which
@@ -326,7 +309,7 @@ class ImageFetcher:
         self._hosts = _HostLimiter(settings.fetch_per_host_concurrency)
         self._negative = _NegativeCache(settings.fetch_negative_cache_s, negative_cache_size)
         self._in_flight: dict[str, asyncio.Future[FetchResult]] = {}
-        self._decoder = _ImageDecoder(settings.fetch_max_pixels, settings.fetch_max_side)
+        self._decode = decode or image_decoder(settings)
 
     @property
     def policy(self) -> AddressPolicy:
@@ -365,8 +348,8 @@ class ImageFetcher:
         if not result.ok or result.data is None:
             return result, None
         try:
-            image = await asyncio.to_thread(self._decoder.decode, result.data)
-        except _DecodeRefused as exc:
+            image = await asyncio.to_thread(self._decode, result.data)
+        except ImageDecodeError as exc:
             DECODE_FAILURES.labels(exc.reason).inc()
             log.info("image_decode_refused", url=_short(url), reason=exc.reason, detail=exc.detail)
             failed = FetchResult("unavailable", None, exc.reason, result.content_type)
@@ -443,17 +426,18 @@ class ImageFetcher:
         return addresses
 
     async def _request_with_retries(self, target: Target, addresses: list[str]) -> FetchResult | str:
-        attempts = self._settings.fetch_retries + 1
-        for attempt in range(attempts):
-            try:
-                async with self._hosts.hold(target.host):
-                    return await self._request_once(target, addresses)
-            except _Failure as failure:
-                if not failure.retryable or attempt == attempts - 1:
-                    raise
-                # Full jitter: reposts of one dead image must not retry in lockstep.
-                await asyncio.sleep(random.uniform(0, self._backoff_s * 2**attempt))
-        raise AssertionError("unreachable")
+        retrying = tenacity.AsyncRetrying(
+            stop=tenacity.stop_after_attempt(self._settings.fetch_retries + 1),
+            retry=tenacity.retry_if_exception(lambda exc: isinstance(exc, _Failure) and exc.retryable),
+            # Full jitter: reposts of one dead image must not retry in lockstep.
+            wait=tenacity.wait_random_exponential(multiplier=self._backoff_s),
+            reraise=True,
+        )
+        return await retrying(self._request_holding_host, target, addresses)
+
+    async def _request_holding_host(self, target: Target, addresses: list[str]) -> FetchResult | str:
+        async with self._hosts.hold(target.host):
+            return await self._request_once(target, addresses)
 
     async def _request_once(self, target: Target, addresses: list[str]) -> FetchResult | str:
         """One GET: an ok result, or the next URL when redirected; raises `_Failure` otherwise."""
@@ -525,81 +509,3 @@ def _short(url: str, limit: int = 200) -> str:
     """URLs for logs: attacker-controlled, so kept short, and without the query, which may hold a signature."""
     url = url.split("?", 1)[0]
     return url if len(url) <= limit else url[:limit] + "..."
-
-
-# -- decoding --------------------------------------------------------------------------------------
-
-
-class _DecodeRefused(Exception):
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.detail = detail
-
-
-_PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-
-
-class _ImageDecoder:
-    """Checks the declared size from the header alone, then decodes with `mmsent.decode_image` when the model
-    package provides it (it owns the model's notion of a usable image), or with the same rules here."""
-
-    def __init__(self, max_pixels: int, max_side: int) -> None:
-        self.max_pixels = max_pixels
-        self.max_side = max_side
-        self._model_decode: Callable[[bytes], Image.Image] | None = None
-        self._model_checked = False
-
-    def decode(self, data: bytes) -> Image.Image:
-        from PIL import Image
-
-        try:
-            with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as probe:
-                width, height = probe.size  # read from the header: nothing is decoded yet
-        except Image.DecompressionBombError as exc:  # Pillow's own, coarser limit, checked at open
-            raise _DecodeRefused("too_many_pixels", str(exc)) from None
-        except Exception as exc:  # Pillow raises many types for hostile input
-            raise _DecodeRefused("decode_error", f"{type(exc).__name__}: {exc}") from None
-        if width <= 0 or height <= 0:
-            raise _DecodeRefused("decode_error", "empty image")
-        if width * height > self.max_pixels:
-            raise _DecodeRefused("too_many_pixels", f"{width}x{height}")
-        if max(width, height) > self.max_side:
-            raise _DecodeRefused("too_large_side", f"{width}x{height}")
-        if not self._model_checked:
-            # Imported on first use: the model package pulls in torch, which plain fetching does not need.
-            self._model_decode = _model_decoder(self.max_pixels, self.max_side)
-            self._model_checked = True
-        try:
-            if self._model_decode is not None:
-                return self._model_decode(data)
-            return self._decode_here(data)
-        except _DecodeRefused:
-            raise
-        except Exception as exc:
-            raise _DecodeRefused("decode_error", f"{type(exc).__name__}: {exc}") from None
-
-    def _decode_here(self, data: bytes) -> Image.Image:
-        from PIL import Image, ImageOps
-
-        with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:
-            image.seek(0)  # animated images: the first frame
-            image.load()
-            upright = ImageOps.exif_transpose(image)
-            return upright.convert("RGB")
-
-
-def _model_decoder(max_pixels: int, max_side: int) -> Callable[[bytes], Image.Image] | None:
-    """`mmsent.decode_image` bound to our limits, or None when the model package does not provide it."""
-    try:
-        from mmsent import ImageDecodeError, decode_image
-    except ImportError:
-        return None
-
-    def decode(data: bytes) -> Image.Image:
-        try:
-            return decode_image(data, max_pixels=max_pixels, max_side=max_side)
-        except ImageDecodeError as exc:
-            raise _DecodeRefused(getattr(exc, "reason", "decode_error"), str(exc)) from None
-
-    return decode

@@ -58,9 +58,6 @@ class OffsetTracker:
     def is_current(self, state: PartitionState) -> bool:
         return self._states.get(state.key) is state
 
-    def partitions(self) -> list[TopicPartitionKey]:
-        return list(self._states)
-
     def register(self, state: PartitionState, offset: int) -> None:
         if state.committed is None:
             state.committed = offset  # everything before the first record read was committed already
@@ -78,10 +75,6 @@ class OffsetTracker:
     @property
     def in_flight(self) -> int:
         return sum(len(state.pending) for state in self._states.values())
-
-    def in_flight_for(self, key: TopicPartitionKey) -> int:
-        state = self._states.get(key)
-        return len(state.pending) if state else 0
 
     def committable(self, keys: Iterable[TopicPartitionKey] | None = None) -> dict[TopicPartitionKey, int]:
         """Offsets (next to consume) that are ahead of what was committed, per partition."""

@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -20,17 +20,28 @@ class ProcessingGuarantee(StrEnum):
     EXACTLY_ONCE = "exactly_once"
 
 
-# Settings for the Kafka client that pass straight through: MMSENT_KAFKA_SECURITY_PROTOCOL=SASL_SSL
-# becomes {"security.protocol": "SASL_SSL"}.
-_KAFKA_PASSTHROUGH_PREFIXES = ("MMSENT_KAFKA_SECURITY_", "MMSENT_KAFKA_SASL_", "MMSENT_KAFKA_SSL_")
-
-
 class Settings(BaseSettings):
     """The consumer's configuration. Environment variables win over the config file (`MMSENT_CONFIG`)."""
 
     model_config = SettingsConfigDict(env_prefix="MMSENT_", extra="ignore", frozen=True)
 
     kafka_bootstrap_servers: str = "localhost:9092"
+    kafka_session_timeout_ms: int = Field(
+        default=10_000, ge=1_000, le=3_600_000,
+        description="A member that stops heartbeating loses its partitions after this long (librdkafka's "
+        "session.timeout.ms).",
+    )
+    # librdkafka's security settings, each under its own name: kafka_sasl_mechanism becomes sasl.mechanism
+    # (consumer.kafkaconfig.client_config). None: librdkafka's default.
+    kafka_security_protocol: str | None = None
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_ca_location: str | None = None
+    kafka_ssl_certificate_location: str | None = None
+    kafka_ssl_key_location: str | None = None
+    kafka_ssl_key_password: SecretStr | None = None
+    kafka_ssl_endpoint_identification_algorithm: str | None = None
     input_topic: str = "posts"
     output_topic: str = "sentiment"
     dlq_topic: str = "sentiment.dlq"
@@ -88,19 +99,6 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         return tuple(ipaddress.ip_network(part, strict=False) for part in value)
-
-    @property
-    def alerts_enabled(self) -> bool:
-        return bool(self.alert_topic)
-
-    def kafka_client_config(self) -> dict[str, str]:
-        """librdkafka settings shared by consumer, producer and admin: the brokers plus security pass-through."""
-        config = {"bootstrap.servers": self.kafka_bootstrap_servers}
-        for name, value in os.environ.items():
-            if name.startswith(_KAFKA_PASSTHROUGH_PREFIXES):
-                key = name.removeprefix("MMSENT_KAFKA_").lower().replace("_", ".")
-                config[key] = value
-        return config
 
     @classmethod
     def settings_customise_sources(

@@ -4,13 +4,12 @@ At least once: an idempotent producer (acks=all, no duplicates from its own retr
 the poll loop learns of each acknowledgement through the delivery callback, on its own thread (`poll`).
 Exactly once: a transactional producer; the input offsets go into the same transaction
 (`send_offsets_to_transaction` with the consumer's group metadata), so outputs and offsets commit together.
+The producer's configuration is `consumer.kafkaconfig.producer_config`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -18,7 +17,6 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from consumer.offsets import TopicPartitionKey
-from consumer.settings import ProcessingGuarantee, Settings
 
 log = structlog.get_logger(__name__)
 
@@ -27,57 +25,8 @@ DeliveryCallback = Callable[[KafkaError | None, Message], None]
 TRANSACTION_TIMEOUT_S = 10.0
 
 
-def optional_setting(settings: Settings, name: str) -> str | None:
-    """A setting `Settings` may not declare (yet): its attribute when it has one, else `MMSENT_<NAME>`."""
-    value = getattr(settings, name, None)
-    if value is None:
-        value = os.environ.get(f"MMSENT_{name.upper()}")
-    return None if value in (None, "") else str(value)
-
-
-def group_instance_id(settings: Settings) -> str | None:
-    """`MMSENT_GROUP_INSTANCE_ID`: static group membership (KIP-345), e.g. the StatefulSet pod name.
-
-    A restarted member with the same id takes its partitions back at once, without a rebalance.
-    """
-    return optional_setting(settings, "group_instance_id")
-
-
-def member_identity(settings: Settings | None = None) -> str:
-    """A stable name for this process: the static member id, else the pod or host name."""
-    static = group_instance_id(settings) if settings is not None else None
-    return static or os.environ.get("POD_NAME") or os.environ.get("HOSTNAME") or socket.gethostname()
-
-
-def transactional_id(settings: Settings) -> str:
-    """`MMSENT_TRANSACTIONAL_ID`, or one derived from the group and this member's stable identity.
-
-    Stable across restarts, so a restarted member fences its dead predecessor and aborts its open transaction
-    at once; distinct per member, so two live members never fence each other (on one host, set it per process).
-    """
-    return settings.transactional_id or f"mmsent-{settings.group_id}-{member_identity(settings)}"
-
-
-def producer_config(settings: Settings, error_cb: Callable[[KafkaError], None] | None = None) -> dict[str, Any]:
-    config: dict[str, Any] = {
-        **settings.kafka_client_config(),
-        "client.id": f"mmsent-producer-{member_identity()}-{os.getpid()}",
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        "compression.type": "lz4",
-    }
-    if settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:
-        config["transactional.id"] = transactional_id(settings)
-        config["transaction.timeout.ms"] = 60_000
-    if error_cb is not None:
-        config["error_cb"] = error_cb
-    return config
-
-
 class Sink:
     def __init__(self, config: Mapping[str, Any], *, producer_factory: Callable[..., Producer] = Producer) -> None:
-        self.transactional = "transactional.id" in config
         self._producer = producer_factory(dict(config))
         self._in_transaction = False
 
@@ -142,10 +91,6 @@ class Sink:
                     raise
                 log.warning("transaction_abort_retry", error=str(error))
         raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "abort_transaction kept timing out"))
-
-    @property
-    def in_transaction(self) -> bool:
-        return self._in_transaction
 
     def close(self, timeout: float = 5.0) -> None:
         if self._in_transaction:

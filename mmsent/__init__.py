@@ -1,6 +1,6 @@
 """mmsent: multimodal (caption + image) sentiment. See ARCHITECTURE.md for the public face."""
 
-from mmsent.imaging import ImageDecodeError, decode_image
+from mmsent.imaging import ImageDecodeError, decode_image, sniff_format
 from mmsent.scorer import ImageEmbedding, Scorer, ScoreResult
 
-__all__ = ["ImageDecodeError", "ImageEmbedding", "ScoreResult", "Scorer", "decode_image"]
+__all__ = ["ImageDecodeError", "ImageEmbedding", "ScoreResult", "Scorer", "decode_image", "sniff_format"]

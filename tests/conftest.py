@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from consumer.embedded import KafkaProcess, NoidaKafka, RedisProcess, ServiceStartError, free_port
 from tests.kafkautil import TANSU_PACKAGE, TansuKafka
+from tooling.embedded import KafkaProcess, NoidaKafka, RedisProcess, ServiceStartError, free_port
 
 pytest_plugins = ["tests.netguard", "tests.imageserver"]
 

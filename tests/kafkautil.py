@@ -10,8 +10,8 @@ from pathlib import Path
 
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
-from consumer.embedded import KafkaProcess, ServiceStartError, create_topics
-from consumer.topicreader import Record, read_topic
+from tooling.embedded import KafkaProcess, ServiceStartError, create_topics
+from tooling.topicreader import Record, read_topic
 
 __all__ = ["Record", "TansuKafka", "committed_offsets", "create_topics", "end_offsets", "produce", "read_all"]
 
@@ -96,7 +96,7 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
 
     ListOffsets alone is not enough on every broker: Tansu 0.6.0 answers LATEST with the base offset of the
     partition's last batch + 1 (a batch of five records at the end reads as four short), while its fetch responses
-    carry the true high watermark (`consumer.topicreader.read_topic` reads to it for the same reason). So a fetch
+    carry the true high watermark (`tooling.topicreader.read_topic` reads to it for the same reason). So a fetch
     from one below the listed end settles it; on Kafka and noida-db the two agree and the fetch changes nothing.
     """
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mmsent-test-offsets",

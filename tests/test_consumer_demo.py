@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from consumer.demo import run_demo
+from tooling.demo import run_demo
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 

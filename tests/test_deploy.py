@@ -23,6 +23,7 @@ import kubernetes_validate  # dev dependency: kubernetes-validate (offline Kuber
 import pytest
 import yaml
 
+from consumer.kafkaconfig import client_config
 from consumer.settings import Settings
 from tests.deploy_support import kustomize
 
@@ -297,19 +298,13 @@ def test_every_mmsent_variable_of_the_pod_is_read(overlay: str, monkeypatch: pyt
     env = container(rendered(overlay))["env"]
     fields = {f"MMSENT_{name.upper()}" for name in Settings.model_fields}
     names = [e["name"] for e in env if e["name"].startswith("MMSENT_")]
-    secret_only = [name for name in names if name not in fields]
-    assert sorted(secret_only) == sorted(
-        [
-            "MMSENT_KAFKA_SECURITY_PROTOCOL",
-            "MMSENT_KAFKA_SASL_MECHANISM",
-            "MMSENT_KAFKA_SASL_USERNAME",
-            "MMSENT_KAFKA_SASL_PASSWORD",
-        ]
-    )
-    # Those four are not fields but pass straight through to librdkafka: check that they really do.
-    settings = settings_from({name: "x" for name in secret_only}, monkeypatch)
-    client = settings.kafka_client_config()
+    assert set(names) <= fields, f"not read by consumer.settings.Settings: {sorted(set(names) - fields)}"
+    security = [name for name in names if name.startswith(("MMSENT_KAFKA_SECURITY_", "MMSENT_KAFKA_SASL_"))]
+    # The security settings from the Secret go on to librdkafka under their own names.
+    settings = settings_from({name: "x" for name in security}, monkeypatch)
+    client = client_config(settings)
     assert {"security.protocol", "sasl.mechanism", "sasl.username", "sasl.password"} <= client.keys()
+    assert client["sasl.password"] == "x"
     assert "MMSENT_REDIS_URL" in names and "MMSENT_REDIS_URL" in fields
     for entry in env:
         if entry["name"].startswith("MMSENT_"):
@@ -792,11 +787,26 @@ def test_dockerignore_keeps_what_the_build_needs() -> None:
     allowed = {p.removeprefix("!").rstrip("/") for p in patterns if p.startswith("!")}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     needed = {"pyproject.toml", project["project"]["readme"]}
-    needed |= {pkg.rstrip("*") for pkg in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    packages = {pkg.rstrip("*") for pkg in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    needed |= packages - {"tooling"}  # the development and operator tooling stays out of the image
     assert needed <= allowed, f"the build context lacks {sorted(needed - allowed)}"
+    assert "tooling" not in allowed
     copied = set()
     for line in (ROOT / "Dockerfile").read_text().splitlines():
         if line.startswith("COPY ") and "--from=" not in line:
             copied |= {src.rstrip("/") for src in line.split()[1:-1]}
     assert copied == needed, f"COPY {sorted(copied)} but the package needs {sorted(needed)}"
     assert ".venv" not in allowed and ".git" not in allowed
+
+
+def test_the_image_carries_the_service_without_its_tools() -> None:
+    """`pip install .` (the image's install) pulls no tool-only dependency, and the service package holds no tool."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = {re.split(r"[<>=!~\[ ]", dep)[0].lower() for dep in project["dependencies"]}
+    assert not base & {"noida-db", "psutil"}, base & {"noida-db", "psutil"}
+    assert {"noida-db", "psutil"} <= {re.split(r"[<>=!~ ]", d)[0] for d in project["optional-dependencies"]["tools"]}
+    tools = {path.name for path in (ROOT / "tooling").glob("*.py")} - {"__init__.py", "cli.py"}
+    assert {"demo.py", "bench.py", "embedded.py", "reconcile.py"} <= tools
+    assert not tools & {path.name for path in (ROOT / "consumer").glob("*.py")}

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from consumer.embedded import NoidaKafka, RedisProcess
-from consumer.reconcile import Report, reconcile, render_table
 from tests.consumerutil import (
     ConsumerProcess,
     Outcome,
@@ -30,6 +28,8 @@ from tests.consumerutil import (
 )
 from tests.imageserver import ImageServer, drop, garbage, image, sample_image, slow, status
 from tests.kafkautil import create_topics, produce
+from tooling.embedded import NoidaKafka, RedisProcess
+from tooling.reconcile import Report, reconcile, render_table
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 

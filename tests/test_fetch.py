@@ -20,7 +20,6 @@ import httpcore
 import pytest
 from PIL import Image
 
-from consumer import fetch as fetch_module
 from consumer.fetch import FetchResult, ImageFetcher, PinnedNetworkBackend, sniff_image_type
 from consumer.settings import Settings
 from tests.imageserver import (
@@ -193,12 +192,7 @@ def test_compressed_responses_are_refused(image_server: ImageServer) -> None:
     assert fetch_one(url).reason == "content_encoding"
 
 
-@pytest.mark.parametrize("decoder", ["mmsent", "local"])
-def test_a_decompression_bomb_is_refused_without_allocating_it(
-    image_server: ImageServer, monkeypatch: pytest.MonkeyPatch, decoder: str
-) -> None:
-    if decoder == "local":
-        monkeypatch.setattr(fetch_module, "_model_decoder", lambda *_: None)
+def test_a_decompression_bomb_is_refused_without_allocating_it(image_server: ImageServer) -> None:
     bomb = png_bomb(20_000, 20_000)  # 1.2 GB of RGB pixels declared, a few KB sent
     assert len(bomb) < 10_000
     good = image_server.route("/good.png", image(sample_image("PNG"), "image/png"))
@@ -212,7 +206,7 @@ def test_a_decompression_bomb_is_refused_without_allocating_it(
         return result, decoded, grown_kb
 
     result, decoded, grown_kb = with_fetcher(settings(), use)
-    assert result.status == "unavailable" and result.reason in {"too_many_pixels", "too_large"}
+    assert result.status == "unavailable" and result.reason == "too_large"
     assert decoded is None
     assert grown_kb < 100 * 1024  # far below the 1.2 GB a decode would need
 
@@ -220,7 +214,7 @@ def test_a_decompression_bomb_is_refused_without_allocating_it(
 def test_an_image_over_the_maximum_side_is_refused(image_server: ImageServer) -> None:
     url = image_server.route("/wide.png", image(sample_image("PNG", size=(3000, 2)), "image/png"))
     result, decoded = fetch_image(url, settings(fetch_max_side=2048))
-    assert result.status == "unavailable" and result.reason in {"too_large_side", "too_large"} and decoded is None
+    assert result.status == "unavailable" and result.reason == "too_large" and decoded is None
 
 
 def test_an_undecodable_image_is_unavailable_and_not_fetched_again(image_server: ImageServer) -> None:
@@ -230,7 +224,8 @@ def test_an_undecodable_image_is_unavailable_and_not_fetched_again(image_server:
         return [await fetcher.fetch_image(url), await fetcher.fetch_image(url)]
 
     results = with_fetcher(settings(fetch_negative_cache_s=60), use)
-    assert [(r.status, r.reason, d) for r, d in results] == [("unavailable", "decode_error", None)] * 2
+    assert [(r.status, d) for r, d in results] == [("unavailable", None)] * 2
+    assert results[0][0].reason in {"corrupt", "truncated"} and results[1][0] == results[0][0]
     assert image_server.count("/broken.jpg") == 1
 
 

@@ -7,8 +7,8 @@ import json
 from typer.testing import CliRunner
 
 from consumer.cli import app
-from consumer.reconcile import reconcile
 from tests.kafkautil import create_topics, produce
+from tooling.reconcile import reconcile
 
 
 def _source(partition: int, offset: int, topic: str) -> dict[str, object]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import redis
 
-from consumer.embedded import RedisProcess
 from tests.kafkautil import committed_offsets, create_topics, end_offsets, produce, read_all
+from tooling.embedded import RedisProcess
 
 
 def test_record_round_trips_through_the_broker(kafka_bootstrap: str, unique_name: str) -> None:

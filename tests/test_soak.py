@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from consumer.reconcile import reconcile, render_table
 from tests.consumerutil import (
     ConsumerProcess,
     SteadyProducer,
@@ -24,6 +23,7 @@ from tests.consumerutil import (
 )
 from tests.imageserver import ImageServer, image, sample_image
 from tests.kafkautil import create_topics
+from tooling.reconcile import reconcile, render_table
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 

@@ -13,9 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from consumer.topicreader import Record, read_topic
-
-app = typer.Typer()
+from tooling.topicreader import Record, read_topic
 
 
 @dataclass
@@ -126,7 +124,6 @@ def render_table(report: Report) -> str:
     return "\n".join(lines)
 
 
-@app.command(name="reconcile")
 def reconcile_command(
     bootstrap: Annotated[str | None, typer.Option(help="Brokers; default MMSENT_KAFKA_BOOTSTRAP_SERVERS.")] = None,
     input_topic: Annotated[str | None, typer.Option("--input", help="Default MMSENT_INPUT_TOPIC.")] = None,
@@ -136,10 +133,11 @@ def reconcile_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Check that every input record ended as an event or a dead letter; exit 1 when any is lost."""
+    from consumer.kafkaconfig import client_config as kafka_client_config
     from consumer.settings import Settings
 
     settings = Settings()
-    client_config = settings.kafka_client_config()
+    client_config = kafka_client_config(settings)
     if bootstrap:
         client_config["bootstrap.servers"] = bootstrap
     report = reconcile(

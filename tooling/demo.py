@@ -21,11 +21,12 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from prometheus_client import REGISTRY
+
 from consumer.app import Application
-from consumer.embedded import EmbeddedServices, create_topics
-from consumer.localimages import LoopbackImageServer
-from consumer.metrics import Metrics
 from consumer.settings import Settings
+from tooling.embedded import EmbeddedServices, create_topics
+from tooling.localimages import LoopbackImageServer
 
 INPUT, OUTPUT, DLQ, ALERTS = "posts", "sentiment", "sentiment.dlq", "sentiment.alerts"
 
@@ -224,7 +225,6 @@ def run_demo(posts: int = 300, live_rows: int = 40, timeout_s: float = 300.0) ->
             alert_min_probability=float(os.environ.get("MMSENT_ALERT_MIN_PROBABILITY", "0.6")),
             shutdown_grace_s=10,
         )
-        metrics = Metrics.get()
         app = Application(settings)
         watcher = _Watcher(services.kafka_bootstrap, live_rows)
         records = synthetic_stream(posts, images)
@@ -235,7 +235,7 @@ def run_demo(posts: int = 300, live_rows: int = 40, timeout_s: float = 300.0) ->
             if not app.ready:
                 print("the consumer did not start; see the log above", flush=True)
                 return 1
-            print(f"  model {dict(app._model_info or {})} ready in {time.monotonic() - started_loading:.1f}s\n",
+            print(f"  model {dict(app.model_info or {})} ready in {time.monotonic() - started_loading:.1f}s\n",
                   flush=True)
             print(f"  {'post':<14} {'label/code':<14} {'p':>5}  {'part@off':>8}  image / reason", flush=True)
             producer = Producer({"bootstrap.servers": services.kafka_bootstrap, "enable.idempotence": True,
@@ -260,7 +260,7 @@ def run_demo(posts: int = 300, live_rows: int = 40, timeout_s: float = 300.0) ->
         watcher.close()
         gc.collect()
         rc = app_rc = 0 if not thread.is_alive() else 1
-        _summary(watcher, metrics, images, expected, elapsed)
+        _summary(watcher, images, expected, elapsed)
         if len(watcher.events) + len(watcher.dead_letters) < expected:
             print(f"\nonly {len(watcher.events) + len(watcher.dead_letters)} of {expected} records accounted for",
                   flush=True)
@@ -268,12 +268,12 @@ def run_demo(posts: int = 300, live_rows: int = 40, timeout_s: float = 300.0) ->
         return rc or app_rc
 
 
-def _summary(watcher: _Watcher, metrics: Metrics, images: LoopbackImageServer, expected: int, elapsed: float) -> None:
+def _summary(watcher: _Watcher, images: LoopbackImageServer, expected: int, elapsed: float) -> None:
     events, letters = watcher.events, watcher.dead_letters
     labels = Counter(e["label"] for e in events)
     statuses = Counter(e["image_status"] for e in events)
     codes = Counter(d["error"]["code"] for d in letters)
-    sources = {label: _sample(metrics.image_source, label)
+    sources = {label: _sample("mmsent_image_source_total", source=label)
                for label in ("embedding_cache", "recent_embedding", "bytes_cache", "fetch")}
     downloads = sum(count for path, count in images.hits.items())
     rows: list[tuple[str, str]] = [("records in", str(expected)), ("events out", str(len(events)))]
@@ -285,7 +285,7 @@ def _summary(watcher: _Watcher, metrics: Metrics, images: LoopbackImageServer, e
     rows.append(("images: cache hits (embedding)", f"{sources['embedding_cache'] + sources['recent_embedding']:.0f}"))
     rows.append(("images: cache hits (bytes)", f"{sources['bytes_cache']:.0f}"))
     rows.append(("images: fetches / downloads", f"{sources['fetch']:.0f} / {downloads}"))
-    rows.append(("images: through the CNN", f"{metrics.cnn_images._value.get():.0f}"))
+    rows.append(("images: through the CNN", f"{_sample('mmsent_cnn_images_total'):.0f}"))
     rows.append(("throughput", f"{len(events) / elapsed:.1f} posts/s" if elapsed > 0 else "-"))
     p50, p95 = (_percentile(watcher.latencies, q) * 1000 for q in (0.5, 0.95))
     rows.append(("latency p50 / p95 (produce to scored)", f"{p50:.0f} / {p95:.0f} ms"))
@@ -296,8 +296,6 @@ def _summary(watcher: _Watcher, metrics: Metrics, images: LoopbackImageServer, e
     print("  " + "-" * (width + 16), flush=True)
 
 
-def _sample(counter: Any, label: str) -> float:
-    try:
-        return float(counter.labels(label)._value.get())
-    except (AttributeError, KeyError):
-        return 0.0
+def _sample(name: str, **labels: str) -> float:
+    """A counter's value from the process's Prometheus registry (0 before its first count)."""
+    return REGISTRY.get_sample_value(name, labels) or 0.0

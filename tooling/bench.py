@@ -25,12 +25,10 @@ from typing import Annotated, Any
 
 import typer
 
-from consumer.embedded import EmbeddedServices, create_topics, free_port
-from consumer.localimages import LoopbackImageServer
+from tooling.embedded import EmbeddedServices, create_topics, free_port
+from tooling.localimages import LoopbackImageServer
 
-app = typer.Typer(help="Benchmarks: model only, end to end, and the naive consumer, side by side.")
 bench_app = typer.Typer(help="Benchmarks (`mmsent bench all --write BENCHMARKS.md`).", no_args_is_help=True)
-app.add_typer(bench_app, name="bench")
 
 IN, OUT, DLQ = "bench-posts", "bench-sentiment", "bench-dlq"
 
@@ -192,7 +190,7 @@ class EventCounter:
 
     def latencies_ms(self, ids: list[str]) -> tuple[dict[str, float], dict[str, float]]:
         """Per post: produce -> event latency, and the event's time (ms since the epoch)."""
-        from consumer.topicreader import read_topic
+        from tooling.topicreader import read_topic
 
         wanted = set(ids)
         latency, done_at = {}, {}
