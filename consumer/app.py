@@ -19,7 +19,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from functools import partial
 from types import FrameType
 from typing import Any
@@ -32,17 +31,14 @@ from consumer.errors import Action, DeliveryFailed, ErrorPolicy, FatalError, is_
 from consumer.kafkaconfig import consumer_config, producer_config
 from consumer.metrics import HealthServer, Metrics
 from consumer.offsets import OffsetTracker, TopicPartitionKey
+from consumer.outputs import OutputBuilder
 from consumer.pausing import PausingManager
 from consumer.settings import ProcessingGuarantee, Settings
 from consumer.sink import Sink
 from consumer.stages import CacheLike, FetcherLike, ImageStage, LoopThread, ModelStage, Pipeline, ScorerLike
 from schemas.decode import BadRecord, decode_post
 from schemas.models import (
-    DeadLetter,
     ModelInfo,
-    Scores,
-    SentimentEvent,
-    SourceCoordinates,
 )
 
 log = structlog.get_logger("consumer")
@@ -92,6 +88,7 @@ class Application:
 
         self.tracker = OffsetTracker()
         self.batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms / 1000)
+        self.outputs = OutputBuilder(settings)
         self._last_commit = 0.0
         self._model_info: ModelInfo | None = None
         self._assigned: set[TopicPartitionKey] = set()
@@ -237,6 +234,7 @@ class Application:
             value=message.value(),
             received_at=time.monotonic(),
             timestamp_ms=ts if ts_type != 0 and ts > 0 else None,
+            headers=_headers_of(message),
         )
         try:
             item.post = decode_post(item.value, max_text_chars=self.settings.max_text_chars)
@@ -299,51 +297,10 @@ class Application:
 
     # -- outputs -----------------------------------------------------------------------------------------------
 
-    def _outputs(self, item: WorkItem) -> list[tuple[str, bytes | None, bytes]]:
-        """(topic, key, value) of everything this record produces; empty for a skipped record."""
-        s = self.settings
-        source = SourceCoordinates(topic=item.topic, partition=item.partition, offset=item.offset)
-        if item.error is not None:
-            if item.error.action is Action.SKIP:
-                return []
-            letter = DeadLetter.for_record(
-                code=item.error.code,
-                message=item.error.message,
-                source=source,
-                value=item.value,
-                key=item.key,
-                failed_at=datetime.now(UTC),
-            )
-            return [(s.dlq_topic, item.key, letter.to_json_bytes())]
-        assert item.post is not None and item.result is not None and self._model_info is not None
-        scores = {name: float(p) for name, p in dict(item.result.scores).items()}
-        event = SentimentEvent(
-            post_id=item.post.post_id,
-            label=item.result.label,
-            scores=Scores(**scores),
-            image_status=item.image_status,
-            model=self._model_info,
-            source=source,
-            scored_at=datetime.now(UTC),
-        )
-        value = event.to_json_bytes()
-        key = item.post.post_id.encode()
-        outputs: list[tuple[str, bytes | None, bytes]] = [(s.output_topic, key, value)]
-        if s.alert_topic and self._alerts(item):
-            outputs.append((s.alert_topic, key, value))
-        return outputs
-
-    def _alerts(self, item: WorkItem) -> bool:
-        """The alert rule: the post's label is the alert label, at the minimum probability or above."""
-        s, result = self.settings, item.result
-        return result is not None and result.label == s.alert_label and (
-            float(dict(result.scores).get(s.alert_label, 0.0)) >= s.alert_min_probability
-        )
-
     def _emit(self, item: WorkItem) -> None:
         """At least once: produce, and mark the record done when every output of it is acknowledged."""
         assert self.sink is not None
-        outputs = self._outputs(item)
+        outputs = self.outputs.build(item, self._model_info)
         if not outputs:
             if self.tracker.done(item.state, item.offset):
                 self._count_done(item)
@@ -351,9 +308,9 @@ class Application:
         if self._producer_failed is not None:
             return  # the producer is being replaced, and this record will be read again
         remaining = [len(outputs)]
-        for topic, key, value in outputs:
+        for output in outputs:
             try:
-                self.sink.produce(topic, value, key, partial(self._on_delivery, item, remaining))
+                self.sink.produce(output, partial(self._on_delivery, item, remaining))
             except KafkaException as exc:
                 # The producer turned fatal before its error callback ran: replace it, as that callback would.
                 if not self._replaceable(exc.args[0]):
@@ -387,7 +344,7 @@ class Application:
             return
         m.events_produced.labels(item.result.label).inc()
         m.image_status.labels(item.image_status.value).inc()
-        if self.settings.alert_topic and self._alerts(item):
+        if self.settings.alert_topic and self.outputs.alerts(item):
             m.alerts.inc()
         if item.timestamp_ms is not None:
             m.end_to_end_latency.observe(max(0.0, time.time() - item.timestamp_ms / 1000))
@@ -398,8 +355,8 @@ class Application:
         try:
             self.sink.begin()
             for item in items:
-                for topic, key, value in self._outputs(item):
-                    self.sink.produce(topic, value, key)
+                for output in self.outputs.build(item, self._model_info):
+                    self.sink.produce(output)
             for item in items:
                 self.tracker.done(item.state, item.offset)
             offsets = self.tracker.committable()
@@ -638,6 +595,11 @@ class Application:
         if self.health is not None:
             self.health.close()
             self.health = None
+
+
+def _headers_of(message: Message) -> list[tuple[str, str | bytes | None]] | None:
+    headers = message.headers()  # a consumed record's are a list of (name, value) in order, or None
+    return headers if isinstance(headers, list) else None
 
 
 async def _construct(factory: Callable[[Settings], Any], settings: Settings) -> Any:

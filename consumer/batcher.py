@@ -28,6 +28,7 @@ class WorkItem:
     value: bytes | None
     received_at: float  # time.monotonic() when read
     timestamp_ms: int | None  # the record's Kafka timestamp, when it has one
+    headers: list[tuple[str, str | bytes | None]] | None = None  # the record's headers, in order
     post: PostEvent | None = None
     error: Decision | None = None  # set: the record is dead-lettered (or skipped) instead of scored
     image: Any = None  # what the model gets: an embedding, a PIL image, or None

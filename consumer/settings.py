@@ -86,6 +86,13 @@ class Settings(BaseSettings):
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
 
+    headers_allow: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="When set, only these input headers are carried to events and dead letters."
+    )
+    headers_deny: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(), description="Input headers never carried to events and dead letters."
+    )
+
     alert_topic: str | None = None
     alert_label: str = "negative"
     alert_min_probability: float = Field(default=0.9, ge=0, le=1)
@@ -99,6 +106,13 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = [part.strip() for part in value.split(",") if part.strip()]
         return tuple(ipaddress.ip_network(part, strict=False) for part in value)
+
+    @field_validator("headers_allow", "headers_deny", mode="before")
+    @classmethod
+    def _parse_names(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
 
     @classmethod
     def settings_customise_sources(

@@ -17,6 +17,7 @@ import structlog
 from confluent_kafka import KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from consumer.offsets import TopicPartitionKey
+from consumer.outputs import Output
 
 log = structlog.get_logger(__name__)
 
@@ -32,12 +33,12 @@ class Sink:
 
     # -- at least once and exactly once ---------------------------------------------------------------
 
-    def produce(
-        self, topic: str, value: bytes, key: bytes | None, on_delivery: DeliveryCallback | None = None
-    ) -> None:
+    def produce(self, output: Output, on_delivery: DeliveryCallback | None = None) -> None:
         while True:
             try:
-                self._producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                self._producer.produce(
+                    output.topic, value=output.value, key=output.key, headers=output.headers, on_delivery=on_delivery
+                )
                 return
             except BufferError:
                 self._producer.poll(0.05)  # the local queue is full: serve acknowledgements, then again

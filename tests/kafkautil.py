@@ -56,8 +56,11 @@ def produce(
     values: Iterable[bytes | None],
     keys: Iterable[bytes | None] | None = None,
     partition: int | None = None,
+    headers: Sequence[list[tuple[str, bytes]]] | None = None,
+    timestamps_ms: Sequence[int] | None = None,
 ) -> int:
-    """Produce and wait for every acknowledgement; returns how many were acknowledged."""
+    """Produce and wait for every acknowledgement; returns how many were acknowledged. `headers` and
+    `timestamps_ms`, when given, are per record."""
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
     errors: list[str] = []
     acked = 0
@@ -79,6 +82,8 @@ def produce(
                     value=value,
                     key=key,
                     partition=-1 if partition is None else partition,  # -1: let the partitioner choose
+                    headers=headers[index] if headers else None,
+                    timestamp=timestamps_ms[index] if timestamps_ms else 0,  # 0: now
                     on_delivery=on_delivery,
                 )
                 break

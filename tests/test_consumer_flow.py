@@ -16,6 +16,7 @@ from confluent_kafka import KafkaError, KafkaException
 
 from consumer.app import Application
 from consumer.metrics import Metrics
+from consumer.outputs import Output
 from consumer.sink import Sink
 from schemas.models import ImageStatus
 from tests.consumerutil import (
@@ -268,13 +269,13 @@ class TurnsFatalSink(Sink):
         TurnsFatalSink.made += 1
         self._records_left = 30 if TurnsFatalSink.made == 1 else None
 
-    def produce(self, topic: str, value: bytes, key: bytes | None, on_delivery: Any) -> None:
+    def produce(self, output: Output, on_delivery: Any = None) -> None:
         if self._records_left is not None:
             if self._records_left == 0:
                 # what confluent-kafka raises then: the code _FATAL, without the fatal flag
                 raise KafkaException(KafkaError(KafkaError._FATAL, "Unable to produce message: Local: Fatal error"))
             self._records_left -= 1
-        super().produce(topic, value, key, on_delivery)
+        super().produce(output, on_delivery)
 
 
 def test_a_producer_that_turns_fatal_mid_batch_is_replaced_and_nothing_is_lost(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -17,6 +17,7 @@ class Record:
     key: bytes | None
     value: bytes | None
     timestamp_ms: int
+    headers: list[tuple[str, str | bytes | None]] = field(default_factory=list)  # in order
 
 
 def read_topic(
@@ -71,15 +72,10 @@ def read_topic(
                     low, high = bounds[partition]
                     fetched = consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)[1]
                     bounds[partition] = (low, max(high, fetched))
+                headers = message.headers()
                 records.append(
-                    Record(
-                        topic,
-                        partition,
-                        offset,
-                        message.key(),
-                        message.value(),
-                        message.timestamp()[1],
-                    )
+                    Record(topic, partition, offset, message.key(), message.value(), message.timestamp()[1],
+                           list(headers) if isinstance(headers, list) else [])
                 )
         return records
     finally:
