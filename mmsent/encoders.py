@@ -7,7 +7,6 @@ Nothing here ever downloads: HF loads are `local_files_only`, torchvision weight
 
 from __future__ import annotations
 
-import hashlib
 import os
 import warnings
 from collections.abc import Callable
@@ -23,7 +22,9 @@ from mmsent.imaging import ImagePreprocess
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-__all__ = ["ImageEncoder", "ImageSpec", "RandomWeightsWarning", "TextEncoder", "TextSpec", "resolve_path"]
+__all__ = [
+    "ImageEncoder", "ImageSpec", "RandomWeightsWarning", "TextEncoder", "TextSpec", "masked_mean", "resolve_path",
+]
 
 
 class RandomWeightsWarning(UserWarning):
@@ -53,6 +54,12 @@ def _loud_random_warning(what: str) -> None:
         f"!! Fine for tests and speed benchmarks; its scores are MEANINGLESS.\n{'!' * 78}"
     )
     warnings.warn(msg, RandomWeightsWarning, stacklevel=3)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, D) states, (B, L) mask (1 = real) -> (B, D) mean over the real positions (zeros where none is)."""
+    m = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------- text
@@ -194,8 +201,7 @@ class TextEncoder(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
 
     def pool(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m = mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
-        mean = (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)  # (B, H)
+        mean = masked_mean(tokens, mask)  # (B, H)
         if self.spec.pooling == "mean":
             return mean
         if self.spec.pooling == "cls":
@@ -355,11 +361,17 @@ class ImageEncoder(nn.Module):
             return t.extract_features(x)
         return t(x)
 
+    def regions(self, pixels: torch.Tensor, *, mirrored: bool = False) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, h*w, C): the image's region features, or its mirror image's (flipped back, so that
+        region k is the same patch of the photo in both)."""
+        fmap = self._trunk_map(pixels.flip(-1)).flip(-1) if mirrored else self._trunk_map(pixels)  # (B, C, h, w)
+        return fmap.flatten(2).transpose(1, 2)
+
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        fmap = self._trunk_map(pixels)  # (B, C, h, w)
+        regions = self.regions(pixels)  # (B, R, C)
         if self.spec.tta_flip:
-            fmap = 0.5 * (fmap + self._trunk_map(pixels.flip(-1)).flip(-1))
-        return fmap.flatten(2).transpose(1, 2)  # (B, h*w, C)
+            regions = 0.5 * (regions + self.regions(pixels, mirrored=True))
+        return regions
 
     def blocks(self) -> list[nn.Module]:
         t: Any = self.trunk
@@ -387,17 +399,3 @@ class ImageEncoder(nn.Module):
             if isinstance(m, nn.BatchNorm2d):
                 m.eval()
         return self
-
-
-def file_digest(path: Path, n: int = 1 << 20) -> str:
-    """A short content digest of a weights file (first MiB + size): part of cache keys."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        h.update(f.read(n))
-    h.update(str(path.stat().st_size).encode())
-    return h.hexdigest()[:12]
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)

@@ -108,8 +108,8 @@ def extract_features(
     for s in tqdm(range(0, n, 64), desc=f"{desc}: text", disable=not progress, leave=False):
         idx = order[s : s + 64]
         enc = enc_t.tokenize([examples[k].text for k in idx])
-        tok = enc_t(enc["input_ids"], enc["attention_mask"])  # (b, T, H)
-        text[idx] = enc_t.pool(tok, enc["attention_mask"]).float()
+        tok, pooled = model.encode_text(enc["input_ids"], enc["attention_mask"])  # (b, T, H), (b, Dt)
+        text[idx] = pooled.float()
         if tokens is not None and tmask is not None:
             t = tok.shape[1]
             tokens[idx, :t] = tok.half()
@@ -124,10 +124,8 @@ def extract_features(
         if not present:
             continue
         pixels = pre.batch([im for _, im in present])
-        fmap = enc_i._trunk_map(pixels)  # (b, C, h, w)
-        fmap_f = enc_i._trunk_map(pixels.flip(-1)).flip(-1)
-        emb = fmap.flatten(2).transpose(1, 2)  # (b, R, C)
-        emb_f = fmap_f.flatten(2).transpose(1, 2)
+        emb = enc_i.regions(pixels)  # (b, R, C)
+        emb_f = enc_i.regions(pixels, mirrored=True)
         if not regions:
             emb, emb_f = emb.mean(1, keepdim=True), emb_f.mean(1, keepdim=True)
         if image is None or image_flip is None:

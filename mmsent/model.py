@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsent.encoders import ImageEncoder, ImageSpec, TextEncoder, TextSpec
+from mmsent.encoders import ImageEncoder, ImageSpec, TextEncoder, TextSpec, masked_mean
 
 LABELS: tuple[str, str, str] = ("negative", "neutral", "positive")
 FORMAT = "mmsent-model/1"
@@ -240,7 +240,7 @@ class FusionHead(nn.Module):
         i_att, _ = self.i2t(ii, tt, tt, key_padding_mask=~tmask, need_weights=False)  # image queries text (B,R,d)
         tt = self.ln_text(tt + t_att)
         ii = self.ln_image(ii + i_att)
-        return _masked_mean(tt, tmask), _masked_mean(ii, imask)  # (B, d), (B, d)
+        return masked_mean(tt, tmask), masked_mean(ii, imask)  # (B, d), (B, d)
 
 
 class HeadEnsemble(nn.Module):
@@ -262,11 +262,6 @@ def make_head(cfg: ModelConfig) -> nn.Module:
     return FusionHead(cfg.head)
 
 
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
 # ----------------------------------------------------------------------------------------------------- full model
 class Batch(NamedTuple):
     input_ids: torch.Tensor  # (B, T) padded to the longest text in the batch
@@ -279,11 +274,23 @@ class Batch(NamedTuple):
 
 
 class MMSentModel(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """The encoders and the fusion head, one forward path for training, evaluation and scoring:
+
+        input_ids, attention_mask --encode_text--> token states (B, T, H), pooled text (B, Dt) --+
+        pixels (or image_emb) -----image_emb-----> image embeddings (B, R, C) -------------------+
+                                                   features_from --> Features --head--> logits (B, K)
+
+    `features_from` turns encoder outputs into the head's inputs. A caller that runs the encoders its own way (the
+    Scorer: embeddings from its cache, captions in length buckets) hands their outputs to it, so that everything
+    after the encoders is the code that training ran."""
+
+    def __init__(self, cfg: ModelConfig, text_encoder: TextEncoder | None = None,
+                 image_encoder: ImageEncoder | None = None) -> None:
+        """The encoders `cfg` names, or the given ones (already built, shared with another model)."""
         super().__init__()
         self.cfg = cfg
-        self.text_encoder = TextEncoder(cfg.text)
-        self.image_encoder = ImageEncoder(cfg.image)
+        self.text_encoder = TextEncoder(cfg.text) if text_encoder is None else text_encoder
+        self.image_encoder = ImageEncoder(cfg.image) if image_encoder is None else image_encoder
         self.text_encoder.set_trainable(cfg.text_trainable_layers)
         self.image_encoder.set_trainable(cfg.image_trainable_blocks)
         self.head = make_head(cfg)
@@ -296,25 +303,13 @@ class MMSentModel(nn.Module):
         head = HeadConfig(
             text_dim=enc_t.out_dim, image_dim=enc_i.out_dim, text_token_dim=enc_t.hidden_size, **head_kwargs
         )
-        cfg = ModelConfig(text=text, image=image, head=head, **model_kwargs)
-        return cls._assemble(cfg, enc_t, enc_i)
-
-    @classmethod
-    def _assemble(cls, cfg: ModelConfig, enc_t: TextEncoder, enc_i: ImageEncoder) -> MMSentModel:
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        self.cfg = cfg
-        self.text_encoder, self.image_encoder = enc_t, enc_i
-        enc_t.set_trainable(cfg.text_trainable_layers)
-        enc_i.set_trainable(cfg.image_trainable_blocks)
-        self.head = make_head(cfg)
-        return self
+        return cls(ModelConfig(text=text, image=image, head=head, **model_kwargs), enc_t, enc_i)
 
     def with_config(self, **changes: Any) -> MMSentModel:
         """Same encoders, new config (e.g. new head settings or trainable layers); a fresh head."""
         head_changes = {k: changes.pop(k) for k in list(changes) if k in HeadConfig.__dataclass_fields__}
         cfg = replace(self.cfg, head=replace(self.cfg.head, **head_changes), **changes)
-        return MMSentModel._assemble(cfg, self.text_encoder, self.image_encoder)
+        return MMSentModel(cfg, self.text_encoder, self.image_encoder)
 
     # --- encoders -------------------------------------------------------------------------------------------
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -322,26 +317,41 @@ class MMSentModel(nn.Module):
         regions = self.image_encoder(pixels)  # (B, R, C)
         return regions if self.cfg.head.needs_regions else regions.mean(1, keepdim=True)
 
-    def features(self, b: Batch) -> Features:
-        tokens = self.text_encoder(b.input_ids, b.attention_mask)  # (B, T, H)
-        text = self.text_encoder.pool(tokens, b.attention_mask)  # (B, Dt)
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T) -> token states (B, T, H) and pooled text (B, Dt)."""
+        tokens = self.text_encoder(input_ids, attention_mask)  # (B, T, H)
+        return tokens, self.text_encoder.pool(tokens, attention_mask)
+
+    def image_emb(self, b: Batch, like: torch.Tensor) -> torch.Tensor:
+        """The batch's image embeddings (B, R, C): brought along, or the CNN's on the rows that have an image (the
+        others are zeros, which the head replaces by its learned missing-image feature)."""
         if b.image_emb is not None:
-            emb = b.image_emb.to(text.dtype)  # (B, R, C)
-        elif b.pixels is not None:
-            emb = torch.zeros(len(b.has_image), *self._emb_shape(), dtype=text.dtype, device=text.device)
+            return b.image_emb
+        emb = torch.zeros(len(b.has_image), *self._emb_shape(), dtype=like.dtype, device=like.device)
+        if b.pixels is not None:
             idx = b.has_image.nonzero().flatten()
             if len(idx):  # the CNN runs on the rows that have an image only
-                emb[idx] = self.embed_pixels(b.pixels[idx]).to(text.dtype)
-        else:
-            emb = torch.zeros(len(b.has_image), *self._emb_shape(), dtype=text.dtype, device=text.device)
+                emb[idx] = self.embed_pixels(b.pixels[idx]).to(like.dtype)
+        return emb
+
+    def features(self, b: Batch) -> Features:
+        tokens, text = self.encode_text(b.input_ids, b.attention_mask)
+        return self.features_from(text, self.image_emb(b, text), b.has_text, b.has_image, tokens, b.attention_mask)
+
+    def features_from(self, text: torch.Tensor, image_emb: torch.Tensor, has_text: torch.Tensor,
+                      has_image: torch.Tensor, tokens: torch.Tensor | None = None,
+                      text_mask: torch.Tensor | None = None) -> Features:
+        """Encoder outputs -> the head's inputs: pooled text (B, Dt), image embeddings (B, R, C), and for the
+        attention fusion the token states (B, T, H) with their mask (B, T); other fusions may pass None for them."""
         need = self.cfg.head.needs_regions
+        emb = image_emb.to(text.dtype)  # (B, R, C)
         return Features(
             text=text,
             image=emb.mean(1),
-            has_text=b.has_text,
-            has_image=b.has_image,
+            has_text=has_text,
+            has_image=has_image,
             text_tokens=tokens if need else None,
-            text_mask=b.attention_mask if need else None,
+            text_mask=text_mask if need else None,
             image_regions=emb if need else None,
         )
 

@@ -6,6 +6,10 @@
 A post's image may be a PIL image, encoded bytes (decoded by the safe `decode_image`), a precomputed
 `ImageEmbedding` from `embed_images` (for the consumer's embedding cache) or None. Bytes that cannot be decoded are
 scored text-only (`image_used=False`); a broken image never breaks the batch.
+
+    posts --normalize_tweet, tokenize--> _encode_text (length buckets) --> pooled text (B, Dt) --+
+          --_as_image--> _image_embs (the CNN, or the caller's cached embedding) --> (B, R, C) --+
+                                            MMSentModel.features_from --> head --> ScoreResult per post
 """
 
 from __future__ import annotations
@@ -25,12 +29,12 @@ from PIL import Image
 
 from mmsent.features import cache_dir
 from mmsent.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageDecodeError, decode_image
-from mmsent.model import Batch, Features, MMSentModel, ModelConfig, probabilities
+from mmsent.model import MMSentModel, ModelConfig, probabilities
 from mmsent.presets import PRESETS, default_model_dir, preset_config
 from mmsent.runtime import CPU_RUNTIMES, onnxruntime_available
 from mmsent.textnorm import normalize_tweet
 
-__all__ = ["ImageEmbedding", "ScoreResult", "Scorer", "build_model"]
+__all__ = ["ImageEmbedding", "ScoreResult", "Scorer", "build_model", "from_config"]
 
 ImageEmbedding = np.ndarray  # float32 or float16, shape fixed per image_encoder_id: (R, C)
 T = TypeVar("T")
@@ -51,16 +55,17 @@ def build_model(model: str | os.PathLike[str] | None = None) -> MMSentModel:
         if (d / "config.json").exists():
             return MMSentModel.load(d)
         warnings.warn("mmsent: the packaged default model is missing; using the UNTRAINED default preset", stacklevel=2)
-        return _from_config(preset_config("default"))
+        return from_config(preset_config("default"))
     if isinstance(model, str) and model in PRESETS:
-        return _from_config(preset_config(model))
+        return from_config(preset_config(model))
     path = Path(model)
     if (path / "config.json").exists():
         return MMSentModel.load(path)
     raise ValueError(f"{model!r} is neither a model directory (with config.json) nor a preset ({', '.join(PRESETS)})")
 
 
-def _from_config(cfg: ModelConfig) -> MMSentModel:
+def from_config(cfg: ModelConfig) -> MMSentModel:
+    """A fresh model (in eval mode) from a config; its head's random weights are the same on every call."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # presets are deterministic: the same random head every time
         return MMSentModel(cfg).eval()
@@ -188,36 +193,16 @@ class Scorer:
         return [done[i % n][i // n] for i in range(len(items))]
 
     def _score_batch(self, posts: list[Mapping[str, Any]]) -> list[ScoreResult]:
-        model = self.model
         texts = [normalize_tweet(p.get("text") or "") for p in posts]
-        images = [self._as_image(p.get("image")) for p in posts]
-        emb_shape = model._emb_shape()
-        embs = torch.zeros(len(posts), *emb_shape)
-        to_embed = [(k, im) for k, im in enumerate(images) if isinstance(im, Image.Image)]
-        if to_embed:
-            computed = self._embed_chunk([im for _, im in to_embed])
-            for (k, _), e in zip(to_embed, computed, strict=True):
-                embs[k] = torch.from_numpy(e)
-        has_image = torch.zeros(len(posts), dtype=torch.bool)
-        for k, im in enumerate(images):
-            if isinstance(im, np.ndarray):
-                if tuple(im.shape) != emb_shape:
-                    raise ValueError(f"image embedding shape {im.shape} != {emb_shape} for {self.image_encoder_id}")
-                embs[k] = torch.from_numpy(im)  # float16 or float32: the assignment casts
-            has_image[k] = im is not None
-        enc = model.text_encoder.tokenize(texts, pad_to=self.pad_to_length)
-        has_text = torch.tensor([bool(t) for t in texts], device=self.device)
+        embs, has_image = self._image_embs([self._as_image(p.get("image")) for p in posts])
+        enc = self.model.text_encoder.tokenize(texts, pad_to=self.pad_to_length)
+        dev = self.device
+        has_text = torch.tensor([bool(t) for t in texts], device=dev)
         with torch.inference_mode(), self._autocast():
-            if model.cfg.head.needs_regions:  # the attention fusion reads every token state: one padded call
-                batch = Batch(input_ids=enc["input_ids"].to(self.device),
-                              attention_mask=enc["attention_mask"].to(self.device), has_text=has_text,
-                              has_image=has_image.to(self.device), image_emb=embs.to(self.device))
-                logits = model(batch)
-            else:
-                text = self._pooled_text(enc["input_ids"], enc["attention_mask"])
-                image = embs.to(self.device).mean(1).to(text.dtype)
-                logits = model.head(Features(text, image, has_text, has_image.to(self.device)))
-            probs = probabilities(logits).cpu().numpy().astype(np.float64)
+            tokens, text = self._encode_text(enc["input_ids"], enc["attention_mask"])
+            features = self.model.features_from(text, embs.to(dev), has_text, has_image.to(dev), tokens,
+                                                enc["attention_mask"].to(dev))
+            probs = probabilities(self.model.head(features)).cpu().numpy().astype(np.float64)
         out = []
         for k in range(len(posts)):
             p = probs[k] / probs[k].sum()
@@ -225,11 +210,34 @@ class Scorer:
             out.append(ScoreResult(self.labels[int(p.argmax())], scores, bool(has_image[k])))
         return out
 
+    def _image_embs(self, images: list[Image.Image | np.ndarray | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posts' images -> embeddings (B, R, C) float32 on the CPU and has_image (B,): decoded images through the
+        CNN in one call, precomputed embeddings as they are, zeros where there is no image."""
+        emb_shape = self.model._emb_shape()
+        embs = torch.zeros(len(images), *emb_shape)
+        to_embed = [(k, im) for k, im in enumerate(images) if isinstance(im, Image.Image)]
+        if to_embed:
+            computed = self._embed_chunk([im for _, im in to_embed])
+            for (k, _), e in zip(to_embed, computed, strict=True):
+                embs[k] = torch.from_numpy(e)
+        for k, im in enumerate(images):
+            if isinstance(im, np.ndarray):
+                if tuple(im.shape) != emb_shape:
+                    raise ValueError(f"image embedding shape {im.shape} != {emb_shape} for {self.image_encoder_id}")
+                embs[k] = torch.from_numpy(im)  # float16 or float32: the assignment casts
+        return embs, torch.tensor([im is not None for im in images], dtype=torch.bool)
+
+    def _encode_text(self, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(B, T) tokens -> token states (B, T, H) or None, and pooled text (B, Dt), on the device."""
+        if self.model.cfg.head.needs_regions:  # the attention fusion reads every token state: one padded call
+            return self.model.encode_text(input_ids.to(self.device), attention_mask.to(self.device))
+        return None, self._pooled_text(input_ids, attention_mask)
+
     def _pooled_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) tokens -> (B, Dt) pooled text, the encoder run once per length bucket. On the CPU a bucket is 8
         rows, each padded only to its own longest caption: measured on MVSA captions at batch 32, the encoder's
         time per post fell from 10.7 to 7.7 ms (buckets of 4: 9.6; 16: 8.4). A GPU wants the whole batch at once."""
-        encoder = self.model.text_encoder
         lengths = attention_mask.sum(1)
         if self.length_bucket is None or self.pad_to_length:
             buckets = [torch.arange(len(lengths))]
@@ -240,7 +248,7 @@ class Scorer:
             width = input_ids.shape[1] if self.pad_to_length else max(1, int(lengths[rows].max()))
             ids = input_ids[rows, :width].to(self.device)
             mask = attention_mask[rows, :width].to(self.device)
-            part = encoder.pool(encoder(ids, mask), mask)  # (b, Dt)
+            _, part = self.model.encode_text(ids, mask)  # (b, Dt)
             if pooled is None:
                 pooled = part.new_zeros(len(lengths), part.shape[1])
             pooled[rows.to(self.device)] = part

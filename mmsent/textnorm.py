@@ -3,6 +3,9 @@
 Mentions become `@user`, URLs `http` (as in TweetEval / Barbieri et al.), HTML entities are unescaped, broken
 characters (mojibake, replacement characters, control characters, lone surrogates) are repaired or dropped, emoji
 are kept (the tokenizer maps the ones it knows; the sentiment they carry is worth keeping), hashtags keep their word.
+
+    text -> lone surrogates '?' -> ftfy: mojibake repaired -> HTML unescaped -> NFC -> controls dropped
+         -> URLs `http` -> mentions `@user` -> leading RT dropped -> '…' as '...' -> whitespace collapsed
 """
 
 from __future__ import annotations
@@ -11,41 +14,25 @@ import html
 import re
 import unicodedata
 
+import ftfy
+
 __all__ = ["normalize_tweet"]
 
 _URL = re.compile(r"(?:https?://|www\.)\S*|\bt\.co/\S*", re.IGNORECASE)
 _TRUNCATED_URL = re.compile(r"\bhttps?:?/?/?\S*…?$|\bhtt?p?…$", re.IGNORECASE)
 _MENTION = re.compile(r"(?<![\w@])@\w{1,30}")
 _RT = re.compile(r"^RT\s+(?=@user)")
-_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
 _SPACES = re.compile(r"\s+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b\u2028\u2029\ufeff\ufffd]")
-_MOJIBAKE = re.compile(
-    "[\u00c2\u00c3\u00e2]"
-    "[\u0080-\u00bf\u0152\u0153\u0160\u0161\u0178\u017d\u017e\u0192\u02c6\u02dc\u2013-\u203a\u20ac\u2122]"
-)
-
-
-def _fix_mojibake(text: str) -> str:
-    """Undo the common UTF-8-read-as-cp1252 damage (`donâ€™t` -> `don't`), run by run, where it round-trips."""
-    if not _MOJIBAKE.search(text):
-        return text
-
-    def repair(match: re.Match[str]) -> str:
-        run = match.group(0)
-        try:
-            return run.encode("cp1252").decode("utf-8")
-        except (UnicodeEncodeError, UnicodeDecodeError):
-            return run
-
-    return _NON_ASCII_RUN.sub(repair, text)
 
 
 def normalize_tweet(text: str | None) -> str:
     if not text:
         return ""
     text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates -> '?'
-    text = _fix_mojibake(text)
+    # Mojibake (`donâ€™t` -> `don’t`) by ftfy's encoding steps alone: its other fixes (curly quotes, widths,
+    # ligatures) would change text that is not broken. Stray C1 controls stay controls, removed below.
+    text = ftfy.fix_encoding(text, fix_c1_controls=False)
     text = html.unescape(text)
     text = unicodedata.normalize("NFC", text)
     text = _CONTROL.sub(" ", text)

@@ -1,11 +1,13 @@
-"""Hostile input: arbitrary bytes into the record decoder (property-based), images crafted to hurt and the SSRF
-list replayed through the whole consumer. Nothing may crash, hang or be lost."""
+"""Hostile input: arbitrary bytes into the record decoder and arbitrary captions into the text normalisation
+(property-based), images crafted to hurt and the SSRF list replayed through the whole consumer. Nothing may crash,
+hang or be lost."""
 
 from __future__ import annotations
 
 import io
 import json
 import time
+import unicodedata
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from mmsent.textnorm import normalize_tweet
 from schemas import BadRecord, PostEvent, decode_post
 from tests.consumerutil import Outcome, Topics, all_committed, app_in_thread, make_settings, settings_env, wait_until
 from tests.imageserver import ImageServer, image, png_bomb, sample_image
@@ -87,6 +90,32 @@ def test_post_shaped_json_either_validates_or_names_the_field(obj: dict[str, Any
 )
 def test_known_nasty_records_are_bounded(value: bytes) -> None:
     _decode_bounded(value)
+
+
+def _normalize_bounded(text: str) -> str:
+    started = time.perf_counter()
+    out = normalize_tweet(text)
+    assert time.perf_counter() - started < MAX_SECONDS_PER_RECORD, f"{len(text)} characters took too long"
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text())
+def test_any_caption_normalises_to_clean_utf8(text: str) -> None:
+    out = _normalize_bounded(text)
+    out.encode("utf-8")  # lone surrogates never reach the tokenizer
+    assert not any(unicodedata.category(c) == "Cc" for c in out), out
+    assert "\ufffd" not in out and out == out.strip() and "  " not in out
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["\U0001f600" * 20_000, "donâ€™t " * 20_000, "Ã©" * 50_000, "\x93\x94\x85" * 20_000, "\udfff\ud800" * 10_000,
+     "@a " * 30_000, "http://x" * 20_000],
+    ids=["emoji", "mojibake", "latin1-mojibake", "c1-controls", "surrogates", "mentions", "urls"],
+)
+def test_long_hostile_captions_normalise_in_bounded_time(text: str) -> None:
+    _normalize_bounded(text).encode("utf-8")
 
 
 def _cmyk_jpeg() -> bytes:

@@ -15,7 +15,7 @@ from PIL import Image
 from mmsent import Scorer
 from mmsent.imaging import ImagePreprocess
 from mmsent.presets import preset_config
-from mmsent.scorer import _from_config
+from mmsent.scorer import from_config
 
 
 def _photo(seed: int, size: tuple[int, int] = (420, 300)) -> bytes:
@@ -82,8 +82,8 @@ def test_an_unwritable_cache_keeps_the_graph_in_memory(tmp_path: Path, monkeypat
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache dir would be")
     monkeypatch.setenv("MMSENT_CACHE_DIR", str(blocker))
-    fast = Scorer(_from_config(preset_config("tiny-random")), cpu_runtime="onnx")
-    plain = Scorer(_from_config(preset_config("tiny-random")), cpu_runtime="torch")
+    fast = Scorer(from_config(preset_config("tiny-random")), cpu_runtime="onnx")
+    plain = Scorer(from_config(preset_config("tiny-random")), cpu_runtime="torch")
     posts = [{"text": "hello", "image": _photo(3, (80, 60))}]
     assert fast.score(posts)[0].scores == pytest.approx(plain.score(posts)[0].scores, abs=1e-5)
     assert blocker.read_text().startswith("a file")
@@ -93,7 +93,7 @@ def test_cpu_runtime_is_checked_and_a_torch_scorer_detaches_a_handed_over_graph(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MMSENT_CACHE_DIR", str(tmp_path))
-    model = _from_config(preset_config("tiny-random"))
+    model = from_config(preset_config("tiny-random"))
     with pytest.raises(ValueError, match="cpu_runtime"):
         Scorer(model, cpu_runtime="tensorrt")
     assert Scorer(model, cpu_runtime="onnx").model.image_encoder.onnx_trunk is not None
@@ -103,7 +103,7 @@ def test_cpu_runtime_is_checked_and_a_torch_scorer_detaches_a_handed_over_graph(
 
 def test_training_drops_the_exported_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMSENT_CACHE_DIR", str(tmp_path))
-    scorer = Scorer(_from_config(preset_config("tiny-random")), cpu_runtime="onnx")
+    scorer = Scorer(from_config(preset_config("tiny-random")), cpu_runtime="onnx")
     encoder = scorer.model.image_encoder
     assert encoder.onnx_trunk is not None
     encoder.set_trainable(1)  # its weights may now change: the graph would be stale
@@ -111,7 +111,7 @@ def test_training_drops_the_exported_graph(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_length_buckets_give_the_scores_of_one_padded_batch() -> None:
-    scorer = Scorer(_from_config(preset_config("tiny-random")), cpu_runtime="torch")
+    scorer = Scorer(from_config(preset_config("tiny-random")), cpu_runtime="torch")
     words = ["good", "bad", "fine", "awful", "lovely", "grim", "okay"]
     posts = [{"text": " ".join(words[(k + j) % 7] for j in range(1 + (k * 13) % 50)), "image": None}
              for k in range(29)]
@@ -145,14 +145,14 @@ def test_torch_resize_is_within_one_level_of_pillow(crop: bool) -> None:
 
 
 def test_cpu_workers_score_slices_at_once_and_keep_every_posts_own_result() -> None:
-    model = _from_config(preset_config("tiny-random"))
+    model = from_config(preset_config("tiny-random"))
     sliced = Scorer(model, cpu_runtime="torch", cpu_workers=2)
     assert sliced._pool is not None and sliced._pool.submit(torch.get_num_threads).result() == 1
     words = ["calm", "storm", "joy", "grief", "meh"]
     posts = [{"text": " ".join(words[(k * j) % 5] for j in range(1 + (k * 7) % 40)),
               "image": _photo(k, (64 + k, 48)) if k % 3 else None} for k in range(27)]
     together = sliced.score(posts)
-    plain = Scorer(_from_config(preset_config("tiny-random")), cpu_runtime="torch", cpu_workers=1)
+    plain = Scorer(from_config(preset_config("tiny-random")), cpu_runtime="torch", cpu_workers=1)
     assert plain._pool is None
     for x, y in zip(together, plain.score(posts), strict=True):
         assert x.label == y.label and x.image_used == y.image_used

@@ -13,7 +13,7 @@ from PIL import Image
 import mmsent
 from mmsent import Scorer, ScoreResult
 from mmsent.presets import preset_config
-from mmsent.scorer import _from_config
+from mmsent.scorer import from_config
 
 FUSIONS = ["concat", "gated", "attention"]
 
@@ -28,7 +28,7 @@ def _jpeg(color: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> byte
 
 @pytest.fixture(scope="module", params=FUSIONS)
 def scorer(request: pytest.FixtureRequest) -> Scorer:
-    return Scorer(_from_config(preset_config("tiny-random", fusion=request.param)))
+    return Scorer(from_config(preset_config("tiny-random", fusion=request.param)))
 
 
 def _close(a: ScoreResult, b: ScoreResult, atol: float = 1e-5) -> bool:
