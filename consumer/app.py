@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -33,9 +34,20 @@ from consumer.metrics import HealthServer, Metrics
 from consumer.offsets import OffsetTracker, TopicPartitionKey
 from consumer.outputs import OutputBuilder
 from consumer.pausing import PausingManager
+from consumer.reload import ModelReloader
+from consumer.replay import ReplayWindow
 from consumer.settings import ProcessingGuarantee, Settings
 from consumer.sink import Sink
-from consumer.stages import CacheLike, FetcherLike, ImageStage, LoopThread, ModelStage, Pipeline, ScorerLike
+from consumer.stages import (
+    CacheLike,
+    FetcherLike,
+    ImageStage,
+    LoopThread,
+    ModelStage,
+    Pipeline,
+    ScorerLike,
+    ServingModel,
+)
 from schemas.decode import BadRecord, decode_post
 from schemas.models import (
     ModelInfo,
@@ -68,7 +80,9 @@ class Application:
         error_policy: ErrorPolicy | None = None,
         metrics: Metrics | None = None,
         serve_http: bool = True,
+        window: ReplayWindow | None = None,
     ) -> None:
+        """`window`: replay a time window (`mmsent replay`) and stop at its end, instead of consuming for good."""
         self.settings = settings
         self.eos = settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
         self.metrics = metrics or Metrics.get()
@@ -78,6 +92,7 @@ class Application:
         self._cache_factory = cache_factory
         self._image_decoder = image_decoder
         self._serve_http = serve_http
+        self._window = window
         self._stop = threading.Event()
         self._fatal: BaseException | None = None
         # At least once: a producer that hit a fatal error (e.g. its idempotence state was lost with a broker
@@ -90,7 +105,9 @@ class Application:
         self.batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms / 1000)
         self.outputs = OutputBuilder(settings)
         self._last_commit = 0.0
-        self._model_info: ModelInfo | None = None
+        self._commit_in_flight = False  # an asynchronous commit awaits its result
+        self._model: ServingModel | None = None  # what new batches are scored with
+        self._reloader: ModelReloader[ServingModel] | None = None
         self._assigned: set[TopicPartitionKey] = set()
         # set in _start(): Kafka clients, I/O loop, stages
         self.consumer: Consumer | None = None
@@ -108,27 +125,24 @@ class Application:
         s = self.settings
         if self._serve_http and self.health is None:
             self.health = HealthServer(s.metrics_host, s.metrics_port, lambda: self.ready).start()
-        scorer = self._scorer or _load_scorer(s)
-        self._scorer = scorer
-        _warm_up(scorer)
-        info = {str(k): str(v) for k, v in dict(scorer.info).items()}
-        self._model_info = ModelInfo(**info)
         decoder = self._image_decoder or _default_image_decoder(s)
-
         self._io = LoopThread()
         fetcher_factory = self._fetcher_factory or partial(_default_fetcher, decode=decoder)
         self._fetcher = self._io.call(_construct(fetcher_factory, s), timeout=30)
         self._cache = self._io.call(_construct(self._cache_factory or _default_cache, s), timeout=30)
-        image_stage = ImageStage(self._fetcher, self._cache, decoder, scorer.image_encoder_id, self.metrics)
-        model_stage = ModelStage(scorer, self._cache, self._io, self.policy, self.metrics)
-        self.pipeline = Pipeline(self._io, image_stage, model_stage, model_concurrency=MODEL_CONCURRENCY)
+        self._model = self._serving(self._scorer or _load_scorer(s), strict=False)
+        image_stage = ImageStage(self._fetcher, self._cache, decoder, self.metrics)
+        self.pipeline = Pipeline(self._io, image_stage, model_concurrency=MODEL_CONCURRENCY)
+        self._reloader = ModelReloader(self._reloaded_model, self._reload_refused, watched=_model_dir(s),
+                                       interval_s=s.model_watch_s).start()
 
         self.sink = self._new_sink()
         if self.eos:
             # Before joining the group: fences a dead predecessor with our transactional id and aborts its
             # open transaction, so the offsets we are about to read are the committed ones.
             self.sink.init_transactions()
-        self.consumer = Consumer(consumer_config(s, error_cb=self._on_client_error, stats_cb=self._on_stats))
+        self.consumer = Consumer(consumer_config(
+            s, error_cb=self._on_client_error, stats_cb=self._on_stats, on_commit=self._on_commit))
         self.pausing = PausingManager(self.consumer, s.max_in_flight)
         self.consumer.subscribe(
             [s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
@@ -139,7 +153,7 @@ class Application:
             input_topic=s.input_topic,
             output_topic=s.output_topic,
             guarantee=s.processing_guarantee.value,
-            model=info,
+            model=self._model.info.model_dump(),
             max_batch_size=s.max_batch_size,
             max_wait_ms=s.max_wait_ms,
             max_in_flight=s.max_in_flight,
@@ -154,8 +168,13 @@ class Application:
 
     @property
     def model_info(self) -> ModelInfo | None:
-        """The model that scores the events (name, version, ...), once loaded."""
-        return self._model_info
+        """The model that scores new batches (name, version, ...), once loaded."""
+        return None if self._model is None else self._model.info
+
+    def request_reload(self) -> None:
+        """Load the model again beside the serving one and swap it in between batches (SIGHUP). Signal-safe."""
+        if self._reloader is not None:
+            self._reloader.request()
 
     @property
     def stopping(self) -> bool:
@@ -181,6 +200,7 @@ class Application:
     def _tick(self) -> None:
         assert self.consumer is not None and self.pausing is not None and self.sink is not None
         assert self.pipeline is not None
+        self._swap_reloaded_model()
         in_flight = self.tracker.in_flight
         self.pausing.update(in_flight)
         room = self.pausing.room(in_flight)
@@ -202,6 +222,9 @@ class Application:
         self.metrics.paused_partitions.set(self.pausing.paused_partitions)
         if self._fatal is not None:
             raise self._fatal if isinstance(self._fatal, FatalError) else FatalError(str(self._fatal))
+        if self._window is not None and self._window.finished(self.tracker.committed_offsets(self._window.topic)):
+            log.info("replay_window_done")
+            self.stop()
 
     def _poll_timeout(self) -> float:
         assert self.pipeline is not None
@@ -221,6 +244,8 @@ class Application:
             return
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         assert topic is not None and partition is not None and offset is not None
+        if self._window is not None and self._window.past_end(partition, offset):
+            return  # a replay reads no further than its window
         state = self.tracker.state((topic, partition))
         self.tracker.register(state, offset)
         self.metrics.records_consumed.inc()
@@ -236,8 +261,10 @@ class Application:
             timestamp_ms=ts if ts_type != 0 and ts > 0 else None,
             headers=_headers_of(message),
         )
+        item.error = self._window.decision(item.timestamp_ms) if self._window is not None else None
         try:
-            item.post = decode_post(item.value, max_text_chars=self.settings.max_text_chars)
+            if item.error is None:
+                item.post = decode_post(item.value, max_text_chars=self.settings.max_text_chars)
         except BadRecord as bad:
             decision = self.policy.on_bad_record(bad, item)
             if decision.action is Action.FATAL:
@@ -253,6 +280,7 @@ class Application:
         wait = batch.cut_at - batch.oldest_at
         batch.timings["wait"] = wait
         self.metrics.stage_latency.labels("wait").observe(wait)
+        batch.model = self._model
         self.pipeline.submit(batch)
 
     def _drain_completed(self) -> None:
@@ -264,6 +292,8 @@ class Application:
                     raise exc
                 raise FatalError(f"batch {batch.batch_id} failed in a stage: {exc!r}") from exc
             live = [item for item in batch.items if self.tracker.is_current(item.state)]
+            for item in live:
+                item.scored_by = batch.model.info
             self._observe_batch(batch, live)
             if self.eos:
                 done.extend(live)
@@ -300,7 +330,7 @@ class Application:
     def _emit(self, item: WorkItem) -> None:
         """At least once: produce, and mark the record done when every output of it is acknowledged."""
         assert self.sink is not None
-        outputs = self.outputs.build(item, self._model_info)
+        outputs = self.outputs.build(item)
         if not outputs:
             if self.tracker.done(item.state, item.offset):
                 self._count_done(item)
@@ -336,6 +366,8 @@ class Application:
 
     def _count_done(self, item: WorkItem) -> None:
         m = self.metrics
+        if self._window is not None:
+            self._window.advance(1)
         if item.error is not None:
             if item.error.action is Action.SKIP:
                 m.skipped.labels(item.error.code).inc()
@@ -355,7 +387,7 @@ class Application:
         try:
             self.sink.begin()
             for item in items:
-                for output in self.outputs.build(item, self._model_info):
+                for output in self.outputs.build(item):
                     self.sink.produce(output)
             for item in items:
                 self.tracker.done(item.state, item.offset)
@@ -423,7 +455,10 @@ class Application:
     # -- commits (at least once) --------------------------------------------------------------------------------
 
     def _maybe_commit(self, force: bool = False, keys: Sequence[TopicPartitionKey] | None = None) -> None:
-        if self.eos or self.consumer is None:
+        """In the loop, every COMMIT_INTERVAL_S and asynchronously (the result comes to `_on_commit`): a commit can
+        wait seconds on the coordinator while the group rebalances (5 s on Tansu), and with a blocking call every
+        partition would stop with it. Forced (before partitions go, at shutdown), it waits for the result."""
+        if self.eos or self.consumer is None or (not force and self._commit_in_flight):
             return
         now = time.monotonic()
         if not force and now - self._last_commit < COMMIT_INTERVAL_S:
@@ -434,13 +469,27 @@ class Application:
         self._last_commit = now
         partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
         try:
-            results = self.consumer.commit(offsets=partitions, asynchronous=False)
+            if force:
+                self._commit_settled(self.consumer.commit(offsets=partitions, asynchronous=False) or [], offsets)
+            else:
+                self.consumer.commit(offsets=partitions, asynchronous=True)
+                self._commit_in_flight = True
         except KafkaException as exc:
             self._commit_failed(exc.args[0], offsets)
-            return
-        failed = {(tp.topic, tp.partition) for tp in results or [] if tp.error is not None}
+
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        """An asynchronous commit's result (called from inside consume(), on this thread)."""
+        self._commit_in_flight = False
+        offsets = {(tp.topic, tp.partition): tp.offset for tp in partitions}
+        if error is not None:
+            self._commit_failed(error, offsets)
+        else:
+            self._commit_settled(partitions, offsets)
+
+    def _commit_settled(self, results: list[TopicPartition], offsets: dict[TopicPartitionKey, int]) -> None:
+        failed = {(tp.topic, tp.partition) for tp in results if tp.error is not None}
         if failed:
-            first = next(tp.error for tp in results or [] if tp.error is not None)
+            first = next(tp.error for tp in results if tp.error is not None)
             self._commit_failed(first, {k: v for k, v in offsets.items() if k in failed})
         ok = {k: v for k, v in offsets.items() if k not in failed}
         self.tracker.mark_committed(ok)
@@ -461,15 +510,23 @@ class Application:
     # -- rebalances ----------------------------------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """`partitions` are the ones added: all of them under an eager strategy, the moved ones under cooperative."""
         for tp in partitions:
             self.tracker.assign((tp.topic, tp.partition))
             self._assigned.add((tp.topic, tp.partition))
-        consumer.assign(partitions)  # now, not after this callback: the pause state below applies to them
+        if self._window is not None:
+            partitions = self._window.start_offsets(partitions)
+        # now, not after this callback: the pause state below applies to them
+        if self.settings.kafka_assignment_strategy == "cooperative-sticky":
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
         if self.pausing is not None:
             self.pausing.on_assign(partitions)
         self.metrics.rebalances.labels("assigned").inc()
         self._set_ready()
-        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in partitions))
+        log.info("partitions_assigned", partitions=sorted(tp.partition for tp in partitions),
+                 assignment=self._assignment())
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         keys = [(tp.topic, tp.partition) for tp in partitions]
@@ -482,12 +539,14 @@ class Application:
             self._maybe_commit(force=True, keys=keys)
         self._forget(partitions, keys)
         self.metrics.rebalances.labels("revoked").inc()
-        log.info("partitions_revoked", partitions=sorted(tp.partition for tp in partitions))
+        log.info("partitions_revoked", partitions=sorted(tp.partition for tp in partitions),
+                 assignment=self._assignment())
 
     def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._forget(partitions, [(tp.topic, tp.partition) for tp in partitions])
         self.metrics.rebalances.labels("lost").inc()
-        log.warning("partitions_lost", partitions=sorted(tp.partition for tp in partitions))
+        log.warning("partitions_lost", partitions=sorted(tp.partition for tp in partitions),
+                    assignment=self._assignment())
 
     def _forget(self, partitions: list[TopicPartition], keys: list[TopicPartitionKey]) -> None:
         for key in keys:
@@ -502,9 +561,39 @@ class Application:
             log.info("waiting_records_dropped", count=dropped)
         self._set_ready()
 
+    def _assignment(self) -> list[int]:
+        """This member's partitions after the change being logged."""
+        return sorted(partition for _topic, partition in self._assigned)
+
     def _set_ready(self) -> None:
-        self.ready = bool(self._assigned) and self._scorer is not None and not self._stop.is_set()
+        self.ready = bool(self._assigned) and self._model is not None and not self._stop.is_set()
         self.metrics.ready.set(1 if self.ready else 0)
+
+    # -- model rollout (consumer/reload.py) ------------------------------------------------------------------
+
+    def _serving(self, scorer: ScorerLike, *, strict: bool) -> ServingModel:
+        """A scorer, warmed, with its own model stage. `strict`: a warm-up that fails refuses the model."""
+        _warm_up(scorer, strict=strict)
+        info = ModelInfo(**{str(k): str(v) for k, v in dict(scorer.info).items()})
+        return ServingModel(scorer, info, ModelStage(scorer, self._cache, self._io, self.policy, self.metrics))
+
+    def _reloaded_model(self) -> ServingModel:
+        """On the reloader's thread: load and warm the model that `MMSENT_MODEL` names now."""
+        return self._serving(_load_scorer(self.settings), strict=True)
+
+    def _reload_refused(self, exc: BaseException) -> None:
+        log.error("model_reload_refused", error=repr(exc)[:500],
+                  serving=None if self._model is None else self._model.label)
+        self.metrics.model_reloads.labels("refused").inc()
+
+    def _swap_reloaded_model(self) -> None:
+        """Between batches: new batches go to the new model; batches already submitted keep theirs."""
+        new = self._reloader.take() if self._reloader is not None else None
+        if new is None:
+            return
+        old, self._model = self._model, new
+        self.metrics.model_reloads.labels("loaded").inc()
+        log.info("model_reloaded", model=new.label, previous=None if old is None else old.label)
 
     # -- client callbacks (called from inside consume()/poll(), on this thread) ---------------------------------
 
@@ -571,6 +660,8 @@ class Application:
         return 0
 
     def _close_quietly(self) -> None:
+        if self._reloader is not None:
+            self._reloader.close()
         if self.pipeline is not None:
             self.pipeline.close()
         if self.consumer is not None:
@@ -632,14 +723,22 @@ def _load_scorer(settings: Settings) -> ScorerLike:
     return scorer
 
 
-def _warm_up(scorer: ScorerLike) -> None:
-    """One tiny call before the first batch, so that lazy initialisation is not paid by real posts."""
+def _warm_up(scorer: ScorerLike, *, strict: bool) -> None:
+    """One tiny call before the first batch, so that lazy initialisation is not paid by real posts. `strict` (a
+    reload): a failure raises, and the model is refused; at start, the first batch will say what is wrong."""
     started = time.monotonic()
     try:
         scorer.score([{"text": "warm up", "image": None}])
-    except Exception as exc:  # a scorer that cannot score a plain caption will say so on the first batch
+    except Exception as exc:
+        if strict:
+            raise
         log.warning("model_warm_up_failed", error=repr(exc))
     log.debug("model_warmed_up", seconds=round(time.monotonic() - started, 3))
+
+
+def _model_dir(settings: Settings) -> Path | None:
+    """The directory to watch for a new model: `MMSENT_MODEL` when it names one (not a preset, not the default)."""
+    return Path(settings.model) if settings.model and Path(settings.model).is_dir() else None
 
 
 def _default_image_decoder(settings: Settings) -> Callable[[bytes], Any]:
@@ -652,7 +751,8 @@ def _default_image_decoder(settings: Settings) -> Callable[[bytes], Any]:
 
 
 def install_signal_handlers(app: Application) -> None:
-    """First SIGTERM/SIGINT: stop polling, drain within the grace period, commit, exit 0. Second: exit now."""
+    """First SIGTERM/SIGINT: stop polling, drain within the grace period, commit, exit 0. Second: exit now.
+    SIGHUP: reload the model (consumer/reload.py)."""
     received: list[int] = []
 
     def handler(signum: int, _frame: FrameType | None) -> None:
@@ -665,10 +765,11 @@ def install_signal_handlers(app: Application) -> None:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGHUP, lambda _signum, _frame: app.request_reload())
 
 
-def run_consumer(settings: Settings) -> int:
-    """`mmsent consume`: run until SIGTERM/SIGINT; returns the process exit code."""
-    app = Application(settings)
+def run_consumer(settings: Settings, window: ReplayWindow | None = None) -> int:
+    """`mmsent consume`: run until SIGTERM/SIGINT (`mmsent replay`: or the window's end); returns the exit code."""
+    app = Application(settings, window=window)
     install_signal_handlers(app)
     return app.run()

@@ -36,6 +36,7 @@ class WorkItem:
     image_url_key: str | None = None  # the URL whose embedding this item's image is
     image_bytes: int = 0  # size of the encoded image, when it was had as bytes
     result: Any = None  # the scorer's ScoreResult
+    scored_by: Any = None  # the ModelInfo of the model that scored it (a reload may swap models between batches)
 
     @property
     def tp(self) -> TopicPartitionKey:
@@ -57,6 +58,7 @@ class Batch:
     oldest_at: float
     cut_at: float
     full: bool = False  # cut at the size limit: there is a backlog
+    model: Any = None  # the stages.ServingModel that scores it, set when it is submitted
     batch_id: int = field(default_factory=lambda: next(_batch_ids))
     timings: dict[str, float] = field(default_factory=dict)
 

@@ -36,6 +36,47 @@ def consume() -> None:
 
 
 @app.command()
+def replay(
+    start: Annotated[str, typer.Option("--from", help="RFC 3339: the first record timestamp replayed")],
+    output_topic: Annotated[str, typer.Option(help="where the window's events go")],
+    end: Annotated[str | None, typer.Option("--to", help="RFC 3339, excluded (default: the end as it is now)")] = None,
+    model: Annotated[str | None, typer.Option(help="a model directory or preset (default: MMSENT_MODEL)")] = None,
+    dlq_topic: Annotated[str | None, typer.Option(help="the window's dead letters (default: OUTPUT_TOPIC.dlq)")] = None,
+    group: Annotated[str | None, typer.Option(help="consumer group (default: GROUP-replay-OUTPUT_TOPIC; a rerun "
+                                                   "of the same replay resumes)")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """Re-score the input posts whose record timestamps fall in [--from, --to) into --output-topic, under a consumer
+    group of its own, with the MMSENT_* settings otherwise; exit 0 once the window is done. Alerts are off."""
+    from consumer.app import run_consumer
+    from consumer.kafkaconfig import client_config
+    from consumer.logging import configure_logging
+    from consumer.replay import parse_rfc3339, plan_window
+    from consumer.settings import Settings
+
+    base = Settings()
+    settings = base.model_copy(update={
+        "output_topic": output_topic, "dlq_topic": dlq_topic or f"{output_topic}.dlq", "alert_topic": None,
+        "group_id": group or f"{base.group_id}-replay-{output_topic}", "group_instance_id": None,
+        "transactional_id": None, "model": model or base.model, "model_watch_s": 0.0,
+    })
+    configure_logging(settings.log_level, json_logs=settings.log_json)
+    try:
+        window_from, window_to = parse_rfc3339(start), None if end is None else parse_rfc3339(end)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    try:
+        window = plan_window(client_config(settings), settings.input_topic, window_from, window_to,
+                             group=settings.group_id, progress=not quiet)
+    except LookupError as exc:  # no such topic, or a broker that cannot find records by time
+        typer.echo(f"replay: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"replay: {window.size} records of {settings.input_topic} -> {output_topic} "
+               f"(group {settings.group_id})", err=True)
+    raise typer.Exit(run_consumer(settings, window) if window.size else 0)
+
+
+@app.command()
 def schema(
     write: Annotated[
         Path | None, typer.Option(help="Write one <name>.json per message into this directory instead of printing.")

@@ -66,7 +66,8 @@ def transactional_id(settings: Settings) -> str:
 
 
 def consumer_config(settings: Settings, **callbacks: Any) -> dict[str, Any]:
-    """Manual, contiguous commits (the offset tracker decides what is done); read_committed for exactly-once inputs.
+    """Manual, contiguous commits (the offset tracker decides what is done); read_committed for exactly-once inputs;
+    cooperative rebalancing by default (incremental assign and revoke: partitions that stay put keep flowing).
 
     `MMSENT_GROUP_INSTANCE_ID` makes the membership static (KIP-345): a restarted member with the same id takes
     its partitions back at once, without a rebalance."""
@@ -79,6 +80,7 @@ def consumer_config(settings: Settings, **callbacks: Any) -> dict[str, Any]:
         "auto.offset.reset": "earliest",
         "isolation.level": "read_committed",
         "session.timeout.ms": settings.kafka_session_timeout_ms,
+        "partition.assignment.strategy": settings.kafka_assignment_strategy,
         "heartbeat.interval.ms": 1_000,
         "max.poll.interval.ms": 300_000,
         "statistics.interval.ms": 5_000,

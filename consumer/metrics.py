@@ -42,6 +42,12 @@ class Metrics:
             "bytes_cache (no fetch), fetch.",
             ["source"],
         )
+        self.model_reloads = Counter(
+            "mmsent_model_reloads_total",
+            "Model reloads (SIGHUP or a changed model directory): loaded (swapped in) or refused (failed to load or "
+            "warm up; the serving model goes on).",
+            ["outcome"],
+        )
         self.cnn_images = Counter("mmsent_cnn_images_total", "Images run through the image encoder.")
         self.batch_size = Histogram(
             "mmsent_batch_size", "Posts per micro-batch.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)

@@ -90,6 +90,11 @@ class OffsetTracker:
                 result[key] = low
         return result
 
+    def committed_offsets(self, topic: str) -> dict[int, int]:
+        """Per partition of `topic` read in this generation: the next offset to consume, as committed."""
+        return {t_p[1]: state.committed for t_p, state in self._states.items()
+                if t_p[0] == topic and state.committed is not None}
+
     def mark_committed(self, offsets: dict[TopicPartitionKey, int]) -> None:
         for key, offset in offsets.items():
             state = self._states.get(key)

@@ -49,12 +49,12 @@ class OutputBuilder:
         self._settings = settings
         self._headers = HeaderFilter(settings.headers_allow, settings.headers_deny)
 
-    def build(self, item: WorkItem, model: ModelInfo | None) -> list[Output]:
+    def build(self, item: WorkItem) -> list[Output]:
         """Everything this record produces; empty for a skipped record."""
         if item.error is not None:
             return [] if item.error.action is Action.SKIP else [self._dead_letter(item)]
-        assert item.post is not None and item.result is not None and model is not None
-        event = self._event(item, model)
+        assert item.post is not None and item.result is not None and item.scored_by is not None
+        event = self._event(item, item.scored_by)
         if self._settings.alert_topic and self.alerts(item):
             return [event, Output(self._settings.alert_topic, event.key, event.value, event.headers)]
         return [event]

@@ -31,6 +31,11 @@ class Settings(BaseSettings):
         description="A member that stops heartbeating loses its partitions after this long (librdkafka's "
         "session.timeout.ms).",
     )
+    kafka_assignment_strategy: Literal["cooperative-sticky", "range", "roundrobin"] = Field(
+        default="cooperative-sticky",
+        description="cooperative-sticky: a rebalance moves only the partitions that change owner, the others keep "
+        "flowing; range or roundrobin: eager, every partition of the group stops at each rebalance.",
+    )
     # librdkafka's security settings, each under its own name: kafka_sasl_mechanism becomes sasl.mechanism
     # (consumer.kafkaconfig.client_config). None: librdkafka's default.
     kafka_security_protocol: str | None = None
@@ -51,6 +56,11 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = "redis://localhost:6379/0"
     model: str | None = Field(default=None, description="A model directory or preset name; None: the default.")
+    model_watch_s: float = Field(
+        default=10.0, ge=0,
+        description="How often the MMSENT_MODEL directory is checked for a new model (a flipped symlink, new "
+        "files), which is then loaded beside the serving one and swapped in; 0: only on SIGHUP.",
+    )
     cpu_runtime: Literal["auto", "onnx", "torch"] = Field(
         default="auto",
         description="On a CPU, the frozen encoders run in ONNX Runtime (auto: where they export) or PyTorch.",

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import structlog
@@ -26,7 +27,7 @@ import structlog
 from consumer.batcher import Batch, WorkItem
 from consumer.errors import Action, ErrorPolicy, FatalError
 from consumer.metrics import Metrics
-from schemas.models import ImageStatus
+from schemas.models import ImageStatus, ModelInfo
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -93,13 +94,11 @@ class ImageStage:
         fetcher: FetcherLike,
         cache: CacheLike | None,
         decode: Callable[[bytes], Any],
-        encoder_id: str,
         metrics: Metrics,
     ) -> None:
         self._fetcher = fetcher
         self._cache = cache
         self._decode = decode
-        self._encoder_id = encoder_id
         self._metrics = metrics
 
     async def prepare(self, batch: Batch) -> Batch:
@@ -109,7 +108,7 @@ class ImageStage:
             if item.error is None and item.post is not None and item.post.image_url:
                 by_url.setdefault(item.post.image_url, []).append(item)
         if by_url:
-            found = await self._resolve(list(by_url))
+            found = await self._resolve(list(by_url), batch.model.scorer.image_encoder_id)
             for url, items in by_url.items():
                 status, image, size = found[url]
                 for item in items:
@@ -117,11 +116,11 @@ class ImageStage:
         batch.timings["fetch"] = time.monotonic() - started
         return batch
 
-    async def _resolve(self, urls: list[str]) -> dict[str, tuple[ImageStatus, Any, int]]:
+    async def _resolve(self, urls: list[str], encoder_id: str) -> dict[str, tuple[ImageStatus, Any, int]]:
         """Per URL: the status, the image (an embedding or a decoded image, or None) and its size in bytes."""
         found: dict[str, tuple[ImageStatus, Any, int]] = {}
         cacheable = [url for url in urls if _http_url(url)]
-        embeddings = await self._cache_call(self._cache.get_embeddings(cacheable, self._encoder_id)) if (
+        embeddings = await self._cache_call(self._cache.get_embeddings(cacheable, encoder_id)) if (
             self._cache and cacheable) else {}
         for url, embedding in (embeddings or {}).items():
             found[url] = (ImageStatus.OK, embedding, 0)
@@ -279,6 +278,22 @@ async def _quiet(awaitable: Awaitable[Any]) -> None:
         log.warning("cache_store_failed", error=repr(exc))
 
 
+@dataclass(frozen=True)
+class ServingModel:
+    """A loaded model as the pipeline uses it: its scorer, what its events say of it, and its own model stage (and
+    so its own memory of recent embeddings). A batch keeps the one it was submitted with: a model reloaded meanwhile
+    never mixes into it."""
+
+    scorer: ScorerLike
+    info: ModelInfo
+    stage: ModelStage
+
+    @property
+    def label(self) -> str:
+        """`name:version`, as the `mmsent.model` header and the logs say it."""
+        return f"{self.info.name}:{self.info.version}"
+
+
 class RecentEmbeddings:
     """The latest image embeddings in this process, and those being computed right now.
 
@@ -325,11 +340,9 @@ class RecentEmbeddings:
 class Pipeline:
     """Batches go in; the same batches come out, completed or failed, in the order they went in."""
 
-    def __init__(self, io: LoopThread, image_stage: ImageStage, model_stage: ModelStage, *,
-                 model_concurrency: int = 1) -> None:
+    def __init__(self, io: LoopThread, image_stage: ImageStage, *, model_concurrency: int = 1) -> None:
         self._io = io
         self._image_stage = image_stage
-        self._model_stage = model_stage
         self._model_threads = [SerialWorker(f"mmsent-model-{k}") for k in range(max(1, model_concurrency))]
         self._turn = 0
         self._pending: deque[tuple[Batch, concurrent.futures.Future[Batch]]] = deque()
@@ -356,11 +369,12 @@ class Pipeline:
         # below capacity a batch waits for no other batch's slices.
         if batch.full:
             self._turn = (self._turn + 1) % len(self._model_threads)
-        scored = self._model_threads[self._turn].submit(self._model_step, prepared)
+        scored = self._model_threads[self._turn].submit(self._model_step, batch.model, prepared)
         self._pending.append((batch, scored))
 
-    def _model_step(self, prepared: concurrent.futures.Future[Batch]) -> Batch:
-        return self._model_stage.run(prepared.result())
+    @staticmethod
+    def _model_step(model: ServingModel, prepared: concurrent.futures.Future[Batch]) -> Batch:
+        return model.stage.run(prepared.result())
 
     def wait_head(self, timeout: float) -> None:
         if self._pending:

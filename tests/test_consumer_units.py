@@ -14,8 +14,8 @@ from consumer.errors import Action, ErrorPolicy
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
 from consumer.pausing import PausingManager
-from consumer.stages import ImageStage, LoopThread, ModelStage, Pipeline, RecentEmbeddings
-from schemas.models import PostEvent
+from consumer.stages import ImageStage, LoopThread, ModelStage, Pipeline, RecentEmbeddings, ServingModel
+from schemas.models import ModelInfo, PostEvent
 
 # -- offsets -------------------------------------------------------------------------------------------
 
@@ -261,13 +261,15 @@ class GatedScorer:
 def _two_batches(scorer: GatedScorer, *, full: bool) -> list[tuple[Batch, BaseException | None]]:
     """Two batches of 2 posts through a pipeline with two model threads; what it returns, in order."""
     tracker, io, metrics = OffsetTracker(), LoopThread(), Metrics.get()
-    pipeline = Pipeline(io, ImageStage(None, None, lambda data: None, "none", metrics),  # type: ignore[arg-type]
-                        ModelStage(scorer, None, io, ErrorPolicy(), metrics), model_concurrency=2)
+    pipeline = Pipeline(io, ImageStage(None, None, lambda data: None, metrics),  # type: ignore[arg-type]
+                        model_concurrency=2)
+    model = ServingModel(scorer, ModelInfo(name="fake", version="1"),  # type: ignore[arg-type]
+                         ModelStage(scorer, None, io, ErrorPolicy(), metrics))
     try:
         assert (pipeline.room(full=True), pipeline.room(full=False)) == (3, 2)  # two on the model or one, + one
         for k, text in enumerate(("first", "second")):
             pipeline.submit(Batch(items=[_item(tracker, 0, 2 * k + j, 0.0, text=text) for j in range(2)],
-                                  oldest_at=0.0, cut_at=0.0, full=full))
+                                  oldest_at=0.0, cut_at=0.0, full=full, model=model))
         assert (pipeline.room(full=True), pipeline.room(full=False)) == (1, 0)
         if scorer.second_done.wait(scorer.wait_s):
             pipeline.wait_head(0.2)

@@ -7,14 +7,31 @@ The `Application` runs on a thread with the `tiny-random` model (random weights:
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from consumer.metrics import Metrics
 from schemas import headers as wire
-from tests.consumerutil import Topics, all_committed, app_in_thread, make_settings, post, settings_env, wait_until
+from tests.consumerutil import (
+    ConsumerProcess,
+    SteadyProducer,
+    Topics,
+    all_committed,
+    app_in_thread,
+    committed_total,
+    make_settings,
+    post,
+    settings_env,
+    synthetic_posts,
+    wait_until,
+)
 from tests.kafkautil import create_topics, produce, read_all
+from tooling.reconcile import reconcile, render_table
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
@@ -82,3 +99,91 @@ def test_the_allow_list_carries_only_its_headers(
         assert wait_until(lambda: all_committed(kafka_bootstrap, topics), timeout=60)
     [event] = read_all(kafka_bootstrap, topics.sentiment)
     assert [name for name, _ in event.headers] == ["tenant", "TRACEPARENT", wire.MODEL]
+
+
+# -- model rollout without leaving the group --------------------------------------------------------------------
+
+
+def _save_tiny_model(directory: Path, version: str) -> Path:
+    from dataclasses import replace
+
+    from mmsent.presets import preset_config
+    from mmsent.scorer import from_config
+
+    model = from_config(preset_config("tiny-random"))
+    model.cfg = replace(model.cfg, version=version)
+    return model.save(directory)
+
+
+def _point(link: Path, target: Path) -> None:
+    """Flip a symlink atomically, as a Kubernetes volume update does."""
+    staging = link.with_name(link.name + ".new")
+    staging.unlink(missing_ok=True)
+    staging.symlink_to(target)
+    os.replace(staging, link)
+
+
+def _versions(records: list[Any]) -> list[str]:
+    return [json.loads(r.value)["model"]["version"] for r in records]
+
+
+def test_a_model_flipped_mid_stream_is_swapped_in_and_a_broken_one_refused_with_nothing_lost(
+    kafka_bootstrap: str, redis_url: str, unique_name: str, tmp_path: Path
+) -> None:
+    topics = Topics.named(unique_name)
+    create_topics(kafka_bootstrap, {topics.posts: 2, topics.sentiment: 2, topics.dlq: 1})
+    v1, v2 = _save_tiny_model(tmp_path / "v1", "1"), _save_tiny_model(tmp_path / "v2", "2")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    current = tmp_path / "current"
+    current.symlink_to(v1)
+    env = settings_env(kafka_bootstrap, topics, None, model=str(current), model_watch_s=0.2)
+    values = synthetic_posts(3000, lambda i: None)
+    reloads = Metrics.get().model_reloads
+    loaded_before, refused_before = reloads.labels("loaded")._value.get(), reloads.labels("refused")._value.get()
+    stream = SteadyProducer(kafka_bootstrap, topics.posts, values, per_burst=10, interval_s=0.05).start()
+    with app_in_thread(make_settings(env)) as app:
+        assert wait_until(lambda: committed_total(kafka_bootstrap, topics) >= 300, 60), "no progress on v1"
+        _point(current, v2)
+        assert wait_until(lambda: app.model_info is not None and app.model_info.version == "2", 60)
+        assert wait_until(lambda: committed_total(kafka_bootstrap, topics) >= 1200, 60), "no progress after v2"
+        _point(current, broken)
+        assert wait_until(lambda: reloads.labels("refused")._value.get() > refused_before, 30)
+        stream.join(120)
+        assert wait_until(lambda: all_committed(kafka_bootstrap, topics), 60), "not all offsets committed"
+    assert app.rc == 0  # type: ignore[attr-defined]
+    assert app.model_info is not None and app.model_info.version == "2"  # the broken model never served
+    assert reloads.labels("loaded")._value.get() == loaded_before + 1
+
+    events = read_all(kafka_bootstrap, topics.sentiment)
+    report = reconcile({"bootstrap.servers": kafka_bootstrap}, topics.posts, topics.sentiment, topics.dlq)
+    assert report.ok and report.as_dict()["totals"]["inputs"] == len(values), render_table(report)
+    for partition in (0, 1):  # per partition, in offset order: version 1, then version 2 from one event on
+        ordered = sorted((r for r in events if r.partition == partition), key=lambda r: r.offset)
+        versions = _versions(ordered)
+        assert set(versions) == {"1", "2"} and versions == sorted(versions), versions[:: max(1, len(versions) // 20)]
+    for record in events:  # the header names the model the body does
+        assert dict(record.headers)[wire.MODEL] == f"mmsent-tiny-random:{_versions([record])[0]}".encode()
+    print(f"\n[hot reload] {len(values)} posts -> {len(events)} events, "
+          f"{_versions(events).count('1')} by v1 and {_versions(events).count('2')} by v2; a broken model refused")
+
+
+def test_sighup_reloads_the_model_in_a_running_consumer(
+    kafka_bootstrap: str, unique_name: str, tmp_path: Path
+) -> None:
+    topics = Topics.named(unique_name)
+    create_topics(kafka_bootstrap, {topics.posts: 1, topics.sentiment: 1, topics.dlq: 1})
+    env = settings_env(kafka_bootstrap, topics, None, model_watch_s=0)  # watching off: only the signal reloads
+    member = ConsumerProcess(env, tmp_path / "consumer.log")
+    try:
+        assert wait_until(lambda: bool(member.assigned()), 90), member.tail()
+        member.process.send_signal(signal.SIGHUP)
+        assert wait_until(lambda: bool(member.events("model_reloaded")), 60), member.tail()
+        produce(kafka_bootstrap, topics.posts, [post("s0", "still scoring")])
+        assert wait_until(lambda: all_committed(kafka_bootstrap, topics), 60), member.tail()
+    finally:
+        member.stop()
+    assert member.process.returncode == 0, member.tail()
+    assert member.events("model_reload_started")[0]["reason"] == "signal"
+    assert len(member.events("partitions_assigned")) == 1  # it never left the group

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from consumer.replay import ReplayWindow
 from tooling.topicreader import Record, read_topic
 
 
@@ -76,8 +77,13 @@ def reconcile(
     *,
     isolation_level: str = "read_uncommitted",
     timeout_s: float = 120.0,
+    window: ReplayWindow | None = None,
 ) -> Report:
+    """`window`: only the inputs that a replay of it scores (`consumer/replay.py`) are expected to have an output."""
     inputs = read_topic(client_config, input_topic, timeout_s=timeout_s)
+    if window is not None:
+        inputs = [r for r in inputs if not window.past_end(r.partition, r.offset)
+                  and r.offset >= window.starts.get(r.partition, 0) and window.decision(r.timestamp_ms) is None]
     events, unknown_events = _sources(
         read_topic(client_config, output_topic, timeout_s=timeout_s, isolation_level=isolation_level), input_topic
     )
@@ -131,21 +137,29 @@ def reconcile_command(
     dlq_topic: Annotated[str | None, typer.Option("--dlq", help="Default MMSENT_DLQ_TOPIC.")] = None,
     read_committed: Annotated[bool, typer.Option(help="Read outputs as a read_committed consumer would.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    start: Annotated[str | None, typer.Option("--from", help="A replay's window: its --from (RFC 3339).")] = None,
+    end: Annotated[str | None, typer.Option("--to", help="A replay's window: its --to (RFC 3339).")] = None,
 ) -> None:
-    """Check that every input record ended as an event or a dead letter; exit 1 when any is lost."""
+    """Check that every input record ended as an event or a dead letter; exit 1 when any is lost. With --from (and
+    --to), only the records a `mmsent replay` of that window scores."""
     from consumer.kafkaconfig import client_config as kafka_client_config
+    from consumer.replay import parse_rfc3339, plan_window
     from consumer.settings import Settings
 
     settings = Settings()
     client_config = kafka_client_config(settings)
     if bootstrap:
         client_config["bootstrap.servers"] = bootstrap
+    window = None if start is None else plan_window(
+        client_config, input_topic or settings.input_topic, parse_rfc3339(start),
+        None if end is None else parse_rfc3339(end), progress=False)
     report = reconcile(
         client_config,
         input_topic or settings.input_topic,
         output_topic or settings.output_topic,
         dlq_topic or settings.dlq_topic,
         isolation_level="read_committed" if read_committed else "read_uncommitted",
+        window=window,
     )
     typer.echo(json.dumps(report.as_dict()) if as_json else render_table(report))
     raise typer.Exit(0 if report.ok else 1)
