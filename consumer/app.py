@@ -37,6 +37,7 @@ from consumer.pausing import PausingManager
 from consumer.reload import ModelReloader
 from consumer.replay import ReplayWindow
 from consumer.settings import ProcessingGuarantee, Settings
+from consumer.shadow import ShadowStage
 from consumer.sink import Sink
 from consumer.stages import (
     CacheLike,
@@ -108,6 +109,7 @@ class Application:
         self._commit_in_flight = False  # an asynchronous commit awaits its result
         self._model: ServingModel | None = None  # what new batches are scored with
         self._reloader: ModelReloader[ServingModel] | None = None
+        self._shadow: ShadowStage | None = None
         self._assigned: set[TopicPartitionKey] = set()
         # set in _start(): Kafka clients, I/O loop, stages
         self.consumer: Consumer | None = None
@@ -130,8 +132,11 @@ class Application:
         fetcher_factory = self._fetcher_factory or partial(_default_fetcher, decode=decoder)
         self._fetcher = self._io.call(_construct(fetcher_factory, s), timeout=30)
         self._cache = self._io.call(_construct(self._cache_factory or _default_cache, s), timeout=30)
-        self._model = self._serving(self._scorer or _load_scorer(s), strict=False)
-        image_stage = ImageStage(self._fetcher, self._cache, decoder, self.metrics)
+        primary = self._scorer or _load_scorer(s, s.model)
+        self._shadow = self._shadow_stage(primary, s.shadow_model)
+        self._model = self._serving(primary, strict=False)
+        reads = self._shadow is None or self._shadow.same_image_encoder
+        image_stage = ImageStage(self._fetcher, self._cache, decoder, self.metrics, read_embeddings=reads)
         self.pipeline = Pipeline(self._io, image_stage, model_concurrency=MODEL_CONCURRENCY)
         self._reloader = ModelReloader(self._reloaded_model, self._reload_refused, watched=_model_dir(s),
                                        interval_s=s.model_watch_s).start()
@@ -340,7 +345,7 @@ class Application:
         remaining = [len(outputs)]
         for output in outputs:
             try:
-                self.sink.produce(output, partial(self._on_delivery, item, remaining))
+                self.sink.produce(output, partial(self._on_delivery, item, remaining, output.best_effort))
             except KafkaException as exc:
                 # The producer turned fatal before its error callback ran: replace it, as that callback would.
                 if not self._replaceable(exc.args[0]):
@@ -348,8 +353,12 @@ class Application:
                 self._producer_failed = exc.args[0]
                 return
 
-    def _on_delivery(self, item: WorkItem, remaining: list[int], error: KafkaError | None, _msg: Message) -> None:
-        if error is not None:
+    def _on_delivery(self, item: WorkItem, remaining: list[int], best_effort: bool, error: KafkaError | None,
+                     _msg: Message) -> None:
+        if error is not None and best_effort:
+            log.warning("shadow_event_refused", error=str(error), **item.log_fields())
+            self.metrics.shadow_failures.inc()
+        elif error is not None:
             if self._producer_failed is not None:
                 return  # the producer failed and is being replaced: this record will be read again
             decision = self.policy.on_delivery_error(error, item)
@@ -574,12 +583,21 @@ class Application:
     def _serving(self, scorer: ScorerLike, *, strict: bool) -> ServingModel:
         """A scorer, warmed, with its own model stage. `strict`: a warm-up that fails refuses the model."""
         _warm_up(scorer, strict=strict)
-        info = ModelInfo(**{str(k): str(v) for k, v in dict(scorer.info).items()})
-        return ServingModel(scorer, info, ModelStage(scorer, self._cache, self._io, self.policy, self.metrics))
+        stage = ModelStage(scorer, self._cache, self._io, self.policy, self.metrics, shadow=self._shadow)
+        return ServingModel(scorer, _model_info(scorer), stage)
+
+    def _shadow_stage(self, primary: ScorerLike, shadow_model: str | None) -> ShadowStage | None:
+        if shadow_model is None:
+            return None
+        shadow = _load_scorer(self.settings, shadow_model)
+        _warm_up(shadow, strict=True)
+        same = shadow.image_encoder_id == primary.image_encoder_id
+        log.info("shadow_model_ready", model=_model_info(shadow).model_dump(), same_image_encoder=same)
+        return ShadowStage(shadow, _model_info(shadow), same, self.metrics)
 
     def _reloaded_model(self) -> ServingModel:
         """On the reloader's thread: load and warm the model that `MMSENT_MODEL` names now."""
-        return self._serving(_load_scorer(self.settings), strict=True)
+        return self._serving(_load_scorer(self.settings, self.settings.model), strict=True)
 
     def _reload_refused(self, exc: BaseException) -> None:
         log.error("model_reload_refused", error=repr(exc)[:500],
@@ -713,14 +731,18 @@ def _default_cache(settings: Settings) -> CacheLike | None:
     return ImageCache.from_settings(settings)
 
 
-def _load_scorer(settings: Settings) -> ScorerLike:
+def _load_scorer(settings: Settings, model: str | None) -> ScorerLike:
     from mmsent import Scorer
 
     started = time.monotonic()
-    scorer = Scorer.load(settings.model, cpu_runtime=settings.cpu_runtime)
+    scorer = Scorer.load(model, cpu_runtime=settings.cpu_runtime)
     log.info("model_loaded", model=dict(scorer.info), cpu_runtime=scorer.cpu_runtime,
              seconds=round(time.monotonic() - started, 2))
     return scorer
+
+
+def _model_info(scorer: ScorerLike) -> ModelInfo:
+    return ModelInfo(**{str(k): str(v) for k, v in dict(scorer.info).items()})
 
 
 def _warm_up(scorer: ScorerLike, *, strict: bool) -> None:

@@ -35,6 +35,14 @@ class Metrics:
         )
         self.skipped = Counter("mmsent_records_skipped_total", "Records counted done without output.", ["code"])
         self.alerts = Counter("mmsent_alerts_total", "Events also routed to the alert topic.")
+        self.shadow_agreement = Counter(
+            "mmsent_shadow_agreement_total", "Posts scored by the shadow model, by whether its label agreed with the "
+            "primary's (agree: true or false).", ["agree"],
+        )
+        self.shadow_failures = Counter(
+            "mmsent_shadow_failures_total", "Batches the shadow model failed on (the primary's events went out) or "
+            "shadow events the broker refused.",
+        )
         self.image_status = Counter("mmsent_image_status_total", "Scored posts by image status.", ["status"])
         self.image_source = Counter(
             "mmsent_image_source_total",

@@ -1,6 +1,7 @@
 """What one input record produces: its event (and alert), or its dead letter; each with its headers.
 
     WorkItem ──▶ OutputBuilder.build() ──┬──▶ event        output topic; the alert topic too when `alerts()` says so
+                                         │                 (+ the shadow model's event on the shadow topic)
                                          ├──▶ dead letter  DLQ topic
                                          └──▶ nothing      a record the error policy skips
 
@@ -12,14 +13,15 @@ never carried: a dead letter's error code must be the one mmsent wrote.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from consumer.batcher import WorkItem
 from consumer.errors import Action
 from consumer.settings import Settings
 from schemas import headers as wire
-from schemas.models import DeadLetter, ModelInfo, Scores, SentimentEvent, SourceCoordinates
+from schemas.models import DeadLetter, ImageStatus, ModelInfo, Scores, SentimentEvent, SourceCoordinates
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,7 @@ class Output:
     key: bytes | None
     value: bytes
     headers: wire.Headers
+    best_effort: bool = False  # a shadow event: the broker refusing it fails nothing
 
 
 class HeaderFilter:
@@ -54,10 +57,15 @@ class OutputBuilder:
         if item.error is not None:
             return [] if item.error.action is Action.SKIP else [self._dead_letter(item)]
         assert item.post is not None and item.result is not None and item.scored_by is not None
-        event = self._event(item, item.scored_by)
-        if self._settings.alert_topic and self.alerts(item):
-            return [event, Output(self._settings.alert_topic, event.key, event.value, event.headers)]
-        return [event]
+        s = self._settings
+        event = self._event(item, item.result, item.scored_by, s.output_topic)
+        outputs = [event]
+        if s.alert_topic and self.alerts(item):
+            outputs.append(replace(event, topic=s.alert_topic))
+        if s.shadow_topic and item.shadow_result is not None:
+            shadow = self._event(item, item.shadow_result, item.shadow_by, s.shadow_topic)
+            outputs.append(replace(shadow, best_effort=True))
+        return outputs
 
     def alerts(self, item: WorkItem) -> bool:
         """The alert rule: the post's label is the alert label, at the minimum probability or above."""
@@ -66,19 +74,19 @@ class OutputBuilder:
             float(dict(result.scores).get(s.alert_label, 0.0)) >= s.alert_min_probability
         )
 
-    def _event(self, item: WorkItem, model: ModelInfo) -> Output:
+    def _event(self, item: WorkItem, result: Any, model: ModelInfo, topic: str) -> Output:
         assert item.post is not None
         event = SentimentEvent(
             post_id=item.post.post_id,
-            label=item.result.label,
-            scores=Scores(**{name: float(p) for name, p in dict(item.result.scores).items()}),
-            image_status=item.image_status,
+            label=result.label,
+            scores=Scores(**{name: float(p) for name, p in dict(result.scores).items()}),
+            image_status=_image_status(item, result),
             model=model,
             source=_source(item),
             scored_at=datetime.now(UTC),
         )
         headers = self._headers.carried(item.headers) + [(wire.MODEL, f"{model.name}:{model.version}".encode())]
-        return Output(self._settings.output_topic, item.post.post_id.encode(), event.to_json_bytes(), headers)
+        return Output(topic, item.post.post_id.encode(), event.to_json_bytes(), headers)
 
     def _dead_letter(self, item: WorkItem) -> Output:
         assert item.error is not None
@@ -92,6 +100,12 @@ class OutputBuilder:
         )
         headers = self._headers.carried(item.headers) + _error_headers(item)
         return Output(self._settings.dlq_topic, item.key, letter.to_json_bytes(), headers)
+
+
+def _image_status(item: WorkItem, result: Any) -> ImageStatus:
+    """The item's, unless this result could not use the image the item had (a shadow without its pixels)."""
+    used = getattr(result, "image_used", True)
+    return ImageStatus.UNAVAILABLE if item.image_status is ImageStatus.OK and not used else item.image_status
 
 
 def _source(item: WorkItem) -> SourceCoordinates:

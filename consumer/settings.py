@@ -11,7 +11,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -103,6 +103,12 @@ class Settings(BaseSettings):
         default=(), description="Input headers never carried to events and dead letters."
     )
 
+    shadow_model: str | None = Field(
+        default=None, description="A second model (directory or preset) that scores the same posts, after the "
+        "primary; its events go to MMSENT_SHADOW_TOPIC. It never fails the primary.",
+    )
+    shadow_topic: str | None = None
+
     alert_topic: str | None = None
     alert_label: str = "negative"
     alert_min_probability: float = Field(default=0.9, ge=0, le=1)
@@ -123,6 +129,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return tuple(part.strip() for part in value.split(",") if part.strip())
         return value
+
+    @model_validator(mode="after")
+    def _shadow_needs_both(self) -> Settings:
+        if bool(self.shadow_model) != bool(self.shadow_topic):
+            raise ValueError("MMSENT_SHADOW_MODEL and MMSENT_SHADOW_TOPIC go together: set both, or neither")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -20,13 +20,16 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
 from consumer.batcher import Batch, WorkItem
 from consumer.errors import Action, ErrorPolicy, FatalError
 from consumer.metrics import Metrics
+
+if TYPE_CHECKING:
+    from consumer.shadow import ShadowStage
 from schemas.models import ImageStatus, ModelInfo
 
 log = structlog.get_logger(__name__)
@@ -95,11 +98,15 @@ class ImageStage:
         cache: CacheLike | None,
         decode: Callable[[bytes], Any],
         metrics: Metrics,
+        *,
+        read_embeddings: bool = True,
     ) -> None:
+        """`read_embeddings=False`: every image is had as pixels (a shadow model with another image encoder)."""
         self._fetcher = fetcher
         self._cache = cache
         self._decode = decode
         self._metrics = metrics
+        self._read_embeddings = read_embeddings
 
     async def prepare(self, batch: Batch) -> Batch:
         started = time.monotonic()
@@ -121,7 +128,7 @@ class ImageStage:
         found: dict[str, tuple[ImageStatus, Any, int]] = {}
         cacheable = [url for url in urls if _http_url(url)]
         embeddings = await self._cache_call(self._cache.get_embeddings(cacheable, encoder_id)) if (
-            self._cache and cacheable) else {}
+            self._cache and cacheable and self._read_embeddings) else {}
         for url, embedding in (embeddings or {}).items():
             found[url] = (ImageStatus.OK, embedding, 0)
             self._metrics.image_source.labels("embedding_cache").inc()
@@ -182,8 +189,10 @@ class ModelStage:
         policy: ErrorPolicy,
         metrics: Metrics,
         recent_embeddings: int = 2048,
+        shadow: ShadowStage | None = None,
     ) -> None:
         self._scorer = scorer
+        self._shadow = shadow
         self._cache = cache
         self._io = io
         self._policy = policy
@@ -192,18 +201,22 @@ class ModelStage:
 
     def run(self, batch: Batch) -> Batch:
         started = time.monotonic()
+        if self._shadow is not None:
+            self._shadow.keep_pixels(batch.items)
         self._embed(batch.items)
         live = [item for item in batch.items if item.error is None and item.post is not None]
         if live:
             self._score(live)
         batch.timings["model"] = time.monotonic() - started
+        if live and self._shadow is not None:
+            self._shadow.run(live)
         return batch
 
     def _embed(self, items: Sequence[WorkItem]) -> None:
         images: dict[str, Any] = {}
         sizes: dict[str, int] = {}
         for item in items:
-            if item.image_status is ImageStatus.OK and item.image_url_key and not _is_embedding(item.image):
+            if item.image_status is ImageStatus.OK and item.image_url_key and not is_embedding(item.image):
                 images.setdefault(item.image_url_key, item.image)
                 sizes[item.image_url_key] = item.image_bytes
         if not images:
@@ -267,7 +280,7 @@ class ModelStage:
                 item.image_status = ImageStatus.UNAVAILABLE
 
 
-def _is_embedding(image: Any) -> bool:
+def is_embedding(image: Any) -> bool:
     return hasattr(image, "dtype") and hasattr(image, "shape")
 
 

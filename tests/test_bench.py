@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,14 @@ def test_bench_smoke_runs_every_part(tmp_path: Path) -> None:
     assert result["naive"]["cpu_runtime"] == "torch", "the naive consumer runs eager PyTorch"
     assert result["naive_fast"]["cpu_runtime"] == "onnx" and result["naive_fast"]["posts"] == result["naive"]["posts"]
     assert "| tiny-random |" in done.stdout and "Where the cores went" in done.stdout
+
+
+def test_bench_shadow_measures_the_primary_alone_and_with_a_shadow() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer", "bench", "shadow", "--model", "tiny-random", "--batch-size", "4",
+         "--rounds", "2"], capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    figures = re.search(r"(\d+) ms per batch alone, (\d+) ms with the shadow .*: x(\d+\.\d+)", done.stdout)
+    assert figures, done.stdout
+    assert float(figures[3]) > 0

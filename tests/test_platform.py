@@ -30,6 +30,7 @@ from tests.consumerutil import (
     synthetic_posts,
     wait_until,
 )
+from tests.imageserver import ImageServer, image, sample_image
 from tests.kafkautil import create_topics, produce, read_all
 from tooling.reconcile import reconcile, render_table
 
@@ -187,3 +188,77 @@ def test_sighup_reloads_the_model_in_a_running_consumer(
     assert member.process.returncode == 0, member.tail()
     assert member.events("model_reload_started")[0]["reason"] == "signal"
     assert len(member.events("partitions_assigned")) == 1  # it never left the group
+
+
+# -- the shadow model -----------------------------------------------------------------------------------------
+
+
+def _save_tiny_variant(directory: Path, version: str, *, fusion: str = "concat", squash: bool = False) -> Path:
+    """A tiny-random model directory; `squash` changes its image preprocessing, and so its image encoder."""
+    from dataclasses import replace
+
+    from mmsent.presets import preset_config
+    from mmsent.scorer import from_config
+
+    cfg = preset_config("tiny-random", fusion=fusion)
+    if squash:
+        cfg = replace(cfg, image=replace(cfg.image, preprocess=replace(cfg.image.preprocess, crop=False)))
+    model = from_config(replace(cfg, name="mmsent-shadow", version=version))
+    return model.save(directory)
+
+
+@pytest.mark.parametrize("same_image_encoder", [True, False])
+def test_a_shadow_model_scores_every_post_into_its_topic_beside_the_primary(
+    kafka_bootstrap: str, redis_url: str, image_server: ImageServer, unique_name: str, tmp_path: Path,
+    scorer: Any, same_image_encoder: bool,
+) -> None:
+    topics = Topics.named(unique_name)
+    shadow_topic = f"{unique_name}-shadow"
+    create_topics(kafka_bootstrap, {topics.posts: 2, topics.sentiment: 2, topics.dlq: 1, shadow_topic: 2})
+    shadow_dir = _save_tiny_variant(tmp_path / "shadow", "7", fusion="gated", squash=not same_image_encoder)
+    urls = [image_server.route(f"/s{i}.png", image(sample_image("PNG", color=(i * 40, 80, 20)), "image/png"))
+            for i in range(5)]
+    values = synthetic_posts(200, lambda i: urls[i % 5] if i % 2 else None) + [b"not a post"]
+    produce(kafka_bootstrap, topics.posts, values)
+    agreement = Metrics.get().shadow_agreement
+    before = sum(agreement.labels(flag)._value.get() for flag in ("true", "false"))
+    env = settings_env(kafka_bootstrap, topics, redis_url, shadow_model=str(shadow_dir), shadow_topic=shadow_topic)
+    with app_in_thread(make_settings(env), scorer=scorer):
+        assert wait_until(lambda: all_committed(kafka_bootstrap, topics), timeout=90), "not all offsets committed"
+
+    events = {json.loads(r.value)["post_id"]: json.loads(r.value) for r in read_all(kafka_bootstrap, topics.sentiment)}
+    shadows = [json.loads(r.value) for r in read_all(kafka_bootstrap, shadow_topic)]
+    assert len(events) == 200 and sorted(s["post_id"] for s in shadows) == sorted(events)  # one each
+    for shadow in shadows:
+        primary = events[shadow["post_id"]]
+        assert shadow["model"]["name"] == "mmsent-shadow" and shadow["model"]["version"] == "7"
+        assert primary["model"]["name"] == scorer.info["name"]
+        assert shadow["source"] == primary["source"] and shadow["image_status"] == primary["image_status"]
+    assert {e["image_status"] for e in events.values()} == {"ok", "none"}
+    assert sum(agreement.labels(flag)._value.get() for flag in ("true", "false")) - before == 200
+    assert len(read_all(kafka_bootstrap, topics.dlq)) == 1  # the bad record: a dead letter, no shadow event
+
+
+def test_a_shadow_that_raises_never_fails_the_primary(
+    kafka_bootstrap: str, unique_name: str, tmp_path: Path, scorer: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from consumer.shadow import ShadowStage
+
+    topics = Topics.named(unique_name)
+    create_topics(kafka_bootstrap, {topics.posts: 1, topics.sentiment: 1, topics.dlq: 1, f"{unique_name}-sh": 1})
+
+    def broken(self: ShadowStage, item: Any) -> dict[str, object]:
+        raise RuntimeError("the shadow model is broken")
+
+    monkeypatch.setattr(ShadowStage, "_post", broken)
+    produce(kafka_bootstrap, topics.posts, synthetic_posts(40, lambda i: None))
+    failures = Metrics.get().shadow_failures
+    before = failures._value.get()
+    env = settings_env(kafka_bootstrap, topics, None, shadow_model=str(_save_tiny_variant(tmp_path / "s", "1")),
+                       shadow_topic=f"{unique_name}-sh")
+    with app_in_thread(make_settings(env), scorer=scorer) as app:
+        assert wait_until(lambda: all_committed(kafka_bootstrap, topics), timeout=60)
+    assert app.rc == 0  # type: ignore[attr-defined]
+    assert len(read_all(kafka_bootstrap, topics.sentiment)) == 40
+    assert read_all(kafka_bootstrap, f"{unique_name}-sh") == []
+    assert failures._value.get() > before

@@ -473,6 +473,19 @@ def bench_smoke(
     _report(result, "mmsent bench smoke", None, json_out)
 
 
+@bench_app.command("shadow")
+def bench_shadow(
+    model: Annotated[str | None, typer.Option(help="The primary (directory or preset); default: packaged.")] = None,
+    shadow: Annotated[str | None, typer.Option(help="The shadow model; default: the primary's again.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Posts per batch.")] = 32,
+    rounds: Annotated[int, typer.Option(help="Batches timed each way.")] = 8,
+) -> None:
+    """What a shadow model (MMSENT_SHADOW_MODEL) costs the primary: its model stage per batch, with and without."""
+    from tooling.shadowbench import render_shadow, run_shadow
+
+    typer.echo(render_shadow(run_shadow(model, shadow, batch_size, rounds), "mmsent bench shadow"))
+
+
 def _report(result: dict[str, Any], command: str, write: Path | None, json_out: Path | None) -> None:
     text = render_markdown(result, command)
     typer.echo("\n" + text)
