@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[tools,dev]'
+	$(BIN)/pip install --quiet -e '.[tools,tracing,dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

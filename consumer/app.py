@@ -49,6 +49,7 @@ from consumer.stages import (
     ScorerLike,
     ServingModel,
 )
+from consumer.tracing import Tracing
 from schemas.decode import BadRecord, decode_post
 from schemas.models import (
     ModelInfo,
@@ -82,6 +83,7 @@ class Application:
         metrics: Metrics | None = None,
         serve_http: bool = True,
         window: ReplayWindow | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         """`window`: replay a time window (`mmsent replay`) and stop at its end, instead of consuming for good."""
         self.settings = settings
@@ -94,6 +96,7 @@ class Application:
         self._image_decoder = image_decoder
         self._serve_http = serve_http
         self._window = window
+        self.tracing = tracing or Tracing.from_environment()
         self._stop = threading.Event()
         self._fatal: BaseException | None = None
         # At least once: a producer that hit a fatal error (e.g. its idempotence state was lost with a broker
@@ -104,7 +107,7 @@ class Application:
 
         self.tracker = OffsetTracker()
         self.batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms / 1000)
-        self.outputs = OutputBuilder(settings)
+        self.outputs = OutputBuilder(settings, self.tracing)
         self._last_commit = 0.0
         self._commit_in_flight = False  # an asynchronous commit awaits its result
         self._model: ServingModel | None = None  # what new batches are scored with
@@ -136,7 +139,8 @@ class Application:
         self._shadow = self._shadow_stage(primary, s.shadow_model)
         self._model = self._serving(primary, strict=False)
         reads = self._shadow is None or self._shadow.same_image_encoder
-        image_stage = ImageStage(self._fetcher, self._cache, decoder, self.metrics, read_embeddings=reads)
+        image_stage = ImageStage(self._fetcher, self._cache, decoder, self.metrics, read_embeddings=reads,
+                                 tracing=self.tracing)
         self.pipeline = Pipeline(self._io, image_stage, model_concurrency=MODEL_CONCURRENCY)
         self._reloader = ModelReloader(self._reloaded_model, self._reload_refused, watched=_model_dir(s),
                                        interval_s=s.model_watch_s).start()
@@ -286,6 +290,7 @@ class Application:
         batch.timings["wait"] = wait
         self.metrics.stage_latency.labels("wait").observe(wait)
         batch.model = self._model
+        batch.trace = self.tracing.start_batch(batch.items)
         self.pipeline.submit(batch)
 
     def _drain_completed(self) -> None:
@@ -300,11 +305,13 @@ class Application:
             for item in live:
                 item.scored_by = batch.model.info
             self._observe_batch(batch, live)
-            if self.eos:
-                done.extend(live)
-            else:
-                for item in live:
-                    self._emit(item)
+            with self.tracing.stage(batch.trace, "produce"):
+                if self.eos:
+                    done.extend(live)  # produced in the transaction below, with the other completed batches'
+                else:
+                    for item in live:
+                        self._emit(item)
+            self.tracing.end_batch(batch.trace)
         if done:
             self._transact(done)
 
@@ -583,7 +590,8 @@ class Application:
     def _serving(self, scorer: ScorerLike, *, strict: bool) -> ServingModel:
         """A scorer, warmed, with its own model stage. `strict`: a warm-up that fails refuses the model."""
         _warm_up(scorer, strict=strict)
-        stage = ModelStage(scorer, self._cache, self._io, self.policy, self.metrics, shadow=self._shadow)
+        stage = ModelStage(scorer, self._cache, self._io, self.policy, self.metrics, shadow=self._shadow,
+                           tracing=self.tracing)
         return ServingModel(scorer, _model_info(scorer), stage)
 
     def _shadow_stage(self, primary: ScorerLike, shadow_model: str | None) -> ShadowStage | None:
@@ -704,6 +712,7 @@ class Application:
         if self.health is not None:
             self.health.close()
             self.health = None
+        self.tracing.close()
 
 
 def _headers_of(message: Message) -> list[tuple[str, str | bytes | None]] | None:

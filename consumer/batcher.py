@@ -62,6 +62,7 @@ class Batch:
     cut_at: float
     full: bool = False  # cut at the size limit: there is a backlog
     model: Any = None  # the stages.ServingModel that scores it, set when it is submitted
+    trace: Any = None  # its OpenTelemetry span, when tracing is on (consumer/tracing.py)
     batch_id: int = field(default_factory=lambda: next(_batch_ids))
     timings: dict[str, float] = field(default_factory=dict)
 

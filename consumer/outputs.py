@@ -20,6 +20,7 @@ from typing import Any
 from consumer.batcher import WorkItem
 from consumer.errors import Action
 from consumer.settings import Settings
+from consumer.tracing import Tracing
 from schemas import headers as wire
 from schemas.models import DeadLetter, ImageStatus, ModelInfo, Scores, SentimentEvent, SourceCoordinates
 
@@ -48,9 +49,10 @@ class HeaderFilter:
 
 
 class OutputBuilder:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracing: Tracing | None = None) -> None:
         self._settings = settings
         self._headers = HeaderFilter(settings.headers_allow, settings.headers_deny)
+        self._tracing = tracing or Tracing()
 
     def build(self, item: WorkItem) -> list[Output]:
         """Everything this record produces; empty for a skipped record."""
@@ -85,7 +87,7 @@ class OutputBuilder:
             source=_source(item),
             scored_at=datetime.now(UTC),
         )
-        headers = self._headers.carried(item.headers) + [(wire.MODEL, f"{model.name}:{model.version}".encode())]
+        headers = self._carried(item) + [(wire.MODEL, f"{model.name}:{model.version}".encode())]
         return Output(topic, item.post.post_id.encode(), event.to_json_bytes(), headers)
 
     def _dead_letter(self, item: WorkItem) -> Output:
@@ -98,8 +100,13 @@ class OutputBuilder:
             key=item.key,
             failed_at=datetime.now(UTC),
         )
-        headers = self._headers.carried(item.headers) + _error_headers(item)
+        headers = self._carried(item) + _error_headers(item)
         return Output(self._settings.dlq_topic, item.key, letter.to_json_bytes(), headers)
+
+
+    def _carried(self, item: WorkItem) -> wire.Headers:
+        """The input's headers this output carries; its `traceparent` continued when tracing is on."""
+        return self._tracing.continue_post(self._headers.carried(item.headers))
 
 
 def _image_status(item: WorkItem, result: Any) -> ImageStatus:

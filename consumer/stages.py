@@ -27,6 +27,7 @@ import structlog
 from consumer.batcher import Batch, WorkItem
 from consumer.errors import Action, ErrorPolicy, FatalError
 from consumer.metrics import Metrics
+from consumer.tracing import Tracing
 
 if TYPE_CHECKING:
     from consumer.shadow import ShadowStage
@@ -100,6 +101,7 @@ class ImageStage:
         metrics: Metrics,
         *,
         read_embeddings: bool = True,
+        tracing: Tracing | None = None,
     ) -> None:
         """`read_embeddings=False`: every image is had as pixels (a shadow model with another image encoder)."""
         self._fetcher = fetcher
@@ -107,6 +109,7 @@ class ImageStage:
         self._decode = decode
         self._metrics = metrics
         self._read_embeddings = read_embeddings
+        self._tracing = tracing or Tracing()
 
     async def prepare(self, batch: Batch) -> Batch:
         started = time.monotonic()
@@ -115,7 +118,8 @@ class ImageStage:
             if item.error is None and item.post is not None and item.post.image_url:
                 by_url.setdefault(item.post.image_url, []).append(item)
         if by_url:
-            found = await self._resolve(list(by_url), batch.model.scorer.image_encoder_id)
+            with self._tracing.stage(batch.trace, "fetch"):
+                found = await self._resolve(list(by_url), batch.model.scorer.image_encoder_id)
             for url, items in by_url.items():
                 status, image, size = found[url]
                 for item in items:
@@ -190,9 +194,11 @@ class ModelStage:
         metrics: Metrics,
         recent_embeddings: int = 2048,
         shadow: ShadowStage | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._scorer = scorer
         self._shadow = shadow
+        self._tracing = tracing or Tracing()
         self._cache = cache
         self._io = io
         self._policy = policy
@@ -203,10 +209,12 @@ class ModelStage:
         started = time.monotonic()
         if self._shadow is not None:
             self._shadow.keep_pixels(batch.items)
-        self._embed(batch.items)
+        with self._tracing.stage(batch.trace, "embed"):
+            self._embed(batch.items)
         live = [item for item in batch.items if item.error is None and item.post is not None]
         if live:
-            self._score(live)
+            with self._tracing.stage(batch.trace, "score"):
+                self._score(live)
         batch.timings["model"] = time.monotonic() - started
         if live and self._shadow is not None:
             self._shadow.run(live)

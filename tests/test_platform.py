@@ -262,3 +262,67 @@ def test_a_shadow_that_raises_never_fails_the_primary(
     assert len(read_all(kafka_bootstrap, topics.sentiment)) == 40
     assert read_all(kafka_bootstrap, f"{unique_name}-sh") == []
     assert failures._value.get() > before
+
+
+# -- tracing ----------------------------------------------------------------------------------------------------
+
+
+def test_spans_per_batch_and_stage_link_the_posts_and_the_event_continues_their_trace(
+    kafka_bootstrap: str, redis_url: str, image_server: ImageServer, unique_name: str, scorer: Any
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from consumer.tracing import Tracing
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    topics = Topics.named(unique_name)
+    create_topics(kafka_bootstrap, {topics.posts: 1, topics.sentiment: 1, topics.dlq: 1})
+    url = image_server.route("/t.png", image(sample_image("PNG"), "image/png"))
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    posts = [post("t0", "traced", url), post("t1", "not traced"), b"traced, not a post"]
+    headers = [[("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01".encode()), ("tenant", b"a")], [],
+               [("traceparent", f"00-{trace_id}-00f067aa0ba902b8-01".encode())]]
+    produce(kafka_bootstrap, topics.posts, posts, headers=headers)
+    env = settings_env(kafka_bootstrap, topics, redis_url)
+    with app_in_thread(make_settings(env), scorer=scorer, tracing=Tracing(provider)):
+        assert wait_until(lambda: all_committed(kafka_bootstrap, topics), timeout=60)
+
+    spans = exporter.get_finished_spans()
+    names = [span.name for span in spans]
+    assert {"mmsent.batch", "mmsent.fetch", "mmsent.embed", "mmsent.score", "mmsent.produce"} <= set(names)
+    batches = [span for span in spans if span.name == "mmsent.batch"]
+    for span in spans:
+        if span.name in ("mmsent.fetch", "mmsent.embed", "mmsent.score", "mmsent.produce"):
+            assert span.parent is not None and span.parent.span_id in {b.context.span_id for b in batches}
+    linked = {format(link.context.trace_id, "032x") for b in batches for link in b.links}
+    assert linked == {trace_id}  # the batch is linked to the posts' trace
+    [event] = [r for r in read_all(kafka_bootstrap, topics.sentiment) if json.loads(r.value)["post_id"] == "t0"]
+    traceparent = dict(event.headers)["traceparent"].decode()
+    _version, carried_trace, parent_span, _flags = traceparent.split("-")
+    assert carried_trace == trace_id and parent_span != "00f067aa0ba902b7"  # continued, not copied
+    post_spans = {format(s.context.span_id, "016x"): s for s in spans if s.name == "mmsent.post"}
+    assert format(post_spans[parent_span].parent.span_id, "016x") == "00f067aa0ba902b7"
+    assert [name for name, _ in event.headers] == ["tenant", "traceparent", wire.MODEL]
+    [letter] = read_all(kafka_bootstrap, topics.dlq)
+    assert dict(letter.headers)["traceparent"].decode().split("-")[1] == trace_id
+    [untraced] = [r for r in read_all(kafka_bootstrap, topics.sentiment) if json.loads(r.value)["post_id"] == "t1"]
+    assert "traceparent" not in dict(untraced.headers)
+
+
+def test_tracing_is_off_unless_an_exporter_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from consumer.tracing import Tracing
+
+    monkeypatch.delenv("OTEL_TRACES_EXPORTER", raising=False)
+    assert not Tracing.from_environment().enabled
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
+    assert not Tracing.from_environment().enabled
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "console")
+    tracing = Tracing.from_environment()
+    assert tracing.enabled
+    tracing.close()
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")  # not one mmsent knows: a log line, and tracing off
+    assert not Tracing.from_environment().enabled
