@@ -23,7 +23,7 @@ import kubernetes_validate  # dev dependency: kubernetes-validate (offline Kuber
 import pytest
 import yaml
 
-from consumer.kafkaconfig import client_config
+from consumer.kafkaconfig import client_config, consumer_config, producer_config
 from consumer.settings import Settings
 from tests.deploy_support import kustomize
 
@@ -101,7 +101,7 @@ def config(objects: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def container(objects: list[dict[str, Any]]) -> dict[str, Any]:
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["containers"]] == ["consumer"]
     return pod["containers"][0]
 
@@ -173,7 +173,6 @@ def test_overlay_renders_the_expected_objects(overlay: str) -> None:
         [
             "ConfigMap",  # settings
             "ConfigMap",  # Grafana dashboard
-            "Deployment",
             "NetworkPolicy",
             "PodDisruptionBudget",
             "PrometheusRule",
@@ -181,6 +180,7 @@ def test_overlay_renders_the_expected_objects(overlay: str) -> None:
             "Service",
             "ServiceAccount",
             "ServiceMonitor",
+            "StatefulSet",
             "TriggerAuthentication",
         ]
     )
@@ -240,7 +240,7 @@ def test_builtin_objects_validate_against_kubernetes_schemas(overlay: str, versi
 
 
 def test_kubernetes_validation_rejects_a_broken_object() -> None:
-    deployment = json.loads(json.dumps(one(rendered("gpu"), "Deployment")))
+    deployment = json.loads(json.dumps(one(rendered("gpu"), "StatefulSet")))
     deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGet"]["paht"] = "/x"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(deployment, K8S_VERSIONS[-1], strict=True)
@@ -306,9 +306,28 @@ def test_every_mmsent_variable_of_the_pod_is_read(overlay: str, monkeypatch: pyt
     assert {"security.protocol", "sasl.mechanism", "sasl.username", "sasl.password"} <= client.keys()
     assert client["sasl.password"] == "x"
     assert "MMSENT_REDIS_URL" in names and "MMSENT_REDIS_URL" in fields
-    for entry in env:
-        if entry["name"].startswith("MMSENT_"):
+    for entry in env:  # the pod's own identity from its name; every other variable from a Secret
+        if entry["name"].startswith("MMSENT_") and entry["name"] != "MMSENT_GROUP_INSTANCE_ID":
             assert "secretKeyRef" in entry["valueFrom"], f"{entry['name']} should come from a Secret"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_each_member_has_a_stable_identity_that_a_replacement_keeps(
+    overlay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A StatefulSet pod keeps its name when it is replaced; the name is the member's static group.instance.id and
+    the root of its transactional id, so a replacement fences its predecessor's open transaction."""
+    workload = one(rendered(overlay), "StatefulSet")
+    assert workload["spec"]["podManagementPolicy"] == "Parallel"
+    assert workload["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+    service = one(rendered(overlay), "Service")
+    assert workload["spec"]["serviceName"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    identity = {e["name"]: e for e in container(rendered(overlay))["env"]}["MMSENT_GROUP_INSTANCE_ID"]
+    assert identity["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    settings = settings_from({"MMSENT_GROUP_INSTANCE_ID": "mmsent-2", "MMSENT_PROCESSING_GUARANTEE": "exactly_once"},
+                             monkeypatch)
+    assert consumer_config(settings)["group.instance.id"] == "mmsent-2"
+    assert producer_config(settings)["transactional.id"] == "mmsent-mmsent-mmsent-2"  # the same after a replacement
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -415,7 +434,7 @@ def test_the_consumer_exposes_the_metrics_the_dashboard_and_alerts_use() -> None
 def test_termination_grace_outlasts_the_consumers_shutdown(overlay: str, monkeypatch: pytest.MonkeyPatch) -> None:
     objects = rendered(overlay)
     settings = settings_from(config(objects), monkeypatch)
-    grace = one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    grace = one(objects, "StatefulSet")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     # Some seconds beyond the drain for the final commit, the producer flush and the process exit.
     assert grace >= settings.shutdown_grace_s + 10
 
@@ -423,7 +442,7 @@ def test_termination_grace_outlasts_the_consumers_shutdown(overlay: str, monkeyp
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_pod_security(overlay: str) -> None:
     objects = rendered(overlay)
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
     c = container(objects)
     assert pod["automountServiceAccountToken"] is False
     account = by_name(objects, "ServiceAccount", pod["serviceAccountName"])
@@ -457,7 +476,7 @@ def test_pod_security(overlay: str) -> None:
 
 def test_gpu_overlay_takes_one_gpu_per_pod_on_gpu_nodes() -> None:
     objects = rendered("gpu")
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
     resources = container(objects)["resources"]
     assert resources["limits"]["nvidia.com/gpu"] == "1"
     assert resources["requests"]["nvidia.com/gpu"] == "1"
@@ -468,7 +487,7 @@ def test_gpu_overlay_takes_one_gpu_per_pod_on_gpu_nodes() -> None:
 
 def test_cpu_overlay_asks_for_no_gpu() -> None:
     objects = rendered("cpu")
-    pod = one(objects, "Deployment")["spec"]["template"]["spec"]
+    pod = one(objects, "StatefulSet")["spec"]["template"]["spec"]
     c = container(objects)
     assert "nvidia.com/gpu" not in json.dumps(c["resources"])
     assert "tolerations" not in pod and "nodeSelector" not in pod
@@ -480,7 +499,7 @@ def test_cpu_overlay_asks_for_no_gpu() -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_selectors_match_the_pods(overlay: str) -> None:
     objects = rendered(overlay)
-    deployment = one(objects, "Deployment")
+    deployment = one(objects, "StatefulSet")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
     assert selects(deployment["spec"]["selector"]["matchLabels"], pod_labels)
     assert selects(one(objects, "Service")["spec"]["selector"], pod_labels)
@@ -566,9 +585,9 @@ def test_keda_scales_the_consumer_group_on_its_lag(overlay: str) -> None:
     objects = rendered(overlay)
     scaled = one(objects, "ScaledObject")
     spec = scaled["spec"]
-    deployment = one(objects, "Deployment")
+    deployment = one(objects, "StatefulSet")
     assert spec["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-    assert spec["scaleTargetRef"].get("kind", "Deployment") == "Deployment"
+    assert spec["scaleTargetRef"]["kind"] == "StatefulSet"
     assert "replicas" not in deployment["spec"], "the autoscaler owns replicas; applying must not reset them"
     partitions = int(scaled["metadata"]["annotations"][TOPIC_PARTITIONS_ANNOTATION])
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"] <= partitions
@@ -615,7 +634,7 @@ def test_hpa_alternative_renders_validates_and_respects_partitions(tmp_path: Pat
     for version in K8S_VERSIONS:
         kubernetes_validate.validate(hpa, version, strict=True)
     spec = hpa["spec"]
-    assert spec["scaleTargetRef"]["name"] == one(objects, "Deployment")["metadata"]["name"]
+    assert spec["scaleTargetRef"]["name"] == one(objects, "StatefulSet")["metadata"]["name"]
     partitions = int(hpa["metadata"]["annotations"][TOPIC_PARTITIONS_ANNOTATION])
     assert 1 <= spec["minReplicas"] <= spec["maxReplicas"] <= partitions
     (metric,) = spec["metrics"]
