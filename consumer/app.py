@@ -744,7 +744,8 @@ def _load_scorer(settings: Settings, model: str | None) -> ScorerLike:
     from mmsent import Scorer
 
     started = time.monotonic()
-    scorer = Scorer.load(model, cpu_runtime=settings.cpu_runtime)
+    device = None if settings.device == "auto" else settings.device  # None: the Scorer takes a GPU when there is one
+    scorer = Scorer.load(model, device=device, cpu_runtime=settings.cpu_runtime)
     log.info("model_loaded", model=dict(scorer.info), cpu_runtime=scorer.cpu_runtime,
              seconds=round(time.monotonic() - started, 2))
     return scorer

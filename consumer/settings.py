@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         description="How often the MMSENT_MODEL directory is checked for a new model (a flipped symlink, new "
         "files), which is then loaded beside the serving one and swapped in; 0: only on SIGHUP.",
     )
+    device: str = Field(
+        default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="Where the model runs: auto (a GPU when there is one), cpu, cuda or cuda:N.",
+    )
     cpu_runtime: Literal["auto", "onnx", "torch"] = Field(
         default="auto",
         description="On a CPU, the frozen encoders run in ONNX Runtime (auto: where they export) or PyTorch.",

@@ -379,3 +379,17 @@ def test_partitions_assigned_after_a_rebalance_get_the_current_pause_state() -> 
     manager.update(4)
     manager.on_assign([TopicPartition("t", 2)])
     assert {1, 2} <= consumer.paused
+
+
+def test_mmsent_device_chooses_where_the_model_runs() -> None:
+    import torch
+
+    from consumer.app import _load_scorer
+    from consumer.settings import Settings
+
+    assert [Settings(device=d).device for d in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
+    with pytest.raises(ValueError, match="device"):
+        Settings(device="gpu")
+    assert _load_scorer(Settings(device="cpu"), "tiny-random").device.type == "cpu"
+    auto = _load_scorer(Settings(device="auto"), "tiny-random").device.type
+    assert auto == ("cuda" if torch.cuda.is_available() else "cpu")
