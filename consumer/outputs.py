@@ -22,7 +22,15 @@ from consumer.errors import Action
 from consumer.settings import Settings
 from consumer.tracing import Tracing
 from schemas import headers as wire
-from schemas.models import DeadLetter, ImageStatus, ModelInfo, Scores, SentimentEvent, SourceCoordinates
+from schemas.models import (
+    DeadLetter,
+    ImageStatus,
+    ModelInfo,
+    Scores,
+    ScoresByModality,
+    SentimentEvent,
+    SourceCoordinates,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +91,7 @@ class OutputBuilder:
             label=result.label,
             scores=Scores(**{name: float(p) for name, p in dict(result.scores).items()}),
             image_status=_image_status(item, result),
+            scores_by_modality=_by_modality(item, result),
             model=model,
             source=_source(item),
             scored_at=datetime.now(UTC),
@@ -113,6 +122,16 @@ def _image_status(item: WorkItem, result: Any) -> ImageStatus:
     """The item's, unless this result could not use the image the item had (a shadow without its pixels)."""
     used = getattr(result, "image_used", True)
     return ImageStatus.UNAVAILABLE if item.image_status is ImageStatus.OK and not used else item.image_status
+
+
+def _by_modality(item: WorkItem, result: Any) -> ScoresByModality:
+    """The result's per-modality scores, as the contract keeps them: text for a non-empty caption, image when the
+    image was used."""
+    found = dict(getattr(result, "scores_by_modality", None) or {})
+    text = found.get("text") if item.post is not None and item.post.text else None
+    image = found.get("image") if _image_status(item, result) is ImageStatus.OK else None
+    return ScoresByModality(text=None if text is None else Scores(**text),
+                            image=None if image is None else Scores(**image))
 
 
 def _source(item: WorkItem) -> SourceCoordinates:

@@ -117,6 +117,15 @@ class Scores(BaseModel):
         return self
 
 
+class ScoresByModality(BaseModel):
+    """What each modality alone says: the model's head with the other modality marked absent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    text: Scores | None = Field(default=None, description="The caption alone; present when the caption is non-empty.")
+    image: Scores | None = Field(default=None, description="The image alone; present when the image was used.")
+
+
 class SentimentEvent(BaseModel):
     """A scored post on the output topic."""
 
@@ -131,9 +140,11 @@ class SentimentEvent(BaseModel):
     model: ModelInfo
     source: SourceCoordinates
     scored_at: AwareDatetime = Field(strict=False, description="RFC 3339 date-time.")
+    scores_by_modality: ScoresByModality = Field(default_factory=ScoresByModality)
 
     def to_json_bytes(self) -> bytes:
-        return self.model_dump_json().encode()
+        # exclude_none: a modality that says nothing is left out of `scores_by_modality`, not written as null
+        return self.model_dump_json(exclude_none=True).encode()
 
 
 class ErrorInfo(BaseModel):
