@@ -3,6 +3,9 @@
 A `WorkItem` is one input record on its way through the stages: its coordinates, its partition generation (so
 that work for a revoked partition can be recognised and dropped), the decoded post or the reason it is bad, and
 what the stages found (image, result).
+
+Hand-written on purpose: the batching in stream libraries is per partition or per poll; a model wants one batch
+across partitions, cut by size or by the oldest record's wait.
 """
 
 from __future__ import annotations

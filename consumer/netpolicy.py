@@ -1,5 +1,8 @@
 """Is this URL, or this address, one the fetcher may connect to? Pure functions of their input: no I/O.
 
+Hand-written on purpose: the SSRF libraries at hand check a URL's host once, not every address a name resolves to
+on every redirect hop, pinned for the connection (consumer/fetch.py), nor the numeric spellings below.
+
 Image URLs are written by strangers, so the fetcher must never be turned against the network it runs in
 (server-side request forgery). The rules:
 

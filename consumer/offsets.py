@@ -7,6 +7,9 @@ markers, compaction), so "contiguous" is over the records read, not over the int
 
 Each assignment of a partition gets a fresh `PartitionState`; work that carries a state which is no longer the
 current one (the partition was revoked, or rewound) is stale and is dropped by the caller.
+
+Hand-written on purpose: the stream libraries (quix-streams, faust) commit what was *read*, per poll; this service
+must commit only what was *acknowledged*, out of order across concurrent batches.
 """
 
 from __future__ import annotations

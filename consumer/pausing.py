@@ -3,6 +3,8 @@
 The poll loop keeps calling `consume()` while paused (paused partitions return nothing), so heartbeats, rebalance
 callbacks and `max.poll.interval.ms` are served and the group never evicts a slow consumer. Hysteresis: pause at
 `high`, resume at `low`. Partitions assigned while paused are paused too (`update` reconciles every call).
+
+Hand-written on purpose: librdkafka offers pause/resume, not a policy; the policy is this service's in-flight count.
 """
 
 from __future__ import annotations
