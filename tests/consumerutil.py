@@ -189,6 +189,18 @@ class ConsumerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+def started_member(env: dict[str, str], log_path: Path, timeout_s: float = 90) -> ConsumerProcess:
+    """A consumer process that has joined its group and got partitions (it imports torch and loads the model
+    first, hence the long default); the test fails with its log otherwise."""
+    import pytest
+
+    member = ConsumerProcess(env, log_path)
+    if not wait_until(lambda: bool(member.assigned()), timeout_s):
+        member.kill()
+        pytest.fail(f"the consumer never got partitions\n{member.tail()}")
+    return member
+
+
 @dataclass
 class SteadyProducer:
     """Produces `values` in small bursts on a thread, so that the consumers work on a stream, not a backlog."""

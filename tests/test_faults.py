@@ -23,6 +23,7 @@ from tests.consumerutil import (
     app_in_thread,
     make_settings,
     settings_env,
+    started_member,
     synthetic_posts,
     wait_until,
 )
@@ -77,11 +78,7 @@ def _drain(bootstrap: str, topics: Topics, stream: SteadyProducer, consumer: Con
 
 
 def _start(env: dict[str, str], log: Path) -> ConsumerProcess:
-    consumer = ConsumerProcess(env, log)
-    if not wait_until(lambda: bool(consumer.assigned()), START_TIMEOUT_S):
-        consumer.kill()
-        pytest.fail(f"the consumer never got partitions\n{consumer.tail()}")
-    return consumer
+    return started_member(env, log, START_TIMEOUT_S)
 
 
 def test_sigkill_five_times_at_random_moments_loses_nothing(

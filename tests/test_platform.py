@@ -105,14 +105,18 @@ def test_the_allow_list_carries_only_its_headers(
 # -- model rollout without leaving the group --------------------------------------------------------------------
 
 
-def _save_tiny_model(directory: Path, version: str) -> Path:
+def _save_tiny_model(directory: Path, version: str, *, name: str = "mmsent-tiny-random", fusion: str = "concat",
+                     squash: bool = False) -> Path:
+    """A tiny-random model directory; `squash` changes its image preprocessing, and so its image encoder."""
     from dataclasses import replace
 
     from mmsent.presets import preset_config
     from mmsent.scorer import from_config
 
-    model = from_config(preset_config("tiny-random"))
-    model.cfg = replace(model.cfg, version=version)
+    cfg = preset_config("tiny-random", fusion=fusion)
+    if squash:
+        cfg = replace(cfg, image=replace(cfg.image, preprocess=replace(cfg.image.preprocess, crop=False)))
+    model = from_config(replace(cfg, name=name, version=version))
     return model.save(directory)
 
 
@@ -193,20 +197,6 @@ def test_sighup_reloads_the_model_in_a_running_consumer(
 # -- the shadow model -----------------------------------------------------------------------------------------
 
 
-def _save_tiny_variant(directory: Path, version: str, *, fusion: str = "concat", squash: bool = False) -> Path:
-    """A tiny-random model directory; `squash` changes its image preprocessing, and so its image encoder."""
-    from dataclasses import replace
-
-    from mmsent.presets import preset_config
-    from mmsent.scorer import from_config
-
-    cfg = preset_config("tiny-random", fusion=fusion)
-    if squash:
-        cfg = replace(cfg, image=replace(cfg.image, preprocess=replace(cfg.image.preprocess, crop=False)))
-    model = from_config(replace(cfg, name="mmsent-shadow", version=version))
-    return model.save(directory)
-
-
 @pytest.mark.parametrize("same_image_encoder", [True, False])
 def test_a_shadow_model_scores_every_post_into_its_topic_beside_the_primary(
     kafka_bootstrap: str, redis_url: str, image_server: ImageServer, unique_name: str, tmp_path: Path,
@@ -215,7 +205,8 @@ def test_a_shadow_model_scores_every_post_into_its_topic_beside_the_primary(
     topics = Topics.named(unique_name)
     shadow_topic = f"{unique_name}-shadow"
     create_topics(kafka_bootstrap, {topics.posts: 2, topics.sentiment: 2, topics.dlq: 1, shadow_topic: 2})
-    shadow_dir = _save_tiny_variant(tmp_path / "shadow", "7", fusion="gated", squash=not same_image_encoder)
+    shadow_dir = _save_tiny_model(tmp_path / "shadow", "7", name="mmsent-shadow", fusion="gated",
+                                  squash=not same_image_encoder)
     urls = [image_server.route(f"/s{i}.png", image(sample_image("PNG", color=(i * 40, 80, 20)), "image/png"))
             for i in range(5)]
     values = synthetic_posts(200, lambda i: urls[i % 5] if i % 2 else None) + [b"not a post"]
@@ -254,7 +245,7 @@ def test_a_shadow_that_raises_never_fails_the_primary(
     produce(kafka_bootstrap, topics.posts, synthetic_posts(40, lambda i: None))
     failures = Metrics.get().shadow_failures
     before = failures._value.get()
-    env = settings_env(kafka_bootstrap, topics, None, shadow_model=str(_save_tiny_variant(tmp_path / "s", "1")),
+    env = settings_env(kafka_bootstrap, topics, None, shadow_model=str(_save_tiny_model(tmp_path / "s", "1")),
                        shadow_topic=f"{unique_name}-sh")
     with app_in_thread(make_settings(env), scorer=scorer) as app:
         assert wait_until(lambda: all_committed(kafka_bootstrap, topics), timeout=60)

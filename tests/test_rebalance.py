@@ -22,6 +22,7 @@ from tests.consumerutil import (
     Topics,
     all_committed,
     settings_env,
+    started_member,
     synthetic_posts,
     wait_until,
 )
@@ -32,14 +33,6 @@ pytestmark = [pytest.mark.kafka]
 
 START_TIMEOUT_S = 90  # a consumer process imports torch and loads the model before it joins
 PARTITIONS = 6
-
-
-def _started(env: dict[str, str], log: Path) -> ConsumerProcess:
-    member = ConsumerProcess(env, log)
-    if not wait_until(lambda: bool(member.assigned()), START_TIMEOUT_S):
-        member.kill()
-        pytest.fail(f"the consumer never got partitions\n{member.tail()}")
-    return member
 
 
 def _longest_gap(
@@ -62,7 +55,7 @@ def test_scaling_one_to_three_and_back_loses_nothing_and_cooperative_keeps_the_r
     env = settings_env(tansu_bootstrap, topics, None, kafka_assignment_strategy=strategy)
     # A stream (about 80 posts/s), not a backlog: a stop in the flow shows as a gap between events.
     stream = SteadyProducer(tansu_bootstrap, topics.posts, values, per_burst=8, interval_s=0.1).start()
-    first = _started(env, tmp_path / "member-0.log")
+    first = started_member(env, tmp_path / "member-0.log", START_TIMEOUT_S)
     extra: list[ConsumerProcess] = []
     try:
         time.sleep(2.0)
