@@ -1,8 +1,10 @@
 """`Application`: every collaborator of the consumer wired in one place, and the poll loop.
 
     records ──consume()──▶ decode ──▶ MicroBatcher ──▶ ImageStage (I/O loop) ──▶ ModelStage (model thread)
-        ▲                                                                                 │
-        └─ commit low watermark ◀── OffsetTracker ◀── delivery acks ◀── Sink ◀────────────┘
+        ▲                                                                          (+ ShadowStage)  │
+        └─ commit low watermark ◀── OffsetTracker ◀── delivery acks ◀── Sink ◀── OutputBuilder ◀─────┘
+
+    ModelReloader (its own thread) ──▶ a warmed ServingModel ──▶ swapped in between batches (each batch keeps its)
 
 The poll loop (this thread) owns the Kafka consumer, the offset tracker, the batcher and the producer's
 callbacks: nothing in it is shared with the stage threads except the batches it hands over and gets back.
@@ -51,9 +53,7 @@ from consumer.stages import (
 )
 from consumer.tracing import Tracing
 from schemas.decode import BadRecord, decode_post
-from schemas.models import (
-    ModelInfo,
-)
+from schemas.models import ModelInfo
 
 log = structlog.get_logger("consumer")
 
@@ -231,6 +231,10 @@ class Application:
         self.metrics.paused_partitions.set(self.pausing.paused_partitions)
         if self._fatal is not None:
             raise self._fatal if isinstance(self._fatal, FatalError) else FatalError(str(self._fatal))
+        self._stop_at_window_end()
+
+    def _stop_at_window_end(self) -> None:
+        """A replay stops once every partition of its window is committed to the window's end."""
         if self._window is not None and self._window.finished(self.tracker.committed_offsets(self._window.topic)):
             log.info("replay_window_done")
             self.stop()
@@ -595,10 +599,16 @@ class Application:
         return ServingModel(scorer, _model_info(scorer), stage)
 
     def _shadow_stage(self, primary: ScorerLike, shadow_model: str | None) -> ShadowStage | None:
+        """The shadow model, loaded and warmed; one that fails to is left out, and the primary serves alone."""
         if shadow_model is None:
             return None
-        shadow = _load_scorer(self.settings, shadow_model)
-        _warm_up(shadow, strict=True)
+        try:
+            shadow = _load_scorer(self.settings, shadow_model)
+            _warm_up(shadow, strict=True)
+        except Exception as exc:  # whatever a model directory can make a loader raise
+            log.error("shadow_model_refused", model=shadow_model, error=repr(exc)[:500])
+            self.metrics.shadow_failures.inc()
+            return None
         same = shadow.image_encoder_id == primary.image_encoder_id
         log.info("shadow_model_ready", model=_model_info(shadow).model_dump(), same_image_encoder=same)
         return ShadowStage(shadow, _model_info(shadow), same, self.metrics)

@@ -317,3 +317,18 @@ def test_tracing_is_off_unless_an_exporter_is_named(monkeypatch: pytest.MonkeyPa
     tracing.close()
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")  # not one mmsent knows: a log line, and tracing off
     assert not Tracing.from_environment().enabled
+
+
+def test_a_shadow_model_that_fails_to_load_leaves_the_primary_serving_alone(
+    kafka_bootstrap: str, unique_name: str, tmp_path: Path, scorer: Any
+) -> None:
+    topics = Topics.named(unique_name)
+    create_topics(kafka_bootstrap, {topics.posts: 1, topics.sentiment: 1, topics.dlq: 1, f"{unique_name}-sh": 1})
+    produce(kafka_bootstrap, topics.posts, synthetic_posts(10, lambda i: None))
+    env = settings_env(kafka_bootstrap, topics, None, shadow_model=str(tmp_path / "no-such-model"),
+                       shadow_topic=f"{unique_name}-sh")
+    with app_in_thread(make_settings(env), scorer=scorer) as app:
+        assert wait_until(lambda: all_committed(kafka_bootstrap, topics), timeout=60)
+    assert app.rc == 0  # type: ignore[attr-defined]
+    assert len(read_all(kafka_bootstrap, topics.sentiment)) == 10
+    assert read_all(kafka_bootstrap, f"{unique_name}-sh") == []
