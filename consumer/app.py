@@ -307,7 +307,7 @@ class Application:
                 raise FatalError(f"batch {batch.batch_id} failed in a stage: {exc!r}") from exc
             live = [item for item in batch.items if self.tracker.is_current(item.state)]
             for item in live:
-                item.scored_by = batch.model.info
+                item.scored_by = batch.model
             self._observe_batch(batch, live)
             with self.tracing.stage(batch.trace, "produce"):
                 if self.eos:
@@ -592,11 +592,13 @@ class Application:
     # -- model rollout (consumer/reload.py) ------------------------------------------------------------------
 
     def _serving(self, scorer: ScorerLike, *, strict: bool) -> ServingModel:
-        """A scorer, warmed, with its own model stage. `strict`: a warm-up that fails refuses the model."""
+        """A scorer, warmed, with its own model stage and alert threshold. `strict`: a warm-up that fails refuses
+        the model."""
+        threshold = _alert_threshold(scorer, self.settings)
         _warm_up(scorer, strict=strict)
         stage = ModelStage(scorer, self._cache, self._io, self.policy, self.metrics, shadow=self._shadow,
                            tracing=self.tracing)
-        return ServingModel(scorer, _model_info(scorer), stage)
+        return ServingModel(scorer, _model_info(scorer), stage, threshold)
 
     def _shadow_stage(self, primary: ScorerLike, shadow_model: str | None) -> ShadowStage | None:
         """The shadow model, loaded and warmed; one that fails to is left out, and the primary serves alone."""
@@ -759,6 +761,22 @@ def _load_scorer(settings: Settings, model: str | None) -> ScorerLike:
     log.info("model_loaded", model=dict(scorer.info), cpu_runtime=scorer.cpu_runtime,
              seconds=round(time.monotonic() - started, 2))
     return scorer
+
+
+def _alert_threshold(scorer: ScorerLike, settings: Settings) -> float:
+    """The probability of the alert label at which a post alerts: MMSENT_ALERT_MIN_PROBABILITY, or, with
+    MMSENT_ALERT_MIN_PRECISION, the threshold the model's calibration gives for that precision. A model without one
+    is refused (at start the consumer does not start; a reload keeps the serving model)."""
+    if settings.alert_min_precision is None:
+        return settings.alert_min_probability
+    calibrated = getattr(scorer, "alert_threshold", None)
+    threshold = calibrated(settings.alert_label, settings.alert_min_precision) if calibrated else None
+    if threshold is None:
+        raise ValueError(f"MMSENT_ALERT_MIN_PRECISION={settings.alert_min_precision}: the model has no calibrated "
+                         f"threshold for {settings.alert_label!r} at that precision (run `mmsent calibrate`)")
+    log.info("alert_threshold", label=settings.alert_label, min_precision=settings.alert_min_precision,
+             threshold=round(threshold, 4))
+    return float(threshold)
 
 
 def _model_info(scorer: ScorerLike) -> ModelInfo:

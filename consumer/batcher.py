@@ -39,7 +39,7 @@ class WorkItem:
     image_url_key: str | None = None  # the URL whose embedding this item's image is
     image_bytes: int = 0  # size of the encoded image, when it was had as bytes
     result: Any = None  # the scorer's ScoreResult
-    scored_by: Any = None  # the ModelInfo of the model that scored it (a reload may swap models between batches)
+    scored_by: Any = None  # the stages.ServingModel that scored it (a reload may swap models between batches)
     shadow_image: Any = None  # the decoded image, kept for a shadow model with another image encoder
     shadow_result: Any = None  # the shadow model's ScoreResult, when one is configured and did not fail
     shadow_by: Any = None  # the shadow model's ModelInfo

@@ -68,7 +68,7 @@ class OutputBuilder:
             return [] if item.error.action is Action.SKIP else [self._dead_letter(item)]
         assert item.post is not None and item.result is not None and item.scored_by is not None
         s = self._settings
-        event = self._event(item, item.result, item.scored_by, s.output_topic)
+        event = self._event(item, item.result, item.scored_by.info, s.output_topic)
         outputs = [event]
         if s.alert_topic and self.alerts(item):
             outputs.append(replace(event, topic=s.alert_topic))
@@ -78,10 +78,11 @@ class OutputBuilder:
         return outputs
 
     def alerts(self, item: WorkItem) -> bool:
-        """The alert rule: the post's label is the alert label, at the minimum probability or above."""
+        """The alert rule: the post's label is the alert label, at its model's alert threshold or above
+        (MMSENT_ALERT_MIN_PROBABILITY, or the calibrated threshold for MMSENT_ALERT_MIN_PRECISION)."""
         s, result = self._settings, item.result
         return result is not None and result.label == s.alert_label and (
-            float(dict(result.scores).get(s.alert_label, 0.0)) >= s.alert_min_probability
+            float(dict(result.scores).get(s.alert_label, 0.0)) >= item.scored_by.alert_threshold
         )
 
     def _event(self, item: WorkItem, result: Any, model: ModelInfo, topic: str) -> Output:

@@ -116,6 +116,11 @@ class Settings(BaseSettings):
     alert_topic: str | None = None
     alert_label: str = "negative"
     alert_min_probability: float = Field(default=0.9, ge=0, le=1)
+    alert_min_precision: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Alert when the label's probability reaches the threshold that the model's calibration "
+        "(mmsent calibrate) gives for this precision, instead of MMSENT_ALERT_MIN_PROBABILITY.",
+    )
 
     log_level: str = "INFO"
     log_json: bool = True

@@ -308,6 +308,7 @@ class ServingModel:
     scorer: ScorerLike
     info: ModelInfo
     stage: ModelStage
+    alert_threshold: float  # the alert label's probability at which a post it scores alerts
 
     @property
     def label(self) -> str:

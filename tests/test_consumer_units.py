@@ -264,7 +264,7 @@ def _two_batches(scorer: GatedScorer, *, full: bool) -> list[tuple[Batch, BaseEx
     pipeline = Pipeline(io, ImageStage(None, None, lambda data: None, metrics),  # type: ignore[arg-type]
                         model_concurrency=2)
     model = ServingModel(scorer, ModelInfo(name="fake", version="1"),  # type: ignore[arg-type]
-                         ModelStage(scorer, None, io, ErrorPolicy(), metrics))
+                         ModelStage(scorer, None, io, ErrorPolicy(), metrics), alert_threshold=0.9)
     try:
         assert (pipeline.room(full=True), pipeline.room(full=False)) == (3, 2)  # two on the model or one, + one
         for k, text in enumerate(("first", "second")):
