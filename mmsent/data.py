@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import csv
 import json
-import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageEnhance
+from PIL import Image
 
 from mmsent.imaging import ImageDecodeError, ImagePreprocess, decode_image
 from mmsent.model import LABELS, MODALITY_PAIRS, Batch, pair_label
 from mmsent.textnorm import normalize_tweet
 
-__all__ = ["ColumnMap", "Example", "augment_image", "collate", "load_examples", "load_image"]
+__all__ = ["ColumnMap", "Example", "augmentation", "collate", "load_examples", "load_image"]
 
 LABEL_ALIASES = {
     "neg": "negative",
@@ -124,17 +123,20 @@ def load_image(path: Path | None) -> Image.Image | None:
         return None
 
 
-def augment_image(im: Image.Image, rng: random.Random) -> Image.Image:
-    """Training augmentation: random resized crop (70-100% of the area), horizontal flip, mild colour jitter."""
-    w, h = im.size
-    scale = rng.uniform(0.7, 1.0)
-    cw, ch = max(1, int(w * scale**0.5)), max(1, int(h * scale**0.5))
-    x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
-    im = im.crop((x0, y0, x0 + cw, y0 + ch))
-    if rng.random() < 0.5:
-        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.85, 1.15))
-    return ImageEnhance.Contrast(im).enhance(rng.uniform(0.85, 1.15))
+def augmentation(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Training augmentation of preprocessed uint8 pixels (3, size, size): random resized crop (70-100% of the
+    area), horizontal flip, mild colour jitter. It runs after the serving preprocess, so that a training image is
+    the served one, moved a little; and it draws from torch's RNG, which DataLoader seeds per worker (and a
+    checkpoint saves), so that a run repeats."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            v2.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(brightness=0.15, contrast=0.15),
+        ]
+    )
 
 
 def collate(
@@ -142,18 +144,19 @@ def collate(
     tokenize: object,
     preprocess: ImagePreprocess,
     *,
-    rng: random.Random | None = None,
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
     use_text: bool = True,
     use_image: bool = True,
 ) -> Batch:
-    """Examples -> a Batch padded to the longest text in it. `rng` switches augmentation on."""
+    """Examples -> a Batch padded to the longest text in it; `augment` (see `augmentation`) moves each image."""
     texts = [e.text if use_text else "" for e in examples]
     enc = tokenize(texts)  # type: ignore[operator]
     images = [load_image(e.image) if use_image else None for e in examples]
     pixels = torch.zeros(len(examples), 3, preprocess.size, preprocess.size)
     for k, im in enumerate(images):
         if im is not None:
-            pixels[k] = preprocess.to_tensor(augment_image(im, rng) if rng else im)
+            u8 = preprocess.to_uint8(im)  # (3, S, S)
+            pixels[k] = preprocess.normalize((augment(u8) if augment else u8).unsqueeze(0))[0]
     labels = torch.tensor([e.label if e.label is not None else -100 for e in examples], dtype=torch.long)
     return Batch(
         input_ids=enc["input_ids"],

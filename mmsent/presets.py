@@ -94,7 +94,7 @@ def _seed(bert: str | None = None, resnet50: str | None = None, **head: Any) -> 
         head=HeadConfig(text_dim=768, image_dim=2048, text_token_dim=768, **kw),
         name="mmsent-seed",
         version="untrained",
-        text_trainable_layers=1,  # "the last layers trainable"
+        text_trainable_layers=2,  # the tutorial fine-tunes BERT's last two layers
         image_trainable_blocks=1,  # ResNet layer4
     )
 

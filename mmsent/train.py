@@ -1,11 +1,12 @@
-"""Training: head-only on cached frozen features (seconds), or live with partial/full fine-tuning; k-fold CV.
+"""Training: head-only on cached frozen features (seconds), or end to end with partial/full fine-tuning; k-fold CV.
 
     mmsent train DATA.jsonl --out DIR [--preset default] [--fusion gated] [--folds 5] [--extra-text tweets.jsonl]
 
     train_model ─┬─ frozen encoders ─> features once ─┬─ --folds k: cross_validate (each fold: early stopping,
                  │                                    │   then `ensemble` heads), then the final heads on all rows
                  │                                    └─ otherwise: train_head on one split (early stopping)
-                 └─ trainable encoder layers ─> train_live (end to end, image augmentation, early stopping)
+                 └─ trainable encoder layers (or --no-cache) ─> finetune.finetune (end to end on --device, image
+                    augmentation, bf16 on CUDA, warm-up + cosine decay, early stopping; see mmsent/finetune.py)
                  ─> DIR: config.json (+ train_config, cv) + model.safetensors + labels.json, training.png, cv.json
 
 Early stopping on validation macro-F1; class weights or focal loss for the rare neutral class; seeds; resumable
@@ -31,12 +32,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmsent.data import Example, collate
+from mmsent.data import Example
 from mmsent.evaluate import compute_metrics
 from mmsent.features import FeatureSet, extract_features
-from mmsent.model import Batch, Features, FusionHead, HeadConfig, HeadEnsemble, MMSentModel
+from mmsent.model import Features, FusionHead, HeadConfig, HeadEnsemble, MMSentModel
 
-__all__ = ["TrainConfig", "cross_validate", "train_head", "train_live", "train_model"]
+__all__ = ["TrainConfig", "cross_validate", "train_head", "train_model"]
 
 History = list[dict[str, float]]
 
@@ -71,6 +72,13 @@ class TrainConfig:
     threads: int = field(default=2, metadata={"help": "torch CPU threads"})
     progress: bool = field(default=True, metadata={"help": "progress bars", "flags": ("--progress/--quiet",)})
     ensemble: int = field(default=1, metadata={"help": "final model: average of N heads (different seeds)"})
+    # The end-to-end loop's own settings (mmsent/finetune.py); head-only training on cached features ignores them.
+    device: str = field(default="auto", metadata={"help": "end to end: cuda | cpu | auto (the GPU when there is one)"})
+    workers: int = field(
+        default=-1, metadata={"help": "end to end: image-loading DataLoader processes (-1: up to 8 on GPU, 0 on CPU)"}
+    )
+    warmup: float = field(default=0.1, metadata={"help": "end to end: share of the steps that warm the rates up"})
+    decay: str = field(default="cosine", metadata={"help": "end to end: cosine | linear decay after the warm-up"})
 
 
 # ----------------------------------------------------------------------------------------------------------- loss
@@ -110,6 +118,20 @@ def _macro_f1(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
     return float(f1_score(y, probs.argmax(1), labels=list(range(n_classes)), average="macro", zero_division=0))
 
 
+def _rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from (shuffles, dropout, augmentation): what a checkpoint saves to repeat the run."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def _set_rng_state(st: dict[str, Any]) -> None:
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if st["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
 def _descend(loss: torch.Tensor, opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
     """One optimiser step down `loss`, the gradient norm clipped at 5."""
     opt.zero_grad(set_to_none=True)
@@ -135,6 +157,17 @@ class _Progress:
             self.best_state = {k: v.clone() for k, v in state().items()}
         else:
             self.bad += 1
+
+    def checkpoint(self, epoch: int) -> dict[str, Any]:
+        """What a run resumed after `epoch` continues from: this progress and every RNG (a trainer adds its own)."""
+        best = {"best": self.best, "best_state": self.best_state, "best_epoch": self.best_epoch, "bad": self.bad}
+        return {"history": self.history, **best, "epoch": epoch, "rng": _rng_state()}
+
+    @classmethod
+    def resumed(cls, st: dict[str, Any]) -> _Progress:
+        """The progress in checkpoint `st`, from the epoch after its own; its RNGs restored."""
+        _set_rng_state(st["rng"])
+        return cls(st["history"], st["best"], st["best_state"], st["best_epoch"], st["bad"], st["epoch"] + 1)
 
     def restore_best(self, module: nn.Module, *, strict: bool = True) -> int:
         """Load the best weights into `module`; the best epoch (the last one when nothing was validated)."""
@@ -258,9 +291,7 @@ class _HeadTrainer:
 
     def save(self, path: Path, run: _Progress, epoch: int) -> None:
         state = {"head": self.head.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
-        progress = {"history": run.history, "best": run.best, "best_state": run.best_state}
-        progress |= {"best_epoch": run.best_epoch, "bad": run.bad, "epoch": epoch, "rng": torch.get_rng_state()}
-        torch.save(state | progress, path)
+        torch.save(state | run.checkpoint(epoch), path)
 
     def resume(self, path: Path, steps: int) -> _Progress:
         st = torch.load(path, map_location="cpu", weights_only=False)
@@ -268,8 +299,7 @@ class _HeadTrainer:
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
         self.sched.total_steps = steps  # resuming with more epochs stretches the schedule
-        torch.set_rng_state(st["rng"])
-        return _Progress(st["history"], st["best"], st["best_state"], st["best_epoch"], st["bad"], st["epoch"] + 1)
+        return _Progress.resumed(st)
 
 
 def _stratified_split(labels: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -432,120 +462,6 @@ def _cv_report(cv: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------- live fine-tuning
-def train_live(
-    model: MMSentModel,
-    train: Sequence[Example],
-    val: Sequence[Example] | None,
-    cfg: TrainConfig,
-    *,
-    max_steps: int | None = None,
-    state_path: Path | None = None,
-) -> tuple[MMSentModel, History]:
-    """End-to-end training through the encoders (only their trainable layers move); image augmentation on.
-
-    The history has a record per step; the last of each epoch also carries the epoch's mean loss and, with `val`,
-    its validation macro-F1 (early stopping). A checkpoint at `state_path` holds no best weights: a resumed run
-    keeps the best of its own epochs, or its last.
-    """
-    _set_seed(cfg.seed)
-    t = _LiveTrainer.new(model, train, cfg, max_steps)
-    run = t.resume(state_path) if state_path is not None and state_path.exists() else _Progress()
-    for epoch in range(run.start, cfg.epochs):
-        rec = t.epoch(train, epoch, run.history)
-        if val:
-            rec["val_macro_f1"] = _live_macro_f1(model, val)
-            run.update(rec["val_macro_f1"], epoch, model.trainable_state)
-        if state_path is not None:
-            t.save(state_path, run, epoch)
-        if t.done or (val and run.bad >= cfg.patience):
-            break
-    run.restore_best(model, strict=False)
-    return model.eval(), run.history
-
-
-@dataclass
-class _LiveTrainer:
-    """A model with its optimiser (head and trainable encoder layers at their own rates) and augmentation RNG."""
-
-    model: MMSentModel
-    cfg: TrainConfig
-    opt: torch.optim.Optimizer
-    params: list[nn.Parameter]
-    class_weights: torch.Tensor | None
-    rng: random.Random
-    max_steps: int | None
-    steps: int = 0
-
-    @classmethod
-    def new(cls, model: MMSentModel, train: Sequence[Example], cfg: TrainConfig, max_steps: int | None) -> _LiveTrainer:
-        head = list(model.head.parameters())
-        encoders = [p for e in (model.text_encoder, model.image_encoder) for p in e.parameters() if p.requires_grad]
-        groups: list[dict[str, Any]] = [{"params": head, "lr": cfg.lr}]
-        if encoders:
-            groups.append({"params": encoders, "lr": cfg.encoder_lr})
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        labels = torch.tensor([e.label for e in train if e.label is not None])
-        weights = make_class_weights(labels, model.cfg.head.n_classes, cfg.class_weights)
-        return cls(model, cfg, opt, head + encoders, weights, random.Random(cfg.seed), max_steps)
-
-    @property
-    def done(self) -> bool:
-        return self.max_steps is not None and self.steps >= self.max_steps
-
-    def epoch(self, train: Sequence[Example], epoch: int, history: History) -> dict[str, float]:
-        """One shuffled pass (or up to `max_steps`), a record per step into `history`; the epoch's record."""
-        self.model.train()
-        order = list(range(len(train)))
-        self.rng.shuffle(order)
-        bs, total, count = self.cfg.batch_size, 0.0, 0
-        for s in tqdm(range(0, len(order), bs), desc=f"epoch {epoch + 1}", disable=not self.cfg.progress, leave=False):
-            loss, n = self.step([train[k] for k in order[s : s + bs]])
-            total, count = total + loss * n, count + n
-            history.append({"epoch": float(epoch), "step": float(self.steps), "train_loss": loss})
-            if self.done:
-                break
-        rec = history[-1] if history else {"epoch": float(epoch)}
-        rec["epoch_train_loss"] = total / max(count, 1)
-        return rec
-
-    def step(self, examples: list[Example]) -> tuple[float, int]:
-        """One optimiser step on a batch (images augmented); (its mean loss, its size)."""
-        m = self.model
-        b = collate(examples, m.text_encoder.tokenize, m.cfg.image.preprocess, rng=self.rng)
-        assert b.labels is not None
-        loss = loss_fn(m(b), b.labels, self.cfg, self.class_weights, torch.ones(len(b.labels)))
-        _descend(loss, self.opt, self.params)
-        self.steps += 1
-        return float(loss.detach()), len(b.labels)
-
-    def save(self, path: Path, run: _Progress, epoch: int) -> None:
-        state = {"model": self.model.trainable_state(), "opt": self.opt.state_dict(), "step": self.steps}
-        torch.save(state | {"history": run.history, "best": run.best, "bad": run.bad, "epoch": epoch}, path)
-
-    def resume(self, path: Path) -> _Progress:
-        st = torch.load(path, map_location="cpu", weights_only=False)
-        self.model.load_state_dict(st["model"], strict=False)
-        self.opt.load_state_dict(st["opt"])
-        self.steps = st["step"]
-        return _Progress(st["history"], st["best"], bad=st["bad"], start=st["epoch"] + 1)
-
-
-def _live_macro_f1(model: MMSentModel, val: Sequence[Example]) -> float:
-    probs = predict_live(model, val)
-    return _macro_f1(np.array([e.label for e in val]), probs, model.cfg.head.n_classes)
-
-
-@torch.no_grad()
-def predict_live(model: MMSentModel, examples: Sequence[Example], batch_size: int = 32) -> np.ndarray:
-    model.eval()
-    out = []
-    for s in range(0, len(examples), batch_size):
-        b: Batch = collate(examples[s : s + batch_size], model.text_encoder.tokenize, model.cfg.image.preprocess)
-        out.append(F.softmax(model(b), -1))
-    return torch.cat(out).numpy()
-
-
 # ------------------------------------------------------------------------------------------------------ driver
 @dataclass
 class TrainResult:
@@ -601,7 +517,7 @@ def train_model(
     if cfg.cache_features and not finetune:
         result = TrainResult(out, *_train_cached(model, examples, extra_text, cfg, state_path, log))
     else:
-        result = TrainResult(out, None, _train_end_to_end(model, examples, cfg, state_path))
+        result = TrainResult(out, None, _train_end_to_end(model, examples, cfg, state_path, log))
     plot_history(result.cv["histories"] if result.cv is not None else [result.history], out / "training.png")
     _save(model, out, cfg, result.cv, half)
     log(f"saved {out} in {time.time() - t0:.0f}s")
@@ -675,11 +591,23 @@ def _set_head(model: MMSentModel, head: nn.Module) -> None:
     model.head = head
 
 
-def _train_end_to_end(model: MMSentModel, examples: Sequence[Example], cfg: TrainConfig, state_path: Path) -> History:
-    """train_live on one stratified split of `examples` (the validation part early-stops)."""
+def _train_end_to_end(
+    model: MMSentModel, examples: Sequence[Example], cfg: TrainConfig, state_path: Path, log: Callable[[str], None]
+) -> History:
+    """`finetune` on one stratified split of `examples` (the validation part early-stops)."""
+    from mmsent.finetune import finetune  # it builds on this module (loss, early stopping), so it comes in late
+
     tr, va = _stratified_split(np.array([e.label for e in examples]), cfg.val_fraction, cfg.seed)
-    _, hist = train_live(model, [examples[k] for k in tr], [examples[k] for k in va], cfg, state_path=state_path)
+    _, hist = finetune(model, [examples[k] for k in tr], [examples[k] for k in va], cfg, state_path=state_path)
+    log(_end_to_end_report(hist))
     return hist
+
+
+def _end_to_end_report(hist: History) -> str:
+    best = max(hist, key=lambda h: h.get("val_macro_f1", 0.0), default={"epoch": -1.0})
+    rate = statistics.fmean([h.get("samples_per_s", 0.0) for h in hist] or [0.0])
+    f1 = best.get("val_macro_f1", 0.0)
+    return f"best validation macro-F1 {f1:.4f} at epoch {best['epoch'] + 1:.0f}; {rate:.1f} posts/s"
 
 
 def _save(model: MMSentModel, out: Path, cfg: TrainConfig, cv: dict[str, Any] | None, half: bool) -> None:

@@ -21,13 +21,14 @@ from typer.testing import CliRunner
 
 from mmsent import Scorer
 from mmsent.cli import app
-from mmsent.data import ColumnMap, collate, load_examples
+from mmsent.data import ColumnMap, augmentation, collate, load_examples
 from mmsent.encoders import RandomWeightsWarning
+from mmsent.finetune import finetune
 from mmsent.model import HeadConfig, MMSentModel, ModelConfig
 from mmsent.presets import ModelOptions, default_model_dir, preset_config
 from mmsent.scorer import from_config
 from mmsent.textnorm import normalize_tweet
-from mmsent.train import TrainConfig, loss_fn, make_class_weights, train_live
+from mmsent.train import TrainConfig, loss_fn, make_class_weights
 
 LABELS = ("negative", "neutral", "positive")
 COLOURS = {"negative": (200, 20, 20), "neutral": (120, 120, 120), "positive": (20, 200, 40)}
@@ -144,7 +145,8 @@ def test_collate_pads_dynamically_and_marks_missing_images(tmp_path: Path) -> No
     data = make_dataset(tmp_path, 9)
     model = from_config(preset_config("tiny-random"))
     ex = load_examples(data, LABELS)
-    b = collate(ex[:4], model.text_encoder.tokenize, model.cfg.image.preprocess, rng=random.Random(0))
+    pre = model.cfg.image.preprocess
+    b = collate(ex[:4], model.text_encoder.tokenize, pre, augment=augmentation(pre.size))
     longest = max(len(model.text_encoder.tokenize([e.text])["input_ids"][0]) for e in ex[:4])
     assert b.input_ids.shape == (4, longest)
     assert b.has_image.tolist() == [True, True, True, False]
@@ -265,7 +267,7 @@ def test_seed_preset_tutorial_dims_trains_and_round_trips(tmp_path: Path) -> Non
 
     before = eval_loss()
     tc = TrainConfig(epochs=8, batch_size=6, lr=1e-3, encoder_lr=1e-5, progress=False, label_smoothing=0.0)
-    model, hist = train_live(model, ex, None, tc)
+    model, hist = finetune(model, ex, None, tc)
     assert len(hist) == 8
     after = eval_loss()
     assert after < before * 0.85, (before, after)
