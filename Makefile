@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test chaos bench lint typecheck schemas clean venv
+.PHONY: demo test chaos bench lint typecheck schemas clean venv device-prep
 
 venv: $(STAMP)
 
@@ -39,6 +39,10 @@ lint: $(STAMP)
 
 typecheck: $(STAMP)
 	$(BIN)/mypy consumer mmsent schemas tooling
+
+# What travels to a lent GPU host (.device/, git-ignored; carry it with the device tool): scripts/device_check.py.
+device-prep: $(STAMP)
+	$(BIN)/python -m scripts.device_check --prepare
 
 schemas: $(STAMP)
 	$(BIN)/mmsent schema --write schemas/json
