@@ -6,6 +6,8 @@
     bench_device(device)                     posts/s per batch size, fp32 and bf16 autocast, FLOPs per post,
                                              the share of the card's bf16 peak where it is known
     label_agreement(cfg, device, dtype)      how often the labels of a lower precision equal fp32's on the CPU
+    decode_photos_per_s(device)              JPEG photos decoded, resized and normalised per second: in batches on
+                                             the device (mmsent/gpudecode.py) against the safe PIL decoder
 
 Inputs are random token ids (tweet-like lengths) and random pixels, made on the device before timing; a CUDA
 device is synchronised around every timed call.
@@ -108,6 +110,7 @@ def bench_device(device_name: str = "auto", archs: tuple[str, ...] = ("default",
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((flops for name, flops in BF16_PEAK_FLOPS.items() if name in card), None)
     result: dict[str, Any] = {"device": str(device), "card": card, "bf16_peak_flops": peak, "archs": {}}
+    result["decode"] = decode_photos_per_s(device, seconds=seconds)
     for arch in archs:
         model = MMSentModel(random_architecture(arch)).to(device).eval()
         figures = {dtype: {str(size): posts_per_s(model, size, device, dtype, seconds) for size in batch_sizes}
@@ -117,6 +120,30 @@ def bench_device(device_name: str = "auto", archs: tuple[str, ...] = ("default",
         result["archs"][arch] = {"posts_per_s": figures, "flops_per_post": flops,
                                  "bf16_peak_share": None if peak is None else best * flops / peak}
     return result
+
+
+def decode_photos_per_s(device: torch.device, photos: int = 64, seconds: float = 2.0) -> dict[str, Any]:
+    """Generated JPEG photos of MVSA's usual size, the default model's preprocessing, both decoders side by side."""
+    from mmsent.bench import sample_photos
+    from mmsent.gpudecode import decode_batch
+    from mmsent.imaging import decode_image
+
+    datas, source = sample_photos(photos)
+    preprocess = preset_config("default").image.preprocess
+    batched = _rate(lambda: decode_batch(datas, preprocess, device), photos, device, seconds)
+    on_cpu = _rate(lambda: preprocess.batch([decode_image(d) for d in datas]), photos, device, seconds)
+    return {"photos": source, "batched_on_device_photos_per_s": batched, "pil_photos_per_s": on_cpu}
+
+
+def _rate(work: Any, items: int, device: torch.device, seconds: float) -> float:
+    work()  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        work()
+        done += items
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return done / (time.perf_counter() - started)
 
 
 def label_agreement(cfg: ModelConfig, device: str, dtype: str, posts: int = 256, seed: int = 0) -> float:

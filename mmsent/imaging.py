@@ -79,17 +79,14 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:
-    """Decode untrusted bytes into an RGB `PIL.Image.Image`, or raise `ImageDecodeError` with a reason.
-
-    Reasons: `empty`, `unsupported_format`, `too_large`, `truncated`, `corrupt`.
-    """
+def open_checked(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:
+    """The image opened lazily (its header read, no pixel decoded), once its format and size are acceptable;
+    `ImageDecodeError` otherwise. Every decoder (this module's, the batched one in mmsent/gpudecode.py) starts here."""
     if not data:
         raise ImageDecodeError("empty", "no bytes")
     fmt = sniff_format(data[:16])
     if fmt is None:
         raise ImageDecodeError("unsupported_format", "not JPEG, PNG, WebP, GIF or BMP")
-    im: Image.Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -103,6 +100,16 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side:
         raise ImageDecodeError("corrupt", f"{fmt}: empty dimensions {width}x{height}")
     if width * height > max_pixels or max(width, height) > max_side:
         raise ImageDecodeError("too_large", f"{width}x{height} exceeds {max_pixels} pixels or {max_side} px side")
+    return im
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:
+    """Decode untrusted bytes into an RGB `PIL.Image.Image`, or raise `ImageDecodeError` with a reason.
+
+    Reasons: `empty`, `unsupported_format`, `too_large`, `truncated`, `corrupt`.
+    """
+    im = open_checked(data, max_pixels=max_pixels, max_side=max_side)
+    fmt = im.format
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -149,24 +156,28 @@ class ImagePreprocess:
         if im.mode != "RGB":
             im = _to_rgb(im)
         hwc = torch.from_numpy(np.array(im, dtype=np.uint8))  # (H, W, 3); a copy, so the tensor owns writable memory
-        chw = hwc.permute(2, 0, 1).unsqueeze(0)  # (1, 3, H, W), channels-last strides
-        h, w = hwc.shape[:2]
-        if self.crop:
-            scale = self.resize / min(w, h)
-            nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
-            chw = _resize(chw, nh, nw)
-            left, top = (nw - self.size) // 2, (nh - self.size) // 2
-            chw = chw[:, :, top : top + self.size, left : left + self.size]
-        else:
-            chw = _resize(chw, self.size, self.size)
+        chw = self.fit(hwc.permute(2, 0, 1))  # channels-last strides
         if hflip:
             chw = chw.flip(-1)
-        return chw[0].contiguous()  # plain (3, S, S): what ONNX Runtime reads, and 4x smaller to convert than floats
+        return chw.contiguous()  # plain (3, S, S): what ONNX Runtime reads, and 4x smaller to convert than floats
+
+    def fit(self, chw: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) pixels, on any device -> resized (and cropped) (3, size, size), of the same dtype on the CPU;
+        float on a GPU, whose antialiased resize takes no uint8."""
+        x = chw.unsqueeze(0) if chw.device.type == "cpu" else chw.unsqueeze(0).float()
+        h, w = x.shape[-2:]
+        if not self.crop:
+            return _resize(x, self.size, self.size)[0]
+        scale = self.resize / min(w, h)
+        nw, nh = max(self.size, round(w * scale)), max(self.size, round(h * scale))
+        x = _resize(x, nh, nw)
+        left, top = (nw - self.size) // 2, (nh - self.size) // 2
+        return x[0, :, top : top + self.size, left : left + self.size]
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, S, S) -> float32 (B, 3, S, S), (x / 255 - mean) / std, in one pass per step."""
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(1, 3, 1, 1)
+        """0-255 pixels (B, 3, S, S) -> float32 (B, 3, S, S), (x / 255 - mean) / std, in one pass per step."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(1, 3, 1, 1)
         return pixels.to(torch.float32).div_(255.0).sub_(mean).div_(std)
 
     def to_tensor(self, im: Image.Image, *, hflip: bool = False) -> torch.Tensor:

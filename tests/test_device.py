@@ -48,4 +48,6 @@ def test_the_device_check_runs_its_whole_flow_on_the_cpu(tmp_path: Path) -> None
     assert all(v > 0 for dtype in ("fp32", "bf16") for v in default["posts_per_s"][dtype].values())
     assert default["flops_per_post"] > 1e9  # MiniLM + EfficientNet-Lite0: about 1.4 GFLOPs a post
     assert result["label_agreement"]["bf16_vs_cpu_fp32"] >= 0.99
+    decode = result["bench"]["decode"]
+    assert decode["batched_on_device_photos_per_s"] > 0 and decode["pil_photos_per_s"] > 0
     assert (tmp_path / "device-check.log").read_text()

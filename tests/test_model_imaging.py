@@ -8,6 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile
 
 from mmsent import ImageDecodeError, decode_image
@@ -149,3 +150,54 @@ def test_grayscale_and_bilevel() -> None:
             _encode(Image.new(mode, (5, 5), 1 if mode == "1" else 128), "PNG"), max_pixels=100, max_side=5
         )
         assert out.mode == "RGB"
+
+
+# -- the batched decoder (mmsent/gpudecode.py), on the CPU here: torchvision's JPEG decoder, then the same fit -------
+
+
+def _photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 255, (size[1] // 8, size[0] // 8, 3), dtype=np.uint8)
+    return Image.fromarray(base).resize(size, Image.Resampling.BILINEAR)  # smooth, like a photo, not noise
+
+
+def test_batched_decode_gives_the_pixels_of_the_safe_decoder() -> None:
+    from mmsent.gpudecode import decode_batch
+    from mmsent.imaging import ImagePreprocess
+
+    pre = ImagePreprocess(size=64, resize=72, crop=False)
+    images = [_photo(0), _photo(1, (200, 300)), _photo(2, (97, 61))]
+    datas = [_encode(images[0], "JPEG", quality=92), _encode(images[1], "PNG"), _encode(images[2], "WEBP")]
+    pixels, reasons = decode_batch(datas, pre, "cpu")
+    expected = pre.batch([decode_image(d) for d in datas])
+    assert reasons == [None, None, None] and pixels.shape == expected.shape == (3, 3, 64, 64)
+    assert torch.equal(pixels[1:], expected[1:])  # PNG and WebP: the safe CPU decoder itself
+    assert (pixels[0] - expected[0]).abs().mean() < 0.02  # JPEG: torchvision's libjpeg against Pillow's
+
+
+def test_batched_decode_refuses_before_decoding_and_falls_back_for_what_it_cannot_read() -> None:
+    from mmsent.gpudecode import decode_batch
+    from mmsent.imaging import ImagePreprocess
+
+    good = _encode(_photo(3), "JPEG")
+    datas = [b"%PDF-1.7 not an image", _png_bomb(20_000, 20_000), good[: len(good) // 3], good,
+             b"\xff\xd8\xff\xe0" + b"garbage" * 20]
+    pixels, reasons = decode_batch(datas, ImagePreprocess(size=32, resize=36), "cpu", max_pixels=10**7)
+    assert reasons[0] == "unsupported_format" and reasons[1] == "too_large"
+    assert reasons[3] is None and reasons[4] in {"corrupt", "truncated"}
+    assert pixels.shape[0] == sum(r is None for r in reasons)  # one row per image that decoded, in order
+
+
+def test_batched_decode_applies_the_exif_orientation() -> None:
+    from mmsent.gpudecode import decode_batch
+    from mmsent.imaging import ImagePreprocess
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to view
+    buf = io.BytesIO()
+    _photo(4, (120, 60)).save(buf, "JPEG", exif=exif, quality=95)
+    pre = ImagePreprocess(size=48, resize=48, crop=False)
+    pixels, _ = decode_batch([buf.getvalue()], pre, "cpu")
+    upright = pre.batch([decode_image(buf.getvalue())])
+    assert decode_image(buf.getvalue()).size == (60, 120)
+    assert (pixels - upright).abs().mean() < 0.02
