@@ -95,13 +95,17 @@ def eval_cmd(
     modality: Annotated[str, typer.Option(help="text | image | both")] = "both",
     columns: Annotated[str | None, typer.Option(help="column mapping, as for train")] = None,
     confusion_png: Annotated[Path | None, typer.Option(help="write the confusion matrix PNG here")] = None,
+    reliability_png: Annotated[
+        Path | None, typer.Option(help="write the reliability diagram PNG here (default: beside the confusion PNG)")
+    ] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
 ) -> None:
-    """Evaluate a model on a labelled file: accuracy, macro/weighted F1, per-class P/R/F1, ECE."""
+    """Evaluate a model on a labelled file: accuracy, macro/weighted F1, per-class P/R/F1, ECE (and the reliability
+    diagram)."""
     import torch
 
     from mmsent.data import ColumnMap
-    from mmsent.evaluate import evaluate_file, plot_confusion
+    from mmsent.evaluate import evaluate_file, plot_confusion, plot_reliability
 
     torch.set_num_threads(threads)
     if modality not in ("text", "image", "both"):
@@ -114,6 +118,12 @@ def eval_cmd(
         metrics["confusion_png"] = str(plot_confusion(metrics["confusion_matrix"], labels, png, title=f"{modality}"))
     except OSError as exc:  # a read-only data folder must not fail the evaluation
         _err(f"confusion matrix not written: {exc}")
+    reliability = reliability_png or png.with_name(Path(data).stem + f".reliability-{modality}.png")
+    try:
+        title = f"{modality} (ECE {metrics['ece']:.4f}{', calibrated' if metrics.get('calibrated') else ''})"
+        metrics["reliability_png"] = str(plot_reliability(metrics["reliability"], reliability, title=title))
+    except OSError as exc:
+        _err(f"reliability diagram not written: {exc}")
     if json_out:
         typer.echo(json.dumps(metrics))
         return
@@ -125,6 +135,57 @@ def eval_cmd(
         typer.echo(f"  {lab:9s} P {m['precision']:.3f}  R {m['recall']:.3f}  F1 {m['f1']:.3f}  support {m['support']}")
     if "confusion_png" in metrics:
         typer.echo(f"confusion matrix: {metrics['confusion_png']}")
+    if "reliability_png" in metrics:
+        typer.echo(f"reliability diagram: {metrics['reliability_png']}")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    data: Annotated[Path, typer.Argument(help="labelled JSONL or CSV, as for eval")],
+    model: Annotated[
+        Path | None, typer.Option(help="the model directory to calibrate (default: the packaged model)")
+    ] = None,
+    precision: Annotated[
+        list[float] | None,
+        typer.Option(help="target precision for the alert thresholds (repeatable; default 0.7, 0.8, 0.9)"),
+    ] = None,
+    columns: Annotated[str | None, typer.Option(help="column mapping, as for train")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print calibration.json's content")] = False,
+    threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
+) -> None:
+    """Fit the model's calibration (a temperature on its logits, by NLL) and its per-label alert thresholds by target
+    precision on a labelled file; write calibration.json and reliability diagrams into the model directory."""
+    import torch
+
+    from mmsent.calibrate import DEFAULT_PRECISIONS, calibrate_model
+    from mmsent.data import ColumnMap
+
+    torch.set_num_threads(threads)
+    targets = tuple(precision) if precision else DEFAULT_PRECISIONS
+    if not all(0 < t <= 1 for t in targets):
+        _err("--precision must be in (0, 1]")
+        raise typer.Exit(2)
+    try:
+        calibration, directory = calibrate_model(data, model, targets=targets, columns=ColumnMap.parse(columns),
+                                                 progress=not json_out)
+    except ValueError as exc:
+        _err(str(exc))
+        raise typer.Exit(2) from exc
+    if json_out:
+        typer.echo(json.dumps(calibration.to_dict()))
+        return
+    m = calibration.metrics
+    typer.echo(f"n={m['n']}  temperature {calibration.temperature:.4f}  NLL {m['nll_before']:.4f} -> "
+               f"{m['nll_after']:.4f}  ECE {m['ece_before']:.4f} -> {m['ece_after']:.4f}")
+    for lab, entries in calibration.thresholds.items():
+        for t in entries:
+            if t.threshold is None:
+                typer.echo(f"  {lab:9s} precision >= {t.target:.2f}: unreachable")
+            else:
+                typer.echo(f"  {lab:9s} precision >= {t.target:.2f}: p >= {t.threshold:.4f}  (precision "
+                           f"{t.precision:.3f}, recall {t.recall:.3f}, {t.alerts} alerts)")
+    typer.echo(f"wrote {directory / 'calibration.json'} and the reliability diagrams "
+               f"{m['reliability_before']}, {m['reliability_after']}")
 
 
 if __name__ == "__main__":

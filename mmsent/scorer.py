@@ -7,9 +7,18 @@ A post's image may be a PIL image, encoded bytes (decoded by the safe `decode_im
 `ImageEmbedding` from `embed_images` (for the consumer's embedding cache) or None. Bytes that cannot be decoded are
 scored text-only (`image_used=False`); a broken image never breaks the batch.
 
+Each result also says what each modality alone says (`scores_by_modality`: "text" when the post has a caption,
+"image" when its image was used): the same head on the same encoder outputs with the other modality marked absent
+(its learned missing-modality embedding, as in training with modality dropout), so no encoder runs twice; the posts
+that have both add two rows each to the batch's one head call.
+
+A model directory with a `calibration.json` (`mmsent calibrate`, mmsent/calibrate.py) is loaded calibrated: every
+head pass's logits are divided by its temperature, and `alert_threshold(label, min_precision)` gives its thresholds.
+
     posts --normalize_tweet, tokenize--> _encode_text (length buckets) --> pooled text (B, Dt) --+
           --_as_image--> _image_embs (the CNN, or the caller's cached embedding) --> (B, R, C) --+
-                                            MMSentModel.features_from --> head --> ScoreResult per post
+                                            MMSentModel.features_from --> head (+ each modality alone)
+                                            --> logits / T --> softmax --> ScoreResult per post
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,14 +36,15 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmsent.calibrate import Calibration, calibrated_probabilities
 from mmsent.features import cache_dir
 from mmsent.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageDecodeError, decode_image
-from mmsent.model import MMSentModel, ModelConfig, probabilities
+from mmsent.model import Features, MMSentModel, ModelConfig
 from mmsent.presets import PRESETS, default_model_dir, preset_config
 from mmsent.runtime import CPU_RUNTIMES, onnxruntime_available
 from mmsent.textnorm import normalize_tweet
 
-__all__ = ["ImageEmbedding", "ScoreResult", "Scorer", "build_model", "from_config"]
+__all__ = ["ImageEmbedding", "ScoreResult", "Scorer", "build_model", "from_config", "model_directory"]
 
 ImageEmbedding = np.ndarray  # float32 or float16, shape fixed per image_encoder_id: (R, C)
 T = TypeVar("T")
@@ -46,6 +56,9 @@ class ScoreResult:
     label: str
     scores: dict[str, float]
     image_used: bool
+    # what each modality alone says: "text" when the caption is non-empty, "image" when the image was used; each
+    # like `scores` (the three labels' probabilities, summing to 1)
+    scores_by_modality: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def build_model(model: str | os.PathLike[str] | None = None) -> MMSentModel:
@@ -64,6 +77,17 @@ def build_model(model: str | os.PathLike[str] | None = None) -> MMSentModel:
     raise ValueError(f"{model!r} is neither a model directory (with config.json) nor a preset ({', '.join(PRESETS)})")
 
 
+def model_directory(model: str | os.PathLike[str] | None = None) -> Path | None:
+    """The directory that `build_model(model)` loads from; None for a preset (or a missing packaged model)."""
+    if model is None or str(model) == "default":
+        d = default_model_dir()
+        return d if (d / "config.json").exists() else None
+    if isinstance(model, str) and model in PRESETS:
+        return None
+    path = Path(model)
+    return path if (path / "config.json").exists() else None
+
+
 def from_config(cfg: ModelConfig) -> MMSentModel:
     """A fresh model (in eval mode) from a config; its head's random weights are the same on every call."""
     with torch.random.fork_rng(devices=[]):
@@ -77,7 +101,8 @@ class Scorer:
     image_encoder_id: str
 
     def __init__(self, model: MMSentModel, *, device: str | None = None, batch_size: int = 64,
-                 cpu_runtime: str = "auto", cpu_workers: int | None = None) -> None:
+                 cpu_runtime: str = "auto", cpu_workers: int | None = None,
+                 calibration: Calibration | None = None) -> None:
         """`cpu_runtime`: on the CPU, run the frozen encoders (the CNN; a Hugging Face text encoder too) through ONNX
         Runtime ("onnx"), PyTorch ("torch"), or ONNX Runtime where it is installed and they export ("auto"). The
         small fusion head always runs in PyTorch.
@@ -86,7 +111,10 @@ class Scorer:
         scored at once, each with single-threaded kernels, instead of one slice with multi-threaded kernels. Depthwise
         convolutions and small matmuls scale poorly across threads, and one preempted thread stalls every parallel
         region. Measured on the 2-core dev VM, 128 MVSA posts: 54 posts/s with 2 workers against 44 with one
-        2-thread call. A single post runs in the caller's thread, with its threads."""
+        2-thread call. A single post runs in the caller's thread, with its threads.
+
+        `calibration` (what `load` reads from a model directory's calibration.json): its temperature divides the
+        logits of every head pass; None scores the model as it is."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         on_cpu = self.device.type == "cpu"
@@ -100,6 +128,9 @@ class Scorer:
         if len(labels) != 3:
             raise ValueError(f"a Scorer needs three labels, not {labels}")
         self.labels = (labels[0], labels[1], labels[2])
+        if calibration is not None and tuple(calibration.labels) != self.labels:
+            raise ValueError(f"the calibration's labels {calibration.labels} are not the model's {self.labels}")
+        self.calibration = calibration
         self.info = {"name": cfg.name, "version": cfg.version, "fusion": cfg.head.fusion}
         kind = "regions" if cfg.head.needs_regions else "pooled"
         self.image_encoder_id = f"{cfg.image.ident}:{kind}"
@@ -114,7 +145,23 @@ class Scorer:
     @classmethod
     def load(cls, model: str | os.PathLike[str] | None = None, *, device: str | None = None,
              cpu_runtime: str = "auto", cpu_workers: int | None = None) -> Scorer:
-        return cls(build_model(model), device=device, cpu_runtime=cpu_runtime, cpu_workers=cpu_workers)
+        directory = model_directory(model)
+        calibration = Calibration.load(directory) if directory is not None else None
+        return cls(build_model(model), device=device, cpu_runtime=cpu_runtime, cpu_workers=cpu_workers,
+                   calibration=calibration)
+
+    @property
+    def temperature(self) -> float:
+        """The calibration's temperature (1.0 uncalibrated)."""
+        return self.calibration.temperature if self.calibration is not None else 1.0
+
+    def alert_threshold(self, label: str, min_precision: float) -> float | None:
+        """The probability of `label` at which to alert so that, on the calibration data, the alerts' precision was
+        at least `min_precision` (the threshold of the smallest calibrated target >= it); None when the model has no
+        calibration, no target that high, or the target was unreachable."""
+        if label not in self.labels:
+            raise ValueError(f"unknown label {label!r} (labels: {', '.join(self.labels)})")
+        return self.calibration.alert_threshold(label, min_precision) if self.calibration is not None else None
 
     def _use_cpu_runtime(self, wanted: str) -> str:
         """Where the frozen encoders run: "onnx" (ONNX Runtime, the CNN at least) or "torch" (also on a GPU)."""
@@ -175,11 +222,21 @@ class Scorer:
 
     # --- scoring -----------------------------------------------------------------------------------------------
     def score(self, posts: Sequence[Mapping[str, Any]]) -> list[ScoreResult]:
-        results: list[ScoreResult] = []
+        return self._batched(self._score_batch, posts)
+
+    def logits(self, posts: Sequence[Mapping[str, Any]]) -> np.ndarray:
+        """The head's fused logits (N, K) float32 for the posts, before the calibration's temperature (what
+        `mmsent calibrate` fits on): `score` reports softmax(logits / temperature)."""
+        rows = self._batched(self._logit_rows, posts)
+        return np.stack(rows) if rows else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def _batched(self, work: Callable[[list[Mapping[str, Any]]], list[R]],
+                 posts: Sequence[Mapping[str, Any]]) -> list[R]:
+        results: list[R] = []
         for chunk in _chunks(list(posts), self.batch_size):
             # Similar caption lengths side by side, so that each slice (and each length bucket in it) pads little.
             order = sorted(range(len(chunk)), key=lambda k: len(chunk[k].get("text") or ""))
-            by_index = dict(zip(order, self._in_slices(self._score_batch, [chunk[k] for k in order]), strict=True))
+            by_index = dict(zip(order, self._in_slices(work, [chunk[k] for k in order]), strict=True))
             results.extend(by_index[k] for k in range(len(chunk)))
         return results
 
@@ -193,22 +250,48 @@ class Scorer:
         return [done[i % n][i // n] for i in range(len(items))]
 
     def _score_batch(self, posts: list[Mapping[str, Any]]) -> list[ScoreResult]:
+        logits, has_text, has_image, both = self._head_logits(posts)
+        probs = calibrated_probabilities(logits, self.temperature)  # (B + 2n, K) float64, rows sum to 1
+        b, n = len(posts), len(both)
+        text_alone = {k: b + j for j, k in enumerate(both)}  # the rows that have both: their extra head rows
+        image_alone = {k: b + n + j for j, k in enumerate(both)}
+        out = []
+        for k in range(b):
+            by_modality = {}
+            if has_text[k]:  # a post without an image: its text alone is its score
+                by_modality["text"] = self._scores(probs[text_alone.get(k, k)])
+            if has_image[k]:
+                by_modality["image"] = self._scores(probs[image_alone.get(k, k)])
+            p = probs[k]
+            out.append(ScoreResult(self.labels[int(p.argmax())], self._scores(p), bool(has_image[k]), by_modality))
+        return out
+
+    def _scores(self, p: np.ndarray) -> dict[str, float]:
+        return {lab: float(p[j]) for j, lab in enumerate(self.labels)}
+
+    def _logit_rows(self, posts: list[Mapping[str, Any]]) -> list[np.ndarray]:
+        logits = self._head_logits(posts)[0]
+        return list(logits[: len(posts)].numpy())
+
+    def _head_logits(self, posts: list[Mapping[str, Any]]) -> tuple[torch.Tensor, list[bool], list[bool], list[int]]:
+        """One head call for the batch: logits (B + 2n, K) float32 on the CPU, uncalibrated: the B posts as they
+        are, then each of the n posts that have both modalities with its text alone, then with its image alone.
+        Also has_text and has_image per post, and those n posts' indices."""
         texts = [normalize_tweet(p.get("text") or "") for p in posts]
         embs, has_image = self._image_embs([self._as_image(p.get("image")) for p in posts])
         enc = self.model.text_encoder.tokenize(texts, pad_to=self.pad_to_length)
         dev = self.device
-        has_text = torch.tensor([bool(t) for t in texts], device=dev)
+        text_flags = [bool(t) for t in texts]
+        image_flags = [bool(h) for h in has_image.tolist()]
+        both = [k for k in range(len(posts)) if text_flags[k] and image_flags[k]]
         with torch.inference_mode(), self._autocast():
             tokens, text = self._encode_text(enc["input_ids"], enc["attention_mask"])
-            features = self.model.features_from(text, embs.to(dev), has_text, has_image.to(dev), tokens,
-                                                enc["attention_mask"].to(dev))
-            probs = probabilities(self.model.head(features)).cpu().numpy().astype(np.float64)
-        out = []
-        for k in range(len(posts)):
-            p = probs[k] / probs[k].sum()
-            scores = {lab: float(p[j]) for j, lab in enumerate(self.labels)}
-            out.append(ScoreResult(self.labels[int(p.argmax())], scores, bool(has_image[k])))
-        return out
+            features = self.model.features_from(text, embs.to(dev), torch.tensor(text_flags, device=dev),
+                                                has_image.to(dev), tokens, enc["attention_mask"].to(dev))
+            if both:
+                features = _each_alone(features, torch.tensor(both, device=dev))
+            logits = self.model.head(features).float().cpu()
+        return logits, text_flags, image_flags, both
 
     def _image_embs(self, images: list[Image.Image | np.ndarray | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """Posts' images -> embeddings (B, R, C) float32 on the CPU and has_image (B,): decoded images through the
@@ -254,6 +337,27 @@ class Scorer:
             pooled[rows.to(self.device)] = part
         assert pooled is not None
         return pooled
+
+
+def _each_alone(f: Features, rows: torch.Tensor) -> Features:
+    """The head's inputs (B rows), then `rows` again with the image marked absent (text alone), then `rows` again
+    with the text marked absent (image alone): (B + 2n) rows, one head call."""
+    absent = torch.zeros(len(rows), dtype=torch.bool, device=f.has_text.device)
+
+    def twice(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else torch.cat([x, x[rows], x[rows]])
+
+    text, image = twice(f.text), twice(f.image)
+    assert text is not None and image is not None
+    return Features(
+        text=text,
+        image=image,
+        has_text=torch.cat([f.has_text.bool(), f.has_text[rows].bool(), absent]),
+        has_image=torch.cat([f.has_image.bool(), absent, f.has_image[rows].bool()]),
+        text_tokens=twice(f.text_tokens),
+        text_mask=twice(f.text_mask),
+        image_regions=twice(f.image_regions),
+    )
 
 
 def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import socket
+from typing import Any
 
 import numpy as np
 import pytest
@@ -146,3 +147,59 @@ def test_no_code_path_reaches_the_network(monkeypatch: pytest.MonkeyPatch, tmp_p
         assert len(out) == 2
     with torch.inference_mode():
         assert s.embed_images([Image.new("RGB", (32, 32))])[0].shape == s.model._emb_shape()
+
+
+# --- scores_by_modality --------------------------------------------------------------------------------------------
+def test_scores_by_modality_has_the_contracts_keys(scorer: Scorer) -> None:
+    img = Image.new("RGB", (50, 40), (200, 30, 30))
+    posts: list[dict[str, Any]] = [
+        {"text": "so happy today", "image": img},  # both: text and image
+        {"text": "no picture here", "image": None},  # text only
+        {"text": "", "image": _jpeg((10, 10, 200))},  # empty caption: image only
+        {"text": "broken picture", "image": b"\xff\xd8\xff\xe0 not a jpeg"},  # image not used: text only
+        {"text": "", "image": None},  # neither
+        {"image": img},  # no text key at all
+    ]
+    out = scorer.score(posts)
+    expected = [{"text", "image"}, {"text"}, {"image"}, {"text"}, set(), {"image"}]
+    assert [set(r.scores_by_modality) for r in out] == expected
+    for r in out:
+        assert ("image" in r.scores_by_modality) == r.image_used
+        for scores in r.scores_by_modality.values():
+            assert set(scores) == {"negative", "neutral", "positive"}
+            assert abs(sum(scores.values()) - 1.0) < 1e-6 and all(0 <= v <= 1 for v in scores.values())
+    # a post with one modality: what that modality alone says is its score
+    assert out[1].scores_by_modality["text"] == out[1].scores
+    assert out[2].scores_by_modality["image"] == out[2].scores
+    # with both, each modality alone says something else than the two together
+    assert out[0].scores_by_modality["text"] != out[0].scores != out[0].scores_by_modality["image"]
+
+
+def test_each_modality_alone_is_the_post_without_the_other(scorer: Scorer) -> None:
+    """The text-only score of a post is the full score of the post with its image removed (the same head pass on the
+    learned missing-image embedding), and the image-only score the post with its caption removed."""
+    img = _jpeg((30, 160, 220))
+    posts: list[dict[str, Any]] = [{"text": "what a lovely morning by the sea", "image": img},
+             {"text": "terrible news again", "image": Image.new("RGB", (40, 40), (90, 10, 10))},
+             {"text": "", "image": None}]
+    out = scorer.score(posts)
+    for post, r in zip(posts[:2], out[:2], strict=True):
+        text_alone = scorer.score([{"text": post["text"], "image": None}])[0]
+        image_alone = scorer.score([{"text": "", "image": post["image"]}])[0]
+        for got, want in ((r.scores_by_modality["text"], text_alone.scores),
+                          (r.scores_by_modality["image"], image_alone.scores)):
+            assert all(abs(got[k] - want[k]) < 1e-5 for k in want), (got, want)
+        assert text_alone.scores_by_modality == {"text": text_alone.scores}
+        assert image_alone.scores_by_modality == {"image": image_alone.scores}
+
+
+def test_scores_by_modality_does_not_change_the_fused_scores(scorer: Scorer) -> None:
+    """The extra head rows ride in the same head call; the posts' own scores are what the head gives them alone."""
+    img = Image.new("RGB", (40, 40), (0, 200, 90))
+    both = {"text": "a caption", "image": img}
+    mixed = scorer.score([both, {"text": "another", "image": None}, {"text": "", "image": img}])
+    assert _close(mixed[0], scorer.score([both])[0])
+    logits = scorer.logits([both])
+    assert logits.shape == (1, 3) and logits.dtype == np.float32
+    assert np.allclose(torch.softmax(torch.from_numpy(logits), -1).numpy()[0],
+                       [mixed[0].scores[k] for k in scorer.labels], atol=1e-5)
