@@ -332,3 +332,24 @@ def test_a_shadow_model_that_fails_to_load_leaves_the_primary_serving_alone(
     assert app.rc == 0  # type: ignore[attr-defined]
     assert len(read_all(kafka_bootstrap, topics.sentiment)) == 10
     assert read_all(kafka_bootstrap, f"{unique_name}-sh") == []
+
+
+def test_events_carry_what_each_modality_alone_says(
+    kafka_bootstrap: str, redis_url: str, image_server: ImageServer, unique_name: str, scorer: Any
+) -> None:
+    topics = Topics.named(unique_name)
+    create_topics(kafka_bootstrap, {topics.posts: 1, topics.sentiment: 1, topics.dlq: 1})
+    url = image_server.route("/m.png", image(sample_image("PNG"), "image/png"))
+    posts = [post("both", "a lovely day", url), post("text", "words only"), post("image", "", url),
+             post("neither", ""), post("blocked", "a caption", "http://10.0.0.1/x.png")]
+    produce(kafka_bootstrap, topics.posts, posts)
+    with app_in_thread(make_settings(settings_env(kafka_bootstrap, topics, redis_url)), scorer=scorer):
+        assert wait_until(lambda: all_committed(kafka_bootstrap, topics), timeout=60)
+    events = {e["post_id"]: e for e in (json.loads(r.value) for r in read_all(kafka_bootstrap, topics.sentiment))}
+    keys = {post_id: sorted(event["scores_by_modality"]) for post_id, event in events.items()}
+    assert keys == {"both": ["image", "text"], "text": ["text"], "image": ["image"], "neither": [],
+                    "blocked": ["text"]}
+    for event in events.values():
+        for scores in event["scores_by_modality"].values():
+            assert set(scores) == {"negative", "neutral", "positive"} and abs(sum(scores.values()) - 1) < 1e-6
+    assert events["text"]["scores_by_modality"]["text"] == pytest.approx(events["text"]["scores"])  # one modality
