@@ -72,12 +72,7 @@ def plot_confusion(cm: Sequence[Sequence[int]], labels: Sequence[str], path: str
         for j in range(arr.shape[1]):
             ax.text(j, i, str(arr[i, j]), ha="center", va="center", color="black")
     ax.set_title(title or "confusion matrix")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def reliability_bins(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bins: int = 15) -> list[dict[str, Any]]:
@@ -127,12 +122,7 @@ def plot_reliability(bins: Sequence[Mapping[str, Any]], path: str | Path, title:
     hist.bar(los, [b["count"] for b in bins], width=width, align="edge", color="gray", edgecolor="black")
     hist.set_xlabel("top-label confidence")
     hist.set_ylabel("posts")
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return _save(fig, path)
 
 
 def evaluate_file(
@@ -173,3 +163,15 @@ def evaluate_file(
     metrics["modality"] = modality
     metrics["model"] = dict(scorer.info)
     return metrics
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    """Write a figure as a PNG (its folder made), and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
