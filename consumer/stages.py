@@ -28,10 +28,10 @@ from consumer.batcher import Batch, WorkItem
 from consumer.errors import Action, ErrorPolicy, FatalError
 from consumer.metrics import Metrics
 from consumer.tracing import Tracing
+from schemas.models import ImageStatus, ModelInfo
 
 if TYPE_CHECKING:
-    from consumer.shadow import ShadowStage
-from schemas.models import ImageStatus, ModelInfo
+    from consumer.shadow import ShadowStage  # which imports this module
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
