@@ -59,6 +59,7 @@ log = structlog.get_logger("consumer")
 
 COMMIT_INTERVAL_S = 0.5
 REVOKE_FLUSH_S = 10.0
+LEAVE_TIMEOUT_S = 10.0
 MAX_CONSUME = 500
 # Under a backlog (full batches), batches on the model at once. With one, the machine idled 9-10% at full load, evenly
 # through the run; most likely (not measured apart) a batch's scorer slices finishing unevenly, and the model thread's
@@ -704,7 +705,7 @@ class Application:
             self.pipeline.close()
         if self.consumer is not None:
             try:
-                self.consumer.close()  # leaves the group at once (its partitions go to the others now)
+                _leave_group(self.consumer)
             except (KafkaException, RuntimeError) as exc:
                 log.warning("consumer_close_failed", error=str(exc))
             self.consumer = None
@@ -725,6 +726,18 @@ class Application:
             self.health.close()
             self.health = None
         self.tracing.close()
+
+
+def _leave_group(consumer: Consumer) -> None:
+    """Unsubscribe and serve the revocation until nothing is assigned, then close (which leaves the group at once:
+    its partitions go to the others now). Closed in the middle of a cooperative rebalance, a consumer that receives
+    an incremental assignment can hang in close() (librdkafka issue 4527; seen on Tansu as a member that never
+    exited after SIGTERM). Records read meanwhile are dropped uncommitted: the next owner reads them."""
+    consumer.unsubscribe()
+    deadline = time.monotonic() + LEAVE_TIMEOUT_S
+    while consumer.assignment() and time.monotonic() < deadline:
+        consumer.consume(1, 0.1)
+    consumer.close()
 
 
 def _headers_of(message: Message) -> list[tuple[str, str | bytes | None]] | None:
