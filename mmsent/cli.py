@@ -99,6 +99,7 @@ def eval_cmd(
         Path | None, typer.Option(help="write the reliability diagram PNG here (default: beside the confusion PNG)")
     ] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
+    device: Annotated[str, typer.Option(help="auto (a GPU when there is one) | cpu | cuda | cuda:N")] = "auto",
 ) -> None:
     """Evaluate a model on a labelled file: accuracy, macro/weighted F1, per-class P/R/F1, ECE (and the reliability
     diagram)."""
@@ -111,7 +112,8 @@ def eval_cmd(
     if modality not in ("text", "image", "both"):
         _err("--modality must be text, image or both")
         raise typer.Exit(2)
-    metrics = evaluate_file(data, model, modality=modality, columns=ColumnMap.parse(columns), progress=not json_out)
+    metrics = evaluate_file(data, model, modality=modality, columns=ColumnMap.parse(columns), progress=not json_out,
+                            device=device)
     labels = list(metrics["per_class"])
     png = confusion_png or Path(data).with_name(Path(data).stem + f".confusion-{modality}.png")
     try:

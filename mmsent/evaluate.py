@@ -132,8 +132,10 @@ def evaluate_file(
     modality: str = "both",
     columns: Any = None,
     progress: bool = False,
+    device: str = "auto",
 ) -> dict[str, Any]:
-    """Score a labelled file with a Scorer; `modality` "text" drops images, "image" drops captions."""
+    """Score a labelled file with a Scorer on `device` (auto: a GPU when there is one); `modality` "text" drops
+    images, "image" drops captions."""
     from tqdm.auto import tqdm
 
     from mmsent.data import load_examples, load_image
@@ -141,7 +143,7 @@ def evaluate_file(
 
     if modality not in ("both", "text", "image"):
         raise ValueError("modality must be text, image or both")
-    scorer = Scorer.load(model)
+    scorer = Scorer.load(model, device=None if device == "auto" else device)
     examples = load_examples(data, scorer.labels, columns)
     probs = np.zeros((len(examples), len(scorer.labels)))
     step = 64

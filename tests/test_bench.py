@@ -49,3 +49,15 @@ def test_bench_shadow_measures_the_primary_alone_and_with_a_shadow() -> None:
     figures = re.search(r"(\d+) ms per batch alone, (\d+) ms with the shadow .*: x(\d+\.\d+)", done.stdout)
     assert figures, done.stdout
     assert float(figures[3]) > 0
+
+
+def test_bench_device_reports_the_model_on_the_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "device.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer", "bench", "device", "--device", "cpu", "--arch", "default",
+         "--batch-size", "2", "--seconds", "0.1", "--json", str(out)], capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["archs"]["default"]["posts_per_s"]["bf16"]["2"] > 0
+    assert result["decode"]["pil_photos_per_s"] > 0

@@ -194,7 +194,7 @@ def test_eval_json_contract_and_modalities(tmp_path: Path) -> None:
         assert m["n"] == 12 and 0 <= m["accuracy"] <= 1 and m["modality"] == modality
         assert set(m["per_class"]) == set(LABELS)
         assert Path(m["confusion_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    res = runner.invoke(app, ["eval", str(data), "--model", "tiny-random"])
+    res = runner.invoke(app, ["eval", str(data), "--model", "tiny-random", "--device", "cpu"])
     assert res.exit_code == 0 and "macro-F1" in res.output
 
 

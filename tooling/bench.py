@@ -486,6 +486,25 @@ def bench_shadow(
     typer.echo(render_shadow(run_shadow(model, shadow, batch_size, rounds), "mmsent bench shadow"))
 
 
+@bench_app.command("device")
+def bench_device_command(
+    device: Annotated[str, typer.Option(help="auto (a GPU when there is one) | cpu | cuda | cuda:N")] = "auto",
+    arch: Annotated[list[str] | None, typer.Option(help="default and/or seed (repeatable); default: both")] = None,
+    batch_size: Annotated[list[int] | None, typer.Option(help="repeatable; default: 1, 32, 256, 1024")] = None,
+    seconds: Annotated[float, typer.Option(help="timed seconds per figure")] = 2.0,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the raw figures as JSON here.")] = None,
+) -> None:
+    """The model on a device from tensors already there (random weights): posts/s per batch size in fp32 and bf16,
+    FLOPs per post, share of the bf16 peak, batched decode against PIL (what scripts/device-check runs)."""
+    from mmsent.devicebench import bench_device
+
+    result = bench_device(device, archs=tuple(arch or ("default", "seed")),
+                          batch_sizes=tuple(batch_size or (1, 32, 256, 1024)), seconds=seconds)
+    typer.echo(json.dumps(result, indent=2))
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
 def _report(result: dict[str, Any], command: str, write: Path | None, json_out: Path | None) -> None:
     text = render_markdown(result, command)
     typer.echo("\n" + text)
