@@ -25,23 +25,27 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from mmsent.calibrate import Calibration, calibrated_probabilities
 from mmsent.features import cache_dir
+from mmsent.gpudecode import decode_batch
 from mmsent.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageDecodeError, decode_image
 from mmsent.model import Features, MMSentModel, ModelConfig
 from mmsent.presets import PRESETS, default_model_dir, preset_config
 from mmsent.runtime import CPU_RUNTIMES, onnxruntime_available
+from mmsent.shapes import ShapeBuckets, serving_batch_size
 from mmsent.textnorm import normalize_tweet
 
 __all__ = ["ImageEmbedding", "ScoreResult", "Scorer", "build_model", "from_config", "model_directory"]
@@ -95,14 +99,35 @@ def from_config(cfg: ModelConfig) -> MMSentModel:
         return MMSentModel(cfg).eval()
 
 
+class _ModelCalls(NamedTuple):
+    """The three calls a Scorer makes into its model: eager, or compiled by `Scorer.warm_up` (MMSENT_COMPILE)."""
+
+    # (B, T) ids and mask -> token states (B, T, H), pooled text (B, Dt)
+    encode_text: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    embed_pixels: Callable[[torch.Tensor], torch.Tensor]  # (B, 3, S, S) -> image embeddings (B, R, C)
+    head: Callable[[Features], torch.Tensor]  # the head's inputs, B rows -> logits (B, K)
+
+    @classmethod
+    def of(cls, model: MMSentModel) -> _ModelCalls:
+        return cls(model.encode_text, model.embed_pixels, model.head)
+
+    def compiled(self, device: torch.device) -> _ModelCalls:
+        """Each call through `torch.compile`, one static graph per shape (`dynamic=False`): on CUDA with CUDA graphs
+        ("reduce-overhead": a batch is one graph launch instead of hundreds of kernel launches), elsewhere inductor's
+        default. Nothing is compiled until the first call of each shape, which `Scorer.warm_up` makes."""
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        return _ModelCalls._make(torch.compile(call, mode=mode, dynamic=False) for call in self)
+
+
 class Scorer:
     labels: tuple[str, str, str]
     info: dict[str, str]
     image_encoder_id: str
 
-    def __init__(self, model: MMSentModel, *, device: str | None = None, batch_size: int = 64,
+    def __init__(self, model: MMSentModel, *, device: str | None = None, batch_size: int | None = None,
                  cpu_runtime: str = "auto", cpu_workers: int | None = None,
-                 calibration: Calibration | None = None) -> None:
+                 calibration: Calibration | None = None, compile: bool = False,
+                 bucketing: bool | None = None) -> None:
         """`cpu_runtime`: on the CPU, run the frozen encoders (the CNN; a Hugging Face text encoder too) through ONNX
         Runtime ("onnx"), PyTorch ("torch"), or ONNX Runtime where it is installed and they export ("auto"). The
         small fusion head always runs in PyTorch.
@@ -114,15 +139,30 @@ class Scorer:
         2-thread call. A single post runs in the caller's thread, with its threads.
 
         `calibration` (what `load` reads from a model directory's calibration.json): its temperature divides the
-        logits of every head pass; None scores the model as it is."""
+        logits of every head pass; None scores the model as it is.
+
+        `batch_size`: posts per model call at most (default: 256 on a GPU, 64 on the CPU).
+
+        `compile`: `warm_up` compiles the model's calls with `torch.compile` (PyTorch runtime only); until then, and
+        without it, they run eagerly. `bucketing` (default: on a GPU or when compiling): every model call padded to
+        one of a few fixed shapes (mmsent/shapes.py), which compiled code and CUDA graphs need; off, each call has
+        the shape of its posts, which the CPU's eager and ONNX Runtime paths do best with.
+
+        On CUDA the weights are cast to bfloat16 (under bf16 autocast, which keeps the precision-sensitive ops in
+        fp32): autocast alone re-casts every weight on every call, as its cast cache is off for inference."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = model.to(self.device).eval()
+        on_cuda = self.device.type == "cuda"
+        if compile and cpu_runtime == "onnx":
+            raise ValueError("compile=True compiles the PyTorch model: it cannot run with cpu_runtime='onnx'")
+        self.dtype = torch.bfloat16 if on_cuda else torch.float32
+        self._emb_shape = model._emb_shape()  # (R, C); measured (for regions) while the weights are still fp32
+        self.model = model.to(self.device, self.dtype).eval()
         on_cpu = self.device.type == "cpu"
         self.cpu_workers = max(1, cpu_workers or torch.get_num_threads()) if on_cpu else 1
         # Each worker runs single-threaded kernels (set per thread), so no worker waits on another's stragglers.
         self._pool = (ThreadPoolExecutor(self.cpu_workers, initializer=torch.set_num_threads, initargs=(1,),
                                          thread_name_prefix="mmsent-score") if self.cpu_workers > 1 else None)
-        self.cpu_runtime = self._use_cpu_runtime(cpu_runtime)
+        self.cpu_runtime = self._use_cpu_runtime("torch" if compile else cpu_runtime)
         cfg = model.cfg
         labels = tuple(cfg.labels)
         if len(labels) != 3:
@@ -136,24 +176,42 @@ class Scorer:
         self.image_encoder_id = f"{cfg.image.ident}:{kind}"
         if cfg.image_trainable_blocks:  # fine-tuned CNN: its weights are part of the identity
             self.image_encoder_id += f":{cfg.name}@{cfg.version}"
-        self.batch_size = batch_size
+        self.batch_size = batch_size or (serving_batch_size("cuda") if on_cuda else 64)
+        self.serving_batch_size = serving_batch_size(self.device.type)  # MMSENT_MAX_BATCH_SIZE's default
+        self.compile = compile
+        self.bucketing = (on_cuda or compile) if bucketing is None else bucketing
+        self._calls = _ModelCalls.of(self.model)
+        self._threads = threading.local()  # per scoring thread: its CUDA stream
         self.pad_to_length: int | None = None  # None: dynamic padding; an int pads every batch (benchmarks)
-        self.length_bucket: int | None = 8 if self.device.type == "cpu" else None  # rows per text-encoder call
+        self.length_bucket: int | None = 8 if on_cpu else None  # rows per text-encoder call
         self.max_pixels = DEFAULT_MAX_PIXELS
         self.max_side = DEFAULT_MAX_SIDE
 
     @classmethod
     def load(cls, model: str | os.PathLike[str] | None = None, *, device: str | None = None,
-             cpu_runtime: str = "auto", cpu_workers: int | None = None) -> Scorer:
+             cpu_runtime: str = "auto", cpu_workers: int | None = None, compile: bool = False) -> Scorer:
         directory = model_directory(model)
         calibration = Calibration.load(directory) if directory is not None else None
         return cls(build_model(model), device=device, cpu_runtime=cpu_runtime, cpu_workers=cpu_workers,
-                   calibration=calibration)
+                   calibration=calibration, compile=compile)
 
     @property
     def temperature(self) -> float:
         """The calibration's temperature (1.0 uncalibrated)."""
         return self.calibration.temperature if self.calibration is not None else 1.0
+
+    @property
+    def buckets(self) -> ShapeBuckets | None:
+        """The fixed shapes of the model calls for the current `batch_size`, or None (shapes as they come)."""
+        if not self.bucketing:
+            return None
+        return ShapeBuckets.for_model(self.batch_size, self.model.cfg.text.max_length)
+
+    @property
+    def wants_image_bytes(self) -> bool:
+        """True on CUDA: hand images over as encoded bytes (after a header check), which the Scorer decodes in
+        batches on the device (mmsent/gpudecode.py), rather than as decoded PIL images."""
+        return self.device.type == "cuda"
 
     def alert_threshold(self, label: str, min_precision: float) -> float | None:
         """The probability of `label` at which to alert so that, on the calibration data, the alerts' precision was
@@ -187,13 +245,89 @@ class Scorer:
                               "PyTorch", stacklevel=3)
         return "onnx" if image.onnx_trunk is not None else "torch"
 
+    # --- the device ----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _on_device(self) -> Iterator[None]:
+        """Inference mode, bf16 autocast on CUDA, and on CUDA this thread's own stream: the consumer's two model
+        threads then overlap one batch's copies and decode with the other's compute instead of queueing on the
+        default stream. Each thread waits for its own results (`.cpu()`), so they leave in submission order."""
+        with torch.inference_mode(), self._autocast(), self._stream():
+            yield
+
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _stream(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._threads, "stream", None)
+        if stream is None:
+            stream = self._threads.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(stream)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A host tensor onto the device. On CUDA through pinned memory (torch's caching host allocator: reused
+        blocks, each kept until its copy is done) and a `non_blocking` copy, so the thread goes on preparing while
+        the copy runs on its stream."""
+        if self.device.type != "cuda":
+            return x
+        return x.pin_memory().to(self.device, non_blocking=True)
+
+    def warm_up(self) -> int:
+        """Run every shape the model calls can have once (compiling them first when `compile`), so that no post
+        pays for kernel selection, memory pooling or a compilation. Without buckets (the CPU's eager path: shapes
+        as they come) one small post. Call it from each thread that will score: CUDA graphs are recorded per
+        thread, and compiled code is guarded on the calling thread's torch thread count (the CPU slices' workers,
+        which run single-threaded, are warmed here too). Returns the number of model calls made."""
+        buckets = self.buckets
+        calls = 0
+        if buckets is not None:
+            if self.compile and self._calls == _ModelCalls.of(self.model):
+                self._calls = self._calls.compiled(self.device)
+            calls = self._warm_every_shape(buckets)
+            if self._pool is not None:
+                calls += self._pool.submit(self._warm_every_shape, buckets).result()
+        self.score([{"text": "warm up", "image": None}])  # and the Python around the calls: tokenizer, softmax
+        return calls + 1
+
+    def _warm_every_shape(self, buckets: ShapeBuckets) -> int:
+        """The calls of every shape, on this thread. Dynamo keeps 8 graphs per function unless told more (a setting
+        of the compiling thread in newer torch), then runs the rest eagerly: here each function has one graph per
+        shape and torch thread count that calls it (callers, slice workers), and only warm-up ever compiles."""
+        import torch._dynamo
+
+        graphs = 4 * max(len(buckets.text_shapes()), len(buckets.head_sizes) * len(buckets.lengths))
+        with torch._dynamo.config.patch(recompile_limit=graphs), self._on_device():
+            return self._warm_calls(buckets)
+
+    def _warm_calls(self, buckets: ShapeBuckets) -> int:
+        size = self.model.cfg.image.preprocess.size
+        calls = 0
+        for rows in buckets.batch_sizes:
+            self._calls.embed_pixels(torch.zeros(rows, 3, size, size, device=self.device, dtype=self.dtype))
+            calls += 1
+        emb = torch.zeros(1, *self._emb_shape, device=self.device, dtype=self.dtype)
+        for length in buckets.lengths:
+            ids = torch.zeros(1, length, dtype=torch.long, device=self.device)
+            mask = torch.ones_like(ids)
+            for rows in buckets.batch_sizes:
+                tokens, pooled = self._calls.encode_text(_pad_rows(ids, rows), _pad_rows(mask, rows))
+                calls += 1
+            if length != buckets.lengths[0] and not self.model.cfg.head.needs_regions:
+                continue  # the head sees the token states (and so the lengths) only in the attention fusion
+            flags = torch.ones(1, dtype=torch.bool, device=self.device)
+            features = self.model.features_from(pooled[:1], emb, flags, flags, tokens[:1], mask)
+            for rows in buckets.head_sizes:
+                self._calls.head(_pad_features(features, rows))
+                calls += 1
+        return calls
+
     # --- images ------------------------------------------------------------------------------------------------
-    def _as_image(self, image: Any) -> Image.Image | np.ndarray | None:
+    def _as_image(self, image: Any) -> Image.Image | np.ndarray | bytes | None:
+        """A post's image as the model stage takes it: PIL (RGB), a cached embedding, None, or on CUDA the encoded
+        bytes, decoded later with the batch's others on the device (`_pixels`)."""
         if image is None:
             return None
         if isinstance(image, np.ndarray):
@@ -201,24 +335,64 @@ class Scorer:
         if isinstance(image, Image.Image):
             return image if image.mode == "RGB" else image.convert("RGB")
         if isinstance(image, bytes | bytearray | memoryview):
+            if self.wants_image_bytes:
+                return bytes(image)
             try:
                 return decode_image(bytes(image), max_pixels=self.max_pixels, max_side=self.max_side)
             except ImageDecodeError:
                 return None
         raise TypeError(f"a post's image must be PIL, bytes, an ImageEmbedding or None, not {type(image).__name__}")
 
-    def embed_images(self, images: Sequence[Image.Image]) -> list[ImageEmbedding]:
-        """The CNN alone: one embedding (R, C) float32 per image, for caching."""
-        out: list[ImageEmbedding] = []
-        for chunk in _chunks(list(images), self.batch_size):
+    def embed_images(self, images: Sequence[Image.Image | bytes]) -> list[ImageEmbedding | None]:
+        """The CNN alone: one embedding (R, C) float32 per image, for caching; None for bytes that do not decode."""
+        out: list[ImageEmbedding | None] = []
+        for chunk in _chunks([self._as_image(im) for im in images], self.batch_size):
             out.extend(self._in_slices(self._embed_chunk, chunk))
         return out
 
-    def _embed_chunk(self, images: list[Image.Image]) -> list[ImageEmbedding]:
-        pixels = self.model.cfg.image.preprocess.batch(images).to(self.device)
-        with torch.inference_mode(), self._autocast():
-            emb = self.model.embed_pixels(pixels).float().cpu().numpy()
-        return [np.ascontiguousarray(e) for e in emb]
+    def _embed_chunk(self, images: list[Image.Image | bytes | None]) -> list[ImageEmbedding | None]:
+        present = [(k, im) for k, im in enumerate(images) if im is not None]
+        with self._on_device():
+            emb, decoded = self._embed_on_device([im for _, im in present])
+            rows = iter(emb.float().cpu().numpy())
+        done = {k: np.ascontiguousarray(next(rows)) for (k, _), ok in zip(present, decoded, strict=True) if ok}
+        return [done.get(k) for k in range(len(images))]
+
+    def _embed_on_device(self, images: list[Image.Image | bytes]) -> tuple[torch.Tensor, list[bool]]:
+        """Images -> embeddings (m, R, C) on the device for the m that decoded, in order; whether each decoded."""
+        pixels, decoded = self._pixels(images)  # (m, 3, S, S)
+        if not len(pixels):
+            return torch.zeros(0, *self._emb_shape, device=self.device, dtype=self.dtype), decoded
+        rows = len(pixels)
+        buckets = self.buckets
+        padded = _pad_rows(pixels, buckets.rows(rows)) if buckets is not None else pixels
+        return self._calls.embed_pixels(padded)[:rows], decoded
+
+    def _pixels(self, images: list[Image.Image | bytes]) -> tuple[torch.Tensor, list[bool]]:
+        """PIL images preprocessed on the host and copied over; encoded bytes (CUDA) decoded, resized and normalised
+        in one batch on the device, with the safe CPU decoder for what nvJPEG refuses -> (m, 3, S, S) on the
+        device in the model's dtype, for the m that decoded, in order; whether each decoded."""
+        preprocess = self.model.cfg.image.preprocess
+        pil = [(k, im) for k, im in enumerate(images) if isinstance(im, Image.Image)]
+        encoded = [(k, im) for k, im in enumerate(images) if isinstance(im, bytes)]
+        decoded = [True] * len(images)
+        parts: dict[int, torch.Tensor] = {}
+        if pil:
+            host = preprocess.batch([im for _, im in pil])  # (p, 3, S, S) float32
+            if not encoded:
+                return self._to_device(host).to(self.dtype), decoded
+            parts.update(zip([k for k, _ in pil], self._to_device(host), strict=True))
+        if encoded:
+            pixels, reasons = decode_batch([data for _, data in encoded], preprocess, self.device,
+                                           max_pixels=self.max_pixels, max_side=self.max_side)
+            ok = [k for (k, _), reason in zip(encoded, reasons, strict=True) if reason is None]
+            parts.update(zip(ok, pixels, strict=True))
+            for (k, _), reason in zip(encoded, reasons, strict=True):
+                decoded[k] = reason is None
+        size = preprocess.size
+        if not parts:
+            return torch.zeros(0, 3, size, size, device=self.device, dtype=self.dtype), decoded
+        return torch.stack([parts[k] for k in sorted(parts)]).to(self.dtype), decoded
 
     # --- scoring -----------------------------------------------------------------------------------------------
     def score(self, posts: Sequence[Mapping[str, Any]]) -> list[ScoreResult]:
@@ -278,44 +452,59 @@ class Scorer:
         are, then each of the n posts that have both modalities with its text alone, then with its image alone.
         Also has_text and has_image per post, and those n posts' indices."""
         texts = [normalize_tweet(p.get("text") or "") for p in posts]
-        embs, has_image = self._image_embs([self._as_image(p.get("image")) for p in posts])
+        images = [self._as_image(p.get("image")) for p in posts]
         enc = self.model.text_encoder.tokenize(texts, pad_to=self.pad_to_length)
         dev = self.device
         text_flags = [bool(t) for t in texts]
-        image_flags = [bool(h) for h in has_image.tolist()]
-        both = [k for k in range(len(posts)) if text_flags[k] and image_flags[k]]
-        with torch.inference_mode(), self._autocast():
-            tokens, text = self._encode_text(enc["input_ids"], enc["attention_mask"])
-            features = self.model.features_from(text, embs.to(dev), torch.tensor(text_flags, device=dev),
-                                                has_image.to(dev), tokens, enc["attention_mask"].to(dev))
+        with self._on_device():
+            embs, image_flags = self._image_embs(images)
+            both = [k for k in range(len(posts)) if text_flags[k] and image_flags[k]]
+            tokens, mask, text = self._encode_text(enc["input_ids"], enc["attention_mask"])
+            features = self.model.features_from(text, embs, torch.tensor(text_flags, device=dev),
+                                                torch.tensor(image_flags, device=dev), tokens, mask)
             if both:
                 features = _each_alone(features, torch.tensor(both, device=dev))
-            logits = self.model.head(features).float().cpu()
+            logits = self._head(features).float().cpu()
         return logits, text_flags, image_flags, both
 
-    def _image_embs(self, images: list[Image.Image | np.ndarray | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posts' images -> embeddings (B, R, C) float32 on the CPU and has_image (B,): decoded images through the
-        CNN in one call, precomputed embeddings as they are, zeros where there is no image."""
-        emb_shape = self.model._emb_shape()
-        embs = torch.zeros(len(images), *emb_shape)
-        to_embed = [(k, im) for k, im in enumerate(images) if isinstance(im, Image.Image)]
-        if to_embed:
-            computed = self._embed_chunk([im for _, im in to_embed])
-            for (k, _), e in zip(to_embed, computed, strict=True):
-                embs[k] = torch.from_numpy(e)
-        for k, im in enumerate(images):
-            if isinstance(im, np.ndarray):
-                if tuple(im.shape) != emb_shape:
-                    raise ValueError(f"image embedding shape {im.shape} != {emb_shape} for {self.image_encoder_id}")
-                embs[k] = torch.from_numpy(im)  # float16 or float32: the assignment casts
-        return embs, torch.tensor([im is not None for im in images], dtype=torch.bool)
+    def _head(self, features: Features) -> torch.Tensor:
+        """The head on n rows -> logits (n, K); with buckets, on rows padded to a head bucket."""
+        rows = len(features.text)
+        buckets = self.buckets
+        if buckets is not None:
+            features = _pad_features(features, buckets.head_rows(rows))
+        return self._calls.head(features)[:rows]
 
-    def _encode_text(self, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """(B, T) tokens -> token states (B, T, H) or None, and pooled text (B, Dt), on the device."""
+    def _image_embs(self, images: list[Image.Image | np.ndarray | bytes | None]) -> tuple[torch.Tensor, list[bool]]:
+        """Posts' images -> embeddings (B, R, C) on the device and has_image per post: images through the CNN in one
+        call, cached embeddings as they are, zeros where there is no image (or its bytes did not decode)."""
+        has_image = [im is not None for im in images]
+        embs = torch.zeros(len(images), *self._emb_shape, device=self.device, dtype=self.dtype)
+        to_embed = [(k, im) for k, im in enumerate(images) if isinstance(im, Image.Image | bytes)]
+        if to_embed:
+            computed, decoded = self._embed_on_device([im for _, im in to_embed])
+            embs[[k for (k, _), ok in zip(to_embed, decoded, strict=True) if ok]] = computed.to(self.dtype)
+            for (k, _), ok in zip(to_embed, decoded, strict=True):
+                has_image[k] = ok
+        cached = [(k, im) for k, im in enumerate(images) if isinstance(im, np.ndarray)]
+        for _, emb in cached:
+            if tuple(emb.shape) != self._emb_shape:
+                raise ValueError(f"image embedding shape {emb.shape} != {self._emb_shape} for {self.image_encoder_id}")
+        if cached:  # float16 or float32, stacked as float32
+            host = torch.from_numpy(np.stack([emb for _, emb in cached]).astype(np.float32))  # (c, R, C)
+            embs[[k for k, _ in cached]] = self._to_device(host).to(self.dtype)
+        return embs, has_image
+
+    def _encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """(B, T) tokens -> token states (B, W, H) with their mask (B, W), or None and None, and pooled text (B, Dt),
+        on the device."""
         if self.model.cfg.head.needs_regions:  # the attention fusion reads every token state: one padded call
-            return self.model.encode_text(input_ids.to(self.device), attention_mask.to(self.device))
-        return None, self._pooled_text(input_ids, attention_mask)
+            ids, mask = self._text_call_inputs(input_ids, attention_mask, torch.arange(len(input_ids)))
+            tokens, pooled = self._calls.encode_text(ids, mask)
+            rows = len(input_ids)
+            return tokens[:rows], mask[:rows], pooled[:rows]
+        return None, None, self._pooled_text(input_ids, attention_mask)
 
     def _pooled_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) tokens -> (B, Dt) pooled text, the encoder run once per length bucket. On the CPU a bucket is 8
@@ -323,20 +512,44 @@ class Scorer:
         time per post fell from 10.7 to 7.7 ms (buckets of 4: 9.6; 16: 8.4). A GPU wants the whole batch at once."""
         lengths = attention_mask.sum(1)
         if self.length_bucket is None or self.pad_to_length:
-            buckets = [torch.arange(len(lengths))]
+            groups = [torch.arange(len(lengths))]
         else:
-            buckets = list(lengths.argsort(stable=True).split(self.length_bucket))
+            groups = list(lengths.argsort(stable=True).split(self.length_bucket))
         pooled: torch.Tensor | None = None
-        for rows in buckets:
-            width = input_ids.shape[1] if self.pad_to_length else max(1, int(lengths[rows].max()))
-            ids = input_ids[rows, :width].to(self.device)
-            mask = attention_mask[rows, :width].to(self.device)
-            _, part = self.model.encode_text(ids, mask)  # (b, Dt)
+        for rows in groups:
+            ids, mask = self._text_call_inputs(input_ids, attention_mask, rows)
+            _, part = self._calls.encode_text(ids, mask)  # (b', Dt), b' >= len(rows) with buckets
             if pooled is None:
                 pooled = part.new_zeros(len(lengths), part.shape[1])
-            pooled[rows.to(self.device)] = part
+            pooled[rows.to(self.device)] = part[: len(rows)]
         assert pooled is not None
         return pooled
+
+    def _text_call_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text encoder's inputs (b', W) for these rows, on the device: W their longest caption (the whole
+        width with `pad_to_length`), and with buckets W and b' rounded up to buckets (the added rows copies of the
+        last, the added tokens masked padding)."""
+        longest = input_ids.shape[1] if self.pad_to_length else max(1, int(attention_mask[rows].sum(1).max()))
+        ids, mask = input_ids[rows, :longest], attention_mask[rows, :longest]
+        buckets = self.buckets
+        if buckets is not None:
+            width = longest if self.pad_to_length else buckets.length(longest)
+            ids, mask = (_pad_rows(F.pad(x, (0, width - longest)), buckets.rows(len(rows))) for x in (ids, mask))
+        # contiguous: compiled code is specialised on strides too, and a column slice is not
+        return self._to_device(ids.contiguous()), self._to_device(mask.contiguous())
+
+
+def _pad_features(f: Features, rows: int) -> Features:
+    """The head's inputs, every tensor padded to `rows` rows (`_pad_rows`)."""
+    return Features._make(None if x is None else _pad_rows(x, rows) for x in f)
+
+
+def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """(n, ...) -> (rows, ...): the last row repeated. A copy of a real row, not zeros: an all-masked caption or an
+    all-zero feature row could make NaNs, which are harmless once cut off but trip anomaly checks."""
+    extra = rows - len(x)
+    return x if extra <= 0 else torch.cat([x, x[-1:].expand(extra, *x.shape[1:])])
 
 
 def _each_alone(f: Features, rows: torch.Tensor) -> Features:
