@@ -67,6 +67,8 @@ MAX_CONSUME = 500
 # its slices meanwhile: idle 4-5% (results still leave in submission order); smaller batches keep to one at a time.
 # BENCHMARKS.md "Third round" has the runs.
 MODEL_CONCURRENCY = 2
+# Posts per batch for a scorer that does not say what suits its device (`serving_batch_size`): the CPU's.
+DEVICELESS_BATCH_SIZE = 32
 
 
 class Application:
@@ -107,7 +109,9 @@ class Application:
         self.health: HealthServer | None = None
 
         self.tracker = OffsetTracker()
-        self.batcher = MicroBatcher(settings.max_batch_size, settings.max_wait_ms / 1000)
+        # its size is the device's default until the model is loaded (_start), unless set
+        self.batcher = MicroBatcher(settings.max_batch_size or DEVICELESS_BATCH_SIZE, settings.max_wait_ms / 1000)
+        self.max_in_flight = 0  # set in _start(), with the model's device known
         self.outputs = OutputBuilder(settings, self.tracing)
         self._last_commit = 0.0
         self._commit_in_flight = False  # an asynchronous commit awaits its result
@@ -131,18 +135,23 @@ class Application:
         s = self.settings
         if self._serve_http and self.health is None:
             self.health = HealthServer(s.metrics_host, s.metrics_port, lambda: self.ready).start()
-        decoder = self._image_decoder or _default_image_decoder(s)
+        primary = self._scorer or _load_scorer(s, s.model)
+        self.batcher.max_size, self.max_in_flight = s.batch_limits(
+            getattr(primary, "serving_batch_size", DEVICELESS_BATCH_SIZE))
+        # A scorer that decodes on its device (CUDA) gets the bytes, their header checked; others decoded images.
+        decoder = self._image_decoder or _default_image_decoder(s, getattr(primary, "wants_image_bytes", False))
         self._io = LoopThread()
         fetcher_factory = self._fetcher_factory or partial(_default_fetcher, decode=decoder)
         self._fetcher = self._io.call(_construct(fetcher_factory, s), timeout=30)
         self._cache = self._io.call(_construct(self._cache_factory or _default_cache, s), timeout=30)
-        primary = self._scorer or _load_scorer(s, s.model)
         self._shadow = self._shadow_stage(primary, s.shadow_model)
-        self._model = self._serving(primary, strict=False)
         reads = self._shadow is None or self._shadow.same_image_encoder
         image_stage = ImageStage(self._fetcher, self._cache, decoder, self.metrics, read_embeddings=reads,
                                  tracing=self.tracing)
         self.pipeline = Pipeline(self._io, image_stage, model_concurrency=MODEL_CONCURRENCY)
+        if self._shadow is not None:
+            self.pipeline.on_model_threads(partial(_warm_up, self._shadow.scorer, strict=False))
+        self._model = self._serving(primary, strict=False)  # /readyz: not before this (and partitions)
         self._reloader = ModelReloader(self._reloaded_model, self._reload_refused, watched=_model_dir(s),
                                        interval_s=s.model_watch_s).start()
 
@@ -153,7 +162,7 @@ class Application:
             self.sink.init_transactions()
         self.consumer = Consumer(consumer_config(
             s, error_cb=self._on_client_error, stats_cb=self._on_stats, on_commit=self._on_commit))
-        self.pausing = PausingManager(self.consumer, s.max_in_flight)
+        self.pausing = PausingManager(self.consumer, self.max_in_flight)
         self.consumer.subscribe(
             [s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
@@ -164,9 +173,9 @@ class Application:
             output_topic=s.output_topic,
             guarantee=s.processing_guarantee.value,
             model=self._model.info.model_dump(),
-            max_batch_size=s.max_batch_size,
+            max_batch_size=self.batcher.max_size,
             max_wait_ms=s.max_wait_ms,
-            max_in_flight=s.max_in_flight,
+            max_in_flight=self.max_in_flight,
         )
         self.started.set()
 
@@ -594,9 +603,14 @@ class Application:
 
     def _serving(self, scorer: ScorerLike, *, strict: bool) -> ServingModel:
         """A scorer, warmed, with its own model stage and alert threshold. `strict`: a warm-up that fails refuses
-        the model."""
+        the model.
+
+        Warmed here first (with MMSENT_COMPILE, the compilation: here it holds up no batch), then on each model
+        thread, as CUDA graphs are recorded per thread; there it waits behind the batches already queued."""
         threshold = _alert_threshold(scorer, self.settings)
         _warm_up(scorer, strict=strict)
+        assert self.pipeline is not None
+        self.pipeline.on_model_threads(partial(_warm_up, scorer, strict=strict))
         stage = ModelStage(scorer, self._cache, self._io, self.policy, self.metrics, shadow=self._shadow,
                            tracing=self.tracing)
         return ServingModel(scorer, _model_info(scorer), stage, threshold)
@@ -770,9 +784,11 @@ def _load_scorer(settings: Settings, model: str | None) -> ScorerLike:
 
     started = time.monotonic()
     device = None if settings.device == "auto" else settings.device  # None: the Scorer takes a GPU when there is one
-    scorer = Scorer.load(model, device=device, cpu_runtime=settings.cpu_runtime)
-    log.info("model_loaded", model=dict(scorer.info), cpu_runtime=scorer.cpu_runtime,
-             seconds=round(time.monotonic() - started, 2))
+    scorer = Scorer.load(model, device=device, cpu_runtime=settings.cpu_runtime, compile=settings.compile)
+    # the limits it checks the image bytes it decodes itself with (on a GPU), as the fetcher's
+    scorer.max_pixels, scorer.max_side = settings.fetch_max_pixels, settings.fetch_max_side
+    log.info("model_loaded", model=dict(scorer.info), device=str(scorer.device), cpu_runtime=scorer.cpu_runtime,
+             compile=scorer.compile, seconds=round(time.monotonic() - started, 2))
     return scorer
 
 
@@ -797,16 +813,21 @@ def _model_info(scorer: ScorerLike) -> ModelInfo:
 
 
 def _warm_up(scorer: ScorerLike, *, strict: bool) -> None:
-    """One tiny call before the first batch, so that lazy initialisation is not paid by real posts. `strict` (a
-    reload): a failure raises, and the model is refused; at start, the first batch will say what is wrong."""
+    """On this thread, before the first batch: `Scorer.warm_up` (every shape the model will see, compiled first
+    with MMSENT_COMPILE), or for a scorer without one a tiny call, so that real posts pay no lazy initialisation.
+    `strict` (a reload): a failure raises, and the model is refused; at start, the first batch will say what is
+    wrong."""
     started = time.monotonic()
+    warm = getattr(scorer, "warm_up", None)
     try:
-        scorer.score([{"text": "warm up", "image": None}])
+        calls = warm() if warm is not None else scorer.score([{"text": "warm up", "image": None}])
     except Exception as exc:
         if strict:
             raise
         log.warning("model_warm_up_failed", error=repr(exc))
-    log.debug("model_warmed_up", seconds=round(time.monotonic() - started, 3))
+        return
+    log.info("model_warmed_up", thread=threading.current_thread().name, calls=calls if warm is not None else 1,
+             seconds=round(time.monotonic() - started, 3))
 
 
 def _model_dir(settings: Settings) -> Path | None:
@@ -814,10 +835,10 @@ def _model_dir(settings: Settings) -> Path | None:
     return Path(settings.model) if settings.model and Path(settings.model).is_dir() else None
 
 
-def _default_image_decoder(settings: Settings) -> Callable[[bytes], Any]:
+def _default_image_decoder(settings: Settings, keep_bytes: bool) -> Callable[[bytes], Any]:
     from consumer.fetch import image_decoder
 
-    return image_decoder(settings)
+    return image_decoder(settings, keep_bytes=keep_bytes)
 
 
 # -- the process -------------------------------------------------------------------------------------------------

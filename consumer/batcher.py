@@ -34,7 +34,7 @@ class WorkItem:
     headers: list[tuple[str, str | bytes | None]] | None = None  # the record's headers, in order
     post: PostEvent | None = None
     error: Decision | None = None  # set: the record is dead-lettered (or skipped) instead of scored
-    image: Any = None  # what the model gets: an embedding, a PIL image, or None
+    image: Any = None  # what the model gets: an embedding, a PIL image, header-checked bytes (a GPU scorer), or None
     image_status: ImageStatus = ImageStatus.NONE
     image_url_key: str | None = None  # the URL whose embedding this item's image is
     image_bytes: int = 0  # size of the encoded image, when it was had as bytes

@@ -38,7 +38,7 @@ from cachetools import TTLCache
 from prometheus_client import Counter, Histogram
 
 from consumer.netpolicy import AddressPolicy, Refused, Target
-from mmsent import ImageDecodeError, decode_image, sniff_format
+from mmsent import ImageDecodeError, decode_image, open_checked, sniff_format
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -116,10 +116,17 @@ def sniff_image_type(head: bytes) -> str | None:
     return None if image_format is None else f"image/{image_format.lower()}"
 
 
-def image_decoder(settings: Settings) -> Callable[[bytes], Image.Image]:
+def image_decoder(settings: Settings, *, keep_bytes: bool = False) -> Callable[[bytes], Image.Image | bytes]:
     """The one decoder of fetched and cached bytes: `mmsent.decode_image` (header checked before any pixel is
-    allocated, EXIF orientation, first frame, RGB) under this service's limits."""
-    return functools.partial(decode_image, max_pixels=settings.fetch_max_pixels, max_side=settings.fetch_max_side)
+    allocated, EXIF orientation, first frame, RGB) under this service's limits. `keep_bytes` (a scorer that decodes
+    in batches on its GPU): the header checked the same way (`mmsent.open_checked`), and the bytes kept."""
+    decode: Callable[..., Image.Image | bytes] = _checked_bytes if keep_bytes else decode_image
+    return functools.partial(decode, max_pixels=settings.fetch_max_pixels, max_side=settings.fetch_max_side)
+
+
+def _checked_bytes(data: bytes, *, max_pixels: int, max_side: int) -> bytes:
+    open_checked(data, max_pixels=max_pixels, max_side=max_side)  # ImageDecodeError, as decode_image would raise
+    return data
 
 
 # -- connecting only to checked addresses ------------------------------------------------------------
@@ -286,7 +293,7 @@ class ImageFetcher:
         retry_backoff_s: float = 0.2,
         negative_cache_size: int = 10_000,
         ssl_context: ssl.SSLContext | None = None,
-        decode: Callable[[bytes], Image.Image] | None = None,
+        decode: Callable[[bytes], Image.Image | bytes] | None = None,
     ) -> None:
         """`resolver` and `ssl_context` exist for tests (fake DNS, a private CA); production uses the defaults:
         the system resolver and certifi's roots, with certificate and host name checks on. `decode` defaults to
@@ -342,7 +349,7 @@ class ImageFetcher:
         # shield: one caller being cancelled must not cancel the download the others wait for.
         return await asyncio.shield(shared)
 
-    async def fetch_image(self, url: str) -> tuple[FetchResult, Image.Image | None]:
+    async def fetch_image(self, url: str) -> tuple[FetchResult, Image.Image | bytes | None]:
         """`fetch`, then a safe decode (pixel limit, max side, EXIF orientation, first frame), off the loop."""
         result = await self.fetch(url)
         if not result.ok or result.data is None:

@@ -69,9 +69,20 @@ class Settings(BaseSettings):
         default="auto",
         description="On a CPU, the frozen encoders run in ONNX Runtime (auto: where they export) or PyTorch.",
     )
-    max_batch_size: int = Field(default=32, ge=1, le=4096)
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the model's calls while it warms up, every shape it will see (CUDA graphs on a "
+        "GPU), so that no post waits for a compilation; off: eager.",
+    )
+    max_batch_size: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="Posts per micro-batch at most; None: what suits the model's device (256 on a GPU, 32 on the CPU).",
+    )
     max_wait_ms: int = Field(default=50, ge=0, le=60_000)
-    max_in_flight: int = Field(default=256, ge=1, description="Posts read but not yet committed, at most.")
+    max_in_flight: int | None = Field(
+        default=None, ge=1,
+        description="Posts read but not yet committed, at most; None: 8 batches' worth, and at least 256.",
+    )
     max_text_chars: int = Field(default=10_000, ge=0)
 
     fetch_allow_private: bool = False
@@ -124,6 +135,13 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = True
+
+    def batch_limits(self, device_batch_size: int) -> tuple[int, int]:
+        """(posts per micro-batch, posts in flight) at most: as set, else the batch size that suits the model's
+        device (`Scorer.serving_batch_size`) and room for 8 batches of it: the pipeline holds up to 3 batches and
+        the batcher fills the next, and at 32 a batch on the CPU that is the 256 it always was."""
+        batch = self.max_batch_size or device_batch_size
+        return batch, self.max_in_flight or max(256, 8 * batch)
 
     @field_validator("fetch_allow_cidrs", mode="before")
     @classmethod

@@ -394,6 +394,12 @@ class Pipeline:
         scored = self._model_threads[self._turn].submit(self._model_step, batch.model, prepared)
         self._pending.append((batch, scored))
 
+    def on_model_threads(self, fn: Callable[[], Any]) -> None:
+        """`fn()` on each model thread in turn, after the batches already queued there; returns when all are done
+        (raising what one raised). One at a time: a warm-up may patch process-wide compiler settings."""
+        for model_thread in self._model_threads:
+            model_thread.submit(fn).result()
+
     @staticmethod
     def _model_step(model: ServingModel, prepared: concurrent.futures.Future[Batch]) -> Batch:
         return model.stage.run(prepared.result())

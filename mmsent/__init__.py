@@ -1,6 +1,8 @@
 """mmsent: multimodal (caption + image) sentiment. See ARCHITECTURE.md for the public face."""
 
-from mmsent.imaging import ImageDecodeError, decode_image, sniff_format
+from mmsent.imaging import ImageDecodeError, decode_image, open_checked, sniff_format
 from mmsent.scorer import ImageEmbedding, Scorer, ScoreResult
 
-__all__ = ["ImageDecodeError", "ImageEmbedding", "ScoreResult", "Scorer", "decode_image", "sniff_format"]
+__all__ = [
+    "ImageDecodeError", "ImageEmbedding", "ScoreResult", "Scorer", "decode_image", "open_checked", "sniff_format",
+]
