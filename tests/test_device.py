@@ -1,4 +1,4 @@
-"""The model on a device: precision and the prepared device check (scripts/device-check).
+"""The model on a device: precision, the GPU serving path, and the prepared device check (scripts/device-check).
 
 GPU-only tests are marked `gpu` and skip cleanly without CUDA; `scripts/device-check` runs them on the GPU host.
 The models here are the presets' architectures with random weights (speed and numerics need no trained weights).
@@ -6,14 +6,27 @@ The models here are the presets' architectures with random weights (speed and nu
 
 from __future__ import annotations
 
+import copy
+import io
+import itertools
 import json
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+from mmsent import Scorer, decode_image
+from mmsent.bench import sample_photos, synthetic_captions
 from mmsent.devicebench import bench_device, label_agreement, random_architecture
+from mmsent.model import MMSentModel
+from mmsent.presets import preset_config
+from mmsent.scorer import from_config
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -51,3 +64,129 @@ def test_the_device_check_runs_its_whole_flow_on_the_cpu(tmp_path: Path) -> None
     decode = result["bench"]["decode"]
     assert decode["batched_on_device_photos_per_s"] > 0 and decode["pil_photos_per_s"] > 0
     assert (tmp_path / "device-check.log").read_text()
+
+
+# --- the GPU serving path (mmsent/scorer.py on CUDA) --------------------------------------------------------------
+
+
+def _default_random() -> MMSentModel:
+    return from_config(random_architecture("default"))
+
+
+def _tiny() -> MMSentModel:
+    return from_config(preset_config("tiny-random"))
+
+
+def _posts(n: int, images: list[Any]) -> list[dict[str, Any]]:
+    return [{"text": text, "image": image} for text, image in zip(synthetic_captions(n), itertools.cycle(images))]
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (90, 60), (10, 200, 90)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_gpu_scorer_serves_bf16_weights_with_the_labels_of_fp32_on_the_cpu() -> None:
+    model = _default_random()
+    cpu = Scorer(copy.deepcopy(model), device="cpu", cpu_runtime="torch")
+    gpu = Scorer(model, device="cuda")
+    assert next(gpu.model.parameters()).dtype == torch.bfloat16 and gpu.buckets is not None
+    photos = [decode_image(data) for data in sample_photos(32)[0]]  # the same host preprocessing on both
+    posts = _posts(256, photos + [None])
+    agree = [a.label == b.label for a, b in zip(cpu.score(posts), gpu.score(posts), strict=True)]
+    assert sum(agree) / len(agree) >= 0.99
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_jpeg_bytes_are_decoded_in_batches_on_the_gpu_and_the_rest_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mmsent.gpudecode
+
+    decoded_on: list[str] = []
+    batched = mmsent.gpudecode.decode_jpeg
+
+    def spy(data: Any, **kwargs: Any) -> Any:
+        decoded_on.append(str(kwargs.get("device")))
+        return batched(data, **kwargs)
+
+    monkeypatch.setattr(mmsent.gpudecode, "decode_jpeg", spy)
+    gpu = Scorer(_default_random(), device="cuda")
+    assert gpu.wants_image_bytes
+    jpegs = sample_photos(16)[0]
+    from_bytes = gpu.embed_images([*jpegs, _png(), b"\xff\xd8\xff not a jpeg"])
+    assert decoded_on and all(device.startswith("cuda") for device in decoded_on)
+    assert from_bytes[-2] is not None and from_bytes[-1] is None  # PNG: the CPU decoder; garbage: no image
+    from_pil = gpu.embed_images([decode_image(data) for data in jpegs])
+    for a, b in zip(from_bytes[: len(jpegs)], from_pil, strict=True):
+        assert a is not None and b is not None
+        cosine = float((a * b).sum() / (np.linalg.norm(a) * np.linalg.norm(b)))
+        assert cosine > 0.98  # nvJPEG and resizing on the device against PIL: close, not equal
+    scored = gpu.score([{"text": "a photo", "image": jpegs[0]}, {"text": "garbage", "image": b"\xff\xd8 no"}])
+    assert [r.image_used for r in scored] == [True, False]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cached_embeddings_skip_the_cnn_on_the_gpu() -> None:
+    gpu = Scorer(_tiny(), device="cuda")
+    photo = Image.new("RGB", (40, 30), (200, 20, 20))
+    [embedding] = gpu.embed_images([photo])
+    assert embedding is not None and embedding.dtype == np.float32
+    cnn_calls: list[int] = []
+    embed = gpu._calls.embed_pixels
+    gpu._calls = gpu._calls._replace(embed_pixels=lambda pixels: cnn_calls.append(len(pixels)) or embed(pixels))
+    from_cache = gpu.score([{"text": "red", "image": embedding}])[0]
+    assert cnn_calls == []
+    from_pixels = gpu.score([{"text": "red", "image": photo}])[0]
+    assert cnn_calls and from_cache.scores == pytest.approx(from_pixels.scores, abs=1e-3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_two_model_threads_score_on_their_own_streams_and_each_gets_its_own_results() -> None:
+    gpu = Scorer(_tiny(), device="cuda", batch_size=64)
+    gpu.warm_up()
+    photos = [Image.new("RGB", (40, 30), (k * 20, 90, 30)) for k in range(8)]
+    batches = [_posts(64, photos[k:] + [None]) for k in range(8)]
+    expected = [gpu.score(batch) for batch in batches]
+    both = threading.Barrier(2)
+
+    def score_all(part: list[list[dict[str, Any]]]) -> tuple[Any, list[Any]]:
+        both.wait()  # the two threads really at once
+        return gpu._threads.stream, [gpu.score(batch) for batch in part]
+
+    with ThreadPoolExecutor(2) as pool:
+        (s0, r0), (s1, r1) = pool.map(score_all, [batches[0::2], batches[1::2]])
+    assert s0 is not s1 and torch.cuda.default_stream() not in (s0, s1)
+    got = [r for pair in zip(r0, r1, strict=True) for r in pair]
+    for want, have in zip(expected, got, strict=True):
+        assert [r.label for r in want] == [r.label for r in have]
+        assert all(a.scores == pytest.approx(b.scores, abs=1e-3) for a, b in zip(want, have, strict=True))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_compiled_with_cuda_graphs_on_the_gpu_compiles_only_while_warming_up() -> None:
+    from torch._dynamo.utils import counters
+
+    eager = Scorer(_tiny(), device="cuda", batch_size=16)
+    compiled = Scorer(_tiny(), device="cuda", batch_size=16, compile=True)
+    posts = _posts(40, [Image.new("RGB", (40, 30), (9, 9, 200)), None])
+    compiled.warm_up()
+    frames = counters["frames"]["total"]
+
+    def on_a_model_thread() -> list[Any]:
+        compiled.warm_up()  # CUDA graphs are recorded per thread; the compiled code is there already
+        return compiled.score(posts)
+
+    with ThreadPoolExecutor(1) as pool:
+        other_thread = pool.submit(on_a_model_thread).result()
+    results = compiled.score(posts)
+    assert counters["frames"]["total"] == frames, "a post triggered a compilation"
+    want = eager.score(posts)
+    for have in (results, other_thread):
+        agree = [a.label == b.label for a, b in zip(want, have, strict=True)]
+        assert sum(agree) / len(agree) >= 0.95  # tiny random heads sit near ties; bf16 either way

@@ -159,3 +159,24 @@ def test_compiled_calls_give_the_eager_labels_and_compile_only_during_warm_up() 
 def test_compile_refuses_onnx_runtime() -> None:
     with pytest.raises(ValueError, match="onnx"):
         Scorer(from_config(preset_config("tiny-random")), compile=True, cpu_runtime="onnx")
+
+
+def test_the_batched_decode_path_for_image_bytes_scores_like_the_pil_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a CUDA scorer does with bytes (decode_batch, then the CNN), run here with torchvision's CPU decoder."""
+    pil_path = _scorer()
+    posts = [{"text": f"caption {k}", "image": _jpeg(k)} for k in range(6)]
+    posts += [{"text": "png", "image": _png()}, {"text": "broken", "image": b"\xff\xd8\xff broken"}]
+    expected = pil_path.score(posts)
+    monkeypatch.setattr(Scorer, "wants_image_bytes", property(lambda _self: True))
+    batched = _scorer(bucketing=True, batch_size=8)
+    assert batched._as_image(posts[0]["image"]) == posts[0]["image"]  # kept as bytes until the batch decodes them
+    for a, b in zip(expected, batched.score(posts), strict=True):
+        assert a.image_used == b.image_used
+        assert a.scores == pytest.approx(b.scores, abs=0.02)  # two JPEG decoders and resizers: close, not equal
+    assert [e is None for e in batched.embed_images([p["image"] for p in posts])] == [False] * 7 + [True]
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (33, 17), (5, 120, 240)).save(buffer, "PNG")
+    return buffer.getvalue()

@@ -1,5 +1,6 @@
-"""Before it is ready the consumer warms its model on every shape, on each thread that scores; and its batch limits
-suit the model's device unless set. With the tiny random model, on a real broker."""
+"""The consumer and its model's device: before it is ready it warms the model on every shape, on each thread that
+scores; its batch limits suit the device unless set; a GPU scorer gets image bytes to decode itself. With the tiny
+random model, on a real broker."""
 
 from __future__ import annotations
 
@@ -95,3 +96,18 @@ def test_the_environment_sets_the_batch_size_and_compile(monkeypatch: pytest.Mon
     monkeypatch.delenv("MMSENT_MAX_BATCH_SIZE")
     monkeypatch.delenv("MMSENT_COMPILE")
     assert Settings().max_batch_size is None and not Settings().compile
+
+
+def test_a_gpu_scorer_gets_header_checked_bytes_and_a_bad_header_is_refused_as_before() -> None:
+    from consumer.fetch import image_decoder
+    from mmsent import ImageDecodeError
+    from tests.imageserver import sample_image
+
+    settings = _env(fetch_max_side="64")
+    jpeg = sample_image("JPEG", color=(200, 10, 10))
+    assert image_decoder(settings, keep_bytes=True)(jpeg) is jpeg  # no pixel decoded here: the GPU does it
+    assert image_decoder(settings)(jpeg).mode == "RGB"
+    for bad in (b"\xff\xd8 not a jpeg", sample_image("PNG", size=(100, 20))):
+        for keep_bytes in (True, False):
+            with pytest.raises(ImageDecodeError):
+                image_decoder(settings, keep_bytes=keep_bytes)(bad)
