@@ -4,10 +4,13 @@
                                   3.12 x86-64, --no-deps) into .device/wheels, and MiniLM's tokenizer and config (not
                                   its 87 MB of weights) into .device/minilm; both git-ignored, carried with `run`
     scripts/device-check          there: install the wheels offline (--target .device/site) ─▶ pytest -m gpu
-                                  ─▶ the model on the device (mmsent/devicebench.py) ─▶ $OUT/device-check.json, .log
+                                  ─▶ the model on the device (mmsent/devicebench.py): model only (fp32, bf16,
+                                  compiled), decode, serving from JPEG bytes and latency at half load, training
+                                  ─▶ $OUT/device-check.json, .log
     scripts/device-check --cpu    the same flow here, small, so that it is proven before any GPU time is spent
 
-The JSON has the same keys either way: mode, env, pytest, bench, label_agreement, seconds.
+The JSON has the same keys either way: mode, env, pytest, bench (with serving and training), label_agreement,
+seconds; a figure that cannot be measured on the device (compiled on the CPU, GPU utilisation) is null.
 """
 
 from __future__ import annotations
@@ -86,13 +89,15 @@ def run(cpu: bool, out: Path) -> dict[str, Any]:
     install(log)
     if (DEVICE / "minilm").is_dir():
         os.environ.setdefault("MMSENT_TOKENIZER_DIR", str(DEVICE / "minilm"))
-    from mmsent.devicebench import bench_device, label_agreement, random_architecture
+    from mmsent.devicebench import bench_device, bench_serving, bench_training, label_agreement, random_architecture
 
     device = "cpu" if cpu else "cuda"
     result: dict[str, Any] = {"mode": "cpu" if cpu else "gpu", "env": environment(), "pytest": gpu_tests(log)}
     sizes, seconds = ((1, 8), 0.3) if cpu else ((1, 32, 256, 1024), 2.0)
     result["bench"] = bench_device(device, archs=("default",) if cpu else ("default", "seed"),
-                                   batch_sizes=sizes, seconds=seconds)
+                                   batch_sizes=sizes, seconds=seconds, compiled_sizes=(8,) if cpu else (256,))
+    result["bench"]["serving"] = bench_serving(device, seconds=seconds)
+    result["bench"]["training"] = bench_training(device, **({} if cpu else {"posts": 2048, "batch_size": 64}))
     result["label_agreement"] = {"bf16_vs_cpu_fp32": label_agreement(random_architecture("default"), device,
                                                                      "bf16", posts=64 if cpu else 1024)}
     result["seconds"] = round(time.monotonic() - started, 1)

@@ -59,7 +59,13 @@ def test_the_device_check_runs_its_whole_flow_on_the_cpu(tmp_path: Path) -> None
     assert "skipped" in result["pytest"]["summary"] or "deselected" in result["pytest"]["summary"]
     default = result["bench"]["archs"]["default"]
     assert all(v > 0 for dtype in ("fp32", "bf16") for v in default["posts_per_s"][dtype].values())
+    assert default["posts_per_s"]["compiled"] == {"8": None}  # the key as on a GPU; not measured on the CPU
+    assert default["gpu_utilization_percent"] is None
     assert default["flops_per_post"] > 1e9  # MiniLM + EfficientNet-Lite0: about 1.4 GFLOPs a post
+    serving = result["bench"]["serving"]
+    assert serving["batch_size"] == 32 and serving["posts_per_s"] > 0 and serving["gpu_utilization_percent"] is None
+    assert 0 < serving["half_load"]["p50_ms"] <= serving["half_load"]["p99_ms"]
+    assert result["bench"]["training"]["samples_per_s"] > 0
     assert result["label_agreement"]["bf16_vs_cpu_fp32"] >= 0.99
     decode = result["bench"]["decode"]
     assert decode["batched_on_device_photos_per_s"] > 0 and decode["pil_photos_per_s"] > 0
@@ -190,3 +196,19 @@ def test_compiled_with_cuda_graphs_on_the_gpu_compiles_only_while_warming_up() -
     for have in (results, other_thread):
         agree = [a.label == b.label for a, b in zip(want, have, strict=True)]
         assert sum(agree) / len(agree) >= 0.95  # tiny random heads sit near ties; bf16 either way
+
+
+def test_latency_at_load_cuts_batches_as_the_consumer_does() -> None:
+    from mmsent.devicebench import latency_at_load
+
+    class Fake:
+        sizes: list[int] = []
+
+        def score(self, posts: list[Any]) -> None:
+            self.sizes.append(len(posts))
+
+    fake = Fake()
+    figures = latency_at_load(fake, [{}], rate=400, seconds=0.5, max_batch=16, max_wait_s=0.02)
+    assert sum(fake.sizes) == figures["posts"] == 200 and max(fake.sizes) <= 16
+    assert len(fake.sizes) > 200 / 16  # cut by the wait as well as by size: 8 arrive in 20 ms
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"] < 200
