@@ -19,6 +19,19 @@ head pass's logits are divided by its temperature, and `alert_threshold(label, m
           --_as_image--> _image_embs (the CNN, or the caller's cached embedding) --> (B, R, C) --+
                                             MMSentModel.features_from --> head (+ each modality alone)
                                             --> logits / T --> softmax --> ScoreResult per post
+
+Every model call (`_ModelCalls`: text encoder, CNN, head) goes through one of three doors, so that its shapes can be
+fixed: with bucketing (on a GPU, or when compiling) its rows and caption tokens are padded up to the few shapes of
+mmsent/shapes.py, and the padding is cut off its outputs. `warm_up` runs each of those shapes once (compiling them
+first with `compile=True`), so that no post pays for a compilation or a kernel choice.
+
+On CUDA the weights are bfloat16 (under bf16 autocast), and each thread that scores has its own CUDA stream:
+
+    image bytes ──decode_batch: header limits, then nvJPEG on the device (the CPU decoder for the rest)─┐
+    PIL images ──preprocess on the host──▶ pinned memory ──non_blocking copy──────────────────────────┼─▶ CNN
+    cached embeddings ──pinned memory ──non_blocking copy─────────────────────────────── (no CNN) ────┴─▶ head
+    token ids, masks ──pinned memory ──non_blocking copy──▶ text encoder ─────────────────────────────────┘
+                                                    logits ──.cpu() (waits for this thread's stream)──▶ results
 """
 
 from __future__ import annotations
