@@ -41,6 +41,7 @@ __all__ = [
     "fit_calibration",
     "fit_temperature",
     "precision_thresholds",
+    "write_calibration",
 ]
 
 CALIBRATION_FILE = "calibration.json"
@@ -251,7 +252,6 @@ def calibrate_model(data: str | Path, model: str | Path | None = None, *,
     from tqdm.auto import tqdm
 
     from mmsent.data import load_examples, load_image
-    from mmsent.evaluate import plot_reliability, reliability_bins
     from mmsent.scorer import Scorer, model_directory
 
     directory = model_directory(model)
@@ -268,12 +268,23 @@ def calibrate_model(data: str | Path, model: str | Path | None = None, *,
         parts.append(scorer.logits([{"text": e.text, "image": load_image(e.image)} for e in chunk]))
     logits = np.concatenate(parts)
     y = np.asarray([e.label for e in examples], dtype=np.int64)
+    metrics = {"data": str(Path(data).resolve()), "model": dict(scorer.info)}
+    return write_calibration(directory, logits, y, scorer.labels, targets, metrics), directory
+
+
+def write_calibration(directory: Path, logits: np.ndarray, y: np.ndarray, labels: Sequence[str],
+                      targets: Sequence[float] = DEFAULT_PRECISIONS,
+                      metrics: Mapping[str, Any] | None = None) -> Calibration:
+    """Fit on (N, K) uncalibrated logits of labelled posts and write calibration.json and the reliability diagrams
+    into the model directory, tied to its weights. `mmsent calibrate` fits on a labelled file; `mmsent train
+    --folds k` on the cross-validation's out-of-fold probabilities (no row scored by a model that trained on it)."""
+    from mmsent.evaluate import plot_reliability, reliability_bins
+
     weights = directory / "model.safetensors"
     calibration = fit_calibration(
-        logits, y, scorer.labels, targets,
+        logits, y, labels, targets,
         model_sha256=weights_sha256(weights) if weights.is_file() else None,
-        metrics={"data": str(Path(data).resolve()), "model": dict(scorer.info),
-                 "reliability_before": RELIABILITY_BEFORE, "reliability_after": RELIABILITY_AFTER},
+        metrics={**(metrics or {}), "reliability_before": RELIABILITY_BEFORE, "reliability_after": RELIABILITY_AFTER},
     )
     m = calibration.metrics
     plot_reliability(reliability_bins(y, calibrated_probabilities(logits)), directory / RELIABILITY_BEFORE,
@@ -282,4 +293,4 @@ def calibrate_model(data: str | Path, model: str | Path | None = None, *,
                      directory / RELIABILITY_AFTER,
                      title=f"T = {calibration.temperature:.3f} (ECE {m['ece_after']:.4f})")
     calibration.save(directory)
-    return calibration, directory
+    return calibration

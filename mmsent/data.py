@@ -165,4 +165,5 @@ def collate(
         has_image=torch.tensor([im is not None for im in images]),
         pixels=pixels,
         labels=labels,
+        pairs=torch.tensor([e.pair if e.pair is not None else -100 for e in examples], dtype=torch.long),
     )

@@ -208,6 +208,41 @@ class TextEncoder(nn.Module):
             return tokens[:, 0]
         return torch.cat([tokens[:, 0], mean], dim=-1)  # (B, 2H)
 
+    # --- the cut below the tuned layers (training on the CPU from cached activations, mmsent/features.py) -----
+    def states_below(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_last: int) -> torch.Tensor:
+        """(B, T) -> the token states (B, T, H) entering the last `n_last` layers: what stays fixed while they train."""
+        cut = self._cut(n_last)
+        if isinstance(self.model, TinyTransformer):
+            pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+            x = self.model.tok(input_ids) + self.model.pos(pos)[None]  # (B, T, H)
+            return self._run_layers(x, attention_mask, 0, cut)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        states: torch.Tensor = out.hidden_states[cut]  # [0] is the embeddings, [k] leaves layer k
+        return states
+
+    def states_through(self, states: torch.Tensor, attention_mask: torch.Tensor, n_last: int) -> torch.Tensor:
+        """The last `n_last` layers on `states_below`'s output: (B, T, H) -> the final token states (B, T, H)."""
+        return self._run_layers(states, attention_mask, self._cut(n_last), len(self.layers()))
+
+    def _cut(self, n_last: int) -> int:
+        n = len(self.layers())
+        if not 0 <= n_last <= n:
+            raise ValueError(f"no cut below the last {n_last} of {n} text layers (0 to {n}); tuning everything, "
+                             "the embeddings too, runs end to end (mmsent train --no-cache)")
+        return n - n_last
+
+    def _run_layers(self, x: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        if isinstance(self.model, TinyTransformer):
+            for layer in self.model.layers[start:stop]:
+                x = layer(x, src_key_padding_mask=~attention_mask.bool())
+            return x
+        # BERT layers take an additive mask (B, 1, 1, T): 0 on real tokens, the dtype's minimum on padding
+        additive = (1.0 - attention_mask[:, None, None, :].to(x.dtype)) * torch.finfo(x.dtype).min
+        for layer in self.layers()[start:stop]:
+            out = layer(x, attention_mask=additive)
+            x = out[0] if isinstance(out, tuple) else out
+        return x
+
     def layers(self) -> nn.ModuleList:
         if isinstance(self.model, TinyTransformer):
             return self.model.layers
@@ -374,12 +409,56 @@ class ImageEncoder(nn.Module):
         return regions
 
     def blocks(self) -> list[nn.Module]:
+        """The trunk's stages in order, after its stem: what `set_trainable` counts and the cut splits at."""
         t: Any = self.trunk
         if self.spec.arch.startswith("resnet"):
             return [t.layer1, t.layer2, t.layer3, t.layer4]
         if self.spec.arch.startswith("efficientnet"):
-            return [*t._blocks, t._conv_head, t._bn1]
+            return [*t._blocks, nn.ModuleList([t._conv_head, t._bn1])]  # the 1x1 head conv and its BN: one stage
         return list(t.net)
+
+    # --- the cut below the tuned blocks (training on the CPU from cached activations, mmsent/features.py) -----
+    def map_below(self, pixels: torch.Tensor, n_last: int) -> torch.Tensor:
+        """(B, 3, S, S) -> the feature map (B, C, h, w) entering the last `n_last` blocks."""
+        x = self._stem(pixels.contiguous(memory_format=torch.channels_last))
+        for k in range(self._cut(n_last)):
+            x = self._stage(k, x)
+        return x
+
+    def map_through(self, fmap: torch.Tensor, n_last: int) -> torch.Tensor:
+        """The last `n_last` blocks on `map_below`'s output: (B, C, h, w) -> the trunk's map (B, C', h', w')."""
+        x = fmap.contiguous(memory_format=torch.channels_last)
+        for k in range(self._cut(n_last), len(self.blocks())):
+            x = self._stage(k, x)
+        return x
+
+    def _cut(self, n_last: int) -> int:
+        n = len(self.blocks())
+        if not 0 <= n_last <= n:
+            raise ValueError(f"no cut below the last {n_last} of {n} image blocks (0 to {n}); tuning everything, "
+                             "the stem too, runs end to end (mmsent train --no-cache)")
+        return n - n_last
+
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        t: Any = self.trunk
+        if self.spec.arch.startswith("resnet"):
+            return t.maxpool(t.relu(t.bn1(t.conv1(x))))
+        if self.spec.arch.startswith("efficientnet"):
+            return t._swish(t._bn0(t._conv_stem(x)))
+        return x
+
+    def _stage(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        """Stage k of `blocks()`, as the architecture's own forward runs it (EfficientNet's drop-connect rate grows
+        with the block's depth and acts in training only)."""
+        t: Any = self.trunk
+        if self.spec.arch.startswith("efficientnet"):
+            n = len(t._blocks)
+            if k == n:
+                return t._swish(t._bn1(t._conv_head(x)))
+            rate = (t._global_params.drop_connect_rate or 0.0) * k / n
+            return t._blocks[k](x, drop_connect_rate=rate)
+        stage: nn.Module = self.blocks()[k]
+        return stage(x)
 
     def set_trainable(self, n_last: int) -> None:
         """Unfreeze the last `n_last` blocks (-1: everything). BatchNorm statistics stay frozen."""

@@ -17,9 +17,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mmsent.data import Example, load_image
-from mmsent.model import Features, MMSentModel
+from mmsent.model import Batch, Features, MMSentModel
 
-__all__ = ["FeatureSet", "cache_dir", "extract_features"]
+__all__ = ["ActivationSet", "FeatureSet", "cache_dir", "extract_activations", "extract_features"]
 
 FEATURE_VERSION = 4  # 4: resize in torch (antialiased bilinear on uint8), not Pillow
 
@@ -160,3 +160,113 @@ def _with_labels(fs: FeatureSet, examples: Sequence[Example]) -> FeatureSet:
     fs.labels = torch.tensor([e.label if e.label is not None else -100 for e in examples], dtype=torch.long)
     fs.pairs = torch.tensor([e.pair if e.pair is not None else -100 for e in examples], dtype=torch.long)
     return fs
+
+
+# ------------------------------------------------------------------------------------ activations below a cut
+@dataclass
+class ActivationSet:
+    """What enters the tuned layers, for fine-tuning the last layers of both encoders on the CPU: everything below
+    them runs once here, and each training step runs only the layers that learn (features.py's cache, its own key).
+
+        examples ─> text layers below the cut ─> states (N, T, H) ─┐
+                 ─> CNN stem + blocks below the cut ─> maps (N, C, h, w), and the mirror's ─> ActivationSet.batch
+    """
+
+    text_states: torch.Tensor  # (N, T, H) float16, padded to the text encoder's max_length
+    text_mask: torch.Tensor  # (N, T) 1 = real token
+    image_map: torch.Tensor  # (N, C, h, w) float16; zeros where there is no image
+    image_map_flip: torch.Tensor  # (N, C, h, w) the mirrored image's (augmentation)
+    has_text: torch.Tensor  # (N,) bool
+    has_image: torch.Tensor  # (N,) bool
+    labels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # from the examples
+    pairs: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, idx: torch.Tensor, *, flip: torch.Tensor | None = None) -> Batch:
+        """Rows `idx` as a Batch for MMSentModel, trimmed to their longest text; `flip` (bool per row) picks the
+        mirrored image."""
+        mask = self.text_mask[idx]
+        width = max(int(mask.sum(1).max()), 1)
+        maps = self.image_map[idx]
+        if flip is not None:
+            maps = torch.where(flip[:, None, None, None], self.image_map_flip[idx], maps)
+        return Batch(
+            input_ids=torch.zeros_like(mask[:, :width]),  # unused: the states below stand in for the tokens
+            attention_mask=mask[:, :width],
+            has_text=self.has_text[idx],
+            has_image=self.has_image[idx],
+            image_map=maps.float(),
+            labels=self.labels[idx],
+            pairs=self.pairs[idx],
+            text_states=self.text_states[idx, :width].float(),
+        )
+
+
+def _activation_key(model: MMSentModel, examples: Sequence[Example]) -> str:
+    cut = (model.cfg.text_trainable_layers, model.cfg.image_trainable_blocks)
+    return f"act-{cut[0]}-{cut[1]}-{_key(model, examples, regions=False)}"
+
+
+@torch.inference_mode()
+def extract_activations(
+    model: MMSentModel, examples: Sequence[Example], *, use_cache: bool = True, progress: bool = True
+) -> ActivationSet:
+    """The activations entering `model`'s trainable text layers and image blocks, for `examples`; cached like
+    `extract_features` (a few hundred MB for MVSA's 4,000 posts, in the user cache dir)."""
+    path = cache_dir() / "features" / f"{_activation_key(model, examples)}.pt"
+    if use_cache and path.exists():
+        cached = torch.load(path, map_location="cpu", weights_only=True)
+        return _labelled(ActivationSet(**cached), examples)
+    model.eval()
+    states, mask = _text_states(model, examples, progress)
+    maps, maps_flip, has_image = _image_maps(model, examples, progress)
+    acts = ActivationSet(states, mask, maps, maps_flip, torch.tensor([bool(e.text) for e in examples]), has_image)
+    if use_cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({k: v for k, v in acts.__dict__.items() if k not in ("labels", "pairs")}, tmp)
+        tmp.replace(path)
+    return _labelled(acts, examples)
+
+
+def _text_states(model: MMSentModel, examples: Sequence[Example], progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    enc_t, n_last = model.text_encoder, model.cfg.text_trainable_layers
+    n, width = len(examples), model.cfg.text.max_length
+    states = torch.zeros(n, width, enc_t.hidden_size, dtype=torch.float16)  # (N, T, H)
+    mask = torch.zeros(n, width, dtype=torch.long)
+    order = sorted(range(n), key=lambda k: len(examples[k].text))  # similar lengths together: less padding
+    for s in tqdm(range(0, n, 64), desc="activations: text", disable=not progress, leave=False):
+        idx = order[s : s + 64]
+        enc = enc_t.tokenize([examples[k].text for k in idx])
+        t = enc["input_ids"].shape[1]
+        states[idx, :t] = enc_t.states_below(enc["input_ids"], enc["attention_mask"], n_last).half()
+        mask[idx, :t] = enc["attention_mask"]
+    return states, mask
+
+
+def _image_maps(
+    model: MMSentModel, examples: Sequence[Example], progress: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    enc_i, n_last, pre = model.image_encoder, model.cfg.image_trainable_blocks, model.cfg.image.preprocess
+    n = len(examples)
+    probe = enc_i.map_below(torch.zeros(1, 3, pre.size, pre.size), n_last)  # (1, C, h, w)
+    maps = torch.zeros(n, *probe.shape[1:], dtype=torch.float16)
+    maps_flip, has_image = torch.zeros_like(maps), torch.zeros(n, dtype=torch.bool)
+    step = enc_i.cpu_micro_batch  # small calls: large ones page-fault their activations afresh (encoders.py)
+    for s in tqdm(range(0, n, step), desc="activations: images", disable=not progress, leave=False):
+        present = [(k, im) for k in range(s, min(n, s + step)) if (im := load_image(examples[k].image)) is not None]
+        if present:
+            rows, pixels = torch.tensor([k for k, _ in present]), pre.batch([im for _, im in present])
+            maps[rows] = enc_i.map_below(pixels, n_last).half()
+            maps_flip[rows] = enc_i.map_below(pixels.flip(-1), n_last).half()
+            has_image[rows] = True
+    return maps, maps_flip, has_image
+
+
+def _labelled(acts: ActivationSet, examples: Sequence[Example]) -> ActivationSet:
+    """Labels come from the examples, never from the cache (the key covers the inputs, not the labels)."""
+    acts.labels = torch.tensor([e.label if e.label is not None else -100 for e in examples], dtype=torch.long)
+    acts.pairs = torch.tensor([e.pair if e.pair is not None else -100 for e in examples], dtype=torch.long)
+    return acts

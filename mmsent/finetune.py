@@ -3,7 +3,10 @@ are unfrozen (the seed preset; `--text-layers N --image-blocks N` for the defaul
 
     examples ─> DataLoader: `cfg.workers` processes load, preprocess, augment (training only) and tokenize
             │   (data.collate); pinned memory on CUDA; the shuffle of epoch e seeded from (seed, e)
-            ├─> each batch: to the device ─> autocast (bf16 on CUDA, fp32 on the CPU) ─> loss (train.loss_fn)
+            │   or, on the CPU, ActivationRows: what enters the tuned layers, cached once (features.ActivationSet),
+            │   the mirrored image at random
+            ├─> each batch: to the device ─> autocast (bf16 on CUDA, fp32 on the CPU) ─> loss (train.head_loss:
+            │   the label, or the modality pair) + cfg.aux_weight x each encoder's own annotators' label (_AuxHeads)
             │   ─> AdamW (the head at --lr, unfrozen encoder layers at --encoder-lr) ─> warm-up + cosine/linear LR
             ├─> each epoch: validation macro-F1 ─> early stopping (train._Progress) ─> DIR/train_state.pt
             └─> the best weights back in the model, on the CPU, for `train_model` to save
@@ -29,15 +32,17 @@ from typing import Any, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mmsent.data import Example, augmentation, collate
-from mmsent.model import Batch, MMSentModel
-from mmsent.train import History, TrainConfig, _descend, _macro_f1, _Progress, _set_seed, loss_fn, make_class_weights
+from mmsent.features import ActivationSet
+from mmsent.model import MODALITY_PAIRS, Batch, Features, FusionHead, MMSentModel
+from mmsent.train import History, TrainConfig, _descend, _macro_f1, _Progress, _set_seed, head_loss, make_class_weights
 
-__all__ = ["finetune", "lr_factor", "predict", "resolve_device"]
+__all__ = ["ActivationRows", "finetune", "lr_factor", "predict", "resolve_device"]
 
 DECAYS = ("cosine", "linear")
 
@@ -53,56 +58,128 @@ def resolve_device(name: str) -> torch.device:
 
 def finetune(
     model: MMSentModel,
-    train: Sequence[Example],
-    val: Sequence[Example] | None,
+    train: Rows,
+    val: Rows | None,
     cfg: TrainConfig,
     *,
     state_path: Path | None = None,
+    stop_after: int | None = None,
 ) -> tuple[MMSentModel, History]:
     """Train `model` end to end (only its trainable parameters move); early stopping on `val`'s macro-F1 when given.
 
     Returns the model with its best weights, on the CPU, and a record per epoch (loss, posts/s, learning rate,
     validation macro-F1). With `state_path`, a checkpoint each epoch, and a run that finds one continues from it.
+    `stop_after` ends the run after that many epochs of a schedule laid out for `cfg.epochs` (as early stopping
+    would have): how the final model repeats the epochs that cross-validation chose.
     """
     _set_seed(cfg.seed)
     t = _Trainer.new(model, train, cfg)
     run = t.resume(state_path) if state_path is not None and state_path.exists() else _Progress()
-    for epoch in range(run.start, cfg.epochs):
+    for epoch in range(run.start, min(cfg.epochs, stop_after or cfg.epochs)):
         rec = t.epoch(epoch)
-        if val:
+        if val is not None and len(val):
             rec["val_macro_f1"] = t.macro_f1(val)
             run.update(rec["val_macro_f1"], epoch, model.trainable_state)
         run.history.append(rec)
         if state_path is not None:
             t.save(state_path, run, epoch)
-        if val and run.bad >= cfg.patience:
+        if val is not None and len(val) and run.bad >= cfg.patience:
             break
     run.restore_best(model, strict=False)
     return model.cpu().eval(), run.history
 
 
+# ------------------------------------------------------------------------------------------------------ the rows
+@dataclass(frozen=True)
+class ActivationRows:
+    """Rows of an ActivationSet to train on (or score): the CPU's fast road, where only the tuned layers run."""
+
+    acts: ActivationSet
+    rows: torch.Tensor  # (n,) indices into acts
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def labels(self) -> torch.Tensor:
+        return self.acts.labels[self.rows]
+
+    def batches(self, cfg: TrainConfig, *, epoch: int | None) -> Iterator[Batch]:
+        """In order (epoch None), or shuffled with each image mirrored at random, from a generator seeded by the
+        epoch (so a resumed run repeats)."""
+        rows, gen = self.rows, torch.Generator().manual_seed(cfg.seed * 100_003 + (epoch or 0))
+        if epoch is not None:
+            rows = rows[torch.randperm(len(rows), generator=gen)]
+        for s in range(0, len(rows), cfg.batch_size):
+            idx = rows[s : s + cfg.batch_size]
+            flip = torch.rand(len(idx), generator=gen) < 0.5 if epoch is not None else None
+            yield self.acts.batch(idx, flip=flip)
+
+
+Rows = Sequence[Example] | ActivationRows  # what finetune trains on: examples end to end, or cached activations
+
+
+def _batches(rows: Rows, model: MMSentModel, cfg: TrainConfig, device: torch.device, *,
+             epoch: int | None) -> Iterator[Batch]:
+    if isinstance(rows, ActivationRows):
+        return rows.batches(cfg, epoch=epoch)
+    return iter(_loader(rows, model, cfg, device, epoch=epoch))
+
+
+def _labels(rows: Rows) -> torch.Tensor:
+    if isinstance(rows, ActivationRows):
+        return rows.labels()
+    return torch.tensor([e.label for e in rows if e.label is not None], dtype=torch.long)
+
+
+class _AuxHeads(nn.Module):
+    """Training-only linear heads that teach each encoder its own annotators' label (MVSA's text_label and
+    image_label, from the row's modality pair): the tuned layers learn what their modality says, not only what
+    helps the fused head. Not part of the saved model."""
+
+    pair_labels: torch.Tensor  # (P + 1, 2) buffer: each modality pair's text and image label; the last row: none
+
+    def __init__(self, text_dim: int, image_dim: int, n_classes: int) -> None:
+        super().__init__()
+        self.text, self.image = nn.Linear(text_dim, n_classes), nn.Linear(image_dim, n_classes)
+        pairs = torch.tensor(MODALITY_PAIRS + ((-100, -100),))  # (P + 1, 2); row -1: no pair
+        self.register_buffer("pair_labels", pairs, persistent=False)
+
+    def loss(self, f: Features, pairs: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of both heads over the rows that have the modality and a pair; 0 without any."""
+        own = self.pair_labels[torch.where(pairs >= 0, pairs, -1)]  # (B, 2): text label, image label
+        text_y = torch.where(f.has_text, own[:, 0], -100)
+        image_y = torch.where(f.has_image, own[:, 1], -100)
+        total = f.text.new_zeros(())
+        for head, x, y in ((self.text, f.text, text_y), (self.image, f.image, image_y)):
+            if (y >= 0).any():
+                total = total + F.cross_entropy(head(F.dropout(x.float(), 0.3, self.training)), y, ignore_index=-100)
+        return total
+
+
 # ---------------------------------------------------------------------------------------------------- the trainer
 @dataclass
 class _Trainer:
-    """A model on its device with its optimiser, schedule and class weights, and the examples it trains on."""
+    """A model on its device with its optimiser, schedule, class weights and auxiliary heads, and its rows."""
 
     model: MMSentModel
     cfg: TrainConfig
     device: torch.device
-    train: Sequence[Example]
+    train: Rows
     opt: torch.optim.Optimizer
     sched: LambdaLR
     class_weights: torch.Tensor | None
+    aux: _AuxHeads
 
     @classmethod
-    def new(cls, model: MMSentModel, train: Sequence[Example], cfg: TrainConfig) -> _Trainer:
+    def new(cls, model: MMSentModel, train: Rows, cfg: TrainConfig) -> _Trainer:
         device = resolve_device(cfg.device)
+        head = model.cfg.head
+        aux = _AuxHeads(head.text_dim, head.image_dim, head.n_classes).to(device)
         model.to(device)
-        opt = torch.optim.AdamW(_param_groups(model, cfg), weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(_param_groups(model, aux, cfg), weight_decay=cfg.weight_decay)
         sched = _schedule(opt, cfg.epochs * math.ceil(len(train) / cfg.batch_size), cfg)
-        labels = torch.tensor([e.label for e in train if e.label is not None])
-        weights = make_class_weights(labels, model.cfg.head.n_classes, cfg.class_weights)
-        return cls(model, cfg, device, train, opt, sched, None if weights is None else weights.to(device))
+        weights = make_class_weights(_labels(train), head.n_classes, cfg.class_weights)
+        return cls(model, cfg, device, train, opt, sched, None if weights is None else weights.to(device), aux)
 
     def epoch(self, epoch: int) -> dict[str, float]:
         """One shuffled pass over the training examples; the epoch's record."""
@@ -115,7 +192,7 @@ class _Trainer:
 
     def _steps(self, epoch: int) -> Iterator[tuple[float, int]]:
         """(loss, batch size) per optimiser step, under a progress bar that counts posts (so its rate is posts/s)."""
-        loader = _loader(self.train, self.model, self.cfg, self.device, epoch=epoch)
+        loader = _batches(self.train, self.model, self.cfg, self.device, epoch=epoch)
         quiet = not self.cfg.progress
         with tqdm(total=len(self.train), desc=f"epoch {epoch + 1}", unit="post", leave=False, disable=quiet) as bar:
             for b in loader:  # a Batch (data.collate)
@@ -126,11 +203,16 @@ class _Trainer:
 
     def step(self, b: Batch) -> float:
         """One optimiser step on a batch; its mean loss."""
-        assert b.labels is not None
-        with _autocast(self.device):
-            logits = self.model(b)
+        if b.labels is None or not isinstance(self.model.head, FusionHead):
+            raise ValueError("fine-tuning needs labelled rows and a single fusion head")
+        self.aux.train()
+        pairs = b.pairs if b.pairs is not None else torch.full_like(b.labels, -100)
         ones = torch.ones(len(b.labels), device=self.device)
-        loss = loss_fn(logits.float(), b.labels, self.cfg, self.class_weights, ones)  # the loss in fp32
+        with _autocast(self.device):
+            f = self.model.features(b)
+            loss = head_loss(self.model.head, f, b.labels, pairs, self.cfg, self.class_weights, ones)
+            if self.cfg.aux_weight:
+                loss = loss + self.cfg.aux_weight * self.aux.loss(f, pairs)
         _descend(loss, self.opt, [p for g in self.opt.param_groups for p in g["params"]])
         self.sched.step()
         return float(loss.detach())
@@ -138,42 +220,51 @@ class _Trainer:
     def _lr(self) -> float:
         return float(self.sched.get_last_lr()[0])
 
-    def macro_f1(self, val: Sequence[Example]) -> float:
+    def macro_f1(self, val: Rows) -> float:
         probs = predict(self.model, val, self.cfg)
-        return _macro_f1(np.array([e.label for e in val]), probs, self.model.cfg.head.n_classes)
+        return _macro_f1(_labels(val).numpy(), probs, self.model.cfg.head.n_classes)
 
     def save(self, path: Path, run: _Progress, epoch: int) -> None:
         """The checkpoint after `epoch`: the trainable weights (frozen ones come from their references), the
         optimiser, the schedule, and the run's progress and RNGs (`_Progress.checkpoint`)."""
-        state = {"model": self.model.trainable_state(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+        state = {"model": self.model.trainable_state(), "aux": self.aux.state_dict(), "opt": self.opt.state_dict(),
+                 "sched": self.sched.state_dict()}
         torch.save(state | run.checkpoint(epoch), path)
 
     def resume(self, path: Path) -> _Progress:
         st = torch.load(path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(st["model"], strict=False)
+        self.aux.load_state_dict(st["aux"])
         self.opt.load_state_dict(st["opt"])  # its state moves to the parameters' device
         self.sched.load_state_dict(st["sched"])  # the step count; the factor is this run's (more epochs stretch it)
         return _Progress.resumed(st)
 
 
 @torch.no_grad()
-def predict(model: MMSentModel, examples: Sequence[Example], cfg: TrainConfig) -> np.ndarray:
-    """Class probabilities (N, K) of `examples` in order, unaugmented, on the device the model is on."""
+def predict(model: MMSentModel, rows: Rows, cfg: TrainConfig, *, modality: str = "both") -> np.ndarray:
+    """Class probabilities (N, K) of `rows` in order, unaugmented, on the device the model is on; with `modality`
+    "text" or "image", as if the post had only that one."""
     device = next(model.parameters()).device
     model.eval()
     out = []
-    for b in _loader(examples, model, cfg, device, epoch=None):
+    for b in _batches(rows, model, cfg, device, epoch=None):
+        if modality != "both":
+            keep_text = modality == "text"
+            b = b._replace(has_text=b.has_text & keep_text, has_image=b.has_image & (not keep_text))
         with _autocast(device):
             out.append(F.softmax(model(_to(b, device)).float(), -1).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.head.n_classes))
 
 
 # ----------------------------------------------------------------------------------------------------- the pieces
-def _param_groups(model: MMSentModel, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """The head at `cfg.lr`; the unfrozen encoder layers at `cfg.encoder_lr` (pretrained weights take small steps)."""
-    encoders = [p for e in (model.text_encoder, model.image_encoder) for p in e.parameters() if p.requires_grad]
-    groups: list[dict[str, Any]] = [{"params": list(model.head.parameters()), "lr": cfg.lr}]
-    return groups + ([{"params": encoders, "lr": cfg.encoder_lr}] if encoders else [])
+def _param_groups(model: MMSentModel, aux: _AuxHeads, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """The heads at `cfg.lr`; the unfrozen encoder layers at `cfg.encoder_lr` (pretrained weights take small steps)."""
+    groups: list[dict[str, Any]] = [{"params": [*model.head.parameters(), *aux.parameters()], "lr": cfg.lr}]
+    image_lr = cfg.image_encoder_lr or cfg.encoder_lr
+    for encoder, lr in ((model.text_encoder, cfg.encoder_lr), (model.image_encoder, image_lr)):
+        tuned = [p for p in encoder.parameters() if p.requires_grad]
+        groups += [{"params": tuned, "lr": lr}] if tuned else []
+    return groups
 
 
 def lr_factor(step: int, *, total: int, warmup: int, decay: str) -> float:

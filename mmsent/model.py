@@ -271,6 +271,11 @@ class Batch(NamedTuple):
     pixels: torch.Tensor | None = None  # (B, 3, S, S), rows without an image are zeros
     image_emb: torch.Tensor | None = None  # (B, R, C) precomputed image embeddings (cache), instead of pixels
     labels: torch.Tensor | None = None  # (B,)
+    pairs: torch.Tensor | None = None  # (B,) index into MODALITY_PAIRS, -100 where the row has none
+    # Training on the CPU from cached activations (features.ActivationSet): what enters the tuned layers, instead
+    # of input_ids (then ignored, only attention_mask counts) and of pixels.
+    text_states: torch.Tensor | None = None  # (B, T, H) entering the last text_trainable_layers layers
+    image_map: torch.Tensor | None = None  # (B, C, h, w) entering the last image_trainable_blocks blocks
 
 
 class MMSentModel(nn.Module):
@@ -327,6 +332,10 @@ class MMSentModel(nn.Module):
         others are zeros, which the head replaces by its learned missing-image feature)."""
         if b.image_emb is not None:
             return b.image_emb
+        if b.image_map is not None:  # cached below the tuned blocks: only those run
+            regions = self.image_encoder.map_through(b.image_map, self.cfg.image_trainable_blocks).flatten(2)
+            regions = regions.transpose(1, 2)  # (B, R, C)
+            return regions if self.cfg.head.needs_regions else regions.mean(1, keepdim=True)
         emb = torch.zeros(len(b.has_image), *self._emb_shape(), dtype=like.dtype, device=like.device)
         if b.pixels is not None:
             idx = b.has_image.nonzero().flatten()
@@ -335,7 +344,11 @@ class MMSentModel(nn.Module):
         return emb
 
     def features(self, b: Batch) -> Features:
-        tokens, text = self.encode_text(b.input_ids, b.attention_mask)
+        if b.text_states is None:
+            tokens, text = self.encode_text(b.input_ids, b.attention_mask)
+        else:  # cached below the tuned layers: only those run
+            tokens = self.text_encoder.states_through(b.text_states, b.attention_mask, self.cfg.text_trainable_layers)
+            text = self.text_encoder.pool(tokens, b.attention_mask)
         return self.features_from(text, self.image_emb(b, text), b.has_text, b.has_image, tokens, b.attention_mask)
 
     def features_from(self, text: torch.Tensor, image_emb: torch.Tensor, has_text: torch.Tensor,

@@ -16,6 +16,7 @@ directory (config.json + model.safetensors + labels.json) that `Scorer.load(DIR)
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import random
@@ -34,7 +35,7 @@ from tqdm.auto import tqdm
 
 from mmsent.data import Example
 from mmsent.evaluate import compute_metrics
-from mmsent.features import FeatureSet, extract_features
+from mmsent.features import ActivationSet, FeatureSet, extract_activations, extract_features
 from mmsent.model import Features, FusionHead, HeadConfig, HeadEnsemble, MMSentModel
 
 __all__ = ["TrainConfig", "cross_validate", "train_head", "train_model"]
@@ -79,6 +80,12 @@ class TrainConfig:
     )
     warmup: float = field(default=0.1, metadata={"help": "end to end: share of the steps that warm the rates up"})
     decay: str = field(default="cosine", metadata={"help": "end to end: cosine | linear decay after the warm-up"})
+    image_encoder_lr: float = field(
+        default=0.0, metadata={"help": "learning rate of fine-tuned image blocks (0: --encoder-lr)"}
+    )
+    aux_weight: float = field(
+        default=0.3, metadata={"help": "fine-tuning: weight of the losses teaching each encoder its modality's label"}
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------- loss
@@ -395,24 +402,47 @@ def cross_validate(
     *,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """k-fold CV over the first `n_main` rows of `fs` (rows after are extra text-only training data).
+    """k-fold CV of head-only training over the first `n_main` rows of `fs` (rows after are extra text-only data).
 
     Each fold's model is made the way the shipped one is (`_fold_model`) and scores the fold's test rows with both
     modalities, the text only and the image only.
     """
+
+    def fold(k: int, tr: np.ndarray, te: np.ndarray) -> FoldResult:
+        model, hist, best_epoch = _fold_model(head_cfg, fs, n_main, tr, cfg, k)
+        idx = torch.from_numpy(te)
+        return {m: predict_head(model, fs, idx, tta=cfg.tta, modality=m) for m in MODALITIES}, hist, best_epoch
+
+    return k_folds(fs.labels[:n_main].numpy(), labels, cfg, fold, log)
+
+
+MODALITIES = ("both", "text", "image")
+FoldResult = tuple[dict[str, np.ndarray], History, int]  # probabilities per modality, history, best epoch
+
+
+def k_folds(
+    y: np.ndarray,
+    labels: Sequence[str],
+    cfg: TrainConfig,
+    fold: Callable[[int, np.ndarray, np.ndarray], FoldResult],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Stratified k-fold CV: `fold(k, train rows, test rows)` trains on the first and scores the second. The
+    metrics per fold and modality, their summary, the best epochs, and the out-of-fold probabilities ("oof", one
+    row per example: what calibration may fit on without having trained on the row)."""
     from sklearn.model_selection import StratifiedKFold
 
-    y = fs.labels[:n_main].numpy()
     skf = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
-    folds: dict[str, list[dict[str, Any]]] = {"both": [], "text": [], "image": []}
+    folds: dict[str, list[dict[str, Any]]] = {m: [] for m in MODALITIES}
+    oof = {m: np.zeros((len(y), len(labels))) for m in MODALITIES}
     best_epochs, histories = [], []
-    for k, (tr, te) in enumerate(skf.split(np.zeros(n_main), y)):
-        model, hist, best_epoch = _fold_model(head_cfg, fs, n_main, tr, cfg, k)
+    for k, (tr, te) in enumerate(skf.split(np.zeros(len(y)), y)):
+        probs, hist, best_epoch = fold(k, tr, te)
         best_epochs.append(best_epoch)
         histories.append(hist)
         for modality, metrics in folds.items():
-            probs = predict_head(model, fs, torch.from_numpy(te), tta=cfg.tta, modality=modality)
-            metrics.append(compute_metrics(y[te], probs, labels))
+            oof[modality][te] = probs[modality]
+            metrics.append(compute_metrics(y[te], probs[modality], labels))
         log(_fold_report(k, cfg.folds, folds, best_epoch))
     return {
         "folds": cfg.folds,
@@ -420,6 +450,7 @@ def cross_validate(
         "summary": {mod: _summary(ms) for mod, ms in folds.items()},
         "best_epochs": [e + 1 for e in best_epochs],
         "histories": histories,
+        "oof": {m: p.tolist() for m, p in oof.items()},
     }
 
 
@@ -516,12 +547,36 @@ def train_model(
     finetune = model.cfg.text_trainable_layers != 0 or model.cfg.image_trainable_blocks != 0
     if cfg.cache_features and not finetune:
         result = TrainResult(out, *_train_cached(model, examples, extra_text, cfg, state_path, log))
+    elif cfg.cache_features and _device_type(cfg) == "cpu":
+        result = TrainResult(out, *_train_tuned_cached(model, examples, cfg, state_path, log))
     else:
         result = TrainResult(out, None, _train_end_to_end(model, examples, cfg, state_path, log))
     plot_history(result.cv["histories"] if result.cv is not None else [result.history], out / "training.png")
     _save(model, out, cfg, result.cv, half)
+    if result.cv is not None:
+        _calibrate_out_of_fold(out, examples[: len(result.cv["oof"]["both"])], result.cv, list(model.cfg.labels), log)
     log(f"saved {out} in {time.time() - t0:.0f}s")
     return result
+
+
+def _device_type(cfg: TrainConfig) -> str:
+    from mmsent.finetune import resolve_device
+
+    return resolve_device(cfg.device).type
+
+
+def _calibrate_out_of_fold(
+    out: Path, examples: Sequence[Example], cv: dict[str, Any], labels: list[str], log: Callable[[str], None]
+) -> None:
+    """The model directory's calibration (temperature, alert thresholds, reliability diagrams) from the CV's
+    out-of-fold probabilities: each post scored by a fold model that never trained on it."""
+    from mmsent.calibrate import write_calibration
+
+    probs = np.asarray(cv["oof"]["both"], dtype=np.float64)
+    y = np.asarray([e.label for e in examples], dtype=np.int64)
+    source = {"source": f"out-of-fold probabilities of the {cv['folds']}-fold cross-validation"}
+    c = write_calibration(out, np.log(np.clip(probs, 1e-12, None)), y, labels, metrics=source)
+    log(f"calibration: T = {c.temperature:.3f}, ECE {c.metrics['ece_before']:.4f} -> {c.metrics['ece_after']:.4f}")
 
 
 def _train_cached(
@@ -591,6 +646,50 @@ def _set_head(model: MMSentModel, head: nn.Module) -> None:
     model.head = head
 
 
+def _train_tuned_cached(
+    model: MMSentModel, examples: Sequence[Example], cfg: TrainConfig, state_path: Path, log: Callable[[str], None]
+) -> tuple[dict[str, Any] | None, History]:
+    """Fine-tuning on the CPU: the activations below the tuned layers once (features.extract_activations), then the
+    end-to-end loop over them. With `cfg.folds` > 1: k-fold CV (each fold early-stopped on a held-out tenth of its
+    training part), then the final model on every row for the median best epoch count. (cv, history)"""
+    from mmsent.finetune import ActivationRows, finetune
+
+    t0 = time.time()
+    acts = extract_activations(model, examples, progress=cfg.progress)
+    log(f"activations below the tuned layers ready in {time.time() - t0:.0f}s")
+    if cfg.folds <= 1:
+        tr, va = _stratified_split(acts.labels.numpy(), cfg.val_fraction, cfg.seed)
+        rows = ActivationRows(acts, torch.from_numpy(tr)), ActivationRows(acts, torch.from_numpy(va))
+        _, hist = finetune(model, *rows, cfg, state_path=state_path)
+        log(_end_to_end_report(hist))
+        return None, hist
+    initial = copy.deepcopy(model)  # every fold starts from the same weights as the final model
+
+    def fold(k: int, tr: np.ndarray, te: np.ndarray) -> FoldResult:
+        return _tuned_fold(copy.deepcopy(initial), acts, tr, te, cfg, k)
+
+    cv = k_folds(acts.labels.numpy(), list(model.cfg.labels), cfg, fold, log)
+    epochs = max(1, int(statistics.median(cv["best_epochs"])))
+    log(_cv_report(cv))
+    log(f"final model: all {len(acts)} examples, {epochs} epochs (median best epoch over folds)")
+    _, hist = finetune(model, ActivationRows(acts, torch.arange(len(acts))), None, cfg, stop_after=epochs)
+    return cv, hist
+
+
+def _tuned_fold(
+    model: MMSentModel, acts: ActivationSet, tr: np.ndarray, te: np.ndarray, cfg: TrainConfig, k: int
+) -> FoldResult:
+    """Fold k: fine-tune on its training rows but a held-out tenth, which early-stops; score its test rows."""
+    from mmsent.finetune import ActivationRows, finetune, predict
+
+    inner_tr, inner_va = _stratified_split(acts.labels[tr].numpy(), cfg.val_fraction, cfg.seed + k)
+    train, val = (ActivationRows(acts, torch.from_numpy(tr[rows])) for rows in (inner_tr, inner_va))
+    model, hist = finetune(model, train, val, cfg)
+    best_epoch = max(range(len(hist)), key=lambda e: hist[e].get("val_macro_f1", 0.0))
+    test = ActivationRows(acts, torch.from_numpy(te))
+    return {m: predict(model, test, cfg, modality=m) for m in MODALITIES}, hist, best_epoch
+
+
 def _train_end_to_end(
     model: MMSentModel, examples: Sequence[Example], cfg: TrainConfig, state_path: Path, log: Callable[[str], None]
 ) -> History:
@@ -614,7 +713,7 @@ def _save(model: MMSentModel, out: Path, cfg: TrainConfig, cv: dict[str, Any] | 
     """Record the training config (and the CV scores) in the model's config; write the model directory."""
     extra = {**model.cfg.extra, "train_config": asdict(cfg)}
     if cv is not None:
-        extra["cv"] = {k: v for k, v in cv.items() if k != "histories"}
-        (out / "cv.json").write_text(json.dumps(cv, indent=2) + "\n")
+        extra["cv"] = {k: v for k, v in cv.items() if k not in ("histories", "oof")}
+        (out / "cv.json").write_text(json.dumps({k: v for k, v in cv.items() if k != "oof"}, indent=2) + "\n")
     model.cfg = replace(model.cfg, extra=extra)
     model.save(out, half=half)
