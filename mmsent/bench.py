@@ -147,3 +147,25 @@ def bench_model(
         "flops_per_post": flops,
         "figures": [asdict(f) for f in figures],
     }
+
+
+def compare_models(models: Sequence[str], batch_size: int = 32, rounds: int = 8) -> dict[str, Any]:
+    """Model-only posts/s of several models (directories or presets) on the same posts, timed in alternation
+    (round k of every model before round k + 1 of any), so that a ratio between them compares like with like on a
+    machine whose speed drifts. Images as encoded bytes: decode + CNN + text + head, as `bench_model`."""
+    scorers = [Scorer.load(m) for m in models]
+    photos, photo_source = sample_photos(batch_size)
+    posts = [{"text": t, "image": p} for t, p in zip(synthetic_captions(batch_size), photos, strict=True)]
+    times: list[list[float]] = [[] for _ in scorers]
+    for run in range(rounds + 1):  # round 0 warms up and is not counted
+        for scorer, own in zip(scorers, times, strict=True):
+            t0 = time.perf_counter()
+            scorer.score(posts)
+            if run:
+                own.append(time.perf_counter() - t0)
+    rates = [batch_size / statistics.median(own) for own in times]
+    return {
+        "batch_size": batch_size, "rounds": rounds, "photos": photo_source, "threads": torch.get_num_threads(),
+        "models": [{"model": m, "info": s.info, "posts_per_s": r, "of_first": r / rates[0]}
+                   for m, s, r in zip(models, scorers, rates, strict=True)],
+    }

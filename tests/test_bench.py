@@ -51,6 +51,16 @@ def test_bench_shadow_measures_the_primary_alone_and_with_a_shadow() -> None:
     assert float(figures[3]) > 0
 
 
+def test_bench_models_times_models_side_by_side() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "consumer", "bench", "models", "tiny-random", "tiny-random", "--batch-size", "4",
+         "--rounds", "2"], capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = re.findall(r"(\d+\.\d) posts/s  x(\d+\.\d+)  tiny-random", done.stdout)
+    assert len(rows) == 2 and rows[0][1] == "1.00" and float(rows[1][0]) > 0, done.stdout
+
+
 def test_bench_device_reports_the_model_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "device.json"
     done = subprocess.run(

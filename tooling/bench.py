@@ -486,6 +486,23 @@ def bench_shadow(
     typer.echo(render_shadow(run_shadow(model, shadow, batch_size, rounds), "mmsent bench shadow"))
 
 
+@bench_app.command("models")
+def bench_models(
+    models: Annotated[list[str], typer.Argument(help="model directories or presets; the first is the reference")],
+    batch_size: Annotated[int, typer.Option(help="Posts per batch.")] = 32,
+    rounds: Annotated[int, typer.Option(help="Batches timed per model.")] = 8,
+) -> None:
+    """Model-only posts/s of several models on the same posts, timed in alternation: ratios measured side by side."""
+    from mmsent.bench import compare_models
+
+    result = compare_models(models, batch_size, rounds)
+    typer.echo(f"model only, batch {batch_size}, {rounds} rounds alternating, {result['threads']} threads, "
+               f"{result['photos']}:")
+    for m in result["models"]:
+        typer.echo(f"  {m['posts_per_s']:7.1f} posts/s  x{m['of_first']:.2f}  {m['model']} ({m['info']['name']} "
+                   f"{m['info']['version']})")
+
+
 @bench_app.command("device")
 def bench_device_command(
     device: Annotated[str, typer.Option(help="auto (a GPU when there is one) | cpu | cuda | cuda:N")] = "auto",
