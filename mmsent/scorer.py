@@ -128,8 +128,19 @@ class _ModelCalls(NamedTuple):
         """Each call through `torch.compile`, one static graph per shape (`dynamic=False`): on CUDA with CUDA graphs
         ("reduce-overhead": a batch is one graph launch instead of hundreds of kernel launches), elsewhere inductor's
         default. Nothing is compiled until the first call of each shape, which `Scorer.warm_up` makes."""
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        return _ModelCalls._make(torch.compile(call, mode=mode, dynamic=False) for call in self)
+        if device.type != "cuda":
+            return _ModelCalls._make(torch.compile(call, dynamic=False) for call in self)
+        return _ModelCalls._make(_copied_out(torch.compile(call, mode="reduce-overhead", dynamic=False))
+                                 for call in self)
+
+
+def _copied_out(call: Callable[..., Any]) -> Callable[..., Any]:
+    """`call` with its outputs copied: a CUDA graph's outputs live in memory that the next graph run on the thread
+    reuses, and a Scorer feeds one call's outputs (token states, embeddings) to the next."""
+    def run(*args: Any) -> Any:
+        out = call(*args)
+        return tuple(x.clone() for x in out) if isinstance(out, tuple) else out.clone()
+    return run
 
 
 class Scorer:
@@ -169,7 +180,7 @@ class Scorer:
             raise ValueError("compile=True compiles the PyTorch model: it cannot run with cpu_runtime='onnx'")
         self.dtype = torch.bfloat16 if on_cuda else torch.float32
         self._emb_shape = model._emb_shape()  # (R, C); measured (for regions) while the weights are still fp32
-        self.model = model.to(self.device, self.dtype).eval()
+        self.model = model.to(self.device, self.dtype).eval()  # fp32 on the CPU (also a model a CUDA Scorer had)
         on_cpu = self.device.type == "cpu"
         self.cpu_workers = max(1, cpu_workers or torch.get_num_threads()) if on_cpu else 1
         # Each worker runs single-threaded kernels (set per thread), so no worker waits on another's stragglers.
@@ -194,6 +205,7 @@ class Scorer:
         self.compile = compile
         self.bucketing = (on_cuda or compile) if bucketing is None else bucketing
         self._calls = _ModelCalls.of(self.model)
+        self._compiled = False  # `warm_up` compiles `_calls` once, when `compile`
         self._threads = threading.local()  # per scoring thread: its CUDA stream
         self.pad_to_length: int | None = None  # None: dynamic padding; an int pads every batch (benchmarks)
         self.length_bucket: int | None = 8 if on_cpu else None  # rows per text-encoder call
@@ -297,8 +309,8 @@ class Scorer:
         buckets = self.buckets
         calls = 0
         if buckets is not None:
-            if self.compile and self._calls == _ModelCalls.of(self.model):
-                self._calls = self._calls.compiled(self.device)
+            if self.compile and not self._compiled:
+                self._calls, self._compiled = self._calls.compiled(self.device), True
             calls = self._warm_every_shape(buckets)
             if self._pool is not None:
                 calls += self._pool.submit(self._warm_every_shape, buckets).result()
@@ -467,16 +479,15 @@ class Scorer:
         texts = [normalize_tweet(p.get("text") or "") for p in posts]
         images = [self._as_image(p.get("image")) for p in posts]
         enc = self.model.text_encoder.tokenize(texts, pad_to=self.pad_to_length)
-        dev = self.device
         text_flags = [bool(t) for t in texts]
         with self._on_device():
             embs, image_flags = self._image_embs(images)
             both = [k for k in range(len(posts)) if text_flags[k] and image_flags[k]]
             tokens, mask, text = self._encode_text(enc["input_ids"], enc["attention_mask"])
-            features = self.model.features_from(text, embs, torch.tensor(text_flags, device=dev),
-                                                torch.tensor(image_flags, device=dev), tokens, mask)
+            features = self.model.features_from(text, embs, self._to_device(torch.tensor(text_flags)),
+                                                self._to_device(torch.tensor(image_flags)), tokens, mask)
             if both:
-                features = _each_alone(features, torch.tensor(both, device=dev))
+                features = _each_alone(features, self._to_device(torch.tensor(both)))
             logits = self._head(features).float().cpu()
         return logits, text_flags, image_flags, both
 
@@ -534,7 +545,7 @@ class Scorer:
             _, part = self._calls.encode_text(ids, mask)  # (b', Dt), b' >= len(rows) with buckets
             if pooled is None:
                 pooled = part.new_zeros(len(lengths), part.shape[1])
-            pooled[rows.to(self.device)] = part[: len(rows)]
+            pooled[self._to_device(rows)] = part[: len(rows)]
         assert pooled is not None
         return pooled
 
