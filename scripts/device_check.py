@@ -97,7 +97,7 @@ def run(cpu: bool, out: Path) -> dict[str, Any]:
     result["bench"] = bench_device(device, archs=("default",) if cpu else ("default", "seed"),
                                    batch_sizes=sizes, seconds=seconds, compiled_sizes=(8,) if cpu else (256,))
     result["bench"]["serving"] = bench_serving(device, seconds=seconds)
-    result["bench"]["training"] = bench_training(device, **({} if cpu else {"posts": 2048, "batch_size": 64}))
+    result["bench"]["training"] = bench_training(device)
     result["label_agreement"] = {"bf16_vs_cpu_fp32": label_agreement(random_architecture("default"), device,
                                                                      "bf16", posts=64 if cpu else 1024)}
     result["seconds"] = round(time.monotonic() - started, 1)

@@ -511,12 +511,15 @@ def bench_device_command(
     seconds: Annotated[float, typer.Option(help="timed seconds per figure")] = 2.0,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the raw figures as JSON here.")] = None,
 ) -> None:
-    """The model on a device from tensors already there (random weights): posts/s per batch size in fp32 and bf16,
-    FLOPs per post, share of the bf16 peak, batched decode against PIL (what scripts/device-check runs)."""
-    from mmsent.devicebench import bench_device
+    """The model on a device (random weights), what scripts/device-check runs: from tensors already there, posts/s
+    per batch size in fp32, bf16 and compiled (CUDA only), FLOPs per post, share of the bf16 peak, GPU utilisation;
+    batched decode against PIL; the Scorer from JPEG bytes and its latency at half load; fine-tuning samples/s."""
+    from mmsent.devicebench import bench_device, bench_serving, bench_training
 
     result = bench_device(device, archs=tuple(arch or ("default", "seed")),
                           batch_sizes=tuple(batch_size or (1, 32, 256, 1024)), seconds=seconds)
+    result["serving"] = bench_serving(device, seconds=seconds)
+    result["training"] = bench_training(device)
     typer.echo(json.dumps(result, indent=2))
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2))
