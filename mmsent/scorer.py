@@ -181,6 +181,8 @@ class Scorer:
         self.dtype = torch.bfloat16 if on_cuda else torch.float32
         self._emb_shape = model._emb_shape()  # (R, C); measured (for regions) while the weights are still fp32
         self.model = model.to(self.device, self.dtype).eval()  # fp32 on the CPU (also a model a CUDA Scorer had)
+        if on_cuda:  # the weights' copies ran on the default stream; the scoring threads read them on their own
+            torch.cuda.synchronize(self.device)
         on_cpu = self.device.type == "cpu"
         self.cpu_workers = max(1, cpu_workers or torch.get_num_threads()) if on_cpu else 1
         # Each worker runs single-threaded kernels (set per thread), so no worker waits on another's stragglers.
