@@ -71,3 +71,24 @@ def test_bench_device_reports_the_model_on_the_cpu(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["archs"]["default"]["posts_per_s"]["bf16"]["2"] > 0
     assert result["decode"]["pil_photos_per_s"] > 0
+
+
+def test_the_bottleneck_names_what_limits_end_to_end() -> None:
+    """`scripts/device-check`'s end-to-end run: end to end against the model alone, and the consumer's stage totals."""
+    from tooling.bench import EndToEnd, bottleneck
+
+    def limit(posts_per_s: float, **stages: float) -> str:
+        full = EndToEnd("full", 1000, None, posts_per_s, 10, 20, 30, 700, {"consumer": 0.5})
+        totals = {"batches": 10.0, "posts": 1000.0, "wait": 0.1, "fetch": 1.0, "model": 2.0} | stages
+        found = bottleneck(full, totals, 1000.0, 100)
+        assert found["share_of_model_only"] == pytest.approx(posts_per_s / 1000)
+        return str(found["limit"])
+
+    # 1000 posts at 400/s: 2.5 s, two model threads
+    assert limit(900) == "the model"  # 90% of the model alone
+    assert limit(400, batches=40).startswith("input: batches held 25% of 100 posts")
+    assert limit(400, model=4.5).startswith("the model stage in the consumer: its 2 threads 90% busy, 2.25 ms a post "
+                                            "against 1.00 alone")
+    assert limit(400, fetch=2.2).startswith("fetch and decode: a batch in the image stage (cache, download, CPU "
+                                            "decode; on the I/O loop) 88% of the time")
+    assert limit(400).startswith("the consumer's I/O loop or the broker")

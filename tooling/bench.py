@@ -172,13 +172,29 @@ class EventCounter:
         self._metrics_port = metrics_port
         self.sent_ms: dict[str, float] = {}
 
-    def events(self) -> int:
+    def _samples(self) -> list[Any]:
         from prometheus_client.parser import text_string_to_metric_families
 
         with urllib.request.urlopen(f"http://127.0.0.1:{self._metrics_port}/metrics", timeout=5) as answer:
             text = answer.read().decode()
-        return int(sum(sample.value for family in text_string_to_metric_families(text)
-                       for sample in family.samples if sample.name == "mmsent_events_produced_total"))
+        return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+    def events(self) -> int:
+        return int(sum(s.value for s in self._samples() if s.name == "mmsent_events_produced_total"))
+
+    def stage_totals(self) -> dict[str, float]:
+        """The consumer's running totals so far: batches and their posts, and seconds per timed stage (wait: the
+        oldest post's wait for its batch's cut; fetch: cache, download and CPU decode of the batch's images, on the
+        I/O loop; model: CNN and scoring, on a model thread)."""
+        totals = dict.fromkeys(["batches", "posts", "wait", "fetch", "model"], 0.0)
+        for s in self._samples():
+            if s.name == "mmsent_batch_size_count":
+                totals["batches"] += s.value
+            elif s.name == "mmsent_batch_size_sum":
+                totals["posts"] += s.value
+            elif s.name == "mmsent_stage_latency_seconds_sum" and s.labels.get("stage") in totals:
+                totals[s.labels["stage"]] += s.value
+        return totals
 
     def wait_for(self, count: int, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
@@ -227,13 +243,14 @@ def _produce(producer: Any, posts: list[bytes], counter: EventCounter, rate_per_
 
 
 def run_end_to_end(posts: list[bytes], producer: Any, counter: EventCounter, server: LoopbackImageServer,
-                   load: str, rate_per_s: float | None, roles: dict[str, int | None]) -> EndToEnd:
+                   load: str, rate_per_s: float | None, roles: dict[str, int | None], timeout_s: float = 600
+                   ) -> EndToEnd:
     ids = [json.loads(p)["post_id"] for p in posts]
     requests_before = server.requests
     expected = counter.events() + len(ids)
     with CpuMeter(roles) as cpu:
         started = _produce(producer, posts, counter, rate_per_s)
-        if not counter.wait_for(expected, timeout_s=600):
+        if not counter.wait_for(expected, timeout_s=timeout_s):
             raise RuntimeError(f"only {counter.events() - expected + len(ids)} of {len(ids)} posts were scored")
     latency, done_at = counter.latencies_ms(ids)
     if len(latency) != len(ids):
@@ -243,6 +260,129 @@ def run_end_to_end(posts: list[bytes], producer: Any, counter: EventCounter, ser
     return EndToEnd(load, len(ids), rate_per_s, len(ids) / elapsed_s, _percentile(values, 0.50),
                     _percentile(values, 0.95), _percentile(values, 0.99), server.requests - requests_before,
                     cpu.shares())
+
+
+@dataclass
+class ServedRun:
+    full: EndToEnd  # a backlog: every post produced at once
+    half: EndToEnd  # posts offered steadily at half the full run's rate
+    stages: dict[str, float]  # the consumer's own totals over the full run (EventCounter.stage_totals)
+
+
+def serve_end_to_end(services: EmbeddedServices, server: LoopbackImageServer, n_photos: int, *, model: str | None,
+                     batch_size: int, max_wait_ms: int, full_posts: int, half_posts: int, partitions: int = 3,
+                     env: dict[str, str] | None = None, log_dir: Path | None = None, timeout_s: float = 600
+                     ) -> ServedRun:
+    """`mmsent consume` as its own process on `services` (the broker and a Redis), images from `server`, 30% of
+    posts repeating an earlier image: a warm-up of two batches, a backlog of `full_posts`, then `half_posts` offered
+    at half its rate. `env`: more MMSENT_* settings for the consumer (MMSENT_DEVICE, ...); its log goes to
+    `log_dir`/consumer.log (default: a new temporary folder, kept); each run fails after `timeout_s`."""
+    bootstrap = services.kafka_bootstrap
+    create_topics(bootstrap, {IN: partitions, OUT: partitions, DLQ: 1})
+    metrics_port = free_port()
+    consumer_env = {
+        "MMSENT_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MMSENT_REDIS_URL": services.redis_url or "",
+        "MMSENT_INPUT_TOPIC": IN, "MMSENT_OUTPUT_TOPIC": OUT, "MMSENT_DLQ_TOPIC": DLQ,
+        "MMSENT_GROUP_ID": "bench", "MMSENT_MAX_BATCH_SIZE": str(batch_size),
+        "MMSENT_MAX_WAIT_MS": str(max_wait_ms), "MMSENT_METRICS_PORT": str(metrics_port),
+        "MMSENT_METRICS_HOST": "127.0.0.1", "MMSENT_FETCH_ALLOW_CIDRS": "127.0.0.1/32",
+        "MMSENT_LOG_LEVEL": "WARNING", **({"MMSENT_MODEL": model} if model else {}), **(env or {}),
+    }
+    counter = EventCounter(bootstrap, metrics_port)
+    producer = post_producer(bootstrap)
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="mmsent-bench-"))
+    with consumer_process(consumer_env, metrics_port, log_dir / "consumer.log") as consumer:
+        roles = {"consumer": consumer.pid, "broker": services.kafka.pid,
+                 "redis": services.redis.pid if services.redis else None,
+                 "bench (producer, image server)": os.getpid()}
+        # warm-up: the first batches pay for allocator growth and tokenizer caches
+        run_end_to_end(make_posts(2 * batch_size, n_photos, server, 0.3, seed=1), producer, counter, server,
+                       "warm-up", None, roles, timeout_s)
+        before = counter.stage_totals()
+        full = run_end_to_end(make_posts(full_posts, n_photos, server, 0.3, seed=2), producer, counter, server,
+                              "full", None, roles, timeout_s)
+        after = counter.stage_totals()
+        half = run_end_to_end(make_posts(half_posts, n_photos, server, 0.3, seed=3), producer, counter, server,
+                              "half", full.posts_per_s / 2, roles, timeout_s)
+    return ServedRun(full, half, {key: after[key] - before[key] for key in after})
+
+
+def bottleneck(full: EndToEnd, stages: dict[str, float], model_only_posts_per_s: float, batch_size: int
+               ) -> dict[str, Any]:
+    """What limits end to end: the full (backlog) run against the model alone (the Scorer from JPEG bytes at the
+    same batch size, one thread), and the consumer's stage totals over that run as occupancy: `model`, the share of
+    its model threads' time spent in the model stage; `fetch`, how many batches were having their images fetched
+    at once on average (the stage overlaps itself and the model: up to one batch more than there are model threads).
+
+    `limit`: "the model" when end to end reaches 80% of the model alone; else the first that holds of: batches under
+    half full (the model waited for posts), the model threads 80% busy (the model in the consumer is slower than
+    alone: host work and the GIL beside it), a batch being fetched 80% of the time (fetch and CPU decode); else what
+    the metrics do not time: the I/O loop's poll, batching, produce and commit, or the broker."""
+    from consumer.app import MODEL_CONCURRENCY as model_threads
+
+    share = full.posts_per_s / model_only_posts_per_s
+    posts = max(stages["posts"], 1.0)
+    wall_s = full.posts / full.posts_per_s
+    busy = {"model": stages["model"] / wall_s / model_threads, "fetch": stages["fetch"] / wall_s}
+    per_post = {"end_to_end": 1000 / full.posts_per_s, "model_alone": 1000 / model_only_posts_per_s,
+                "model_stage": 1000 * stages["model"] / posts / model_threads,  # over its threads together
+                "fetch_stage": 1000 * stages["fetch"] / posts}
+    fill = stages["posts"] / max(stages["batches"], 1.0) / batch_size
+    if share >= 0.8:
+        limit = "the model"
+    elif fill < 0.5:
+        limit = (f"input: batches held {100 * fill:.0f}% of {batch_size} posts on average, so the model waited for "
+                 "posts (the consumer's I/O loop: poll, batching, produce and commit; or the broker)")
+    elif busy["model"] >= 0.8:
+        limit = (f"the model stage in the consumer: its {model_threads} threads {100 * busy['model']:.0f}% busy, "
+                 f"{per_post['model_stage']:.2f} ms a post against {per_post['model_alone']:.2f} alone (host work "
+                 "and the GIL beside the model: CPU per thread)")
+    elif busy["fetch"] >= 0.8:
+        limit = (f"fetch and decode: a batch in the image stage (cache, download, CPU decode; on the I/O loop) "
+                 f"{100 * min(busy['fetch'], 1.0):.0f}% of the time while the model threads were "
+                 f"{100 * busy['model']:.0f}% busy")
+    else:
+        limit = ("the consumer's I/O loop or the broker (poll, batching, produce, commit: not timed by the "
+                 f"metrics): the model threads {100 * busy['model']:.0f}% busy, a batch being fetched "
+                 f"{100 * busy['fetch']:.0f}% of the time")
+    shares = full.cpu_shares or {}
+    return {"limit": limit, "share_of_model_only": share, "model_only_posts_per_s": model_only_posts_per_s,
+            "batch_fill": fill, "busy": busy, "ms_per_post": per_post,
+            "consumer_cores": shares["consumer"] * (os.cpu_count() or 1) if "consumer" in shares else None}
+
+
+def device_end_to_end(model: str, device: str, model_only: dict[str, Any], posts: int, *,
+                      half_posts: int | None = None, max_wait_ms: int = 50, log_dir: Path | None = None,
+                      timeout_s: float = 150) -> dict[str, Any]:
+    """End to end on this machine's `device` for `scripts/device-check`: the consumer process scoring with `model`
+    there, through the embedded broker and a Redis (noida-db's Redis-protocol server where there is no
+    redis-server), images from a loopback server; batches of the size `model_only` was measured at
+    (`mmsent.devicebench.bench_serving`: the Scorer from JPEG bytes), so that `bottleneck` compares like with like.
+    On a CPU the consumer's encoders run in PyTorch, as bench_serving's do (an ONNX export of random weights would
+    cost the check seconds and change what is compared). Each of its three runs fails after `timeout_s`, so that a
+    stalled consumer cannot spend a GPU check's few minutes.
+    -> posts/s of the backlog run, p99 at half that rate and under the backlog, both runs' figures, the consumer's
+    stage totals over the backlog run, and the bottleneck."""
+    from mmsent.bench import sample_photos
+
+    batch_size = int(model_only["batch_size"])
+    photos, source = sample_photos(max(64, posts))
+    server = photo_server(photos)
+    try:
+        with EmbeddedServices(force_redis=True) as services:
+            redis = Path(services.redis.command()[0]).name if services.redis else None
+            run = serve_end_to_end(services, server, len(photos), model=model, batch_size=batch_size,
+                                   max_wait_ms=max_wait_ms, full_posts=posts,
+                                   half_posts=half_posts or max(batch_size * 4, posts // 2), log_dir=log_dir,
+                                   env={"MMSENT_DEVICE": device, "MMSENT_CPU_RUNTIME": "torch"},
+                                   timeout_s=timeout_s)
+    finally:
+        server.close()
+    return {"photos": source, "redis": redis, "batch_size": batch_size, "max_wait_ms": max_wait_ms,
+            "posts_per_s": run.full.posts_per_s, "half_load_p99_ms": run.half.latency_ms_p99,
+            "full_load_p99_ms": run.full.latency_ms_p99, "full": asdict(run.full), "half": asdict(run.half),
+            "stages": run.stages,
+            "bottleneck": bottleneck(run.full, run.stages, float(model_only["posts_per_s"]), batch_size)}
 
 
 # -- the naive consumer -----------------------------------------------------------------------------------------
@@ -328,36 +468,16 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
                   f"{figure['posts_per_s']:8.1f} posts/s  {figure['batch_ms_p50']:8.1f} ms/batch", flush=True)
     photos, _ = sample_photos(max(64, e2e_posts))
     server = photo_server(photos)
-    workdir = Path(tempfile.mkdtemp(prefix="mmsent-bench-"))
     with EmbeddedServices(force_redis=True) as services:
-        bootstrap = services.kafka_bootstrap
-        create_topics(bootstrap, {IN: partitions, OUT: partitions, DLQ: 1})
-        metrics_port = free_port()
-        env = {
-            "MMSENT_KAFKA_BOOTSTRAP_SERVERS": bootstrap, "MMSENT_REDIS_URL": services.redis_url or "",
-            "MMSENT_INPUT_TOPIC": IN, "MMSENT_OUTPUT_TOPIC": OUT, "MMSENT_DLQ_TOPIC": DLQ,
-            "MMSENT_GROUP_ID": "bench", "MMSENT_MAX_BATCH_SIZE": str(batch_size),
-            "MMSENT_MAX_WAIT_MS": str(max_wait_ms), "MMSENT_METRICS_PORT": str(metrics_port),
-            "MMSENT_METRICS_HOST": "127.0.0.1", "MMSENT_FETCH_ALLOW_CIDRS": "127.0.0.1/32",
-            "MMSENT_LOG_LEVEL": "WARNING", **({"MMSENT_MODEL": model} if model else {}),
-        }
-        counter = EventCounter(bootstrap, metrics_port)
-        producer = post_producer(bootstrap)
-        with consumer_process(env, metrics_port, workdir / "consumer.log") as consumer:
-            roles = {"consumer": consumer.pid, "broker": services.kafka.pid,
-                     "redis": services.redis.pid if services.redis else None,
-                     "bench (producer, image server)": os.getpid()}
-            # warm-up: the first batches pay for allocator growth and tokenizer caches
-            run_end_to_end(make_posts(2 * batch_size, len(photos), server, 0.3, seed=1), producer, counter,
-                           server, "warm-up", None, roles)
-            full = run_end_to_end(make_posts(e2e_posts, len(photos), server, 0.3, seed=2), producer, counter,
-                                  server, "full", None, roles)
-            half = run_end_to_end(make_posts(max(batch_size * 4, e2e_posts // 2), len(photos), server, 0.3,
-                                             seed=3), producer, counter, server, "half", full.posts_per_s / 2, roles)
+        run = serve_end_to_end(services, server, len(photos), model=model, batch_size=batch_size,
+                               max_wait_ms=max_wait_ms, full_posts=e2e_posts,
+                               half_posts=max(batch_size * 4, e2e_posts // 2), partitions=partitions)
+        full, half = run.full, run.half
         for figure in (full, half):
             print(f"end to end {figure.load}: {figure.posts_per_s:.1f} posts/s, p50/p95/p99 "
                   f"{figure.latency_ms_p50:.0f}/{figure.latency_ms_p95:.0f}/{figure.latency_ms_p99:.0f} ms",
                   flush=True)
+        bootstrap = services.kafka_bootstrap
         naive_input = make_posts(naive_posts, len(photos), server, 0.3, seed=4)
         naive = run_naive(naive_input, bootstrap, model, server, cpu_runtime="torch")
         print(f"naive: {naive['posts_per_s']:.1f} posts/s", flush=True)
