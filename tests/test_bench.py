@@ -91,4 +91,7 @@ def test_the_bottleneck_names_what_limits_end_to_end() -> None:
                                             "against 1.00 alone")
     assert limit(400, fetch=2.2).startswith("fetch and decode: a batch in the image stage (cache, download, CPU "
                                             "decode; on the I/O loop) 88% of the time")
-    assert limit(400).startswith("the consumer's I/O loop or the broker")
+    assert limit(400, model=3.6, fetch=2.4).startswith("fetch and decode")  # both busy: the busier
+    assert limit(400, model=3.6).startswith("the model stage")  # 72%: a short run's tails leave it some idle time
+    assert limit(400).startswith("the consumer's I/O loop or the broker (poll, batching, produce, commit: not timed "
+                                 "by the metrics): the model threads 40% busy, a batch being fetched 40% of the time")

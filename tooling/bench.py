@@ -314,10 +314,11 @@ def bottleneck(full: EndToEnd, stages: dict[str, float], model_only_posts_per_s:
     its model threads' time spent in the model stage; `fetch`, how many batches were having their images fetched
     at once on average (the stage overlaps itself and the model: up to one batch more than there are model threads).
 
-    `limit`: "the model" when end to end reaches 80% of the model alone; else the first that holds of: batches under
-    half full (the model waited for posts), the model threads 80% busy (the model in the consumer is slower than
-    alone: host work and the GIL beside it), a batch being fetched 80% of the time (fetch and CPU decode); else what
-    the metrics do not time: the I/O loop's poll, batching, produce and commit, or the broker."""
+    `limit`: "the model" when end to end reaches 80% of the model alone; else batches under half full (the model
+    waited for posts); else the busier of the model threads (the model in the consumer is slower than alone: host
+    work and the GIL beside it) and the image stage (fetch and CPU decode) when it is busy 70% of the time or more
+    (not 100%: a short run's first fetch and last batch leave the model threads idle); else what the metrics do
+    not time: the I/O loop's poll, batching, produce and commit, or the broker."""
     from consumer.app import MODEL_CONCURRENCY as model_threads
 
     share = full.posts_per_s / model_only_posts_per_s
@@ -333,11 +334,11 @@ def bottleneck(full: EndToEnd, stages: dict[str, float], model_only_posts_per_s:
     elif fill < 0.5:
         limit = (f"input: batches held {100 * fill:.0f}% of {batch_size} posts on average, so the model waited for "
                  "posts (the consumer's I/O loop: poll, batching, produce and commit; or the broker)")
-    elif busy["model"] >= 0.8:
+    elif busy["model"] >= max(0.7, busy["fetch"]):
         limit = (f"the model stage in the consumer: its {model_threads} threads {100 * busy['model']:.0f}% busy, "
                  f"{per_post['model_stage']:.2f} ms a post against {per_post['model_alone']:.2f} alone (host work "
                  "and the GIL beside the model: CPU per thread)")
-    elif busy["fetch"] >= 0.8:
+    elif busy["fetch"] >= 0.7:
         limit = (f"fetch and decode: a batch in the image stage (cache, download, CPU decode; on the I/O loop) "
                  f"{100 * min(busy['fetch'], 1.0):.0f}% of the time while the model threads were "
                  f"{100 * busy['model']:.0f}% busy")
