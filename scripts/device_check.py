@@ -5,12 +5,17 @@
                                   its 87 MB of weights) into .device/minilm; both git-ignored, carried with `run`
     scripts/device-check          there: install the wheels offline (--target .device/site) ─▶ pytest -m gpu
                                   ─▶ the model on the device (mmsent/devicebench.py): model only (fp32, bf16,
-                                  compiled), decode, serving from JPEG bytes and latency at half load, training
-                                  ─▶ $OUT/device-check.json, .log
+                                  compiled), decode, serving from JPEG bytes and latency at half load
+                                  ─▶ end to end (tooling/bench.py, as `mmsent bench all` on the CPU): the consumer
+                                  process scoring on the device, through the embedded broker and noida-db's Redis,
+                                  a loopback image server, 30% repeated images: posts/s, p99, what limits it
+                                  ─▶ training ─▶ $OUT/device-check.json, .log (and the consumer's log)
     scripts/device-check --cpu    the same flow here, small, so that it is proven before any GPU time is spent
 
-The JSON has the same keys either way: mode, env, pytest, bench (with serving and training), label_agreement,
-seconds; a figure that cannot be measured on the device (compiled on the CPU, GPU utilisation) is null.
+The JSON has the same keys either way: mode, env, pytest, bench (with serving, end_to_end and training),
+label_agreement, seconds; a figure that cannot be measured on the device (compiled on the CPU, GPU utilisation) is
+null. End to end: 2,000 posts on a GPU, 160 with --cpu; should it fail, `end_to_end` holds its error, the other
+figures are still written and the check exits 1.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +59,8 @@ def install(log: list[str]) -> None:
     site = DEVICE / "site"
     sys.path.insert(0, str(site))
     os.environ["PYTHONPATH"] = os.pathsep.join([str(site), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    if _importable("pydantic_settings", "confluent_kafka", "structlog", "cachetools", "tenacity", "ftfy"):
+    if _importable("pydantic_settings", "confluent_kafka", "structlog", "redis", "cachetools", "tenacity", "ftfy",
+                   "noida_db"):
         log.append("install: every package already importable")
         return
     done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
@@ -84,8 +92,32 @@ def gpu_tests(log: list[str]) -> dict[str, Any]:
     return {"rc": done.returncode, "summary": lines[-1] if lines else ""}
 
 
+def end_to_end(device: str, serving: dict[str, Any], cpu: bool, out: Path, log: list[str]) -> dict[str, Any]:
+    """The consumer process with the random default architecture on the device (tooling.bench.device_end_to_end),
+    at the batch size `serving` (the Scorer from JPEG bytes) was measured at; its log goes to `out`."""
+    import torch
+
+    from mmsent.devicebench import random_architecture
+    from mmsent.scorer import from_config
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what the benches before left cached goes back to the card, for the consumer
+    try:
+        from tooling.bench import device_end_to_end  # in here: a package missing on the host fails this part only
+
+        with tempfile.TemporaryDirectory(prefix="mmsent-device-model-") as tmp:
+            # the head and the config (encoders rebuilt from their seeds on load; the tokenizer is the carried copy)
+            model = from_config(random_architecture("default")).save(Path(tmp) / "model")
+            return device_end_to_end(str(model), device, serving, posts=160 if cpu else 2000,
+                                     half_posts=64 if cpu else None, log_dir=out)
+    except Exception as exc:  # the other figures are still worth the GPU time they cost: keep them
+        log.append("end to end failed:\n" + traceback.format_exc())
+        return {"error": repr(exc)[:2000]}
+
+
 def run(cpu: bool, out: Path) -> dict[str, Any]:
-    started, log = time.monotonic(), []
+    started = time.monotonic()
+    log: list[str] = []
     install(log)
     if (DEVICE / "minilm").is_dir():
         os.environ.setdefault("MMSENT_TOKENIZER_DIR", str(DEVICE / "minilm"))
@@ -97,6 +129,8 @@ def run(cpu: bool, out: Path) -> dict[str, Any]:
     result["bench"] = bench_device(device, archs=("default",) if cpu else ("default", "seed"),
                                    batch_sizes=sizes, seconds=seconds, compiled_sizes=(8,) if cpu else (256,))
     result["bench"]["serving"] = bench_serving(device, seconds=seconds)
+    out.mkdir(parents=True, exist_ok=True)
+    result["bench"]["end_to_end"] = end_to_end(device, result["bench"]["serving"], cpu, out, log)
     result["bench"]["training"] = bench_training(device)
     result["label_agreement"] = {"bf16_vs_cpu_fp32": label_agreement(random_architecture("default"), device,
                                                                      "bf16", posts=64 if cpu else 1024)}
@@ -118,7 +152,8 @@ def main() -> None:
         return
     result = run(args.cpu, args.out)
     print(json.dumps(result, indent=2))
-    sys.exit(0 if result["pytest"]["rc"] in (0, 5) else 1)  # 5: no test collected (none marked gpu ran)
+    passed = result["pytest"]["rc"] in (0, 5)  # 5: no test collected (none marked gpu ran)
+    sys.exit(0 if passed and "error" not in result["bench"]["end_to_end"] else 1)
 
 
 if __name__ == "__main__":

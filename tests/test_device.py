@@ -69,7 +69,16 @@ def test_the_device_check_runs_its_whole_flow_on_the_cpu(tmp_path: Path) -> None
     assert result["label_agreement"]["bf16_vs_cpu_fp32"] >= 0.99
     decode = result["bench"]["decode"]
     assert decode["batched_on_device_photos_per_s"] > 0 and decode["pil_photos_per_s"] > 0
-    assert (tmp_path / "device-check.log").read_text()
+    # end to end: the consumer process through the embedded broker and Redis, at the serving batch size
+    e2e = result["bench"]["end_to_end"]
+    assert "error" not in e2e, e2e
+    assert e2e["batch_size"] == serving["batch_size"] and e2e["full"]["posts"] == 160
+    assert e2e["posts_per_s"] > 0 and 0 < e2e["half"]["latency_ms_p50"] <= e2e["half_load_p99_ms"]
+    assert e2e["full"]["image_requests"] < 160, "30% of the posts repeat an image: not every one is downloaded"
+    assert e2e["stages"]["posts"] == 160 and e2e["stages"]["model"] > 0 and e2e["stages"]["fetch"] > 0
+    assert e2e["bottleneck"]["limit"] and e2e["bottleneck"]["share_of_model_only"] > 0
+    assert e2e["bottleneck"]["model_only_posts_per_s"] == serving["posts_per_s"]
+    assert (tmp_path / "device-check.log").read_text() and (tmp_path / "consumer.log").exists()
 
 
 # --- the GPU serving path (mmsent/scorer.py on CUDA) --------------------------------------------------------------
