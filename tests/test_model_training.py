@@ -111,8 +111,10 @@ def test_readme_training_command_parses_into_the_shipped_models_config(parsed: A
     assert run["train"] == TrainConfig(**shipped.extra["train_config"])
     assert run["model"] == dataclasses.replace(shipped, ensemble=1, extra={})  # training sets the ensemble
     assert run["half"] is True
-    flags = {"folds": 5, "class_weights": "none", "lr": 5e-4, "weight_decay": 0.1, "ensemble": 5, "progress": False}
+    flags = {"folds": 5, "class_weights": "none", "lr": 5e-4, "weight_decay": 0.05, "progress": False,
+             "encoder_lr": 5e-5, "image_encoder_lr": 1e-4, "epochs": 8, "patience": 3, "batch_size": 32}
     assert run["train"] == TrainConfig(**flags)  # --no-tta and --threads 2 say the defaults again
+    assert (run["model"].text_trainable_layers, run["model"].image_trainable_blocks) == (2, 3)
 
 
 def test_text_normalisation() -> None:
