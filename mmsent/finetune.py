@@ -7,7 +7,8 @@ are unfrozen (the seed preset; `--text-layers N --image-blocks N` for the defaul
             │   the mirrored image at random
             ├─> each batch: to the device ─> autocast (bf16 on CUDA, fp32 on the CPU) ─> loss (train.head_loss:
             │   the label, or the modality pair) + cfg.aux_weight x each encoder's own annotators' label (_AuxHeads)
-            │   ─> AdamW (the head at --lr, unfrozen encoder layers at --encoder-lr) ─> warm-up + cosine/linear LR
+            │   ─> AdamW (the heads at --lr, unfrozen text layers at --encoder-lr, image blocks at
+            │   --image-encoder-lr) ─> warm-up + cosine/linear LR
             ├─> each epoch: validation macro-F1 ─> early stopping (train._Progress) ─> DIR/train_state.pt
             └─> the best weights back in the model, on the CPU, for `train_model` to save
 

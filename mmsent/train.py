@@ -5,7 +5,10 @@
     train_model ─┬─ frozen encoders ─> features once ─┬─ --folds k: cross_validate (each fold: early stopping,
                  │                                    │   then `ensemble` heads), then the final heads on all rows
                  │                                    └─ otherwise: train_head on one split (early stopping)
-                 └─ trainable encoder layers (or --no-cache) ─> finetune.finetune (end to end on --device, image
+                 ├─ trainable encoder layers, on the CPU ─> activations below them once (extract_activations) ─>
+                 │  finetune.finetune over them (--folds k: k_folds, each fold early-stopped, then the final model
+                 │  for the median epochs; calibration.json from the out-of-fold probabilities)
+                 └─ trainable layers on a GPU (or --no-cache) ─> finetune.finetune (end to end on --device, image
                     augmentation, bf16 on CUDA, warm-up + cosine decay, early stopping; see mmsent/finetune.py)
                  ─> DIR: config.json (+ train_config, cv) + model.safetensors + labels.json, training.png, cv.json
 
