@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -22,6 +23,7 @@ from mmsent.model import Batch, Features, MMSentModel
 __all__ = ["ActivationSet", "FeatureSet", "cache_dir", "extract_activations", "extract_features"]
 
 FEATURE_VERSION = 4  # 4: resize in torch (antialiased bilinear on uint8), not Pillow
+Cached = TypeVar("Cached", "FeatureSet", "ActivationSet")  # what the feature cache holds, labels aside
 
 
 def cache_dir() -> Path:
@@ -148,18 +150,23 @@ def extract_features(
         text_mask=tmask,
     )
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({k: v for k, v in fs.__dict__.items() if k not in ("labels", "pairs")}, tmp)
-        tmp.replace(path)
+        _save_unlabelled(fs, path)
     return _with_labels(fs, examples)
 
 
-def _with_labels(fs: FeatureSet, examples: Sequence[Example]) -> FeatureSet:
+def _with_labels(rows: Cached, examples: Sequence[Example]) -> Cached:
     """Labels come from the examples, never from the cache (the key covers the inputs, not the labels)."""
-    fs.labels = torch.tensor([e.label if e.label is not None else -100 for e in examples], dtype=torch.long)
-    fs.pairs = torch.tensor([e.pair if e.pair is not None else -100 for e in examples], dtype=torch.long)
-    return fs
+    rows.labels = torch.tensor([e.label if e.label is not None else -100 for e in examples], dtype=torch.long)
+    rows.pairs = torch.tensor([e.pair if e.pair is not None else -100 for e in examples], dtype=torch.long)
+    return rows
+
+
+def _save_unlabelled(rows: FeatureSet | ActivationSet, path: Path) -> None:
+    """Atomically: a concurrent reader sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({k: v for k, v in rows.__dict__.items() if k not in ("labels", "pairs")}, tmp)
+    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------ activations below a cut
@@ -218,17 +225,14 @@ def extract_activations(
     path = cache_dir() / "features" / f"{_activation_key(model, examples)}.pt"
     if use_cache and path.exists():
         cached = torch.load(path, map_location="cpu", weights_only=True)
-        return _labelled(ActivationSet(**cached), examples)
+        return _with_labels(ActivationSet(**cached), examples)
     model.eval()
     states, mask = _text_states(model, examples, progress)
     maps, maps_flip, has_image = _image_maps(model, examples, progress)
     acts = ActivationSet(states, mask, maps, maps_flip, torch.tensor([bool(e.text) for e in examples]), has_image)
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({k: v for k, v in acts.__dict__.items() if k not in ("labels", "pairs")}, tmp)
-        tmp.replace(path)
-    return _labelled(acts, examples)
+        _save_unlabelled(acts, path)
+    return _with_labels(acts, examples)
 
 
 def _text_states(model: MMSentModel, examples: Sequence[Example], progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,10 +267,3 @@ def _image_maps(
             maps_flip[rows] = enc_i.map_below(pixels.flip(-1), n_last).half()
             has_image[rows] = True
     return maps, maps_flip, has_image
-
-
-def _labelled(acts: ActivationSet, examples: Sequence[Example]) -> ActivationSet:
-    """Labels come from the examples, never from the cache (the key covers the inputs, not the labels)."""
-    acts.labels = torch.tensor([e.label if e.label is not None else -100 for e in examples], dtype=torch.long)
-    acts.pairs = torch.tensor([e.pair if e.pair is not None else -100 for e in examples], dtype=torch.long)
-    return acts
