@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from mmsent.finetune import resolve_device
 from mmsent.model import Batch, MMSentModel, ModelConfig
 from mmsent.presets import preset_config
 
@@ -137,7 +138,7 @@ def bench_device(device_name: str = "auto", archs: tuple[str, ...] = ("default",
                  compiled_sizes: tuple[int, ...] = (256,)) -> dict[str, Any]:
     """Posts/s per architecture, precision and batch size; FLOPs per post; share of the bf16 peak (CUDA).
     Compiled: the default architecture at `compiled_sizes`, on CUDA only (each size is a compilation)."""
-    device = _device(device_name)
+    device = resolve_device(device_name)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((flops for name, flops in BF16_PEAK_FLOPS.items() if name in card), None)
     result: dict[str, Any] = {"device": str(device), "card": card, "bf16_peak_flops": peak, "archs": {}}
@@ -157,12 +158,6 @@ def bench_device(device_name: str = "auto", archs: tuple[str, ...] = ("default",
                                  "bf16_peak_share": None if peak is None else best * flops / peak,
                                  "gpu_utilization_percent": busy()}
     return result
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @contextmanager
@@ -196,7 +191,7 @@ def bench_serving(device_name: str = "auto", seconds: float = 2.0, max_wait_s: f
     from mmsent.bench import sample_photos, synthetic_captions, time_batches
     from mmsent.scorer import Scorer, from_config
 
-    device = _device(device_name)
+    device = resolve_device(device_name)
     # on the CPU in PyTorch: ONNX Runtime's export of these random weights would cost the check ~12 s
     scorer = Scorer(from_config(random_architecture("default")), device=str(device), cpu_runtime="torch")
     started = time.perf_counter()
@@ -248,17 +243,17 @@ def _cut(arrivals: list[float], first: int, max_batch: int, deadline: float) -> 
 
 def bench_training(device_name: str = "auto", posts: int | None = None, batch_size: int | None = None
                    ) -> dict[str, Any]:
-    """Samples/s of `mmsent.finetune` (the random default architecture with its last text layer and CNN block
-    unfrozen, bf16 autocast on CUDA, DataLoader workers) on generated posts with JPEG files: the second epoch's,
-    as the first also pays for starting workers and choosing kernels. Default size: 2,048 posts in batches of 64 on
-    CUDA; 16 in batches of 8 elsewhere (a CPU trains this model at a few posts/s)."""
+    """Samples/s of `mmsent.finetune` (the random default architecture with its last text layer and its CNN's head
+    convolution unfrozen, bf16 autocast on CUDA, DataLoader workers) on generated posts with JPEG files: the second
+    epoch's, as the first also pays for starting workers and choosing kernels. Default size: 2,048 posts in batches
+    of 64 on CUDA; 16 in batches of 8 elsewhere (a CPU trains this model at a few posts/s)."""
     from mmsent.bench import sample_photos, synthetic_captions
     from mmsent.data import Example
     from mmsent.finetune import finetune
     from mmsent.scorer import from_config
     from mmsent.train import TrainConfig
 
-    device = _device(device_name)
+    device = resolve_device(device_name)
     on_cuda = device.type == "cuda"
     posts = posts or (2048 if on_cuda else 16)
     batch_size = batch_size or (64 if on_cuda else 8)

@@ -62,6 +62,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def _cut(n_last: int, n: int, stages: str, below: str) -> int:
+    """The index of the first of the last `n_last` of `n` stages: where cached activations end and training
+    begins (0 to n; -1, "everything", has no cut)."""
+    if not 0 <= n_last <= n:
+        raise ValueError(f"no cut below the last {n_last} of {n} {stages} (0 to {n}); tuning everything, {below} "
+                         "too, runs end to end (mmsent train --no-cache)")
+    return n - n_last
+
+
 # ----------------------------------------------------------------------------------------------------------- text
 @dataclass(frozen=True)
 class TextSpec:
@@ -225,11 +234,7 @@ class TextEncoder(nn.Module):
         return self._run_layers(states, attention_mask, self._cut(n_last), len(self.layers()))
 
     def _cut(self, n_last: int) -> int:
-        n = len(self.layers())
-        if not 0 <= n_last <= n:
-            raise ValueError(f"no cut below the last {n_last} of {n} text layers (0 to {n}); tuning everything, "
-                             "the embeddings too, runs end to end (mmsent train --no-cache)")
-        return n - n_last
+        return _cut(n_last, len(self.layers()), "text layers", "the embeddings")
 
     def _run_layers(self, x: torch.Tensor, attention_mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         if isinstance(self.model, TinyTransformer):
@@ -433,11 +438,7 @@ class ImageEncoder(nn.Module):
         return x
 
     def _cut(self, n_last: int) -> int:
-        n = len(self.blocks())
-        if not 0 <= n_last <= n:
-            raise ValueError(f"no cut below the last {n_last} of {n} image blocks (0 to {n}); tuning everything, "
-                             "the stem too, runs end to end (mmsent train --no-cache)")
-        return n - n_last
+        return _cut(n_last, len(self.blocks()), "image blocks", "the stem")
 
     def _stem(self, x: torch.Tensor) -> torch.Tensor:
         t: Any = self.trunk

@@ -18,6 +18,7 @@ Also here: the micro-batch size that suits each device (`MMSENT_MAX_BATCH_SIZE`'
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 __all__ = ["ShapeBuckets", "serving_batch_size"]
@@ -52,6 +53,7 @@ class ShapeBuckets:
     lengths: tuple[int, ...]  # tokens of a caption
 
     @classmethod
+    @functools.cache  # asked for on every model call of a batch (Scorer.buckets): made once per (size, length)
     def for_model(cls, batch_size: int, max_length: int) -> ShapeBuckets:
         """Buckets for calls of at most `batch_size` posts whose tokenizer truncates at `max_length` tokens."""
         lengths = tuple(n for n in _doublings(MIN_LENGTH, max_length) if n < max_length) + (max_length,)

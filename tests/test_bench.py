@@ -40,23 +40,23 @@ def test_bench_smoke_runs_every_part(tmp_path: Path) -> None:
     assert "| tiny-random |" in done.stdout and "Where the cores went" in done.stdout
 
 
-def test_bench_shadow_measures_the_primary_alone_and_with_a_shadow() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "consumer", "bench", "shadow", "--model", "tiny-random", "--batch-size", "4",
-         "--rounds", "2"], capture_output=True, text=True, timeout=300, check=False,
-    )
+def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """`mmsent bench ARGS` in a process of its own, which must succeed."""
+    done = subprocess.run([sys.executable, "-m", "consumer", "bench", *args], capture_output=True, text=True,
+                          timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_bench_shadow_measures_the_primary_alone_and_with_a_shadow() -> None:
+    done = _bench("shadow", "--model", "tiny-random", "--batch-size", "4", "--rounds", "2")
     figures = re.search(r"(\d+) ms per batch alone, (\d+) ms with the shadow .*: x(\d+\.\d+)", done.stdout)
     assert figures, done.stdout
     assert float(figures[3]) > 0
 
 
 def test_bench_models_times_models_side_by_side() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "consumer", "bench", "models", "tiny-random", "tiny-random", "--batch-size", "4",
-         "--rounds", "2"], capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = _bench("models", "tiny-random", "tiny-random", "--batch-size", "4", "--rounds", "2")
     rows = re.findall(r"(\d+\.\d) posts/s  x(\d+\.\d+)  tiny-random", done.stdout)
     assert len(rows) == 2 and rows[0][1] == "1.00" and float(rows[1][0]) > 0, done.stdout
 
