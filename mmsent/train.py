@@ -6,8 +6,9 @@
                  │                                    │   then `ensemble` heads), then the final heads on all rows
                  │                                    └─ otherwise: train_head on one split (early stopping)
                  ├─ trainable encoder layers, on the CPU ─> activations below them once (extract_activations) ─>
-                 │  finetune.finetune over them (--folds k: k_folds, each fold early-stopped, then the final model
-                 │  for the median epochs; calibration.json from the out-of-fold probabilities)
+                 │  finetune.finetune over them, --soup N runs whose weights are averaged (--folds k: k_folds, each
+                 │  fold early-stopped, then the final model for the median epochs; calibration.json from the
+                 │  out-of-fold probabilities)
                  └─ trainable layers on a GPU (or --no-cache) ─> finetune.finetune (end to end on --device, image
                     augmentation, bf16 on CUDA, warm-up + cosine decay, early stopping; see mmsent/finetune.py)
                  ─> DIR: config.json (+ train_config, cv) + model.safetensors + labels.json, training.png, cv.json
@@ -28,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +41,9 @@ from mmsent.data import Example
 from mmsent.evaluate import compute_metrics
 from mmsent.features import ActivationSet, FeatureSet, extract_activations, extract_features
 from mmsent.model import Features, FusionHead, HeadConfig, HeadEnsemble, MMSentModel
+
+if TYPE_CHECKING:
+    from mmsent.finetune import Rows  # finetune builds on this module, which may not import it before it runs
 
 __all__ = ["TrainConfig", "cross_validate", "train_head", "train_model"]
 
@@ -88,6 +92,11 @@ class TrainConfig:
     )
     aux_weight: float = field(
         default=0.3, metadata={"help": "fine-tuning: weight of the losses teaching each encoder its modality's label"}
+    )
+    soup: int = field(
+        default=1,
+        metadata={"help": "fine-tuning: average the weights of N runs (seeds seed + 1000 k) from one start; one "
+                          "model's serving cost"},
     )
 
 
@@ -546,7 +555,8 @@ def train_model(
     t0 = time.time()
     state_path = out / "train_state.pt"
     if not resume:
-        state_path.unlink(missing_ok=True)
+        for stale in out.glob("train_state*.pt"):  # a soup's later runs checkpoint to train_state.K.pt
+            stale.unlink()
     finetune = model.cfg.text_trainable_layers != 0 or model.cfg.image_trainable_blocks != 0
     if cfg.cache_features and not finetune:
         result = TrainResult(out, *_train_cached(model, examples, extra_text, cfg, state_path, log))
@@ -653,9 +663,10 @@ def _train_tuned_cached(
     model: MMSentModel, examples: Sequence[Example], cfg: TrainConfig, state_path: Path, log: Callable[[str], None]
 ) -> tuple[dict[str, Any] | None, History]:
     """Fine-tuning on the CPU: the activations below the tuned layers once (features.extract_activations), then the
-    end-to-end loop over them. With `cfg.folds` > 1: k-fold CV (each fold early-stopped on a held-out tenth of its
-    training part), then the final model on every row for the median best epoch count. (cv, history)"""
-    from mmsent.finetune import ActivationRows, finetune
+    end-to-end loop over them, `cfg.soup` times. With `cfg.folds` > 1: k-fold CV (each fold early-stopped on a
+    held-out tenth of its training part), then the final model on every row for the median best epoch count.
+    (cv, history)"""
+    from mmsent.finetune import ActivationRows
 
     t0 = time.time()
     acts = extract_activations(model, examples, progress=cfg.progress)
@@ -663,7 +674,7 @@ def _train_tuned_cached(
     if cfg.folds <= 1:
         tr, va = _stratified_split(acts.labels.numpy(), cfg.val_fraction, cfg.seed)
         rows = ActivationRows(acts, torch.from_numpy(tr)), ActivationRows(acts, torch.from_numpy(va))
-        _, hist = finetune(model, *rows, cfg, state_path=state_path)
+        hist, _ = _soup(model, *rows, cfg, state_path=state_path)
         log(_end_to_end_report(hist))
         return None, hist
     initial = copy.deepcopy(model)  # every fold starts from the same weights as the final model
@@ -675,7 +686,7 @@ def _train_tuned_cached(
     epochs = max(1, int(statistics.median(cv["best_epochs"])))
     log(_cv_report(cv))
     log(f"final model: all {len(acts)} examples, {epochs} epochs (median best epoch over folds)")
-    _, hist = finetune(model, ActivationRows(acts, torch.arange(len(acts))), None, cfg, stop_after=epochs)
+    hist, _ = _soup(model, ActivationRows(acts, torch.arange(len(acts))), None, cfg, stop_after=epochs)
     return cv, hist
 
 
@@ -683,24 +694,53 @@ def _tuned_fold(
     model: MMSentModel, acts: ActivationSet, tr: np.ndarray, te: np.ndarray, cfg: TrainConfig, k: int
 ) -> FoldResult:
     """Fold k: fine-tune on its training rows but a held-out tenth, which early-stops; score its test rows."""
-    from mmsent.finetune import ActivationRows, finetune, predict
+    from mmsent.finetune import ActivationRows, predict
 
     inner_tr, inner_va = _stratified_split(acts.labels[tr].numpy(), cfg.val_fraction, cfg.seed + k)
     train, val = (ActivationRows(acts, torch.from_numpy(tr[rows])) for rows in (inner_tr, inner_va))
-    model, hist = finetune(model, train, val, cfg)
-    best_epoch = max(range(len(hist)), key=lambda e: hist[e].get("val_macro_f1", 0.0))
+    hist, best_epoch = _soup(model, train, val, cfg)
     test = ActivationRows(acts, torch.from_numpy(te))
     return {m: predict(model, test, cfg, modality=m) for m in MODALITIES}, hist, best_epoch
+
+
+def _soup(
+    model: MMSentModel, train: Rows, val: Rows | None, cfg: TrainConfig, *, state_path: Path | None = None,
+    stop_after: int | None = None,
+) -> tuple[History, int]:
+    """`cfg.soup` fine-tuning runs of `model` (seeds seed + 1000 k, each from the same weights, each early-stopped
+    on `val` when given), their trainable weights averaged into `model`: a "model soup" (Wortsman et al. 2022),
+    which keeps most of an ensemble's gain at one model's serving cost. (the first run's history, the median best
+    epoch)"""
+    from mmsent.finetune import finetune  # it builds on this module (loss, early stopping), so it comes in late
+
+    start = copy.deepcopy(model) if cfg.soup > 1 else model
+    states: list[dict[str, torch.Tensor]] = []
+    best_epochs: list[int] = []
+    first: History = []
+    for k in range(max(1, cfg.soup)):
+        run = model if k == 0 else copy.deepcopy(start)
+        path = state_path.with_suffix(f".{k}.pt") if state_path is not None and k else state_path
+        _, hist = finetune(run, train, val, replace(cfg, seed=cfg.seed + 1000 * k), state_path=path,
+                           stop_after=stop_after)
+        states.append(run.trainable_state())
+        best_epochs.append(max(range(len(hist)), key=lambda e: hist[e].get("val_macro_f1", 0.0)))
+        first = first or hist
+    if len(states) > 1:
+        model.load_state_dict({key: _mean([st[key] for st in states]) for key in states[0]}, strict=False)
+    return first, int(statistics.median(best_epochs))
+
+
+def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The element-wise mean of floating-point weights; a counter (an integer buffer) is the first run's."""
+    return torch.stack(tensors).mean(0) if tensors[0].is_floating_point() else tensors[0]
 
 
 def _train_end_to_end(
     model: MMSentModel, examples: Sequence[Example], cfg: TrainConfig, state_path: Path, log: Callable[[str], None]
 ) -> History:
-    """`finetune` on one stratified split of `examples` (the validation part early-stops)."""
-    from mmsent.finetune import finetune  # it builds on this module (loss, early stopping), so it comes in late
-
+    """`finetune` (`cfg.soup` runs) on one stratified split of `examples` (the validation part early-stops)."""
     tr, va = _stratified_split(np.array([e.label for e in examples]), cfg.val_fraction, cfg.seed)
-    _, hist = finetune(model, [examples[k] for k in tr], [examples[k] for k in va], cfg, state_path=state_path)
+    hist, _ = _soup(model, [examples[k] for k in tr], [examples[k] for k in va], cfg, state_path=state_path)
     log(_end_to_end_report(hist))
     return hist
 

@@ -22,7 +22,7 @@ from mmsent.finetune import ActivationRows, _AuxHeads, _Trainer, finetune, predi
 from mmsent.model import MODALITY_PAIRS, Features, MMSentModel
 from mmsent.presets import preset_config
 from mmsent.scorer import from_config
-from mmsent.train import TrainConfig
+from mmsent.train import TrainConfig, _soup
 from tests.test_model_training import LABELS, make_dataset
 
 FAST = TrainConfig(epochs=3, batch_size=8, lr=1e-2, encoder_lr=1e-2, patience=99, progress=False, device="cpu")
@@ -113,6 +113,21 @@ def test_a_cached_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: p
         assert torch.equal(v, resumed.trainable_state()[k]), k
 
 
+def test_a_soup_is_the_mean_of_runs_from_one_start(tmp_path: Path) -> None:
+    acts = extract_activations(tiny(), labelled(tmp_path), progress=False)
+    train, val = rows(acts, range(18)), rows(acts, range(18, 24))
+    runs = [finetune(tiny(), train, val, dataclasses.replace(FAST, seed=seed))[0].trainable_state()
+            for seed in (3, 1003)]
+    souped = tiny()
+    hist, best_epoch = _soup(souped, train, val, dataclasses.replace(FAST, seed=3, soup=2))
+    assert len(hist) == 3 and 0 <= best_epoch < 3
+    differs = False
+    for k, v in souped.trainable_state().items():
+        assert torch.allclose(v, (runs[0][k] + runs[1][k]) / 2, atol=1e-6), k
+        differs = differs or not torch.equal(runs[0][k], runs[1][k])
+    assert differs  # the two runs went different ways: the mean is not one of them
+
+
 def test_a_tuned_model_reloads_and_scores_posts_as_it_trained(tmp_path: Path) -> None:
     ex = labelled(tmp_path)
     acts = extract_activations(tiny(), ex, progress=False)
@@ -142,7 +157,7 @@ def test_train_with_folds_tunes_from_activations_and_calibrates_out_of_fold(tmp_
     out = tmp_path / "model"
     args = ["train", str(data), "--out", str(out), "--preset", "tiny-random", "--text-layers", "1",
             "--image-blocks", "2", "--folds", "2", "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.2",
-            "--quiet", "--modality-pairs", "--device", "cpu"]
+            "--quiet", "--modality-pairs", "--device", "cpu", "--soup", "2"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "activations below the tuned layers" in res.output and "2-fold cross-validation" in res.output
@@ -152,3 +167,4 @@ def test_train_with_folds_tunes_from_activations_and_calibrates_out_of_fold(tmp_
     assert "oof" not in json.loads((out / "cv.json").read_text())
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["extra"]["cv"]["folds"] == 2 and "oof" not in cfg["extra"]["cv"]
+    assert cfg["extra"]["train_config"]["soup"] == 2
