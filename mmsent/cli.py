@@ -94,7 +94,10 @@ def eval_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     modality: Annotated[str, typer.Option(help="text | image | both")] = "both",
     columns: Annotated[str | None, typer.Option(help="column mapping, as for train")] = None,
-    confusion_png: Annotated[Path | None, typer.Option(help="write the confusion matrix PNG here")] = None,
+    confusion_png: Annotated[
+        Path | None, typer.Option(help="write the confusion matrix PNG here (default: DATA.confusion-MODALITY.png in "
+                                       "the current directory, never into the data's folder)")
+    ] = None,
     reliability_png: Annotated[
         Path | None, typer.Option(help="write the reliability diagram PNG here (default: beside the confusion PNG)")
     ] = None,
@@ -115,7 +118,7 @@ def eval_cmd(
     metrics = evaluate_file(data, model, modality=modality, columns=ColumnMap.parse(columns), progress=not json_out,
                             device=device)
     labels = list(metrics["per_class"])
-    png = confusion_png or Path(data).with_name(Path(data).stem + f".confusion-{modality}.png")
+    png = confusion_png or Path.cwd() / f"{Path(data).stem}.confusion-{modality}.png"
     try:
         metrics["confusion_png"] = str(plot_confusion(metrics["confusion_matrix"], labels, png, title=f"{modality}"))
     except OSError as exc:  # a read-only data folder must not fail the evaluation
