@@ -713,11 +713,13 @@ def _soup(
     epoch)"""
     from mmsent.finetune import finetune  # it builds on this module (loss, early stopping), so it comes in late
 
+    if cfg.soup < 1:
+        raise ValueError(f"soup must be 1 run or more, not {cfg.soup}")
     start = copy.deepcopy(model) if cfg.soup > 1 else model
     states: list[dict[str, torch.Tensor]] = []
     best_epochs: list[int] = []
     first: History = []
-    for k in range(max(1, cfg.soup)):
+    for k in range(cfg.soup):
         run = model if k == 0 else copy.deepcopy(start)
         path = state_path.with_suffix(f".{k}.pt") if state_path is not None and k else state_path
         _, hist = finetune(run, train, val, replace(cfg, seed=cfg.seed + 1000 * k), state_path=path,

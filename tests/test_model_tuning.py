@@ -126,6 +126,8 @@ def test_a_soup_is_the_mean_of_runs_from_one_start(tmp_path: Path) -> None:
         assert torch.allclose(v, (runs[0][k] + runs[1][k]) / 2, atol=1e-6), k
         differs = differs or not torch.equal(runs[0][k], runs[1][k])
     assert differs  # the two runs went different ways: the mean is not one of them
+    with pytest.raises(ValueError, match="soup must be 1 run or more"):
+        _soup(tiny(), train, val, dataclasses.replace(FAST, soup=0))
 
 
 def test_a_tuned_model_reloads_and_scores_posts_as_it_trained(tmp_path: Path) -> None:
