@@ -36,8 +36,10 @@ WORDS = {"negative": "awful terrible sad", "neutral": "a photo of the street", "
 
 
 @pytest.fixture(autouse=True)
-def _private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _private_cache_and_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MMSENT_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")  # `mmsent eval` draws its plots in the current directory
 
 
 def make_dataset(root: Path, n: int = 36, *, seed: int = 0, name: str = "data.jsonl") -> Path:
@@ -112,7 +114,7 @@ def test_readme_training_command_parses_into_the_shipped_models_config(parsed: A
     assert run["model"] == dataclasses.replace(shipped, ensemble=1, extra={})  # training sets the ensemble
     assert run["half"] is True
     flags = {"folds": 5, "class_weights": "none", "lr": 5e-4, "weight_decay": 0.05, "progress": False,
-             "encoder_lr": 5e-5, "image_encoder_lr": 1e-4, "epochs": 8, "patience": 3, "batch_size": 32}
+             "encoder_lr": 5e-5, "image_encoder_lr": 1e-4, "epochs": 8, "patience": 3, "batch_size": 32, "soup": 3}
     assert run["train"] == TrainConfig(**flags)  # --no-tta and --threads 2 say the defaults again
     assert (run["model"].text_trainable_layers, run["model"].image_trainable_blocks) == (2, 3)
 
