@@ -184,10 +184,8 @@ def test_each_fusion_learns_on_cached_features(tmp_path: Path, fusion: str) -> N
     assert metrics["n"] == 48 and metrics["accuracy"] > 0.6, metrics
 
 
-def test_eval_json_contract_and_modalities(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_eval_json_contract_and_modalities(tmp_path: Path) -> None:
     data = make_dataset(tmp_path / "data", 12)
-    (tmp_path / "work").mkdir()
-    monkeypatch.chdir(tmp_path / "work")  # the plots land here, not in the data's folder
     runner = CliRunner()
     for modality in ("both", "text", "image"):
         res = runner.invoke(app, ["eval", str(data), "--model", "tiny-random", "--json", "--modality", modality])
@@ -200,7 +198,7 @@ def test_eval_json_contract_and_modalities(tmp_path: Path, monkeypatch: pytest.M
         assert m["n"] == 12 and 0 <= m["accuracy"] <= 1 and m["modality"] == modality
         assert set(m["per_class"]) == set(LABELS)
         assert Path(m["confusion_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert Path(m["confusion_png"]).parent == tmp_path / "work"
+        assert Path(m["confusion_png"]).parent == tmp_path / "cwd"  # the current directory, not the data's
     assert not list((tmp_path / "data").glob("*.png"))
     res = runner.invoke(app, ["eval", str(data), "--model", "tiny-random", "--device", "cpu"])
     assert res.exit_code == 0 and "macro-F1" in res.output
