@@ -121,7 +121,7 @@ def eval_cmd(
     png = confusion_png or Path.cwd() / f"{Path(data).stem}.confusion-{modality}.png"
     try:
         metrics["confusion_png"] = str(plot_confusion(metrics["confusion_matrix"], labels, png, title=f"{modality}"))
-    except OSError as exc:  # a read-only data folder must not fail the evaluation
+    except OSError as exc:  # an unwritable directory must not fail the evaluation
         _err(f"confusion matrix not written: {exc}")
     reliability = reliability_png or png.with_name(Path(data).stem + f".reliability-{modality}.png")
     try:

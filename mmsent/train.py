@@ -380,15 +380,19 @@ def head_loss(
     return share * pair_loss + (1 - share) * label_loss
 
 
+def _seeded(cfg: TrainConfig, n: int) -> list[TrainConfig]:
+    """`cfg` for each of `n` runs whose results are averaged (ensemble heads, soup runs): seeds seed + 1000 k."""
+    return [replace(cfg, seed=cfg.seed + 1000 * k) for k in range(n)]
+
+
 def _ensemble(
     head_cfg: HeadConfig, fs: FeatureSet, idx: torch.Tensor, cfg: TrainConfig, epochs: int, n_main: int, desc: str
 ) -> nn.Module:
     """`cfg.ensemble` heads (seeds seed + 1000 k) trained on all of `idx` for `epochs`: one head or their average."""
     sw = _sample_weights(len(fs), n_main, cfg)
-    seeded = [replace(cfg, seed=cfg.seed + 1000 * e) for e in range(max(1, cfg.ensemble))]
     heads = [
         train_head(head_cfg, fs, idx, None, c, sample_weight=sw, epochs=epochs, desc=f"{desc} {e + 1}")[0]
-        for e, c in enumerate(seeded)
+        for e, c in enumerate(_seeded(cfg, max(1, cfg.ensemble)))
     ]
     return heads[0] if len(heads) == 1 else HeadEnsemble(heads)
 
@@ -707,34 +711,27 @@ def _soup(
     model: MMSentModel, train: Rows, val: Rows | None, cfg: TrainConfig, *, state_path: Path | None = None,
     stop_after: int | None = None,
 ) -> tuple[History, int]:
-    """`cfg.soup` fine-tuning runs of `model` (seeds seed + 1000 k, each from the same weights, each early-stopped
-    on `val` when given), their trainable weights averaged into `model`: a "model soup" (Wortsman et al. 2022),
-    which keeps most of an ensemble's gain at one model's serving cost. (the first run's history, the median best
-    epoch)"""
+    """`cfg.soup` fine-tuning runs of `model` (`_seeded`: each from the same weights, each early-stopped on `val` when
+    given), their trainable weights averaged into `model`: a "model soup" (Wortsman et al. 2022), served at one
+    model's cost. (the first run's history, the median best epoch)"""
     from mmsent.finetune import finetune  # it builds on this module (loss, early stopping), so it comes in late
 
     if cfg.soup < 1:
         raise ValueError(f"soup must be 1 run or more, not {cfg.soup}")
     start = copy.deepcopy(model) if cfg.soup > 1 else model
     states: list[dict[str, torch.Tensor]] = []
-    best_epochs: list[int] = []
-    first: History = []
-    for k in range(cfg.soup):
+    histories: list[History] = []
+    for k, run_cfg in enumerate(_seeded(cfg, cfg.soup)):
         run = model if k == 0 else copy.deepcopy(start)
         path = state_path.with_suffix(f".{k}.pt") if state_path is not None and k else state_path
-        _, hist = finetune(run, train, val, replace(cfg, seed=cfg.seed + 1000 * k), state_path=path,
-                           stop_after=stop_after)
+        _, hist = finetune(run, train, val, run_cfg, state_path=path, stop_after=stop_after)
         states.append(run.trainable_state())
-        best_epochs.append(max(range(len(hist)), key=lambda e: hist[e].get("val_macro_f1", 0.0)))
-        first = first or hist
-    if len(states) > 1:
-        model.load_state_dict({key: _mean([st[key] for st in states]) for key in states[0]}, strict=False)
-    return first, int(statistics.median(best_epochs))
-
-
-def _mean(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The element-wise mean of floating-point weights; a counter (an integer buffer) is the first run's."""
-    return torch.stack(tensors).mean(0) if tensors[0].is_floating_point() else tensors[0]
+        histories.append(hist)
+    if len(states) > 1:  # every trainable tensor is a float weight (no counters): a plain mean
+        model.load_state_dict({key: torch.stack([st[key] for st in states]).mean(0) for key in states[0]},
+                              strict=False)
+    best_epochs = [max(range(len(h)), key=lambda e: h[e].get("val_macro_f1", 0.0)) for h in histories]
+    return histories[0], int(statistics.median(best_epochs))
 
 
 def _train_end_to_end(
