@@ -98,11 +98,6 @@ class TrainConfig:
         metadata={"help": "fine-tuning: average the weights of N runs (seeds seed + 1000 k) from one start; one "
                           "model's serving cost"},
     )
-    soup_splits: bool = field(
-        default=False,
-        metadata={"help": "fine-tuning: each soup run early-stops on its own held-out draw (seed + 1000 k), so the "
-                          "runs together train on every row", "flags": ("--soup-splits/--soup-one-split",)},
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------- loss
@@ -681,7 +676,9 @@ def _train_tuned_cached(
     acts = extract_activations(model, examples, progress=cfg.progress)
     log(f"activations below the tuned layers ready in {time.time() - t0:.0f}s")
     if cfg.folds <= 1:
-        hist, _ = _soup(model, _held_out(acts, np.arange(len(acts)), cfg), cfg, state_path=state_path)
+        tr, va = _stratified_split(acts.labels.numpy(), cfg.val_fraction, cfg.seed)
+        rows = ActivationRows(acts, torch.from_numpy(tr)), ActivationRows(acts, torch.from_numpy(va))
+        hist, _ = _soup(model, *rows, cfg, state_path=state_path)
         log(_end_to_end_report(hist))
         return None, hist
     initial = copy.deepcopy(model)  # every fold starts from the same weights as the final model
@@ -693,8 +690,7 @@ def _train_tuned_cached(
     epochs = max(1, int(statistics.median(cv["best_epochs"])))
     log(_cv_report(cv))
     log(f"final model: all {len(acts)} examples, {epochs} epochs (median best epoch over folds)")
-    every_row = ActivationRows(acts, torch.arange(len(acts)))
-    hist, _ = _soup(model, lambda seed: (every_row, None), cfg, stop_after=epochs)
+    hist, _ = _soup(model, ActivationRows(acts, torch.arange(len(acts))), None, cfg, stop_after=epochs)
     return cv, hist
 
 
@@ -704,33 +700,20 @@ def _tuned_fold(
     """Fold k: fine-tune on its training rows but a held-out tenth, which early-stops; score its test rows."""
     from mmsent.finetune import ActivationRows, predict
 
-    hist, best_epoch = _soup(model, _held_out(acts, tr, cfg, k), cfg)
+    inner_tr, inner_va = _stratified_split(acts.labels[tr].numpy(), cfg.val_fraction, cfg.seed + k)
+    train, val = (ActivationRows(acts, torch.from_numpy(tr[rows])) for rows in (inner_tr, inner_va))
+    hist, best_epoch = _soup(model, train, val, cfg)
     test = ActivationRows(acts, torch.from_numpy(te))
     return {m: predict(model, test, cfg, modality=m) for m in MODALITIES}, hist, best_epoch
 
 
-Split = Callable[[int], "tuple[Rows, Rows | None]"]  # a seed -> (rows to train on, rows that early-stop or None)
-
-
-def _held_out(acts: ActivationSet, rows: np.ndarray, cfg: TrainConfig, k: int = 0) -> Split:
-    """`rows` of `acts` split by seed (+ fold k): a stratified `cfg.val_fraction` held out for early stopping."""
-    from mmsent.finetune import ActivationRows
-
-    def split(seed: int) -> tuple[Rows, Rows | None]:
-        tr, va = _stratified_split(acts.labels[rows].numpy(), cfg.val_fraction, seed + k)
-        return ActivationRows(acts, torch.from_numpy(rows[tr])), ActivationRows(acts, torch.from_numpy(rows[va]))
-
-    return split
-
-
 def _soup(
-    model: MMSentModel, split: Split, cfg: TrainConfig, *, state_path: Path | None = None,
+    model: MMSentModel, train: Rows, val: Rows | None, cfg: TrainConfig, *, state_path: Path | None = None,
     stop_after: int | None = None,
 ) -> tuple[History, int]:
-    """`cfg.soup` fine-tuning runs of `model` (`_seeded`: each from the same weights, each early-stopped on the
-    held-out part of `split(cfg.seed)`, or with `cfg.soup_splits` of `split(its own seed)`), their trainable weights
-    averaged into `model`: a "model soup" (Wortsman et al. 2022), served at one model's cost. (the first run's
-    history, the median best epoch)"""
+    """`cfg.soup` fine-tuning runs of `model` (`_seeded`: each from the same weights, each early-stopped on `val` when
+    given), their trainable weights averaged into `model`: a "model soup" (Wortsman et al. 2022), served at one
+    model's cost. (the first run's history, the median best epoch)"""
     from mmsent.finetune import finetune  # it builds on this module (loss, early stopping), so it comes in late
 
     if cfg.soup < 1:
@@ -741,7 +724,6 @@ def _soup(
     for k, run_cfg in enumerate(_seeded(cfg, cfg.soup)):
         run = model if k == 0 else copy.deepcopy(start)
         path = state_path.with_suffix(f".{k}.pt") if state_path is not None and k else state_path
-        train, val = split(run_cfg.seed if cfg.soup_splits else cfg.seed)
         _, hist = finetune(run, train, val, run_cfg, state_path=path, stop_after=stop_after)
         states.append(run.trainable_state())
         histories.append(hist)
@@ -756,13 +738,8 @@ def _train_end_to_end(
     model: MMSentModel, examples: Sequence[Example], cfg: TrainConfig, state_path: Path, log: Callable[[str], None]
 ) -> History:
     """`finetune` (`cfg.soup` runs) on one stratified split of `examples` (the validation part early-stops)."""
-    labels = np.array([e.label for e in examples])
-
-    def split(seed: int) -> tuple[Rows, Rows | None]:
-        tr, va = _stratified_split(labels, cfg.val_fraction, seed)
-        return [examples[k] for k in tr], [examples[k] for k in va]
-
-    hist, _ = _soup(model, split, cfg, state_path=state_path)
+    tr, va = _stratified_split(np.array([e.label for e in examples]), cfg.val_fraction, cfg.seed)
+    hist, _ = _soup(model, [examples[k] for k in tr], [examples[k] for k in va], cfg, state_path=state_path)
     log(_end_to_end_report(hist))
     return hist
 

@@ -10,7 +10,6 @@ import json
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -23,7 +22,7 @@ from mmsent.finetune import ActivationRows, _AuxHeads, _Trainer, finetune, predi
 from mmsent.model import MODALITY_PAIRS, Features, MMSentModel
 from mmsent.presets import preset_config
 from mmsent.scorer import from_config
-from mmsent.train import TrainConfig, _held_out, _soup
+from mmsent.train import TrainConfig, _soup
 from tests.test_model_training import LABELS, make_dataset
 
 FAST = TrainConfig(epochs=3, batch_size=8, lr=1e-2, encoder_lr=1e-2, patience=99, progress=False, device="cpu")
@@ -120,7 +119,7 @@ def test_a_soup_is_the_mean_of_runs_from_one_start(tmp_path: Path) -> None:
     runs = [finetune(tiny(), train, val, dataclasses.replace(FAST, seed=seed))[0].trainable_state()
             for seed in (3, 1003)]
     souped = tiny()
-    hist, best_epoch = _soup(souped, lambda seed: (train, val), dataclasses.replace(FAST, seed=3, soup=2))
+    hist, best_epoch = _soup(souped, train, val, dataclasses.replace(FAST, seed=3, soup=2))
     assert len(hist) == 3 and 0 <= best_epoch < 3
     differs = False
     for k, v in souped.trainable_state().items():
@@ -128,24 +127,7 @@ def test_a_soup_is_the_mean_of_runs_from_one_start(tmp_path: Path) -> None:
         differs = differs or not torch.equal(runs[0][k], runs[1][k])
     assert differs  # the two runs went different ways: the mean is not one of them
     with pytest.raises(ValueError, match="soup must be 1 run or more"):
-        _soup(tiny(), lambda seed: (train, val), dataclasses.replace(FAST, soup=0))
-
-
-@pytest.mark.parametrize(("own", "held_out_seeds"), [(False, [7, 7, 7]), (True, [7, 1007, 2007])])
-def test_soup_runs_hold_out_one_draw_or_each_their_own(tmp_path: Path, own: bool, held_out_seeds: list[int]) -> None:
-    acts = extract_activations(tiny(), labelled(tmp_path), progress=False)
-    drawn: list[tuple[int, list[int]]] = []
-    held_out = _held_out(acts, np.arange(6, 24), dataclasses.replace(FAST, val_fraction=0.25), k=2)
-
-    def split(seed: int):  # noqa: ANN202 - what _held_out returns, recorded
-        train, val = held_out(seed)
-        drawn.append((seed, sorted(val.rows.tolist())))
-        assert set(train.rows.tolist()) | set(val.rows.tolist()) == set(range(6, 24))
-        return train, val
-
-    _soup(tiny(), split, dataclasses.replace(FAST, seed=7, soup=3, soup_splits=own, epochs=1))
-    assert [seed for seed, _ in drawn] == held_out_seeds
-    assert (len({tuple(v) for _, v in drawn}) > 1) == own  # own draws hold out different rows
+        _soup(tiny(), train, val, dataclasses.replace(FAST, soup=0))
 
 
 def test_a_tuned_model_reloads_and_scores_posts_as_it_trained(tmp_path: Path) -> None:
