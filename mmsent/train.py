@@ -11,7 +11,8 @@
                  │  out-of-fold probabilities)
                  └─ trainable layers on a GPU (or --no-cache) ─> finetune.finetune (end to end on --device, image
                     augmentation, bf16 on CUDA, warm-up + cosine decay, early stopping; see mmsent/finetune.py)
-                 ─> DIR: config.json (+ train_config, cv) + model.safetensors + labels.json, training.png, cv.json
+                 ─> DIR: config.json (+ train_config, cv) + model.safetensors + labels.json, training.png; with
+                    --folds also cv.json, oof.npz (out-of-fold probabilities) and calibration.json
 
 Early stopping on validation macro-F1; class weights or focal loss for the rare neutral class; seeds; resumable
 (`train_state.pt` in the output directory); a loss/metric plot (`training.png`); the checkpoint is a model
@@ -757,5 +758,9 @@ def _save(model: MMSentModel, out: Path, cfg: TrainConfig, cv: dict[str, Any] | 
     if cv is not None:
         extra["cv"] = {k: v for k, v in cv.items() if k not in ("histories", "oof")}
         (out / "cv.json").write_text(json.dumps({k: v for k, v in cv.items() if k != "oof"}, indent=2) + "\n")
+        # The out-of-fold probabilities, row k = the data file's k-th post: what a decision rule or another
+        # calibration can be fitted on later without rerunning the cross-validation.
+        both, text, image = (np.asarray(cv["oof"][m], dtype=np.float32) for m in MODALITIES)
+        np.savez_compressed(out / "oof.npz", both=both, text=text, image=image)
     model.cfg = replace(model.cfg, extra=extra)
     model.save(out, half=half)

@@ -10,6 +10,7 @@ import json
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -167,6 +168,9 @@ def test_train_with_folds_tunes_from_activations_and_calibrates_out_of_fold(tmp_
     assert "out-of-fold" in cal["source"] and cal["temperature"] > 0
     assert {"reliability-before.png", "reliability-after.png", "cv.json"} <= {p.name for p in out.iterdir()}
     assert "oof" not in json.loads((out / "cv.json").read_text())
+    with np.load(out / "oof.npz") as oof:  # kept apart: every post's out-of-fold probabilities, per modality
+        assert set(oof.files) == {"both", "text", "image"}
+        assert all(oof[m].shape == (60, 3) and np.allclose(oof[m].sum(1), 1, atol=1e-5) for m in oof.files)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["extra"]["cv"]["folds"] == 2 and "oof" not in cfg["extra"]["cv"]
     assert cfg["extra"]["train_config"]["soup"] == 2
