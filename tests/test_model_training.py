@@ -116,7 +116,7 @@ def test_readme_training_command_parses_into_the_shipped_models_config(parsed: A
     flags = {"folds": 5, "class_weights": "none", "lr": 5e-4, "weight_decay": 0.05, "progress": False,
              "encoder_lr": 5e-5, "image_encoder_lr": 1e-4, "epochs": 8, "patience": 3, "batch_size": 32, "soup": 3}
     assert run["train"] == TrainConfig(**flags)  # --no-tta and --threads 2 say the defaults again
-    assert (run["model"].text_trainable_layers, run["model"].image_trainable_blocks) == (2, 3)
+    assert (run["model"].text_trainable_layers, run["model"].image_trainable_blocks) == (3, 3)
 
 
 def test_text_normalisation() -> None:
