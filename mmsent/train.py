@@ -467,7 +467,7 @@ def k_folds(
         "summary": {mod: _summary(ms) for mod, ms in folds.items()},
         "best_epochs": [e + 1 for e in best_epochs],
         "histories": histories,
-        "oof": {m: p.tolist() for m, p in oof.items()},
+        "oof": oof,  # arrays: never in a JSON file (oof.npz)
     }
 
 
@@ -761,7 +761,6 @@ def _save(model: MMSentModel, out: Path, cfg: TrainConfig, cv: dict[str, Any] | 
         (out / "cv.json").write_text(json.dumps({k: v for k, v in cv.items() if k != "oof"}, indent=2) + "\n")
         # The out-of-fold probabilities, row k = the data file's k-th post: what a decision rule or another
         # calibration can be fitted on later without rerunning the cross-validation.
-        both, text, image = (np.asarray(cv["oof"][m], dtype=np.float32) for m in MODALITIES)
-        np.savez_compressed(out / "oof.npz", both=both, text=text, image=image)
+        np.savez_compressed(out / "oof.npz", **{m: p.astype(np.float32) for m, p in cv["oof"].items()})
     model.cfg = replace(model.cfg, extra=extra)
     model.save(out, half=half)
