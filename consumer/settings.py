@@ -56,6 +56,11 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = "redis://localhost:6379/0"
     model: str | None = Field(default=None, description="A model directory or preset name; None: the default.")
+    model_max_params: int = Field(
+        default=500_000_000, ge=1,
+        description="A model (or reload candidate) whose config asks for more parameters is refused before its "
+        "weights are read: about 4x the largest preset (`seed`, BERT-base + ResNet-50, ~135 M).",
+    )
     model_watch_s: float = Field(
         default=10.0, ge=0,
         description="How often the MMSENT_MODEL directory is checked for a new model (a flipped symlink, new "
@@ -90,8 +95,22 @@ class Settings(BaseSettings):
         tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], NoDecode
     ] = ()
     fetch_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
-    fetch_max_pixels: int = Field(default=40_000_000, ge=1)
+    fetch_max_pixels: int = Field(
+        default=16_000_000, ge=1,
+        description="Decoded pixels per image at most (a larger image is `unavailable`). The model sees 224 px: "
+        "16 MP keeps every phone photo and halves the worst case of the old 40 MP.",
+    )
     fetch_max_side: int = Field(default=8_192, ge=1)
+    decode_pixel_budget: int = Field(
+        default=64_000_000, ge=1,
+        description="Decoded pixels in flight across the whole process at most: decodes beyond it wait for room, "
+        "so a batch of huge images cannot exhaust memory.",
+    )
+    decode_timeout_s: float = Field(
+        default=5.0, gt=0,
+        description="One image's decode may take this long; after it the image is `unavailable` (the decode is "
+        "abandoned, its pixels still counted in the budget until it ends).",
+    )
     fetch_connect_timeout_s: float = Field(default=3.0, gt=0)
     fetch_read_timeout_s: float = Field(default=5.0, gt=0)
     fetch_total_timeout_s: float = Field(default=10.0, gt=0)
@@ -104,12 +123,21 @@ class Settings(BaseSettings):
     cache_image_ttl_s: int = Field(default=24 * 3600, ge=1)
     cache_embedding_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
     cache_max_image_bytes: int = Field(default=2 * 1024 * 1024, ge=0)
+    cache_secret: SecretStr | None = Field(
+        default=None, description="When set, cache entries carry a keyed MAC (HMAC-SHA-256 with this secret): "
+        "entries written without it, or with another, are misses.",
+    )
 
     processing_guarantee: ProcessingGuarantee = ProcessingGuarantee.AT_LEAST_ONCE
     transactional_id: str | None = None
     shutdown_grace_s: float = Field(default=20.0, ge=0)
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
+    liveness_stall_s: float = Field(
+        default=300.0, gt=0,
+        description="/healthz answers 503 when the model stage has made no progress for this long while work "
+        "waits, so Kubernetes restarts a hung pod.",
+    )
 
     headers_allow: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(), description="When set, only these input headers are carried to events and dead letters."
