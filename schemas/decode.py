@@ -1,13 +1,22 @@
 """Turning untrusted record bytes into a `PostEvent`, or into a precise, typed reason why not.
 
 Every failure is a `BadRecord` with a stable `code` (for the dead letter and the metrics) and a message that
-names the field and the rule. Nothing here raises anything else, whatever the bytes.
+names the field and the rule. Nothing here raises anything else, whatever the bytes:
+
+    bytes ──▶ size ──▶ UTF-8 ──▶ nesting depth ──▶ json.loads ──────────▶ object? ──▶ PostEvent ──▶ lone surrogates
+              too_large  invalid_utf8  too_deep    invalid_json            not_an_object  invalid_post   invalid_post
+                                                   (NaN/Infinity literals,
+                                                    numbers past Python's
+                                                    int-digit limit, ...)
+
+The two third-party steps (the JSON parser, pydantic) are caught broadly: whatever they raise is the record's fault.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -80,21 +89,28 @@ def decode_post(
     if _nesting_depth_exceeds(text, MAX_JSON_DEPTH):
         raise BadRecord("too_deep", f"the JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise BadRecord("invalid_json", f"the record is not JSON: {exc}") from None
+        obj = json.loads(text, parse_constant=_refuse_constant)
+    except Exception as exc:  # JSONDecodeError, RecursionError, ValueError past the int-digit limit, ...
+        raise BadRecord("invalid_json", f"the record is not JSON: {str(exc)[:300]}") from None
     if not isinstance(obj, dict):
         raise BadRecord("not_an_object", f"the record is JSON {type(obj).__name__}, not an object")
     try:
         post = PostEvent.model_validate(obj, context={"max_text_chars": max_text_chars})
     except ValidationError as exc:
         raise BadRecord("invalid_post", _format_validation_error(exc)) from None
+    except Exception as exc:  # a validator tripping on a value pydantic did not foresee
+        raise BadRecord("invalid_post", f"{type(exc).__name__}: {str(exc)[:300]}") from None
     for field_name in ("post_id", "text", "image_url"):
         field_value = getattr(post, field_name)
         if isinstance(field_value, str) and _has_lone_surrogate(field_value):
             # JSON "\ud800" escapes decode to lone surrogates that cannot be re-encoded as UTF-8 on output.
             raise BadRecord("invalid_post", f"{field_name}: contains a lone UTF-16 surrogate")
     return post
+
+
+def _refuse_constant(name: str) -> Any:
+    """`NaN`, `Infinity` and `-Infinity` are not JSON (RFC 8259), though Python's parser takes them."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _has_lone_surrogate(text: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 import unicodedata
 from typing import Any
@@ -188,3 +189,62 @@ def test_the_ssrf_list_through_the_whole_consumer_reaches_no_server(
     assert loopback_servers.requests == []
     assert loopback_servers.connections == []
     print(f"\n[ssrf through the consumer] urls={len(urls)} blocked={len(statuses)} requests=0")
+
+
+# -- the decoder raises only BadRecord (issue 25, item 1) ----------------------------------------------------------
+
+# Where a hostile token goes inside an otherwise valid post: a field of its own, a field the post needs, deep inside.
+_HOSTILE_SLOTS = (
+    '{{"post_id": "p", "text": "hi", "extra": {token}}}',
+    '{{"post_id": {token}, "text": "hi"}}',
+    '{{"post_id": "p", "text": "hi", "extra": [1, {{"a": [{token}]}}]}}',
+    '{{"post_id": "p", "text": {token}}}',
+    "{token}",
+)
+
+
+def _decode_refused(value: bytes) -> BadRecord:
+    result = _decode_bounded(value)
+    assert isinstance(result, BadRecord), result
+    return result
+
+
+@settings(max_examples=60, deadline=None)
+@given(digits=st.integers(min_value=4_301, max_value=20_000), sign=st.sampled_from(["", "-"]),
+       slot=st.sampled_from(_HOSTILE_SLOTS))
+def test_numbers_past_the_int_digit_limit_are_bad_records(digits: int, sign: str, slot: str) -> None:
+    token = sign + "9" * digits
+    assert _decode_refused(slot.format(token=token).encode()).code == "invalid_json"
+
+
+@settings(max_examples=60, deadline=None)
+@given(literal=st.sampled_from(["NaN", "Infinity", "-Infinity"]), slot=st.sampled_from(_HOSTILE_SLOTS))
+def test_non_finite_literals_are_bad_records(literal: str, slot: str) -> None:
+    bad = _decode_refused(slot.format(token=literal).encode())
+    assert bad.code == "invalid_json" and literal.lstrip("-") in bad.message
+
+
+@settings(max_examples=40, deadline=None)
+@given(depth=st.integers(min_value=65, max_value=5_000), opener=st.sampled_from(['[', '{"a":']),
+       slot=st.sampled_from(_HOSTILE_SLOTS))
+def test_nesting_at_any_depth_past_the_limit_is_a_bad_record(depth: int, opener: str, slot: str) -> None:
+    closer = "]" if opener == "[" else "}"
+    token = opener * depth + "1" + closer * depth
+    assert _decode_refused(slot.format(token=token).encode()).code == "too_deep"
+
+
+def _holds_non_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_holds_non_finite(v) for v in value.values())
+    return isinstance(value, list) and any(_holds_non_finite(v) for v in value)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.sampled_from(_HOSTILE_SLOTS))
+def test_any_json_value_anywhere_in_a_post_decodes_or_is_a_bad_record(value: Any, slot: str) -> None:
+    # json.dumps writes NaN/Infinity for non-finite floats (allow_nan): wherever they are, the record is refused.
+    result = _decode_bounded(slot.format(token=json.dumps(value)).encode("utf-8", "surrogatepass"))
+    if _holds_non_finite(value):
+        assert isinstance(result, BadRecord) and result.code == "invalid_json", result
