@@ -134,7 +134,9 @@ class Application:
     def _start(self) -> None:
         s = self.settings
         if self._serve_http and self.health is None:
-            self.health = HealthServer(s.metrics_host, s.metrics_port, lambda: self.ready).start()
+            self.health = HealthServer(
+                s.metrics_host, s.metrics_port, lambda: self.ready,
+                is_live=lambda: self.pipeline is None or self.pipeline.progress.live(s.liveness_stall_s)).start()
         primary = self._scorer or _load_scorer(s, s.model)
         self.batcher.max_size, self.max_in_flight = s.batch_limits(
             getattr(primary, "serving_batch_size", DEVICELESS_BATCH_SIZE))

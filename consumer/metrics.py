@@ -1,21 +1,29 @@
 """Prometheus metrics of the consumer, and the HTTP server for `/metrics`, `/healthz` and `/readyz`.
 
+The server is bounded: one thread and an asyncio loop, a deadline per request, a cap on open connections
+(`HealthServer`); prometheus_client's own `start_http_server` is a thread per connection, which idle sockets exhaust.
+
 The metrics live in the default registry (once per process), next to the fetcher's and the cache's own counters
 (`mmsent_image_fetch_*`, `mmsent_cache_*`), so one scrape sees them all.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 from typing import Any
 
+import h11
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
 log = structlog.get_logger(__name__)
 
+# A probe's or a scrape's request head is a few hundred bytes; anything near this is not one.
+_MAX_REQUEST_HEAD = 8 * 1024
+_READ_CHUNK = 4 * 1024
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -94,42 +102,40 @@ class Metrics:
 
 
 class HealthServer:
-    """`/metrics` (Prometheus text), `/healthz` (the process is alive) and `/readyz` (`is_ready()`), on a thread.
+    """`/metrics` (Prometheus text), `/healthz` (`is_live()`) and `/readyz` (`is_ready()`), on an asyncio loop of
+    its own thread.
 
-    Port 0 binds a free port (see `.port`); the server is a daemon thread and `close()` stops it.
+        accept ──▶ idle (waiting for its request; the oldest dropped past `max_connections`)
+               ──▶ request head read within `request_timeout_s` (h11 parses it) ──▶ answer ──▶ close
+
+    One thread whatever the connections: an idle or slow client costs a coroutine and a socket, never a thread,
+    and is dropped after `request_timeout_s`; past `max_connections` open at once the oldest idle one is dropped,
+    so a probe that has just connected is always served. Port 0 binds a free port (see `.port`); `close()` stops
+    the server.
     """
 
-    def __init__(self, host: str, port: int, is_ready: Callable[[], bool], registry: Any = REGISTRY) -> None:
-        server_ref = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the http.server API)
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-                elif path == "/healthz":
-                    self._reply(200, b"ok\n")
-                elif path == "/readyz":
-                    ready = server_ref.is_ready()
-                    self._reply(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
-                else:
-                    self._reply(404, b"not found\n")
-
-            def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the http.server API)
-                return
-
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        is_ready: Callable[[], bool],
+        registry: Any = REGISTRY,
+        *,
+        is_live: Callable[[], bool] = lambda: True,
+        request_timeout_s: float = 10.0,
+        max_connections: int = 256,
+    ) -> None:
         self.is_ready = is_ready
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, name="mmsent-metrics", daemon=True)
+        self.is_live = is_live
+        self._registry = registry
+        self._request_timeout_s = request_timeout_s
+        self._max_connections = max_connections
+        self._idle: dict[asyncio.StreamWriter, None] = {}  # insertion order: the oldest first
+        self._loop = asyncio.new_event_loop()
+        self._server = self._loop.run_until_complete(
+            asyncio.start_server(self._serve, host, port, limit=_MAX_REQUEST_HEAD))
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        self._thread = threading.Thread(target=self._loop.run_forever, name="mmsent-metrics", daemon=True)
 
     def start(self) -> HealthServer:
         self._thread.start()
@@ -137,5 +143,78 @@ class HealthServer:
         return self
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if self._loop.is_closed():
+            return
+        if self._thread.is_alive():
+            asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(5)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        else:
+            self._loop.run_until_complete(self._stop())
+        self._loop.close()
+
+    async def _stop(self) -> None:
+        self._server.close()
+        for writer in list(self._idle):
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._admit(writer)
+        try:
+            async with asyncio.timeout(self._request_timeout_s):
+                connection, request = await _read_request(reader)
+                self._idle.pop(writer, None)
+                writer.write(self._respond(connection, request))
+                writer.close()  # after the answer is flushed
+                await writer.wait_closed()
+        except (TimeoutError, ConnectionError, h11.ProtocolError):
+            pass  # a client that is slow, gone or not speaking HTTP: nothing to answer
+        finally:
+            self._idle.pop(writer, None)
+            writer.transport.abort()  # a no-op once closed; otherwise drops what is left unsent
+
+    def _admit(self, writer: asyncio.StreamWriter) -> None:
+        """Count a new connection as idle, dropping the oldest idle one when the server is full."""
+        if len(self._idle) >= self._max_connections:
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            oldest.transport.abort()
+        self._idle[writer] = None
+
+    def _respond(self, connection: h11.Connection, request: h11.Request) -> bytes:
+        status, body, content_type = self._answer(request)
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Connection", "close")]
+        return b"".join((
+            connection.send(h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase))
+            or b"",
+            connection.send(h11.Data(data=body)) or b"",
+            connection.send(h11.EndOfMessage()) or b"",
+        ))
+
+    def _answer(self, request: h11.Request) -> tuple[int, bytes, str]:
+        text = "text/plain; charset=utf-8"
+        if request.method != b"GET":
+            return 405, b"method not allowed\n", text
+        path = request.target.split(b"?", 1)[0]
+        if path == b"/metrics":
+            return 200, generate_latest(self._registry), CONTENT_TYPE_LATEST
+        if path == b"/healthz":
+            live = self.is_live()
+            return (200, b"ok\n", text) if live else (503, b"model stage stalled\n", text)
+        if path == b"/readyz":
+            ready = self.is_ready()
+            return (200, b"ready\n", text) if ready else (503, b"not ready\n", text)
+        return 404, b"not found\n", text
+
+
+async def _read_request(reader: asyncio.StreamReader) -> tuple[h11.Connection, h11.Request]:
+    """The request head, parsed by h11 (a head over `_MAX_REQUEST_HEAD` bytes is a protocol error)."""
+    connection = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
+    while True:
+        event = connection.next_event()
+        if isinstance(event, h11.Request):
+            return connection, event
+        if event is not h11.NEED_DATA:
+            raise ConnectionResetError("the client closed before its request")
+        connection.receive_data(await reader.read(_READ_CHUNK))

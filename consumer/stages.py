@@ -26,6 +26,7 @@ import structlog
 
 from consumer.batcher import Batch, WorkItem
 from consumer.errors import Action, ErrorPolicy, FatalError
+from consumer.liveness import ModelProgress
 from consumer.metrics import Metrics
 from consumer.tracing import Tracing
 from schemas.models import ImageStatus, ModelInfo
@@ -368,6 +369,7 @@ class Pipeline:
         self._model_threads = [SerialWorker(f"mmsent-model-{k}") for k in range(max(1, model_concurrency))]
         self._turn = 0
         self._pending: deque[tuple[Batch, concurrent.futures.Future[Batch]]] = deque()
+        self.progress = ModelProgress()  # what /healthz reads: a stuck model thread is a dead pod
 
     @property
     def pending(self) -> int:
@@ -391,7 +393,9 @@ class Pipeline:
         # below capacity a batch waits for no other batch's slices.
         if batch.full:
             self._turn = (self._turn + 1) % len(self._model_threads)
+        self.progress.entered()
         scored = self._model_threads[self._turn].submit(self._model_step, batch.model, prepared)
+        scored.add_done_callback(lambda _scored: self.progress.left())
         self._pending.append((batch, scored))
 
     def on_model_threads(self, fn: Callable[[], Any]) -> None:

@@ -113,9 +113,9 @@ def committed_total(bootstrap: str, topics: Topics) -> int:
 
 
 @contextlib.contextmanager
-def app_in_thread(settings: Settings, **kwargs: Any) -> Iterator[Application]:
+def app_in_thread(settings: Settings, *, serve_http: bool = False, **kwargs: Any) -> Iterator[Application]:
     """An `Application` running on a thread; stopped (drain, commit, close) on exit; its exit code is `.rc`."""
-    app = Application(settings, serve_http=False, **kwargs)
+    app = Application(settings, serve_http=serve_http, **kwargs)
     result: dict[str, int] = {}
     thread = threading.Thread(target=lambda: result.setdefault("rc", app.run()), name="app", daemon=True)
     thread.start()
