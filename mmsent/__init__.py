@@ -1,8 +1,9 @@
 """mmsent: multimodal (caption + image) sentiment. See ARCHITECTURE.md for the public face."""
 
-from mmsent.imaging import ImageDecodeError, decode_image, open_checked, sniff_format
-from mmsent.scorer import ImageEmbedding, Scorer, ScoreResult
+from mmsent.imaging import ImageDecodeError, decode_image, decode_opened, open_checked, sniff_format
+from mmsent.scorer import ImageEmbedding, ModelRefused, RefusalReason, Scorer, ScoreResult
 
 __all__ = [
-    "ImageDecodeError", "ImageEmbedding", "ScoreResult", "Scorer", "decode_image", "open_checked", "sniff_format",
+    "ImageDecodeError", "ImageEmbedding", "ModelRefused", "RefusalReason", "ScoreResult", "Scorer", "decode_image",
+    "decode_opened", "open_checked", "sniff_format",
 ]

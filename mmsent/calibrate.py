@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmsent.model import ModelRefused, RefusalReason
+
 __all__ = [
     "CALIBRATION_FILE",
     "DEFAULT_PRECISIONS",
@@ -61,6 +63,13 @@ class Threshold:
     precision: float | None = None
     recall: float | None = None
     alerts: int = 0  # posts of the calibration data at or above the threshold
+
+    def __post_init__(self) -> None:
+        # a NaN threshold never alerts (every comparison with it is false): a file holding one is refused instead
+        for name in ("target", "threshold", "precision", "recall"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise ValueError(f"a threshold's {name} must be a probability in [0, 1], not {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "threshold": self.threshold, "precision": self.precision,
@@ -126,12 +135,16 @@ class Calibration:
 
     @classmethod
     def load(cls, directory: str | Path) -> Calibration | None:
-        """The directory's calibration; None when it has none, or when it was fit on other weights (warned)."""
+        """The directory's calibration; None when it has none, or when it was fit on other weights (warned).
+        `ModelRefused` (bad_calibration) when it cannot be read or holds a non-finite temperature or threshold."""
         d = Path(directory)
         path = d / CALIBRATION_FILE
         if not path.is_file():
             return None
-        calibration = cls.from_dict(json.loads(path.read_text()))
+        try:
+            calibration = cls.from_dict(json.loads(path.read_text()))
+        except Exception as exc:  # unreadable, not JSON, fields missing, mistyped or out of range
+            raise ModelRefused(RefusalReason.BAD_CALIBRATION, f"{path}: {exc!r}") from exc
         weights = d / "model.safetensors"
         if calibration.model_sha256 and weights.is_file() and weights_sha256(weights) != calibration.model_sha256:
             warnings.warn(f"mmsent: {path} was fit on other weights than {weights}; it is ignored (run mmsent "

@@ -25,7 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 __all__ = [
-    "ImageEncoder", "ImageSpec", "RandomWeightsWarning", "TextEncoder", "TextSpec", "masked_mean", "resolve_path",
+    "ImageEncoder", "ImageSpec", "RandomWeightsWarning", "TextEncoder", "TextSpec", "masked_mean", "meta_count",
+    "resolve_path", "stacked_count",
 ]
 
 
@@ -69,6 +70,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def meta_count(build: Callable[[], nn.Module]) -> int:
+    """The parameters of the module `build` makes, built on the meta device: shapes only, no memory."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build().parameters())
+
+
+def stacked_count(count: Callable[[int], int], layers: int) -> int:
+    """The parameters of a model with `layers` identical layers, from its builds with one and two: a config that
+    asks for a billion layers is counted as fast as one that asks for two."""
+    one = count(1)
+    return one + (layers - 1) * (count(2) - one)
+
+
 def _cut(n_last: int, n: int, stages: str, below: str) -> int:
     """The index of the first of the last `n_last` of `n` stages: where cached activations end and training
     begins (0 to n; -1, "everything", has no cut)."""
@@ -92,6 +106,25 @@ class TextSpec:
     @property
     def ident(self) -> str:
         return f"{self.arch}:{self.path or 'random'}#{self.init_seed}:{self.pooling}:{self.max_length}"
+
+    def parameter_count(self) -> int:
+        """The parameters of the transformer this spec builds, counted on the meta device: no weight is read or
+        allocated, and its layer count costs nothing (see `stacked_count`)."""
+        if self.arch == "tiny":
+            config = dict(self.config or {})
+            layers = int(config.get("num_layers", 2))
+            return stacked_count(lambda n: meta_count(lambda: TinyTransformer(**{**config, "num_layers": n})), layers)
+        from transformers import AutoConfig, AutoModel, BertConfig
+
+        path = resolve_path(self.path)
+        hf = AutoConfig.from_pretrained(str(path), local_files_only=True) if path else BertConfig(**self.config or {})
+        layers = int(hf.num_hidden_layers)
+
+        def with_layers(n: int) -> int:
+            hf.num_hidden_layers = n
+            return meta_count(lambda: AutoModel.from_config(hf, add_pooling_layer=False))
+
+        return stacked_count(with_layers, layers)
 
 
 class TinyTransformer(nn.Module):
@@ -289,6 +322,10 @@ class ImageSpec:
     def ident(self) -> str:
         w = self.weights or f"random#{self.init_seed}"
         return f"{self.arch}:{w}:{self.preprocess.ident}:{'flip' if self.tta_flip else 'noflip'}"
+
+    def parameter_count(self) -> int:
+        """The parameters of the CNN trunk this spec builds, counted on the meta device (its weights unread)."""
+        return meta_count(lambda: ImageEncoder._build(self.arch)[0])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -41,7 +41,17 @@ from tqdm.auto import tqdm
 from mmsent.data import Example, augmentation, collate
 from mmsent.features import ActivationSet
 from mmsent.model import MODALITY_PAIRS, Batch, Features, FusionHead, MMSentModel
-from mmsent.train import History, TrainConfig, _descend, _macro_f1, _Progress, _set_seed, head_loss, make_class_weights
+from mmsent.train import (
+    History,
+    TrainConfig,
+    _descend,
+    _macro_f1,
+    _Progress,
+    _set_seed,
+    head_loss,
+    load_checkpoint,
+    make_class_weights,
+)
 
 __all__ = ["ActivationRows", "finetune", "lr_factor", "predict", "resolve_device"]
 
@@ -233,7 +243,7 @@ class _Trainer:
         torch.save(state | run.checkpoint(epoch), path)
 
     def resume(self, path: Path) -> _Progress:
-        st = torch.load(path, map_location="cpu", weights_only=False)
+        st = load_checkpoint(path)
         self.model.load_state_dict(st["model"], strict=False)
         self.aux.load_state_dict(st["aux"])
         self.opt.load_state_dict(st["opt"])  # its state moves to the parameters' device

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmsent.encoders import ImageEncoder, ImageSpec, TextEncoder, TextSpec, masked_mean
+from mmsent.encoders import ImageEncoder, ImageSpec, TextEncoder, TextSpec, masked_mean, meta_count, stacked_count
 
 LABELS: tuple[str, str, str] = ("negative", "neutral", "positive")
 FORMAT = "mmsent-model/1"
@@ -41,6 +42,32 @@ FUSIONS = ("concat", "gated", "attention")
 MODALITY_PAIRS: tuple[tuple[int, int], ...] = tuple(
     (t, i) for t in range(3) for i in range(3) if {LABELS[t], LABELS[i]} != {"negative", "positive"}
 )  # 7 (text label, image label) index pairs
+
+
+class RefusalReason(StrEnum):
+    """Why a model is refused, a stable code for logs and metrics. The checks run in this order, each before the
+    work that the next one would waste or the harm it would do (`MMSentModel.load`, `Scorer.load`)."""
+
+    MODEL_MISSING = "model_missing"  # no model directory there (a dangling link, no config.json)
+    BAD_CONFIG = "bad_config"  # config.json unreadable, or not a model this code builds
+    TOO_MANY_PARAMETERS = "too_many_parameters"  # over the budget: refused before any weight is read
+    UNREADABLE_WEIGHTS = "unreadable_weights"  # model.safetensors missing or not a safetensors file
+    WEIGHTS_MISMATCH = "weights_mismatch"  # tensors this model does not have, or head weights it lacks
+    WRONG_SHAPES = "wrong_shapes"  # a tensor of another shape than the model's (from the file's header)
+    NON_FINITE_WEIGHTS = "non_finite_weights"  # NaN or infinite values in the loaded weights
+    BAD_CALIBRATION = "bad_calibration"  # calibration.json unreadable, or non-finite temperature or thresholds
+    NON_FINITE_SCORES = "non_finite_scores"  # probe posts scored NaN or infinite (consumer/rollout.py)
+    SCORES_OUT_OF_RANGE = "scores_out_of_range"  # probe scores outside [0, 1] or not summing to 1
+    LOAD_FAILED = "load_failed"  # anything else a loader raised
+
+
+class ModelRefused(ValueError):
+    """A model that must not serve, with the reason's stable code (`reason`) and what was found (`detail`)."""
+
+    def __init__(self, reason: RefusalReason, detail: str) -> None:
+        super().__init__(f"model refused ({reason.value}): {detail}")
+        self.reason = reason
+        self.detail = detail
 
 
 def pair_label(text_label: int, image_label: int) -> int:
@@ -262,6 +289,24 @@ def make_head(cfg: ModelConfig) -> nn.Module:
     return FusionHead(cfg.head)
 
 
+def parameter_count(cfg: ModelConfig) -> int:
+    """The parameters a model of `cfg` has, counted from the config alone on the meta device: no weight is read, no
+    tensor allocated, and a stack of layers or heads counts as fast whatever its depth."""
+    head = stacked_count(lambda n: meta_count(lambda: make_head(replace(cfg, ensemble=n))), max(1, cfg.ensemble))
+    return cfg.text.parameter_count() + cfg.image.parameter_count() + head
+
+
+def check_parameter_budget(cfg: ModelConfig, max_params: int) -> None:
+    """Refuse (`too_many_parameters`) a config whose model would have more than `max_params` parameters."""
+    try:
+        count = parameter_count(cfg)
+    except Exception as exc:  # a config that does not build (unknown arch, inconsistent sizes) builds no model
+        raise ModelRefused(RefusalReason.BAD_CONFIG, f"{cfg.name}: cannot count its parameters: {exc!r}") from exc
+    if count > max_params:
+        raise ModelRefused(RefusalReason.TOO_MANY_PARAMETERS,
+                           f"{cfg.name}: its config asks for {count:,} parameters, over the budget of {max_params:,}")
+
+
 # ----------------------------------------------------------------------------------------------------- full model
 class Batch(NamedTuple):
     input_ids: torch.Tensor  # (B, T) padded to the longest text in the batch
@@ -412,22 +457,70 @@ class MMSentModel(nn.Module):
         return out
 
     @classmethod
-    def load(cls, directory: str | Path, *, map_location: str = "cpu") -> MMSentModel:
-        from safetensors.torch import load_file
+    def load(cls, directory: str | Path, *, map_location: str = "cpu", max_params: int | None = None) -> MMSentModel:
+        """A saved model directory, checked before it can serve; a failed check raises `ModelRefused`:
 
+            config.json ──read──▶ ModelConfig ──parameter count (meta device) <= max_params──▶ the model built
+              ──model.safetensors' header: its names and shapes the model's──▶ the tensors read and loaded
+              ──every weight finite──▶ the model (eval mode)
+        """
         d = Path(directory)
-        cfg = ModelConfig.from_dict(json.loads((d / "config.json").read_text()))
-        model = cls(cfg)
-        state = load_file(str(d / "model.safetensors"), device=map_location)
+        cfg = read_config(d)
+        if max_params is not None:
+            check_parameter_budget(cfg, max_params)
+        try:
+            model = cls(cfg)
+        except Exception as exc:  # an encoder reference that does not resolve, sizes that do not fit together
+            raise ModelRefused(RefusalReason.BAD_CONFIG, f"{d}: its config builds no model: {exc!r}") from exc
         own = model.state_dict()
-        unknown = [k for k in state if k not in own]
-        if unknown:
-            raise ValueError(f"{d}: model.safetensors has keys this model does not: {unknown[:5]}")
-        missing_head = [k for k in own if k.startswith("head.") and k not in state]
-        if missing_head:
-            raise ValueError(f"{d}: model.safetensors lacks head weights: {missing_head[:5]}")
+        state = _read_weights(d / "model.safetensors", own, map_location)
         model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+        _check_finite(d, model)
         return model.eval()
+
+
+def read_config(directory: Path) -> ModelConfig:
+    """A model directory's config.json; `bad_config` when it cannot be read or describes no model."""
+    try:
+        return ModelConfig.from_dict(json.loads((directory / "config.json").read_text()))
+    except Exception as exc:  # unreadable, not JSON, missing or mistyped fields: whatever a file can hold
+        raise ModelRefused(RefusalReason.BAD_CONFIG, f"{directory}/config.json: {exc!r}") from exc
+
+
+def _read_weights(path: Path, own: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, after its header (names and shapes, read without the data) matched the
+    model's `own` state: a file of the wrong shapes is refused with what differs, before any tensor is read."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
+            _check_names_and_shapes(path, shapes, own)
+            return {k: f.get_tensor(k) for k in shapes}
+    except (OSError, SafetensorError) as exc:
+        raise ModelRefused(RefusalReason.UNREADABLE_WEIGHTS, f"{path}: {exc!r}") from exc
+
+
+def _check_names_and_shapes(path: Path, shapes: dict[str, tuple[int, ...]], own: dict[str, torch.Tensor]) -> None:
+    unknown = [k for k in shapes if k not in own]
+    if unknown:
+        raise ModelRefused(RefusalReason.WEIGHTS_MISMATCH, f"{path} has tensors this model does not: {unknown[:5]}")
+    missing_head = [k for k in own if k.startswith("head.") and k not in shapes]
+    if missing_head:
+        raise ModelRefused(RefusalReason.WEIGHTS_MISMATCH, f"{path} lacks head weights: {missing_head[:5]}")
+    wrong = [f"{k}: {list(shape)} in the file, {list(own[k].shape)} in the model"
+             for k, shape in shapes.items() if shape != tuple(own[k].shape)]
+    if wrong:
+        raise ModelRefused(RefusalReason.WRONG_SHAPES, f"{path}: {len(wrong)} tensors of the wrong shape: "
+                           + "; ".join(wrong[:3]))
+
+
+def _check_finite(directory: Path, model: nn.Module) -> None:
+    """Every floating weight and buffer finite: a NaN weight makes NaN scores for every post that meets it."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ModelRefused(RefusalReason.NON_FINITE_WEIGHTS,
+                           f"{directory}: {len(bad)} tensors hold NaN or infinite values: {bad[:5]}")
 
 
 _MODEL_FIELDS = {"labels", "name", "version", "text_trainable_layers", "image_trainable_blocks", "ensemble", "extra"}

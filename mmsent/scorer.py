@@ -55,13 +55,23 @@ from mmsent.calibrate import Calibration, calibrated_probabilities
 from mmsent.features import cache_dir
 from mmsent.gpudecode import decode_batch
 from mmsent.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageDecodeError, decode_image
-from mmsent.model import Features, MMSentModel, ModelConfig
+from mmsent.model import (
+    Features,
+    MMSentModel,
+    ModelConfig,
+    ModelRefused,
+    RefusalReason,
+    check_parameter_budget,
+)
 from mmsent.presets import PRESETS, default_model_dir, preset_config
 from mmsent.runtime import CPU_RUNTIMES, onnxruntime_available
 from mmsent.shapes import ShapeBuckets, serving_batch_size
 from mmsent.textnorm import normalize_tweet
 
-__all__ = ["ImageEmbedding", "ScoreResult", "Scorer", "build_model", "from_config", "model_directory"]
+__all__ = [
+    "ImageEmbedding", "ModelRefused", "RefusalReason", "ScoreResult", "Scorer", "build_model", "from_config",
+    "model_directory",
+]
 
 ImageEmbedding = np.ndarray  # float32 or float16, shape fixed per image_encoder_id: (R, C)
 T = TypeVar("T")
@@ -78,20 +88,25 @@ class ScoreResult:
     scores_by_modality: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def build_model(model: str | os.PathLike[str] | None = None) -> MMSentModel:
-    """A model directory, a preset name, or None (the packaged default)."""
+def build_model(model: str | os.PathLike[str] | None = None, *, max_params: int | None = None) -> MMSentModel:
+    """A model directory, a preset name, or None (the packaged default). `max_params`: a model whose config asks for
+    more parameters is refused (`ModelRefused`, too_many_parameters) before any weight is read."""
     if model is None or str(model) == "default":
         d = default_model_dir()
         if (d / "config.json").exists():
-            return MMSentModel.load(d)
+            return MMSentModel.load(d, max_params=max_params)
         warnings.warn("mmsent: the packaged default model is missing; using the UNTRAINED default preset", stacklevel=2)
-        return from_config(preset_config("default"))
+        model = "default"
     if isinstance(model, str) and model in PRESETS:
-        return from_config(preset_config(model))
+        cfg = preset_config(model)
+        if max_params is not None:
+            check_parameter_budget(cfg, max_params)
+        return from_config(cfg)
     path = Path(model)
     if (path / "config.json").exists():
-        return MMSentModel.load(path)
-    raise ValueError(f"{model!r} is neither a model directory (with config.json) nor a preset ({', '.join(PRESETS)})")
+        return MMSentModel.load(path, max_params=max_params)
+    raise ModelRefused(RefusalReason.MODEL_MISSING, f"{model!r} is neither a model directory (with config.json) "
+                       f"nor a preset ({', '.join(PRESETS)})")
 
 
 def model_directory(model: str | os.PathLike[str] | None = None) -> Path | None:
@@ -216,10 +231,16 @@ class Scorer:
 
     @classmethod
     def load(cls, model: str | os.PathLike[str] | None = None, *, device: str | None = None,
-             cpu_runtime: str = "auto", cpu_workers: int | None = None, compile: bool = False) -> Scorer:
+             cpu_runtime: str = "auto", cpu_workers: int | None = None, compile: bool = False,
+             max_params: int | None = None) -> Scorer:
+        """`max_params` (None: no limit): a model whose config asks for more parameters is refused before any of
+        its weights is read. A model that fails a check raises `ModelRefused` with the reason's code: see
+        `MMSentModel.load` for the checks, in order; its calibration (read after the weights passed) is refused
+        when it holds a non-finite temperature or threshold."""
+        built = build_model(model, max_params=max_params)
         directory = model_directory(model)
         calibration = Calibration.load(directory) if directory is not None else None
-        return cls(build_model(model), device=device, cpu_runtime=cpu_runtime, cpu_workers=cpu_workers,
+        return cls(built, device=device, cpu_runtime=cpu_runtime, cpu_workers=cpu_workers,
                    calibration=calibration, compile=compile)
 
     @property

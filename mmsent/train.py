@@ -139,17 +139,29 @@ def _macro_f1(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
 
 
 def _rng_state() -> dict[str, Any]:
-    """Every RNG a run draws from (shuffles, dropout, augmentation): what a checkpoint saves to repeat the run."""
+    """Every RNG a run draws from (shuffles, dropout, augmentation): what a checkpoint saves to repeat the run. Only
+    tensors and plain values, so that a checkpoint loads with `torch.load(..., weights_only=True)`: numpy's key
+    array goes in as a tensor."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(), "cuda": cuda}
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    numpy_state = (name, torch.from_numpy(np.asarray(key, dtype=np.int64)), pos, has_gauss, gauss)
+    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(), "cuda": cuda}
 
 
 def _set_rng_state(st: dict[str, Any]) -> None:
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    name, key, pos, has_gauss, gauss = st["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(st["torch"])
     if st["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A `--resume` checkpoint, unpickled with `weights_only=True`: tensors, numbers, strings and containers only,
+    so that a file put where a checkpoint is expected cannot run code."""
+    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    return state
 
 
 def _descend(loss: torch.Tensor, opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
@@ -314,7 +326,7 @@ class _HeadTrainer:
         torch.save(state | run.checkpoint(epoch), path)
 
     def resume(self, path: Path, steps: int) -> _Progress:
-        st = torch.load(path, map_location="cpu", weights_only=False)
+        st = load_checkpoint(path)
         self.head.load_state_dict(st["head"])
         self.opt.load_state_dict(st["opt"])
         self.sched.load_state_dict(st["sched"])
