@@ -11,7 +11,10 @@ How the dangerous parts are handled, and why:
   concurrency limits, concurrent fetches of one URL share a single download, and failures are remembered for a
   short while (negative cache) so a dead URL is not hammered by every repost.
 * Content: judged by its magic bytes, never by the server's Content-Type; decoding (`image_decoder`, in
-  `fetch_image`) checks the declared dimensions before a single pixel is allocated.
+  `fetch_image`) checks the declared dimensions before a single pixel is allocated, then waits for room in the
+  process's pixel budget and gives up after a deadline (consumer/decoding.py).
+* What needs no network is answered first: `refuses(url)` is the policy's verdict on the URL alone (scheme,
+  length, characters, user-info, port, a literal address), which the image stage asks before it reads the cache.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ import tenacity
 from cachetools import TTLCache
 from prometheus_client import Counter, Histogram
 
+from consumer.decoding import BoundedDecoder, counted, process_budget
 from consumer.netpolicy import AddressPolicy, Refused, Target
-from mmsent import ImageDecodeError, decode_image, open_checked, sniff_format
+from mmsent import ImageDecodeError, open_checked, sniff_format
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -63,9 +67,6 @@ FETCH_SECONDS = Histogram(
     "mmsent_image_fetch_seconds",
     "Time to fetch one image URL (all hops and retries).",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
-)
-DECODE_FAILURES = Counter(
-    "mmsent_image_decode_failures_total", "Downloaded images that could not be decoded safely.", ["reason"]
 )
 
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -117,11 +118,15 @@ def sniff_image_type(head: bytes) -> str | None:
 
 
 def image_decoder(settings: Settings, *, keep_bytes: bool = False) -> Callable[[bytes], Image.Image | bytes]:
-    """The one decoder of fetched and cached bytes: `mmsent.decode_image` (header checked before any pixel is
-    allocated, EXIF orientation, first frame, RGB) under this service's limits. `keep_bytes` (a scorer that decodes
-    in batches on its GPU): the header checked the same way (`mmsent.open_checked`), and the bytes kept."""
-    decode: Callable[..., Image.Image | bytes] = _checked_bytes if keep_bytes else decode_image
-    return functools.partial(decode, max_pixels=settings.fetch_max_pixels, max_side=settings.fetch_max_side)
+    """The one decoder of fetched and cached bytes: `mmsent`'s safe decoder (header checked before any pixel is
+    allocated, EXIF orientation, first frame, RGB, no larger than the model needs) under this service's limits,
+    the process's pixel budget and the decode deadline (`BoundedDecoder`). `keep_bytes` (a scorer that decodes in
+    batches on its GPU): the header checked the same way (`mmsent.open_checked`), and the bytes kept."""
+    if keep_bytes:
+        return functools.partial(counted, functools.partial(
+            _checked_bytes, max_pixels=settings.fetch_max_pixels, max_side=settings.fetch_max_side))
+    return BoundedDecoder(max_pixels=settings.fetch_max_pixels, max_side=settings.fetch_max_side,
+                          budget=process_budget(settings.decode_pixel_budget), timeout_s=settings.decode_timeout_s)
 
 
 def _checked_bytes(data: bytes, *, max_pixels: int, max_side: int) -> bytes:
@@ -334,6 +339,15 @@ class ImageFetcher:
 
     # -- public --------------------------------------------------------------------------------------
 
+    def refuses(self, url: str) -> FetchResult | None:
+        """The `blocked` result `fetch(url)` would give without touching the network (the URL itself, a literal
+        address), or None when only fetching can tell. Pure: no I/O, nothing counted."""
+        try:
+            self._check_url(url)
+        except _Failure as failure:
+            return failure.result
+        return None
+
     async def fetch(self, url: str) -> FetchResult:
         """Download `url` as image bytes. Never raises (except cancellation of the caller)."""
         cached = self._negative.get(url)
@@ -356,11 +370,11 @@ class ImageFetcher:
             return result, None
         try:
             image = await asyncio.to_thread(self._decode, result.data)
-        except ImageDecodeError as exc:
-            DECODE_FAILURES.labels(exc.reason).inc()
+        except ImageDecodeError as exc:  # counted by the decoder
             log.info("image_decode_refused", url=_short(url), reason=exc.reason, detail=exc.detail)
             failed = FetchResult("unavailable", None, exc.reason, result.content_type)
-            self._negative.put(url, failed)
+            if exc.reason != "busy":  # no room in the budget says nothing about this image: try it next time
+                self._negative.put(url, failed)
             return failed, None
         return result, image
 

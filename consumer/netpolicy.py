@@ -16,7 +16,7 @@ Image URLs are written by strangers, so the fetcher must never be turned against
   NAT64, 6to4, Teredo) are judged by the IPv4 address they carry.
 
 `check_url` returns a `Target` whose `url` is rebuilt from the parsed parts, so the URL the HTTP client sees is
-the URL that was checked.
+the URL that was checked; `normalise_url` gives that same URL to the cache, for its keys.
 """
 
 from __future__ import annotations
@@ -245,6 +245,17 @@ def parse_url(url: str) -> Target:
     path = parts.path or "/"
     rebuilt = f"{scheme}://{authority}{path}" + (f"?{parts.query}" if parts.query else "")
     return Target(url=rebuilt, scheme=scheme, host=host, port=port, ip=ip)
+
+
+def normalise_url(url: str) -> str | None:
+    """The one normal form of an image URL: the URL the fetcher requests (`parse_url(url).url`: scheme and host
+    lower-cased, the host IDNA-encoded, a default port and the fragment dropped), from which the cache makes its
+    keys too; None for a URL the policy refuses to parse (never fetched, so never cached). Two URLs with one normal
+    form are one request; no character is dropped on the way (tabs and newlines are refused, not stripped)."""
+    try:
+        return parse_url(url).url
+    except Refused:
+        return None
 
 
 def _host_part(netloc: str) -> str:

@@ -1,8 +1,9 @@
 """The two work stages and the pipeline that overlaps them.
 
-* `ImageStage` (async, on the I/O loop thread): for the distinct image URLs of a batch, the embedding cache
-  (a hit skips the download and the CNN), then the bytes cache (a hit skips the download), then the safe
-  fetcher; bytes are decoded off the loop.
+* `ImageStage` (async, on the I/O loop thread): for the distinct image URLs of a batch, the fetch policy first
+  (a URL it refuses is `blocked`, and the cache is never read for it), then the embedding cache (a hit skips the
+  download and the CNN), then the bytes cache (a hit skips the download), then the safe fetcher; bytes are
+  decoded off the loop, within the process's pixel budget and the decode deadline (consumer/decoding.py).
 * `ModelStage` (the model worker thread): the image encoder for images without a cached embedding (stored back
   in the cache), then the scorer on the batch, sorted by text length. A batch that raises is split in halves
   until the poison post is alone; that post gets the error policy's decision (a `model_error` dead letter).
@@ -49,6 +50,7 @@ class ScorerLike(Protocol):
 
 
 class FetcherLike(Protocol):
+    def refuses(self, url: str) -> Any | None: ...
     async def fetch_image(self, url: str) -> tuple[Any, Any]: ...
     async def aclose(self) -> None: ...
 
@@ -89,10 +91,6 @@ class LoopThread:
             self.loop.close()
 
 
-def _http_url(url: str) -> bool:
-    return url[:8].lower().startswith(("http://", "https://"))
-
-
 class ImageStage:
     def __init__(
         self,
@@ -131,7 +129,9 @@ class ImageStage:
     async def _resolve(self, urls: list[str], encoder_id: str) -> dict[str, tuple[ImageStatus, Any, int]]:
         """Per URL: the status, the image (an embedding or a decoded image, or None) and its size in bytes."""
         found: dict[str, tuple[ImageStatus, Any, int]] = {}
-        cacheable = [url for url in urls if _http_url(url)]
+        # The policy before the cache: an entry must never smuggle in an image the fetcher would refuse to fetch.
+        # A refused URL goes to the fetcher, which answers `blocked` without any I/O (and counts and logs it).
+        cacheable = [url for url in urls if self._fetcher.refuses(url) is None]
         embeddings = await self._cache_call(self._cache.get_embeddings(cacheable, encoder_id)) if (
             self._cache and cacheable and self._read_embeddings) else {}
         for url, embedding in (embeddings or {}).items():

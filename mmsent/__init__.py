@@ -1,9 +1,9 @@
 """mmsent: multimodal (caption + image) sentiment. See ARCHITECTURE.md for the public face."""
 
-from mmsent.imaging import ImageDecodeError, decode_image, open_checked, sniff_format
+from mmsent.imaging import ImageDecodeError, decode_image, decode_opened, open_checked, sniff_format
 from mmsent.scorer import ImageEmbedding, ModelRefused, RefusalReason, Scorer, ScoreResult
 
 __all__ = [
     "ImageDecodeError", "ImageEmbedding", "ModelRefused", "RefusalReason", "ScoreResult", "Scorer", "decode_image",
-    "open_checked", "sniff_format",
+    "decode_opened", "open_checked", "sniff_format",
 ]

@@ -4,6 +4,15 @@
 too). It sniffs the format from magic bytes, checks the pixel dimensions from the header *before* any pixels are
 decoded (a decompression bomb is refused without allocating its pixels), applies the EXIF orientation, takes the
 first frame of an animation and returns an RGB image, whatever the source mode (CMYK, 16-bit, palette, alpha).
+
+    bytes ──open_checked (magic bytes, header: pixels and sides; JPEG drafted to a DCT scale)──▶ lazy image
+          ──decode_opened (pixels: first frame, EXIF orientation, RGB, shrunk to `min_side`)──▶ RGB image
+
+`min_side` (the consumer's decoder sets it; None keeps every pixel) says how small the image may come back: a model
+that sees 224 px gains nothing from a 16 MP photo, and a smaller image costs less memory while it waits for the CNN.
+A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8: `Image.draft`, nearly free) whose shorter side is still
+at least `min_side`; then, any format, a shorter side above `min_side` is brought down to it with a box filter.
+The two halves are separate so that a caller can reserve memory for the pixels between them (consumer/decoding.py).
 """
 
 from __future__ import annotations
@@ -23,10 +32,12 @@ __all__ = [
     "ImageDecodeError",
     "ImagePreprocess",
     "decode_image",
+    "decode_opened",
+    "open_checked",
     "sniff_format",
 ]
 
-DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_PIXELS = 16_000_000  # every phone photo; the model sees 224 px
 DEFAULT_MAX_SIDE = 12_000
 
 
@@ -79,9 +90,13 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def open_checked(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:
+def open_checked(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE, min_side: int | None = None
+) -> Image.Image:
     """The image opened lazily (its header read, no pixel decoded), once its format and size are acceptable;
-    `ImageDecodeError` otherwise. Every decoder (this module's, the batched one in mmsent/gpudecode.py) starts here."""
+    `ImageDecodeError` otherwise. Every decoder (this module's, the batched one in mmsent/gpudecode.py) starts here.
+    With `min_side`, a JPEG is set to decode at the smallest DCT scale that keeps its shorter side >= `min_side`:
+    `im.size` is then the size its pixels will have."""
     if not data:
         raise ImageDecodeError("empty", "no bytes")
     fmt = sniff_format(data[:16])
@@ -100,15 +115,25 @@ def open_checked(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side:
         raise ImageDecodeError("corrupt", f"{fmt}: empty dimensions {width}x{height}")
     if width * height > max_pixels or max(width, height) > max_side:
         raise ImageDecodeError("too_large", f"{width}x{height} exceeds {max_pixels} pixels or {max_side} px side")
+    if min_side is not None and fmt == "JPEG":
+        im.draft("RGB", (min_side, min_side))  # libjpeg's scale: both sides stay >= min_side
     return im
 
 
-def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE) -> Image.Image:
+def decode_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE, min_side: int | None = None
+) -> Image.Image:
     """Decode untrusted bytes into an RGB `PIL.Image.Image`, or raise `ImageDecodeError` with a reason.
 
     Reasons: `empty`, `unsupported_format`, `too_large`, `truncated`, `corrupt`.
     """
-    im = open_checked(data, max_pixels=max_pixels, max_side=max_side)
+    return decode_opened(open_checked(data, max_pixels=max_pixels, max_side=max_side, min_side=min_side),
+                         min_side=min_side)
+
+
+def decode_opened(im: Image.Image, *, min_side: int | None = None) -> Image.Image:
+    """The pixels of an image from `open_checked`: first frame, EXIF orientation, RGB, and with `min_side` a shorter
+    side above it brought down to it (box filter). `ImageDecodeError` (`truncated`, `corrupt`, `too_large`)."""
     fmt = im.format
     try:
         with warnings.catch_warnings():
@@ -117,7 +142,7 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side:
                 im.seek(0)  # the first frame only; never walk the whole animation
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of the whole photo
-            rgb = _to_rgb(im)
+            rgb = _shrink(_to_rgb(im), min_side)
             rgb.load()
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("too_large", str(exc)) from None
@@ -127,6 +152,16 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side:
     if rgb is not im:
         im.close()
     return rgb
+
+
+def _shrink(im: Image.Image, min_side: int | None) -> Image.Image:
+    """`im` with its shorter side brought down to `min_side` (aspect kept), or `im` when it is no larger."""
+    width, height = im.size
+    if min_side is None or min(width, height) <= min_side:
+        return im
+    scale = min_side / min(width, height)
+    size = (max(min_side, round(width * scale)), max(min_side, round(height * scale)))
+    return im.resize(size, Image.Resampling.BOX)
 
 
 @dataclass(frozen=True)

@@ -24,23 +24,30 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
+from consumer.batcher import Batch, WorkItem
 from consumer.cache import (
     CircuitBreaker,
     CorruptValue,
     ImageCache,
+    Seal,
     decode_embedding,
     decode_image_value,
     encode_embedding,
     encode_image,
-    normalise_url,
 )
-from consumer.fetch import ImageFetcher
+from consumer.fetch import ImageFetcher, image_decoder
+from consumer.metrics import Metrics
+from consumer.netpolicy import normalise_url
+from consumer.offsets import PartitionState
 from consumer.settings import Settings
+from consumer.stages import ImageStage
+from schemas.models import ImageStatus, PostEvent
 from tests.imageserver import ImageServer, image, sample_image
 
 pytestmark = [pytest.mark.redis, pytest.mark.usefixtures("netguard")]
 
 ENCODER = "test-encoder@1"
+KEY = "mmsent:emb:v2:test"
 JPEG = sample_image("JPEG")
 PNG = sample_image("PNG")
 
@@ -128,7 +135,7 @@ def metric(name: str, **labels: str) -> float:
 @pytest.mark.parametrize("shape", [(8,), (1280,), (2, 3, 4), ()])
 def test_embeddings_round_trip(dtype: Any, shape: tuple[int, ...]) -> None:
     embedding = np.random.default_rng(0).standard_normal(shape).astype(dtype)
-    decoded, size = decode_embedding(encode_embedding(embedding, ENCODER, 1234), ENCODER)
+    decoded, size = decode_embedding(encode_embedding(embedding, ENCODER, KEY, 1234), ENCODER, KEY)
     assert decoded.dtype == embedding.dtype and decoded.shape == embedding.shape and size == 1234
     np.testing.assert_array_equal(decoded, embedding)
     assert decoded.flags.writeable
@@ -136,18 +143,18 @@ def test_embeddings_round_trip(dtype: Any, shape: tuple[int, ...]) -> None:
 
 def test_big_endian_embeddings_are_stored_little_endian() -> None:
     embedding = np.arange(4, dtype=">f4")
-    decoded, _ = decode_embedding(encode_embedding(embedding, ENCODER), ENCODER)
+    decoded, _ = decode_embedding(encode_embedding(embedding, ENCODER, KEY), ENCODER, KEY)
     np.testing.assert_array_equal(decoded, embedding)
 
 
 def test_non_float_embeddings_are_refused() -> None:
     for bad in (np.arange(3), np.array(["a"]), np.array([1 + 2j])):
         with pytest.raises(ValueError):
-            encode_embedding(bad, ENCODER)
+            encode_embedding(bad, ENCODER, KEY)
 
 
 def test_damaged_or_foreign_values_are_rejected() -> None:
-    blob = encode_embedding(np.ones(16, dtype=np.float32), ENCODER)
+    blob = encode_embedding(np.ones(16, dtype=np.float32), ENCODER, KEY)
     flipped = bytearray(blob)
     flipped[30] ^= 0x01
     for bad in (
@@ -157,19 +164,43 @@ def test_damaged_or_foreign_values_are_rejected() -> None:
         blob[:20],
         bytes(flipped),
         b"XXXX" + blob[4:],
-        encode_image(JPEG),  # an image where an embedding belongs
+        encode_image(JPEG, KEY),  # an image where an embedding belongs
         JPEG,
         np.ones(16, dtype=np.float32).tobytes(),
     ):
         with pytest.raises(CorruptValue):
-            decode_embedding(bad, ENCODER)
+            decode_embedding(bad, ENCODER, KEY)
     with pytest.raises(CorruptValue):
-        decode_embedding(blob, "another-encoder@2")
+        decode_embedding(blob, "another-encoder@2", KEY)
     with pytest.raises(CorruptValue):
-        decode_image_value(blob)
+        decode_image_value(blob, KEY)
     with pytest.raises(CorruptValue):
-        decode_image_value(encode_image(b"<html>not an image</html>"))
-    assert decode_image_value(encode_image(JPEG)) == JPEG
+        decode_image_value(encode_image(b"<html>not an image</html>", KEY), KEY)
+    assert decode_image_value(encode_image(JPEG, KEY), KEY) == JPEG
+
+
+def test_an_entry_is_bound_to_its_key_and_its_seal() -> None:
+    other_key = KEY + "x"
+    with pytest.raises(CorruptValue, match="another key"):
+        decode_image_value(encode_image(JPEG, other_key), KEY)
+    with pytest.raises(CorruptValue, match="another key"):
+        decode_embedding(encode_embedding(np.ones(4, np.float32), ENCODER, other_key), ENCODER, KEY)
+    secret, another = Seal(b"s3cret"), Seal(b"another")
+    assert decode_image_value(encode_image(JPEG, KEY, secret), KEY, secret) == JPEG
+    for written, read in ((Seal(), secret), (secret, Seal()), (another, secret)):
+        with pytest.raises(CorruptValue):
+            decode_image_value(encode_image(JPEG, KEY, written), KEY, read)
+    # The old envelope (version 1) reads as foreign.
+    blob = bytearray(encode_image(JPEG, KEY))
+    blob[4] = 1
+    with pytest.raises(CorruptValue, match="foreign"):
+        decode_image_value(bytes(blob), KEY)
+
+
+def test_non_finite_embeddings_are_refused() -> None:
+    for bad in (np.array([1.0, np.nan], np.float32), np.array([np.inf], np.float16)):
+        with pytest.raises(CorruptValue, match="non-finite"):
+            decode_embedding(encode_embedding(bad, ENCODER, KEY), ENCODER, KEY)
 
 
 @pytest.mark.parametrize(
@@ -184,7 +215,7 @@ def test_damaged_or_foreign_values_are_rejected() -> None:
     ],
 )
 def test_equivalent_urls_share_a_key(a: str, b: str) -> None:
-    assert normalise_url(a) == normalise_url(b)
+    assert normalise_url(a) == normalise_url(b) is not None
     cache = ImageCache(None)
     assert cache.image_key(a) == cache.image_key(b)
     assert cache.embedding_key(a, ENCODER) == cache.embedding_key(b, ENCODER)
@@ -201,6 +232,14 @@ def test_equivalent_urls_share_a_key(a: str, b: str) -> None:
 )
 def test_different_urls_get_different_keys(a: str, b: str) -> None:
     assert ImageCache(None).image_key(a) != ImageCache(None).image_key(b)
+
+
+@pytest.mark.parametrize("url", ["http://x.test/a\tb.jpg", "http://x.test/a.jpg\n", "\rhttp://x.test/a.jpg",
+                                 "http://x.test/a b.jpg", "ftp://x.test/a.jpg", "http://u:p@x.test/a.jpg"])
+def test_urls_the_policy_cannot_parse_have_no_key(url: str) -> None:
+    # urlsplit would drop the tab or newline and give "http://x.test/ab.jpg" its key; the policy refuses instead.
+    assert normalise_url(url) is None
+    assert ImageCache(None).image_key(url) is None and ImageCache(None).embedding_key(url, ENCODER) is None
 
 
 def test_embedding_keys_depend_on_the_encoder() -> None:
