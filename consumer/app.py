@@ -27,15 +27,27 @@ from types import FrameType
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from consumer.batcher import Batch, MicroBatcher, WorkItem
-from consumer.errors import Action, DeliveryFailed, ErrorPolicy, FatalError, is_rebalance_error
+from consumer.errors import (
+    EXIT_CONFIGURATION,
+    EXIT_FAILURE,
+    Action,
+    ConfigurationError,
+    Decision,
+    DeliveryFailed,
+    ErrorPolicy,
+    FatalError,
+    is_rebalance_error,
+)
+from consumer.fitting import OutputFitter, SizeLimits, internal_error, is_refusal
 from consumer.kafkaconfig import consumer_config, producer_config
 from consumer.metrics import HealthServer, Metrics
 from consumer.offsets import OffsetTracker, TopicPartitionKey
-from consumer.outputs import OutputBuilder
+from consumer.outputs import Output, OutputBuilder
 from consumer.pausing import PausingManager
+from consumer.preflight import preflight
 from consumer.reload import ModelReloader
 from consumer.replay import ReplayWindow
 from consumer.settings import ProcessingGuarantee, Settings
@@ -69,6 +81,8 @@ MAX_CONSUME = 500
 MODEL_CONCURRENCY = 2
 # Posts per batch for a scorer that does not say what suits its device (`serving_batch_size`): the CPU's.
 DEVICELESS_BATCH_SIZE = 32
+# A refused output is replaced by a smaller dead letter; the second replacement keeps nothing of the record.
+MAX_REPLACEMENTS = 3
 
 
 class Application:
@@ -87,8 +101,11 @@ class Application:
         serve_http: bool = True,
         window: ReplayWindow | None = None,
         tracing: Tracing | None = None,
+        producer_factory: Callable[..., Producer] = Producer,
     ) -> None:
-        """`window`: replay a time window (`mmsent replay`) and stop at its end, instead of consuming for good."""
+        """`window`: replay a time window (`mmsent replay`) and stop at its end, instead of consuming for good.
+        `producer_factory`: makes the Kafka producer from its configuration (a test wraps the real one to inject
+        faults)."""
         self.settings = settings
         self.eos = settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
         self.metrics = metrics or Metrics.get()
@@ -99,6 +116,7 @@ class Application:
         self._image_decoder = image_decoder
         self._serve_http = serve_http
         self._window = window
+        self._producer_factory = producer_factory
         self.tracing = tracing or Tracing.from_environment()
         self._stop = threading.Event()
         self._fatal: BaseException | None = None
@@ -113,6 +131,8 @@ class Application:
         self.batcher = MicroBatcher(settings.max_batch_size or DEVICELESS_BATCH_SIZE, settings.max_wait_ms / 1000)
         self.max_in_flight = 0  # set in _start(), with the model's device known
         self.outputs = OutputBuilder(settings, self.tracing)
+        # every output goes through it: never raising, always within the topics' limits (learned in _start)
+        self.fitter = OutputFitter(self.outputs, SizeLimits())
         self._last_commit = 0.0
         self._commit_in_flight = False  # an asynchronous commit awaits its result
         self._model: ServingModel | None = None  # what new batches are scored with
@@ -131,12 +151,18 @@ class Application:
 
     # -- wiring ---------------------------------------------------------------------------------------------
 
-    def _start(self) -> None:
+    def _start(self) -> bool:
+        """Wire everything; False when stopped while waiting for the broker. Raises `ConfigurationError` for what
+        is fatal for every record (consumer/preflight.py), before the model loads."""
         s = self.settings
         if self._serve_http and self.health is None:
             self.health = HealthServer(
                 s.metrics_host, s.metrics_port, lambda: self.ready,
                 is_live=lambda: self.pipeline is None or self.pipeline.progress.live(s.liveness_stall_s)).start()
+        limits = preflight(s, self._stop)
+        if limits is None:
+            return False
+        self.fitter.limits = limits
         primary = self._scorer or _load_scorer(s, s.model)
         self.batcher.max_size, self.max_in_flight = s.batch_limits(
             getattr(primary, "serving_batch_size", DEVICELESS_BATCH_SIZE))
@@ -180,6 +206,7 @@ class Application:
             max_in_flight=self.max_in_flight,
         )
         self.started.set()
+        return True
 
     # -- the loop ----------------------------------------------------------------------------------------------
 
@@ -202,12 +229,22 @@ class Application:
         return self._stop.is_set()
 
     def run(self) -> int:
+        """Exit codes: 0 stopped (SIGTERM/SIGINT, or a replay's end); 1 (`EXIT_FAILURE`) a fatal error, the records
+        past the last commit are read again by the next start; 2 (`EXIT_CONFIGURATION`) refused at start-up for what
+        is fatal for every record (an output or dead-letter topic missing, credentials refused): fix the settings."""
         try:
-            self._start()
+            started = self._start()
+        except ConfigurationError as exc:
+            log.error("consumer_start_failed", error=str(exc), exit_code=EXIT_CONFIGURATION)
+            self._close_quietly()
+            return EXIT_CONFIGURATION
         except Exception:
             log.exception("consumer_start_failed")
             self._close_quietly()
-            return 1
+            return EXIT_FAILURE
+        if not started:
+            self._close_quietly()
+            return 0
         try:
             while not self._stop.is_set() and self._fatal is None:
                 self._tick()
@@ -287,17 +324,24 @@ class Application:
             headers=_headers_of(message),
         )
         item.error = self._window.decision(item.timestamp_ms) if self._window is not None else None
+        if item.error is None:
+            item.error = self._decode(item)
+        self.batcher.add(item)
+
+    def _decode(self, item: WorkItem) -> Decision | None:
+        """Set the item's post, or say what becomes of a record that is not one."""
         try:
-            if item.error is None:
-                item.post = decode_post(item.value, max_text_chars=self.settings.max_text_chars)
+            item.post = decode_post(item.value, max_text_chars=self.settings.max_text_chars)
+            return None
         except BadRecord as bad:
             decision = self.policy.on_bad_record(bad, item)
             if decision.action is Action.FATAL:
-                raise FatalError(f"bad record at {topic}[{partition}]@{offset}: {bad}") from None
-            item.error = decision
+                raise FatalError(f"bad record at {item.topic}[{item.partition}]@{item.offset}: {bad}") from None
             log.warning("bad_record", code=bad.code, reason=bad.message[:300], action=decision.action,
                         **item.log_fields())
-        self.batcher.add(item)
+            return decision
+        except Exception as exc:  # decode_post raises only BadRecord: a bug in it must not stop the group
+            return internal_error(exc, item, "decoding")
 
     def _submit(self, batch: Batch) -> None:
         assert self.pipeline is not None
@@ -358,29 +402,45 @@ class Application:
     def _emit(self, item: WorkItem) -> None:
         """At least once: produce, and mark the record done when every output of it is acknowledged."""
         assert self.sink is not None
-        outputs = self.outputs.build(item)
+        outputs = self.fitter.outputs(item)
         if not outputs:
             if self.tracker.done(item.state, item.offset):
                 self._count_done(item)
             return
+        pending = _Pending(len(outputs))
+        for output in outputs:
+            self._produce(item, pending, output)
+
+    def _produce(self, item: WorkItem, pending: _Pending, output: Output) -> None:
+        """At least once: one output; what the client refuses at once takes the broker's refusal's road."""
+        assert self.sink is not None
         if self._producer_failed is not None:
             return  # the producer is being replaced, and this record will be read again
-        remaining = [len(outputs)]
-        for output in outputs:
-            try:
-                self.sink.produce(output, partial(self._on_delivery, item, remaining, output.best_effort))
-            except KafkaException as exc:
+        try:
+            self.sink.produce(output, partial(self._on_delivery, item, pending, output))
+        except (KafkaException, TypeError, ValueError) as exc:
+            error = _client_refusal(exc)
+            if self._replaceable(error):
                 # The producer turned fatal before its error callback ran: replace it, as that callback would.
-                if not self._replaceable(exc.args[0]):
-                    raise
-                self._producer_failed = exc.args[0]
-                return
+                self._producer_failed = error
+            else:
+                self._on_delivery(item, pending, output, error, None)
 
-    def _on_delivery(self, item: WorkItem, remaining: list[int], best_effort: bool, error: KafkaError | None,
-                     _msg: Message) -> None:
-        if error is not None and best_effort:
+    def _on_delivery(self, item: WorkItem, pending: _Pending, output: Output, error: KafkaError | None,
+                     _msg: Message | None) -> None:
+        if error is not None and output.best_effort:
             log.warning("shadow_event_refused", error=str(error), **item.log_fields())
             self.metrics.shadow_failures.inc()
+        elif error is not None and is_refusal(error) and pending.replaced_besides(output):
+            log.warning("output_refused", error=str(error), output_topic=output.topic, **item.log_fields())
+        elif error is not None and is_refusal(error) and pending.replacements < MAX_REPLACEMENTS:
+            # The broker takes no such record (too large, invalid): the record becomes a smaller dead letter.
+            log.warning("output_refused", error=str(error), output_topic=output.topic, **item.log_fields())
+            self.fitter.refused(item, output, error)
+            pending.replacement = self.fitter.outputs(item)[0]
+            pending.replacements += 1
+            self._produce(item, pending, pending.replacement)
+            return
         elif error is not None:
             if self._producer_failed is not None:
                 return  # the producer failed and is being replaced: this record will be read again
@@ -392,12 +452,13 @@ class Application:
                 else:
                     self._fatal = DeliveryFailed(f"output of {item.topic}[{item.partition}]@{item.offset}: {error}")
                 return
-        remaining[0] -= 1
-        if remaining[0] == 0 and self.tracker.done(item.state, item.offset):
+        pending.remaining -= 1
+        if pending.remaining == 0 and self.tracker.done(item.state, item.offset):
             self._count_done(item)
 
     def _count_done(self, item: WorkItem) -> None:
         m = self.metrics
+        self.fitter.refusals.forget(item)
         if self._window is not None:
             self._window.advance(1)
         if item.error is not None:
@@ -417,10 +478,12 @@ class Application:
         """Exactly once: the outputs of these records and the offsets they free, in one transaction."""
         assert self.sink is not None and self.consumer is not None
         try:
+            # Built (and fitted) before anything is produced: one record that cannot be built, or whose output would
+            # not fit, is its own dead letter instead of an aborted transaction read again for ever.
+            outputs = [(item, output) for item in items for output in self.fitter.outputs(item)]
             self.sink.begin()
-            for item in items:
-                for output in self.outputs.build(item):
-                    self.sink.produce(output)
+            for item, output in outputs:
+                self._produce_in_transaction(item, output)
             for item in items:
                 self.tracker.done(item.state, item.offset)
             offsets = self.tracker.committable()
@@ -444,8 +507,27 @@ class Application:
         for item in items:
             self._count_done(item)
 
+    def _produce_in_transaction(self, item: WorkItem, output: Output) -> None:
+        """What the client refuses at once aborts the transaction, remembered as the broker's refusal would be."""
+        assert self.sink is not None
+        try:
+            self.sink.produce(output, partial(self._on_transactional_delivery, item, output))
+        except (KafkaException, TypeError, ValueError) as exc:
+            error = _client_refusal(exc)
+            self._on_transactional_delivery(item, output, error, None)
+            raise KafkaException(error) from exc
+
+    def _on_transactional_delivery(self, item: WorkItem, output: Output, error: KafkaError | None,
+                                   _msg: Message | None) -> None:
+        """Exactly once: an output the broker refuses fails the transaction's commit; remembered, the record's next
+        build (after the abort and the rewind) is the smaller dead letter."""
+        if error is not None and is_refusal(error):
+            log.warning("output_refused", error=str(error), output_topic=output.topic, **item.log_fields())
+            self.fitter.refused(item, output, error)
+
     def _new_sink(self) -> Sink:
-        return Sink(producer_config(self.settings, error_cb=self._on_producer_error))
+        return Sink(producer_config(self.settings, error_cb=self._on_producer_error),
+                    producer_factory=self._producer_factory)
 
     def _on_producer_error(self, error: KafkaError) -> None:
         if self._replaceable(error):
@@ -656,6 +738,11 @@ class Application:
         if error.fatal():
             log.error("kafka_fatal_error", error=str(error))
             self._fatal = FatalError(f"kafka: {error}")
+        elif error.code() == KafkaError._AUTHENTICATION:
+            # The broker refused this client's credentials or SASL mechanism: every record would meet the same.
+            log.error("kafka_authentication_failed", error=str(error),
+                      hint="check MMSENT_KAFKA_SECURITY_PROTOCOL and MMSENT_KAFKA_SASL_*")
+            self._fatal = FatalError(f"kafka: authentication refused: {error}")
         elif error.code() in (KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN):
             log.warning("kafka_error", error=str(error))
         else:
@@ -742,6 +829,26 @@ class Application:
             self.health.close()
             self.health = None
         self.tracing.close()
+
+
+class _Pending:
+    """At least once: a record's outputs not yet acknowledged, and the dead letter that replaced a refused one."""
+
+    def __init__(self, remaining: int) -> None:
+        self.remaining = remaining
+        self.replacement: Output | None = None
+        self.replacements = 0  # a few in a row at most: a bare dead letter still refused is a delivery failure
+
+    def replaced_besides(self, refused: Output) -> bool:
+        """A dead letter already stands for the record beside this refused output: it is only counted off."""
+        return self.replacement is not None and refused is not self.replacement
+
+
+def _client_refusal(exc: Exception) -> KafkaError:
+    """What `produce` raised, as a Kafka error: a header or key the client cannot take is an invalid argument."""
+    if isinstance(exc, KafkaException):
+        return exc.args[0]
+    return KafkaError(KafkaError._INVALID_ARG, repr(exc)[:300])
 
 
 def _leave_group(consumer: Consumer) -> None:

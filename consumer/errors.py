@@ -30,6 +30,20 @@ class DeliveryFailed(FatalError):
     """The broker did not acknowledge an output after the producer's own retries."""
 
 
+class ConfigurationError(FatalError):
+    """Fatal for every record, found at start-up: a topic that does not exist, credentials the broker refuses.
+    `Application.run()` returns `EXIT_CONFIGURATION` for it."""
+
+
+class InvalidScores(ConsumerError):
+    """The model gave a post scores that are not probabilities (NaN, infinite, negative, not summing to 1).
+    Raised inside the model stage's bisection, so the post that causes them is found."""
+
+
+EXIT_FAILURE = 1  # a fatal error while running (the records past the last commit are read again)
+EXIT_CONFIGURATION = 2  # refused at start-up: fatal for every record, restarting cannot help
+
+
 class Action(StrEnum):
     DEAD_LETTER = "dead_letter"
     SKIP = "skip"
@@ -43,7 +57,10 @@ class Decision:
     message: str
 
 
-MODEL_ERROR = "model_error"
+MODEL_ERROR = "model_error"  # the model raised on this post alone
+NON_FINITE_SCORES = "non_finite_scores"  # the model gave this post alone scores that are not probabilities
+INTERNAL_ERROR = "internal_error"  # an unexpected exception while handling this record (decoding, building outputs)
+OUTPUT_REFUSED = "output_refused"  # the broker refused this record's event or dead letter (size, content)
 
 
 def dead_letter_bad_records(error: BadRecord, record: Any) -> Decision:
@@ -52,8 +69,10 @@ def dead_letter_bad_records(error: BadRecord, record: Any) -> Decision:
 
 
 def dead_letter_poison_posts(error: BaseException, record: Any) -> Decision:
-    """Default for a single post that makes the model raise (found by bisecting its batch)."""
-    return Decision(Action.DEAD_LETTER, MODEL_ERROR, f"{type(error).__name__}: {error}"[:2000])
+    """Default for a single post that makes the model raise or give scores that are not probabilities (found by
+    bisecting its batch)."""
+    code = NON_FINITE_SCORES if isinstance(error, InvalidScores) else MODEL_ERROR
+    return Decision(Action.DEAD_LETTER, code, f"{type(error).__name__}: {error}"[:2000])
 
 
 def stop_on_delivery_failure(error: KafkaError, record: Any) -> Decision:

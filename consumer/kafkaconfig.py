@@ -23,6 +23,9 @@ log = structlog.get_logger("consumer")
 # The settings that go to librdkafka under their own names: kafka_security_protocol=SASL_SSL becomes
 # {"security.protocol": "SASL_SSL"}.
 SECURITY_PREFIXES = ("kafka_security_", "kafka_sasl_", "kafka_ssl_")
+# The most bytes one produced record may have (librdkafka's default, set explicitly: `consumer.fitting` fits every
+# output under it and under the topics' own `max.message.bytes`).
+PRODUCER_MESSAGE_MAX_BYTES = 1_000_000
 
 
 class LibrdkafkaLog:
@@ -103,6 +106,7 @@ def producer_config(settings: Settings, error_cb: Callable[[KafkaError], None] |
         "acks": "all",
         "linger.ms": 5,
         "compression.type": "lz4",
+        "message.max.bytes": PRODUCER_MESSAGE_MAX_BYTES,
         "logger": LibrdkafkaLog(),
     }
     if settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE:

@@ -2,7 +2,7 @@
 
     WorkItem ──▶ OutputBuilder.build() ──┬──▶ event        output topic; the alert topic too when `alerts()` says so
                                          │                 (+ the shadow model's event on the shadow topic)
-                                         ├──▶ dead letter  DLQ topic
+                                         ├──▶ dead letter  DLQ topic (cut to fit by `consumer.fitting`)
                                          └──▶ nothing      a record the error policy skips
 
 Headers: the input record's, in order, narrowed by `MMSENT_HEADERS_ALLOW` / `MMSENT_HEADERS_DENY` (names compared
@@ -42,6 +42,15 @@ class Output:
     best_effort: bool = False  # a shadow event: the broker refusing it fails nothing
 
 
+@dataclass(frozen=True, slots=True)
+class Keep:
+    """How much of the input record a dead letter keeps; None: all of it."""
+
+    value: int | None = None  # the value's first bytes
+    key: int | None = None  # the key's first bytes (in the letter and as the dead letter's own key)
+    headers: int | None = None  # the first carried input headers
+
+
 class HeaderFilter:
     """Which input headers are carried: all, or the allow-list's, never the deny-list's nor mmsent's own."""
 
@@ -65,7 +74,7 @@ class OutputBuilder:
     def build(self, item: WorkItem) -> list[Output]:
         """Everything this record produces; empty for a skipped record."""
         if item.error is not None:
-            return [] if item.error.action is Action.SKIP else [self._dead_letter(item)]
+            return [] if item.error.action is Action.SKIP else [self.dead_letter(item)]
         assert item.post is not None and item.result is not None and item.scored_by is not None
         s = self._settings
         event = self._event(item, item.result, item.scored_by.info, s.output_topic)
@@ -97,11 +106,14 @@ class OutputBuilder:
             source=_source(item),
             scored_at=datetime.now(UTC),
         )
-        headers = self._carried(item) + [(wire.MODEL, f"{model.name}:{model.version}".encode())]
+        headers = self.carried(item) + [(wire.MODEL, f"{model.name}:{model.version}".encode())]
         return Output(topic, item.post.post_id.encode(), event.to_json_bytes(), headers)
 
-    def _dead_letter(self, item: WorkItem) -> Output:
+    def dead_letter(self, item: WorkItem, keep: Keep | None = None) -> Output:
+        """The record's dead letter: whole, or keeping only what `keep` says (`consumer.fitting` decides how much
+        fits); input headers left out are counted in `mmsent.headers.dropped`."""
         assert item.error is not None
+        keep = keep or Keep()
         letter = DeadLetter.for_record(
             code=item.error.code,
             message=item.error.message,
@@ -109,12 +121,18 @@ class OutputBuilder:
             value=item.value,
             key=item.key,
             failed_at=datetime.now(UTC),
+            keep_value=keep.value,
+            keep_key=keep.key,
         )
-        headers = self._carried(item) + _error_headers(item)
-        return Output(self._settings.dlq_topic, item.key, letter.to_json_bytes(), headers)
+        carried = self.carried(item)
+        kept = carried[: keep.headers] if keep.headers is not None else carried
+        headers = kept + _error_headers(item)
+        if len(kept) < len(carried):
+            headers.append((wire.HEADERS_DROPPED, str(len(carried) - len(kept)).encode()))
+        key = item.key[: keep.key] if item.key is not None and keep.key is not None else item.key
+        return Output(self._settings.dlq_topic, key, letter.to_json_bytes(), headers)
 
-
-    def _carried(self, item: WorkItem) -> wire.Headers:
+    def carried(self, item: WorkItem) -> wire.Headers:
         """The input's headers this output carries; its `traceparent` continued when tracing is on."""
         return self._tracing.continue_post(self._headers.carried(item.headers))
 

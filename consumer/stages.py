@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import structlog
 
 from consumer.batcher import Batch, WorkItem
-from consumer.errors import Action, ErrorPolicy, FatalError
+from consumer.errors import Action, ErrorPolicy, FatalError, InvalidScores
 from consumer.liveness import ModelProgress
 from consumer.metrics import Metrics
 from consumer.tracing import Tracing
-from schemas.models import ImageStatus, ModelInfo
+from schemas.models import ImageStatus, ModelInfo, Scores
 
 if TYPE_CHECKING:
     from consumer.shadow import ShadowStage  # which imports this module
@@ -263,12 +263,25 @@ class ModelStage:
             middle = len(urls) // 2
             return self._embed_many(urls[:middle], images[:middle]) | self._embed_many(urls[middle:], images[middle:])
 
+    @staticmethod
+    def _check_scores(result: Any) -> None:
+        """Raise `InvalidScores` unless the result's scores (and each modality's) are probabilities that sum to 1:
+        the rule of the event's `Scores`, checked here, where bisection can still find the post."""
+        by_modality = dict(getattr(result, "scores_by_modality", None) or {})
+        for name, scores in [("scores", result.scores), *by_modality.items()]:
+            try:
+                Scores(**{label: float(p) for label, p in dict(scores).items()})
+            except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+                raise InvalidScores(f"{name}: {dict(scores)!r:.300}: {str(exc)[:300]}") from None
+
     def _score(self, items: list[WorkItem]) -> None:
         posts = [{"text": item.post.text if item.post else "", "image": item.image} for item in items]
         try:
             results = self._scorer.score(posts)
             if len(results) != len(items):
                 raise RuntimeError(f"the scorer returned {len(results)} results for {len(items)} posts")
+            for result in results:
+                self._check_scores(result)  # inside the bisection: the post that gives NaN is the one dead-lettered
         except Exception as exc:
             if len(items) == 1:
                 item = items[0]

@@ -155,7 +155,8 @@ class ErrorInfo(BaseModel):
 
 
 class DeadLetter(BaseModel):
-    """A record that could not be scored at all, kept whole so that nothing is silently lost."""
+    """A record that could not be scored at all, kept whole so that nothing is silently lost; or, when the whole
+    would not fit the dead-letter topic, its value and key cut to fit, saying so and how long they were."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
@@ -165,6 +166,10 @@ class DeadLetter(BaseModel):
     value_b64: StrictStr | None = Field(description="The original record value, base64; null for a null value.")
     key_b64: StrictStr | None = Field(default=None, description="The original record key, base64, when present.")
     failed_at: AwareDatetime | None = Field(default=None, strict=False)
+    value_truncated: bool = Field(default=False, description="`value_b64` holds only the value's first bytes.")
+    key_truncated: bool = Field(default=False, description="`key_b64` holds only the key's first bytes.")
+    value_size: StrictInt | None = Field(default=None, ge=0, description="The original value's size in bytes.")
+    key_size: StrictInt | None = Field(default=None, ge=0, description="The original key's size in bytes.")
 
     @classmethod
     def for_record(
@@ -176,13 +181,20 @@ class DeadLetter(BaseModel):
         value: bytes | None,
         key: bytes | None,
         failed_at: datetime | None = None,
+        keep_value: int | None = None,
+        keep_key: int | None = None,
     ) -> DeadLetter:
+        """`keep_value` / `keep_key`: at most this many of the first bytes are kept (None: all)."""
         return cls(
             error=ErrorInfo(code=code, message=message),
             source=source,
-            value_b64=None if value is None else base64.b64encode(value).decode("ascii"),
-            key_b64=None if key is None else base64.b64encode(key).decode("ascii"),
+            value_b64=_b64(value, keep_value),
+            key_b64=_b64(key, keep_key),
             failed_at=failed_at,
+            value_truncated=_cut(value, keep_value),
+            key_truncated=_cut(key, keep_key),
+            value_size=None if value is None else len(value),
+            key_size=None if key is None else len(key),
         )
 
     def original_value(self) -> bytes | None:
@@ -190,3 +202,11 @@ class DeadLetter(BaseModel):
 
     def to_json_bytes(self) -> bytes:
         return self.model_dump_json().encode()
+
+
+def _cut(data: bytes | None, keep: int | None) -> bool:
+    return data is not None and keep is not None and len(data) > keep
+
+
+def _b64(data: bytes | None, keep: int | None) -> str | None:
+    return None if data is None else base64.b64encode(data[:keep]).decode("ascii")
