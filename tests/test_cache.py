@@ -17,11 +17,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from consumer.batcher import Batch, WorkItem
@@ -35,9 +38,9 @@ from consumer.cache import (
     encode_embedding,
     encode_image,
 )
-from consumer.fetch import ImageFetcher, image_decoder
+from consumer.fetch import FetchResult, ImageFetcher, image_decoder
 from consumer.metrics import Metrics
-from consumer.netpolicy import normalise_url
+from consumer.netpolicy import AddressPolicy, Refused, normalise_url
 from consumer.offsets import PartitionState
 from consumer.settings import Settings
 from consumer.stages import ImageStage
@@ -523,3 +526,157 @@ def test_the_cache_metrics_are_exported(own_redis: RedisServer) -> None:
     assert metric("mmsent_cache_hits_total", kind="image") == hits + 1
     assert metric("mmsent_cache_misses_total", kind="image") == misses + 1
     assert REGISTRY.get_sample_value("mmsent_cache_available") == 1.0
+
+
+# -- a cache that cannot lie --------------------------------------------------------------------------------
+
+
+def test_a_value_copied_to_another_key_is_a_miss(own_redis: RedisServer) -> None:
+    cat, dog = "http://img.test/cat.jpg", "http://img.test/dog.png"
+    cache = ImageCache(own_redis.url)
+    client = own_redis.client()
+    corrupt_before = metric("mmsent_cache_corrupt_total", kind="image")
+
+    async def main() -> None:
+        await cache.put_images({cat: JPEG, dog: PNG})
+        assert await cache.get_images([cat, dog]) == {cat: JPEG, dog: PNG}
+        client.set(cache.image_key(dog) or "", client.get(cache.image_key(cat) or "") or b"")  # a copy
+        assert await cache.get_images([cat, dog]) == {cat: JPEG}
+        await cache.aclose()
+
+    run(main())
+    assert cache.stats.corrupt == 1
+    assert metric("mmsent_cache_corrupt_total", kind="image") == corrupt_before + 1
+
+
+def test_with_a_secret_only_entries_sealed_with_it_are_hits(own_redis: RedisServer) -> None:
+    url = "http://img.test/cat.jpg"
+
+    async def read(secret: bytes | None) -> dict[str, bytes]:
+        cache = ImageCache(own_redis.url, secret=secret)
+        found = await cache.get_images([url])
+        await cache.aclose()
+        return found
+
+    async def write(secret: bytes | None) -> None:
+        cache = ImageCache(own_redis.url, secret=secret)
+        await cache.put_images({url: JPEG})
+        await cache.aclose()
+
+    run(write(None))
+    assert run(read(None)) == {url: JPEG}
+    assert run(read(b"s3cret")) == {}  # written without the secret: a miss
+    run(write(b"s3cret"))
+    assert run(read(b"s3cret")) == {url: JPEG}
+    assert run(read(b"another")) == {} and run(read(None)) == {}
+    settings = Settings(redis_url=own_redis.url, cache_secret="s3cret")
+    assert run(ImageCache.from_settings(settings).get_images([url])) == {url: JPEG}
+
+
+def test_embeddings_not_shaped_as_the_encoder_makes_them_are_misses(own_redis: RedisServer) -> None:
+    url = "http://img.test/cat.jpg"
+    made = np.linspace(-1, 1, 8, dtype=np.float32)  # what "the scorer" made: (8,) float32
+    client = own_redis.client()
+
+    async def main() -> None:
+        cache = ImageCache(own_redis.url)
+        key = cache.embedding_key(url, ENCODER) or ""
+        client.set(key, encode_embedding(made, ENCODER, key))
+        assert await cache.get_embeddings([url], ENCODER) == {}  # nothing stored by this process yet: unchecked
+        await cache.put_embeddings({url: made}, ENCODER)  # learns (8,) float32
+        found = await cache.get_embeddings([url], ENCODER)
+        np.testing.assert_array_equal(found[url], made)
+        for wrong in (np.ones(4, np.float32), np.ones((2, 4), np.float32), made.astype(np.float16),
+                      np.array([np.nan] * 8, np.float32)):
+            client.set(key, encode_embedding(wrong, ENCODER, key))
+            assert await cache.get_embeddings([url], ENCODER) == {}
+        await cache.put_embeddings({url: np.ones(4, np.float32)}, ENCODER)  # not what this encoder makes
+        assert client.get(key) == encode_embedding(np.array([np.nan] * 8, np.float32), ENCODER, key)  # unchanged
+        assert cache.stats.corrupt == 4
+        await cache.aclose()
+
+    run(main())
+
+
+def _item(offset: int, url: str) -> WorkItem:
+    item = WorkItem(PartitionState(("posts", 0)), "posts", 0, offset, None, b"{}", 0.0, None)
+    item.post = PostEvent(post_id=f"p{offset}", text="hello", image_url=url)
+    return item
+
+
+async def _prepare(stage: ImageStage, urls: list[str]) -> list[WorkItem]:
+    """The image stage on a batch of posts with these URLs; the encoder id is all it asks of the model."""
+    batch = Batch(items=[_item(k, url) for k, url in enumerate(urls)], oldest_at=0.0, cut_at=0.0)
+    batch.model = SimpleNamespace(scorer=SimpleNamespace(image_encoder_id=ENCODER))
+    return (await stage.prepare(batch)).items
+
+
+def _mgets(client: redis.Redis) -> int:
+    stats = client.info("commandstats").get("cmdstat_mget", {})
+    return int(stats.get("calls", 0)) if isinstance(stats, dict) else 0
+
+
+def test_a_url_the_policy_refuses_is_blocked_without_reading_its_cached_entry(own_redis: RedisServer) -> None:
+    url = "http://127.0.0.1:9/cat.jpg"  # loopback: refused by the default policy, before any connection
+    embedding = np.ones(8, np.float32)
+    client = own_redis.client()
+
+    async def main() -> None:
+        cache = ImageCache(own_redis.url)
+        await cache.put_images({url: JPEG})
+        await cache.put_embeddings({url: embedding}, ENCODER)  # the entry is there, and valid
+        strict = Settings()
+        async with ImageFetcher(strict) as fetcher:
+            assert fetcher.refuses(url) == FetchResult.blocked("loopback")
+            reads = _mgets(client)
+            (item,) = await _prepare(ImageStage(fetcher, cache, image_decoder(strict), Metrics.get()), [url])
+            assert (item.image_status, item.image) == (ImageStatus.BLOCKED, None)
+            assert _mgets(client) == reads  # not one cache read
+        # The same entry under a policy that allows loopback is served: the cache would have answered.
+        lenient = Settings(fetch_allow_cidrs="127.0.0.1/32")
+        async with ImageFetcher(lenient) as fetcher:
+            assert fetcher.refuses(url) is None
+            (item,) = await _prepare(ImageStage(fetcher, cache, image_decoder(lenient), Metrics.get()), [url])
+            assert item.image_status is ImageStatus.OK
+            np.testing.assert_array_equal(item.image, embedding)
+        await cache.aclose()
+
+    run(main())
+
+
+URL_CHARS = st.sampled_from(list("aZ09/.-_~%?#&=:@;+!") + ["\t", "\n", "\r", " ", "\\", "é"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    scheme=st.sampled_from(["http", "https", "HTTP", "Https"]),
+    host=st.sampled_from(["img.test", "IMG.Test", "img.test.", "xn--bcher-kva.test", "bücher.test"]),
+    port=st.sampled_from(["", ":80", ":443", ":8080"]),
+    rest=st.text(URL_CHARS, max_size=24),
+    edit=st.tuples(st.integers(0, 23), URL_CHARS),
+)
+def test_one_normal_form_for_fetch_and_keys_and_never_a_shared_key(
+    scheme: str, host: str, port: str, rest: str, edit: tuple[int, str]
+) -> None:
+    url = f"{scheme}://{host}{port}/{rest}"
+    normal = normalise_url(url)
+    policy = AddressPolicy()
+    if any(c in url for c in "\t\r\n"):
+        assert normal is None  # refused, never stripped
+    if normal is None:
+        with pytest.raises(Refused):
+            policy.check_url(url)
+        return
+    assert policy.check_url(url).url == normal  # what the fetcher requests is what the key is made from
+    assert normalise_url(normal) == normal
+    cache = ImageCache(None)
+    # Another character in the path or query (before any fragment): the same key exactly when the fetcher sends
+    # the same request (an empty "?" is dropped, for one), never because a character was lost on the way.
+    where, char = edit
+    cut = len(url) - len(rest) + min(where, len(rest.split("#")[0]))
+    other = url[:cut] + char + url[cut:]
+    other_normal = normalise_url(other)
+    if other_normal is not None:
+        assert (cache.image_key(other) == cache.image_key(url)) == (policy.check_url(other).url == normal)
+        if char not in "?#":
+            assert cache.image_key(other) != cache.image_key(url)
