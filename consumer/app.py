@@ -81,8 +81,10 @@ MAX_CONSUME = 500
 MODEL_CONCURRENCY = 2
 # Posts per batch for a scorer that does not say what suits its device (`serving_batch_size`): the CPU's.
 DEVICELESS_BATCH_SIZE = 32
-# A refused output is replaced by a smaller dead letter; the second replacement keeps nothing of the record.
-MAX_REPLACEMENTS = 3
+# A refused output is replaced by a smaller dead letter, again while the broker refuses it (consumer/fitting.py:
+# its size limit halves each time, and from the BARE_AFTER-th the letter keeps nothing of the record); then the
+# delivery error policy decides.
+MAX_REPLACEMENTS = 8
 
 
 class Application:

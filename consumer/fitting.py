@@ -39,8 +39,11 @@ log = structlog.get_logger("consumer")
 # What a record costs beyond its key, value and header bytes (batch header, varints, attributes), generously.
 RECORD_OVERHEAD = 512
 HEADER_OVERHEAD = 16  # per header: its varints
-# A size refusal lowers the topic's limit to this share of the refused output: a few refusals at most.
-SHRINK_ON_REFUSAL = 0.75
+# A size refusal lowers the topic's limit to this share of the refused output: from the producer's 1 MB to a topic
+# of 64 KB in four refusals, once per topic.
+SHRINK_ON_REFUSAL = 0.5
+# From this refusal of one record on, its dead letter keeps nothing of it (a broker that refuses its content).
+BARE_AFTER = 6
 MAX_MESSAGE_CHARS = 2_000
 REMEMBERED_REFUSALS = 10_000
 
@@ -108,8 +111,8 @@ class Refusals:
 
     def add(self, item: WorkItem, reason: str) -> None:
         key = (item.topic, item.partition, item.offset)
-        before = self._refused.pop(key, None)
-        self._refused[key] = Refusal(1 if before is None else before.count + 1, reason)
+        before = self._refused.pop(key, None)  # its reason stays: it names what the record first was
+        self._refused[key] = Refusal(1, reason) if before is None else Refusal(before.count + 1, before.reason)
         while len(self._refused) > self._size:
             self._refused.popitem(last=False)
 
@@ -138,7 +141,7 @@ class OutputFitter:
         refusal = self.refusals.get(item)
         if refusal is not None:
             item.error = Decision(Action.DEAD_LETTER, OUTPUT_REFUSED, refusal.reason[:MAX_MESSAGE_CHARS])
-            return [self.dead_letter(item, bare=refusal.count > 1)]
+            return [self.dead_letter(item, bare=refusal.count >= BARE_AFTER)]
         try:
             outputs = self.builder.build(item)
         except Exception as exc:  # a value the output models refuse, a bug: this record's, not the loop's

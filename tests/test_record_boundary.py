@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import secrets
 import time
 from typing import Any
 
@@ -66,7 +67,8 @@ class _MarkedScorer:
 
     def score(self, posts: list[dict[str, Any]]) -> list[Any]:
         results = list(self._scorer.score(posts))
-        return [self._spoil(r) if self._marker in str(p.get("text")) else r for p, r in zip(posts, results, strict=True)]
+        marked = [self._marker in str(p.get("text")) for p in posts]
+        return [self._spoil(r) if mark else r for mark, r in zip(marked, results, strict=True)]
 
 
 def _nan_scores(result: Any) -> Any:
@@ -97,7 +99,8 @@ def _drained(bootstrap: str, topics: Topics, values: list[bytes], *, isolation: 
 @pytest.mark.parametrize("missing", ["sentiment", "dlq"])
 def test_a_missing_output_topic_is_refused_at_start_up(kafka_bootstrap: str, unique_name: str, missing: str) -> None:
     topics = Topics.named(unique_name)
-    create_topics(kafka_bootstrap, {getattr(topics, name): 1 for name in ("posts", "sentiment", "dlq") if name != missing})
+    present = [name for name in ("posts", "sentiment", "dlq") if name != missing]
+    create_topics(kafka_bootstrap, {getattr(topics, name): 1 for name in present})
     app = Application(make_settings(settings_env(kafka_bootstrap, topics, None)), serve_http=False)
     started = time.monotonic()
     with structlog.testing.capture_logs() as logs:
@@ -232,3 +235,31 @@ def test_a_transaction_commit_that_fails_once_aborts_and_outputs_each_input_once
     assert [d.original_value() for d in outcome.dead_letters] == [b"not json"]
     assert sorted(json.loads(v)["post_id"] for v in values if v != b"not json") == sorted(
         e.post_id for e in outcome.events)
+
+
+def test_a_dead_letter_the_broker_refuses_for_its_size_is_sent_again_smaller(
+    kafka_bootstrap: str, unique_name: str
+) -> None:
+    """The limit learned from MSG_SIZE_TOO_LARGE: the consumer is made to forget what start-up read (as with a broker
+    that will not describe its topics), so the first dead letter of a 760 KB caption is refused by the broker."""
+    from consumer.fitting import SizeLimits
+
+    topics = Topics.named(unique_name)
+    _create_small_topics(kafka_bootstrap, topics)
+    caption = post("big-caption", secrets.token_hex(CAPTION_KB * 500))  # random: lz4 cannot shrink it below the limit
+    settings = make_settings(settings_env(kafka_bootstrap, topics, None))
+    with structlog.testing.capture_logs() as logs, app_in_thread(settings) as app:
+        assert app.started.wait(60)
+        app.fitter.limits = SizeLimits()  # only the producer's 1,000,000 bytes known
+        produce(kafka_bootstrap, topics.posts, [post("before", "hi"), caption, post("after", "hi")])
+        assert wait_until(lambda: all_committed(kafka_bootstrap, topics), 60, interval=0.5)
+    outcome = Outcome.read(kafka_bootstrap, topics)
+    refused = [entry for entry in logs if entry["event"] == "output_refused"]
+    learned = [entry for entry in logs if entry["event"] == "output_size_limit_learned"]
+    print(f"\n[size learned] refusals={len(refused)} learned={[e['max_bytes'] for e in learned]}")
+    assert app.rc == 0  # type: ignore[attr-defined]
+    assert not outcome.missing() and outcome.repeats() == 0 and len(outcome.events) == 2
+    [letter] = outcome.dead_letters
+    assert letter.error.code == "output_refused" and "invalid_post" in letter.error.message
+    assert letter.value_truncated and letter.value_size == len(caption)
+    assert refused and learned and learned[-1]["max_bytes"] < SMALL_LIMIT
