@@ -8,6 +8,8 @@ encoder. They show a repost costs no request and no CNN pass, and that a Redis o
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import os
 import shutil
 import signal
@@ -23,8 +25,10 @@ from typing import Any
 import numpy as np
 import pytest
 import redis
+import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from prometheus_client import REGISTRY
 
 from consumer.batcher import Batch, WorkItem
@@ -67,24 +71,38 @@ def _free_port() -> int:
 class RedisServer:
     """`redis-server` on 127.0.0.1, no persistence; stop/start (same port) and pause/resume (SIGSTOP)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, password: str | None = None, tls: Tls | None = None) -> None:
         self.binary = shutil.which("redis-server") or "/usr/bin/redis-server"
         self.port = _free_port()
         self.directory = directory
+        self.password = password
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
+
+    def url_with(self, password: str | None = None, ca: Path | None = None) -> str:
+        """The URL a client uses: `rediss://` with the CA it trusts when the server speaks TLS."""
+        auth = f":{password}@" if password else ""
+        if self.tls is None:
+            return f"redis://{auth}127.0.0.1:{self.port}/0"
+        return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={ca or self.tls.ca}"
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return self.url_with(self.password)
 
     def start(self) -> None:
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:  # TLS only: the plain port closed
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
+                      "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca),
+                      "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)],
+            [self.binary, *listen, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory), *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.2)
+        client = self.client()
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -110,7 +128,46 @@ class RedisServer:
             os.kill(self.process.pid, signal.SIGCONT)
 
     def client(self) -> redis.Redis:
-        return redis.Redis(host="127.0.0.1", port=self.port)
+        return redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+
+
+@dataclass(frozen=True)
+class Tls:
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls(directory: Path, name: str = "test") -> Tls:
+    """A CA of this test's own and a certificate it signs for 127.0.0.1 (the `cryptography` package)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def subject(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(subject(f"{name} CA")).issuer_name(subject(f"{name} CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(subject("127.0.0.1")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    directory.mkdir(parents=True, exist_ok=True)
+    files = Tls(directory / f"{name}-ca.pem", directory / f"{name}-cert.pem", directory / f"{name}-key.pem")
+    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+    return files
 
 
 @pytest.fixture
@@ -680,3 +737,63 @@ def test_one_normal_form_for_fetch_and_keys_and_never_a_shared_key(
         assert (cache.image_key(other) == cache.image_key(url)) == (policy.check_url(other).url == normal)
         if char not in "?#":
             assert cache.image_key(other) != cache.image_key(url)
+
+
+# -- Redis with a password, over TLS --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["password", "password+tls"])
+def test_redis_with_a_password_and_tls_serves_hits(tmp_path: Path, tls: bool) -> None:
+    server = RedisServer(tmp_path, password="right horse", tls=make_tls(tmp_path / "tls") if tls else None)
+    server.start()
+    url = "http://img.test/cat.jpg"
+
+    async def main(redis_url: str) -> tuple[dict[str, bytes], ImageCache]:
+        cache = ImageCache.from_settings(Settings(redis_url=redis_url))
+        await cache.put_images({url: JPEG})
+        found = await cache.get_images([url])
+        await cache.aclose()
+        return found, cache
+
+    try:
+        assert server.url.startswith("rediss://" if tls else "redis://")
+        found, cache = run(main(server.url))
+        assert found == {url: JPEG} and cache.stats.errors == 0
+        assert server.client().dbsize() == 1
+        if tls:  # a CA that did not sign the server's certificate: no connection, the cache only misses
+            wrong_ca = make_tls(tmp_path / "other", name="other").ca
+            found, cache = run(main(server.url_with("right horse", ca=wrong_ca)))
+            assert found == {} and cache.stats.errors >= 1 and not cache.available
+    finally:
+        server.stop()
+
+
+def test_a_wrong_password_turns_the_cache_off_once_and_scoring_goes_on(
+    tmp_path: Path, image_server: ImageServer
+) -> None:
+    server = RedisServer(tmp_path, password="right horse", tls=make_tls(tmp_path / "tls"))
+    server.start()
+    urls = [image_server.route(f"/img{i}.jpg", image(sample_image("JPEG", color=(i * 40, 0, 0)))) for i in range(3)]
+    settings = fetch_settings().model_copy(update={"redis_url": server.url_with("wrong staple")})
+
+    async def main() -> tuple[list[list[WorkItem]], ImageCache]:
+        cache = ImageCache.from_settings(settings)
+        async with ImageFetcher(settings) as fetcher:
+            stage = ImageStage(fetcher, cache, image_decoder(settings), Metrics.get())
+            batches = [await _prepare(stage, urls) for _ in range(3)]
+        await cache.aclose()
+        return batches, cache
+
+    try:
+        with structlog.testing.capture_logs() as logs:
+            batches, cache = run(main())
+    finally:
+        server.stop()
+    for items in batches:  # every image fetched and decoded, batch after batch: the cache is only an optimisation
+        assert [item.image_status for item in items] == [ImageStatus.OK] * 3
+        assert all(isinstance(item.image, Image.Image) for item in items)
+    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == ["cache_turned_off"]
+    assert "wrong staple" not in repr(logs)
+    assert cache.stats.errors == 1 and not cache.enabled and not cache.available
+    assert REGISTRY.get_sample_value("mmsent_cache_available") == 0.0
+    assert image_server.count() == 9
