@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib.resources import files
 from pathlib import Path
 
@@ -39,14 +39,18 @@ class TansuKafka(KafkaProcess):
 
     A second Kafka-protocol broker for the group tests: unlike noida-db 0.2.3 it expires the session of a member
     that died without leaving, so a survivor takes over the dead member's partitions.
+
+    `advertised_port`: the port its metadata tells clients to connect to, when another listens there for it (the
+    TLS terminator of tests/tlsforward.py): every client then goes through that port after bootstrapping.
     """
 
-    def __init__(self, port: int, data_dir: Path) -> None:
+    def __init__(self, port: int, data_dir: Path, advertised_port: int | None = None) -> None:
         super().__init__("kafka (tansu)", port, data_dir)
+        self.advertised_port = advertised_port or port
 
     def command(self) -> list[str]:
-        url = f"tcp://{self.host}:{self.port}"
-        return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+        return [str(tansu_binary()), "broker", "--listener-url", f"tcp://{self.host}:{self.port}",
+                "--advertised-listener-url", f"tcp://{self.host}:{self.advertised_port}",
                 "--storage-engine", "memory://tansu/"]
 
 
@@ -58,10 +62,12 @@ def produce(
     partition: int | None = None,
     headers: Sequence[list[tuple[str, bytes]]] | None = None,
     timestamps_ms: Sequence[int] | None = None,
+    client: Mapping[str, str] | None = None,
 ) -> int:
     """Produce and wait for every acknowledgement; returns how many were acknowledged. `headers` and
-    `timestamps_ms`, when given, are per record."""
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    `timestamps_ms`, when given, are per record; `client`: more client settings (security)."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5,
+                         **(client or {})})
     errors: list[str] = []
     acked = 0
 
@@ -96,7 +102,7 @@ def produce(
     return acked
 
 
-def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
+def end_offsets(bootstrap: str, topic: str, client: Mapping[str, str] | None = None) -> dict[int, int]:
     """The high watermark of each partition, as a fetch reports it.
 
     ListOffsets alone is not enough on every broker: Tansu 0.6.0 answers LATEST with the base offset of the
@@ -105,7 +111,7 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     from one below the listed end settles it; on Kafka and noida-db the two agree and the fetch changes nothing.
     """
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "mmsent-test-offsets",
-                         "enable.auto.commit": False, "isolation.level": "read_uncommitted"})
+                         "enable.auto.commit": False, "isolation.level": "read_uncommitted", **(client or {})})
     try:
         metadata = consumer.list_topics(topic, timeout=10)
         partitions = sorted(metadata.topics[topic].partitions)
@@ -131,8 +137,11 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
         consumer.close()
 
 
-def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+def committed_offsets(
+    bootstrap: str, group: str, topic: str, client: Mapping[str, str] | None = None
+) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                         **(client or {})})
     try:
         metadata = consumer.list_topics(topic, timeout=10)
         partitions = [TopicPartition(topic, p) for p in sorted(metadata.topics[topic].partitions)]
@@ -147,10 +156,11 @@ def read_all(
     expected: int | None = None,
     timeout: float = 30,
     isolation_level: str = "read_uncommitted",
+    client: Mapping[str, str] | None = None,
 ) -> list[Record]:
     """Everything on `topic` from the beginning: until `expected` records arrived, or until the end offsets."""
     return read_topic(
-        {"bootstrap.servers": bootstrap},
+        {"bootstrap.servers": bootstrap, **(client or {})},
         topic,
         until_count=expected,
         timeout_s=timeout,

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from importlib.resources import files
 from pathlib import Path
 from types import TracebackType
@@ -160,12 +161,15 @@ class RedisProcess(ManagedProcess):
                 "--host", self.host, "--data-dir", str(self.data_dir)]
 
 
-def create_topics(bootstrap: str, topics: dict[str, int], timeout: float = 30) -> None:
-    """Create topics ({name: partitions}, replication 1) and wait; one that exists already is fine."""
+def create_topics(
+    bootstrap: str, topics: dict[str, int], timeout: float = 30, client: Mapping[str, str] | None = None
+) -> None:
+    """Create topics ({name: partitions}, replication 1) and wait; one that exists already is fine. `client`: more
+    client settings (security)."""
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({"bootstrap.servers": bootstrap, **(client or {})})
     futures = admin.create_topics(
         [NewTopic(name, num_partitions=partitions, replication_factor=1) for name, partitions in topics.items()],
         operation_timeout=timeout,
