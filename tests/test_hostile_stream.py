@@ -322,6 +322,7 @@ def test_a_hostile_stream_through_one_process_loses_nothing_and_never_restarts(
 
     port = free_port()
     env["MMSENT_METRICS_PORT"] = str(port)
+    env["MALLOC_ARENA_MAX"] = "2"  # as the image and the pod set it (Dockerfile, k8s/base/statefulset.yaml)
     member = started_member(env, tmp_path / "consumer.log")
     try:
         half = len(values) // 2
