@@ -161,6 +161,28 @@ class Settings(BaseSettings):
         "(mmsent calibrate) gives for this precision, instead of MMSENT_ALERT_MIN_PROBABILITY.",
     )
 
+    drift_window: int = Field(
+        default=2_000, ge=50,
+        description="Predictions per model in the sliding window whose label mix and confidence are compared with "
+        "the model's reference (mmsent_prediction_drift).",
+    )
+    feedback_topic: str | None = Field(
+        default=None, description="Moderators' verdicts on scored posts, joined to recent events for live alert "
+        "precision and recall (mmsent_feedback_total).",
+    )
+    feedback_memory_posts: int = Field(
+        default=100_000, ge=1,
+        description="Recent events remembered for joining verdicts (post id -> model and label); older verdicts are "
+        "counted as too old.",
+    )
+
+    inspect_host: str = Field(default="127.0.0.1", description="Where `mmsent inspect` listens.")
+    inspect_port: int = Field(default=8765, ge=0, le=65535, description="`mmsent inspect`'s port (0: a free one).")
+    inspect_token: SecretStr | None = Field(
+        default=None, description="The token `mmsent inspect` asks for; required when it binds anything but "
+        "loopback.",
+    )
+
     log_level: str = "INFO"
     log_json: bool = True
 
