@@ -11,6 +11,8 @@ negative log-likelihood of softmax(logits / T) (LBFGS over log T), and writes in
                                 NLL and ECE before and after, and the SHA-256 of the weights it was fit on
   reliability-before.png        reliability diagrams (top-label confidence against accuracy) before and after
   reliability-after.png
+  reference.json                only when the directory has none: the drift reference (mmsent/reference.py), from
+                                the calibrated predictions on the data
 
 `Scorer.load(DIR)` applies the temperature (every head pass: the fused scores and `scores_by_modality`) and answers
 `scorer.alert_threshold(label, min_precision)`. A calibration.json whose weights hash is not the directory's (the
@@ -282,7 +284,21 @@ def calibrate_model(data: str | Path, model: str | Path | None = None, *,
     logits = np.concatenate(parts)
     y = np.asarray([e.label for e in examples], dtype=np.int64)
     metrics = {"data": str(Path(data).resolve()), "model": dict(scorer.info)}
-    return write_calibration(directory, logits, y, scorer.labels, targets, metrics), directory
+    calibration = write_calibration(directory, logits, y, scorer.labels, targets, metrics)
+    if scorer.reference is None:
+        _write_reference(directory, logits, calibration, scorer.labels, data)
+    return calibration, directory
+
+
+def _write_reference(directory: Path, logits: np.ndarray, calibration: Calibration, labels: Sequence[str],
+                     data: str | Path) -> None:
+    """A drift reference (mmsent/reference.py) for a model directory without one: its calibrated predictions on the
+    calibration data. One written by `mmsent train --folds` (out of fold) is kept."""
+    from mmsent.reference import Reference
+
+    probs = calibrated_probabilities(logits, calibration.temperature)
+    source = f"predictions on {Path(data).name} (mmsent calibrate), T = {calibration.temperature:.4f}"
+    Reference.from_probabilities(probs, labels, source).save(directory)
 
 
 def write_calibration(directory: Path, logits: np.ndarray, y: np.ndarray, labels: Sequence[str],

@@ -64,6 +64,7 @@ from mmsent.model import (
     check_parameter_budget,
 )
 from mmsent.presets import PRESETS, default_model_dir, preset_config
+from mmsent.reference import Reference
 from mmsent.runtime import CPU_RUNTIMES, onnxruntime_available
 from mmsent.shapes import ShapeBuckets, serving_batch_size
 from mmsent.textnorm import normalize_tweet
@@ -166,7 +167,7 @@ class Scorer:
     def __init__(self, model: MMSentModel, *, device: str | None = None, batch_size: int | None = None,
                  cpu_runtime: str = "auto", cpu_workers: int | None = None,
                  calibration: Calibration | None = None, compile: bool = False,
-                 bucketing: bool | None = None) -> None:
+                 bucketing: bool | None = None, reference: Reference | None = None) -> None:
         """`cpu_runtime`: on the CPU, run the frozen encoders (the CNN; a Hugging Face text encoder too) through ONNX
         Runtime ("onnx"), PyTorch ("torch"), or ONNX Runtime where it is installed and they export ("auto"). The
         small fusion head always runs in PyTorch.
@@ -179,6 +180,9 @@ class Scorer:
 
         `calibration` (what `load` reads from a model directory's calibration.json): its temperature divides the
         logits of every head pass; None scores the model as it is.
+
+        `reference` (what `load` reads from a model directory's reference.json, mmsent/reference.py): what the
+        model's predictions looked like on data like its training data, for drift monitoring; None when it has none.
 
         `batch_size`: posts per model call at most (default: 256 on a GPU, 64 on the CPU).
 
@@ -212,6 +216,7 @@ class Scorer:
         if calibration is not None and tuple(calibration.labels) != self.labels:
             raise ValueError(f"the calibration's labels {calibration.labels} are not the model's {self.labels}")
         self.calibration = calibration
+        self.reference = reference
         self.info = {"name": cfg.name, "version": cfg.version, "fusion": cfg.head.fusion}
         kind = "regions" if cfg.head.needs_regions else "pooled"
         self.image_encoder_id = f"{cfg.image.ident}:{kind}"
@@ -240,8 +245,9 @@ class Scorer:
         built = build_model(model, max_params=max_params)
         directory = model_directory(model)
         calibration = Calibration.load(directory) if directory is not None else None
+        reference = Reference.load(directory) if directory is not None else None
         return cls(built, device=device, cpu_runtime=cpu_runtime, cpu_workers=cpu_workers,
-                   calibration=calibration, compile=compile)
+                   calibration=calibration, compile=compile, reference=reference)
 
     @property
     def temperature(self) -> float:

@@ -12,7 +12,8 @@
                  └─ trainable layers on a GPU (or --no-cache) ─> finetune.finetune (end to end on --device, image
                     augmentation, bf16 on CUDA, warm-up + cosine decay, early stopping; see mmsent/finetune.py)
                  ─> DIR: config.json (+ train_config, cv) + model.safetensors + labels.json, training.png; with
-                    --folds also cv.json, oof.npz (out-of-fold probabilities) and calibration.json
+                    --folds also cv.json, oof.npz (out-of-fold probabilities), calibration.json and
+                    reference.json (the drift reference: mmsent/reference.py)
 
 Early stopping on validation macro-F1; class weights or focal loss for the rare neutral class; seeds; resumable
 (`train_state.pt` in the output directory); a loss/metric plot (`training.png`); the checkpoint is a model
@@ -44,6 +45,7 @@ from mmsent.features import ActivationSet, FeatureSet, extract_activations, extr
 from mmsent.model import Features, FusionHead, HeadConfig, HeadEnsemble, MMSentModel
 
 if TYPE_CHECKING:
+    from mmsent.calibrate import Calibration
     from mmsent.finetune import Rows  # finetune builds on this module, which may not import it before it runs
 
 __all__ = ["TrainConfig", "cross_validate", "train_head", "train_model"]
@@ -584,7 +586,9 @@ def train_model(
     plot_history(result.cv["histories"] if result.cv is not None else [result.history], out / "training.png")
     _save(model, out, cfg, result.cv, half)
     if result.cv is not None:
-        _calibrate_out_of_fold(out, examples[: len(result.cv["oof"]["both"])], result.cv, list(model.cfg.labels), log)
+        labels = list(model.cfg.labels)
+        calibration = _calibrate_out_of_fold(out, examples[: len(result.cv["oof"]["both"])], result.cv, labels, log)
+        _reference_out_of_fold(out, result.cv, labels, calibration.temperature, log)
     log(f"saved {out} in {time.time() - t0:.0f}s")
     return result
 
@@ -597,7 +601,7 @@ def _device_type(cfg: TrainConfig) -> str:
 
 def _calibrate_out_of_fold(
     out: Path, examples: Sequence[Example], cv: dict[str, Any], labels: list[str], log: Callable[[str], None]
-) -> None:
+) -> Calibration:
     """The model directory's calibration (temperature, alert thresholds, reliability diagrams) from the CV's
     out-of-fold probabilities: each post scored by a fold model that never trained on it."""
     from mmsent.calibrate import write_calibration
@@ -607,6 +611,21 @@ def _calibrate_out_of_fold(
     source = {"source": f"out-of-fold probabilities of the {cv['folds']}-fold cross-validation"}
     c = write_calibration(out, np.log(np.clip(probs, 1e-12, None)), y, labels, metrics=source)
     log(f"calibration: T = {c.temperature:.3f}, ECE {c.metrics['ece_before']:.4f} -> {c.metrics['ece_after']:.4f}")
+    return c
+
+
+def _reference_out_of_fold(out: Path, cv: dict[str, Any], labels: list[str], temperature: float,
+                           log: Callable[[str], None]) -> None:
+    """The model directory's drift reference (mmsent/reference.py) from the same out-of-fold probabilities, at the
+    calibration's temperature: what the consumer's predictions are compared with."""
+    from mmsent.calibrate import calibrated_probabilities
+    from mmsent.reference import Reference
+
+    probs = calibrated_probabilities(np.log(np.clip(np.asarray(cv["oof"]["both"]), 1e-12, None)), temperature)
+    reference = Reference.from_probabilities(
+        probs, labels, f"out-of-fold probabilities of the {cv['folds']}-fold cross-validation, T = {temperature:.4f}")
+    reference.save(out)
+    log(f"reference: {reference.n} predictions, label mix {reference.to_dict()['label_mix']}")
 
 
 def _train_cached(
