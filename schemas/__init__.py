@@ -1,7 +1,8 @@
-"""Wire contracts: the post, the sentiment event and the dead letter. Imports neither `mmsent` nor `consumer`."""
+"""Wire contracts: the post, the sentiment event, the dead letter and the feedback verdict. Imports neither `mmsent` nor `consumer`."""
 
 from schemas.decode import BadRecord, decode_post
 from schemas.export import json_schemas
+from schemas.feedback import FeedbackVerdict, decode_verdict
 from schemas.models import (
     LABELS,
     SCHEMA_VERSION,
@@ -22,6 +23,7 @@ __all__ = [
     "BadRecord",
     "DeadLetter",
     "ErrorInfo",
+    "FeedbackVerdict",
     "ImageStatus",
     "Label",
     "ModelInfo",
@@ -30,5 +32,6 @@ __all__ = [
     "SentimentEvent",
     "SourceCoordinates",
     "decode_post",
+    "decode_verdict",
     "json_schemas",
 ]

@@ -8,9 +8,14 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from schemas.feedback import FeedbackVerdict
 from schemas.models import DeadLetter, PostEvent, SentimentEvent
 
-_MODELS: dict[str, type[BaseModel]] = {"post": PostEvent, "sentiment_event": SentimentEvent, "dead_letter": DeadLetter}
+_MODELS: dict[str, type[BaseModel]] = {
+    "post": PostEvent, "sentiment_event": SentimentEvent, "dead_letter": DeadLetter, "feedback": FeedbackVerdict,
+}
+# what mmsent reads (its schema says what it accepts); the others are what it emits
+_INPUTS = (PostEvent, FeedbackVerdict)
 CHECKED_IN_DIR = Path(__file__).parent / "json"
 
 
@@ -19,7 +24,7 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     schemas: dict[str, dict[str, Any]] = {}
     for name, model in _MODELS.items():
         # Validation mode for the input (what we accept), serialization mode for what we emit.
-        schema = model.model_json_schema(mode="validation" if model is PostEvent else "serialization")
+        schema = model.model_json_schema(mode="validation" if model in _INPUTS else "serialization")
         schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
         schema["$id"] = f"https://mmsent.dev/schemas/v1/{name}.json"
         schemas[name] = schema
