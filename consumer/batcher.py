@@ -18,7 +18,7 @@ from typing import Any
 
 from consumer.errors import Decision
 from consumer.offsets import PartitionState, TopicPartitionKey
-from schemas.models import ImageStatus, PostEvent
+from schemas.models import Alert, ImageStatus, PostEvent
 
 
 @dataclass(slots=True, eq=False)
@@ -42,7 +42,9 @@ class WorkItem:
     scored_by: Any = None  # the stages.ServingModel that scored it (a reload may swap models between batches)
     shadow_image: Any = None  # the decoded image, kept for a shadow model with another image encoder
     shadow_result: Any = None  # the shadow model's ScoreResult, when one is configured and did not fail
-    shadow_by: Any = None  # the shadow model's ModelInfo
+    shadow_by: Any = None  # the shadow.ShadowStage that scored it (its `info`, its `scorer`)
+    language: str | None = None  # the caption's, ISO 639-1 (consumer/language.py), None when it cannot be told
+    alert: Alert | None = None  # why it alerts, decided once when its batch completes (OutputBuilder.alert)
 
     @property
     def tp(self) -> TopicPartitionKey:

@@ -1,9 +1,14 @@
 """What one input record produces: its event (and alert), or its dead letter; each with its headers.
 
-    WorkItem ──▶ OutputBuilder.build() ──┬──▶ event        output topic; the alert topic too when `alerts()` says so
+    WorkItem ──▶ OutputBuilder.build() ──┬──▶ event        output topic; with `alert`, the alert topic too when the
+                                         │                 item's alert (decided once by `alert()`) is set
                                          │                 (+ the shadow model's event on the shadow topic)
                                          ├──▶ dead letter  DLQ topic (cut to fit by `consumer.fitting`)
                                          └──▶ nothing      a record the error policy skips
+
+An event says whether the caption alone and the image alone agree (`modalities_agree`), the caption's language
+(`item.language`, told by consumer/language.py when the batch was cut) and whether the model that scored it was
+trained for that language (its scorer's `languages`).
 
 Headers: the input record's, in order, narrowed by `MMSENT_HEADERS_ALLOW` / `MMSENT_HEADERS_DENY` (names compared
 without case), then mmsent's own (`schemas.headers`). An input header that borrows one of mmsent's own names is
@@ -19,13 +24,16 @@ from typing import Any
 
 from consumer.batcher import WorkItem
 from consumer.errors import Action
+from consumer.language import is_supported
 from consumer.settings import Settings
 from consumer.tracing import Tracing
 from schemas import headers as wire
 from schemas.models import (
+    LABELS,
+    Alert,
+    AlertRule,
     DeadLetter,
     ImageStatus,
-    ModelInfo,
     Scores,
     ScoresByModality,
     SentimentEvent,
@@ -77,37 +85,60 @@ class OutputBuilder:
             return [] if item.error.action is Action.SKIP else [self.dead_letter(item)]
         assert item.post is not None and item.result is not None and item.scored_by is not None
         s = self._settings
-        event = self._event(item, item.result, item.scored_by.info, s.output_topic)
-        outputs = [event]
-        if s.alert_topic and self.alerts(item):
-            outputs.append(replace(event, topic=s.alert_topic))
+        event = self._event(item, item.result, item.scored_by)
+        outputs = [self._output(item, event, s.output_topic)]
+        if s.alert_topic and item.alert is not None:
+            outputs.append(self._output(item, event.model_copy(update={"alert": item.alert}), s.alert_topic))
         if s.shadow_topic and item.shadow_result is not None:
-            shadow = self._event(item, item.shadow_result, item.shadow_by, s.shadow_topic)
-            outputs.append(replace(shadow, best_effort=True))
+            shadow = self._event(item, item.shadow_result, item.shadow_by)
+            outputs.append(replace(self._output(item, shadow, s.shadow_topic), best_effort=True))
         return outputs
 
-    def alerts(self, item: WorkItem) -> bool:
-        """The alert rule: the post's label is the alert label, at its model's alert threshold or above
-        (MMSENT_ALERT_MIN_PROBABILITY, or the calibrated threshold for MMSENT_ALERT_MIN_PRECISION)."""
+    def alert(self, item: WorkItem) -> Alert | None:
+        """The alert rule, for a scored item: its label is the alert label, at its model's alert threshold or above
+        (MMSENT_ALERT_MIN_PROBABILITY, or the calibrated threshold for MMSENT_ALERT_MIN_PRECISION). None: no alert
+        (or no alert topic). Called once per item, when its batch completes; the item keeps the answer."""
         s, result = self._settings, item.result
-        return result is not None and result.label == s.alert_label and (
-            float(dict(result.scores).get(s.alert_label, 0.0)) >= item.scored_by.alert_threshold
+        if not s.alert_topic or result is None or result.label != s.alert_label:
+            return None
+        probability = float(dict(result.scores).get(s.alert_label, 0.0))
+        threshold = float(item.scored_by.alert_threshold)
+        if probability < threshold:
+            return None
+        calibrated = s.alert_min_precision is not None
+        return Alert(
+            rule=AlertRule.MIN_PRECISION if calibrated else AlertRule.MIN_PROBABILITY,
+            label=result.label,
+            probability=probability,
+            threshold=threshold,
+            min_precision=s.alert_min_precision,
+            # the calibration in force: its temperature shaped the probability, and under min_precision it gave
+            # the threshold too. Test doubles of a scorer have none.
+            calibration=getattr(item.scored_by.scorer, "calibration_digest", None),
         )
 
-    def _event(self, item: WorkItem, result: Any, model: ModelInfo, topic: str) -> Output:
+    def _event(self, item: WorkItem, result: Any, by: Any) -> SentimentEvent:
+        """`by`: what scored it (a `stages.ServingModel` or a `shadow.ShadowStage`): its `info` and `scorer`."""
         assert item.post is not None
-        event = SentimentEvent(
+        by_modality = _by_modality(item, result)
+        return SentimentEvent(
             post_id=item.post.post_id,
             label=result.label,
             scores=Scores(**{name: float(p) for name, p in dict(result.scores).items()}),
             image_status=_image_status(item, result),
-            scores_by_modality=_by_modality(item, result),
-            model=model,
+            scores_by_modality=by_modality,
+            modalities_agree=_agree(by_modality),
+            language=item.language,
+            # a scorer that names no languages (a test double) is trained for none that can be told
+            language_supported=is_supported(item.language, getattr(by.scorer, "languages", ())),
+            model=by.info,
             source=_source(item),
             scored_at=datetime.now(UTC),
         )
-        headers = self.carried(item) + [(wire.MODEL, f"{model.name}:{model.version}".encode())]
-        return Output(topic, item.post.post_id.encode(), event.to_json_bytes(), headers)
+
+    def _output(self, item: WorkItem, event: SentimentEvent, topic: str) -> Output:
+        headers = self.carried(item) + [(wire.MODEL, f"{event.model.name}:{event.model.version}".encode())]
+        return Output(topic, event.post_id.encode(), event.to_json_bytes(), headers)
 
     def dead_letter(self, item: WorkItem, keep: Keep | None = None) -> Output:
         """The record's dead letter: whole, or keeping only what `keep` says (`consumer.fitting` decides how much
@@ -151,6 +182,16 @@ def _by_modality(item: WorkItem, result: Any) -> ScoresByModality:
     image = found.get("image") if _image_status(item, result) is ImageStatus.OK else None
     return ScoresByModality(text=None if text is None else Scores(**text),
                             image=None if image is None else Scores(**image))
+
+
+def _agree(by_modality: ScoresByModality) -> bool | None:
+    """Whether the caption alone and the image alone give the same label; None unless both were used."""
+    text, image = by_modality.text, by_modality.image
+    return None if text is None or image is None else _top(text) == _top(image)
+
+
+def _top(scores: Scores) -> str:
+    return max(LABELS, key=lambda label: float(getattr(scores, label)))
 
 
 def _source(item: WorkItem) -> SourceCoordinates:

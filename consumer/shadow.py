@@ -59,7 +59,7 @@ class ShadowStage:
         finally:
             self.metrics.stage_latency.labels("shadow").observe(time.monotonic() - started)
         for item, result in zip(scored, results, strict=True):
-            item.shadow_result, item.shadow_by = result, self.info
+            item.shadow_result, item.shadow_by = result, self
             self.metrics.shadow_agreement.labels(str(result.label == item.result.label).lower()).inc()
 
     def _post(self, item: WorkItem) -> dict[str, object]:

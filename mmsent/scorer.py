@@ -71,9 +71,10 @@ from mmsent.textnorm import normalize_tweet
 
 __all__ = [
     "ImageEmbedding", "ModelRefused", "RefusalReason", "ScoreResult", "Scorer", "build_model", "from_config",
-    "model_directory",
+    "model_directory", "model_languages",
 ]
 
+DEFAULT_LANGUAGES: tuple[str, ...] = ("en",)
 ImageEmbedding = np.ndarray  # float32 or float16, shape fixed per image_encoder_id: (R, C)
 T = TypeVar("T")
 R = TypeVar("R")
@@ -108,6 +109,15 @@ def build_model(model: str | os.PathLike[str] | None = None, *, max_params: int 
         return MMSentModel.load(path, max_params=max_params)
     raise ModelRefused(RefusalReason.MODEL_MISSING, f"{model!r} is neither a model directory (with config.json) "
                        f"nor a preset ({', '.join(PRESETS)})")
+
+
+def model_languages(cfg: ModelConfig) -> tuple[str, ...]:
+    """The caption languages (ISO 639-1) the model was trained for: its config's `extra.languages`; the MVSA and
+    TweetEval data every preset and packaged model was trained on are English, hence `("en",)` when unsaid."""
+    languages = cfg.extra.get("languages", DEFAULT_LANGUAGES)
+    if not (isinstance(languages, list | tuple) and all(isinstance(x, str) for x in languages)):
+        raise ValueError(f"the config's extra.languages must be a list of ISO 639-1 codes, not {languages!r}")
+    return tuple(languages)
 
 
 def model_directory(model: str | os.PathLike[str] | None = None) -> Path | None:
@@ -163,6 +173,7 @@ class Scorer:
     labels: tuple[str, str, str]
     info: dict[str, str]
     image_encoder_id: str
+    languages: tuple[str, ...]  # ISO 639-1 codes of the caption languages the model was trained for
 
     def __init__(self, model: MMSentModel, *, device: str | None = None, batch_size: int | None = None,
                  cpu_runtime: str = "auto", cpu_workers: int | None = None,
@@ -218,6 +229,7 @@ class Scorer:
         self.calibration = calibration
         self.reference = reference
         self.info = {"name": cfg.name, "version": cfg.version, "fusion": cfg.head.fusion}
+        self.languages = model_languages(cfg)
         kind = "regions" if cfg.head.needs_regions else "pooled"
         self.image_encoder_id = f"{cfg.image.ident}:{kind}"
         if cfg.image_trainable_blocks:  # fine-tuned CNN: its weights are part of the identity
@@ -248,6 +260,12 @@ class Scorer:
         reference = Reference.load(directory) if directory is not None else None
         return cls(built, device=device, cpu_runtime=cpu_runtime, cpu_workers=cpu_workers,
                    calibration=calibration, compile=compile, reference=reference)
+
+    @property
+    def calibration_digest(self) -> str | None:
+        """SHA-256 of the weights the calibration was fitted on (what an alert names); None uncalibrated, or when
+        the calibration did not record them."""
+        return self.calibration.model_sha256 if self.calibration is not None else None
 
     @property
     def temperature(self) -> float:

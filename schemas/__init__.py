@@ -6,6 +6,8 @@ from schemas.feedback import FeedbackVerdict, decode_verdict
 from schemas.models import (
     LABELS,
     SCHEMA_VERSION,
+    Alert,
+    AlertRule,
     DeadLetter,
     ErrorInfo,
     ImageStatus,
@@ -20,6 +22,8 @@ from schemas.models import (
 __all__ = [
     "LABELS",
     "SCHEMA_VERSION",
+    "Alert",
+    "AlertRule",
     "BadRecord",
     "DeadLetter",
     "ErrorInfo",

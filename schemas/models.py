@@ -30,6 +30,7 @@ DEFAULT_MAX_TEXT_CHARS = 10_000
 MAX_POST_ID_CHARS = 256
 MAX_IMAGE_URL_CHARS = 2_048
 LABELS: tuple[str, str, str] = ("negative", "neutral", "positive")
+LANGUAGE_CODE = r"^[a-z]{2}$"  # ISO 639-1
 
 
 class Label(StrEnum):
@@ -126,6 +127,30 @@ class ScoresByModality(BaseModel):
     image: Scores | None = Field(default=None, description="The image alone; present when the image was used.")
 
 
+class AlertRule(StrEnum):
+    MIN_PROBABILITY = "min_probability"  # MMSENT_ALERT_MIN_PROBABILITY: a threshold set by the operator
+    MIN_PRECISION = "min_precision"  # MMSENT_ALERT_MIN_PRECISION: the threshold the model's calibration gives
+
+
+class Alert(BaseModel):
+    """Why an event is on the alert topic: the rule that fired and what it compared."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    rule: AlertRule = Field(strict=False)
+    label: Label = Field(strict=False, description="The alert label, the event's label.")
+    probability: float = Field(ge=0, le=1, description="The label's probability, as compared.")
+    threshold: float = Field(ge=0, le=1, description="The probability at or above which the label alerts.")
+    min_precision: float | None = Field(
+        ge=0, le=1, description="The target precision the calibration gave the threshold for; null for min_probability."
+    )
+    calibration: StrictStr | None = Field(
+        description="SHA-256 of the model weights that the model's calibration was fitted on (its temperature "
+        "shaped `probability`; under `min_precision` it gave `threshold` too); null when the model has no "
+        "calibration or it did not record them."
+    )
+
+
 class SentimentEvent(BaseModel):
     """A scored post on the output topic."""
 
@@ -141,10 +166,31 @@ class SentimentEvent(BaseModel):
     source: SourceCoordinates
     scored_at: AwareDatetime = Field(strict=False, description="RFC 3339 date-time.")
     scores_by_modality: ScoresByModality = Field(default_factory=ScoresByModality)
+    # Defaulted, not required: an event written before these fields existed (in a topic, in a replay's
+    # comparison) still validates, and reads as "not known" (null) or "supported" (nothing says otherwise).
+    modalities_agree: bool | None = Field(
+        default=None,
+        description="Whether the text alone and the image alone give the same label; null when only one modality "
+        "was used.",
+    )
+    language: Annotated[StrictStr, Field(pattern=LANGUAGE_CODE)] | None = Field(
+        default=None, description="The caption's language, ISO 639-1 (`en`, `es`...); null when it cannot be told."
+    )
+    language_supported: bool = Field(
+        default=True,
+        description="Whether the model was trained for the caption's language (a post in another language is "
+        "still scored); true when the language is null.",
+    )
+    alert: Alert | None = Field(default=None, description="Present on the alert topic's copy only: why it alerts.")
 
     def to_json_bytes(self) -> bytes:
-        # exclude_none: a modality that says nothing is left out of `scores_by_modality`, not written as null
-        return self.model_dump_json(exclude_none=True).encode()
+        # A modality that says nothing is left out of `scores_by_modality`, and `alert` out of an event that is not
+        # an alert; the contract's nullable fields (`modalities_agree`, `language`, the alert's) are written as null.
+        silent = {name for name in ("text", "image") if getattr(self.scores_by_modality, name) is None}
+        exclude: dict[str, Any] = {"scores_by_modality": silent}
+        if self.alert is None:
+            exclude["alert"] = True
+        return self.model_dump_json(exclude=exclude).encode()
 
 
 class ErrorInfo(BaseModel):
