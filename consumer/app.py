@@ -45,6 +45,7 @@ from consumer.fitting import OutputFitter, SizeLimits, internal_error, is_refusa
 from consumer.kafkaconfig import consumer_config, producer_config
 from consumer.metrics import HealthServer, Metrics
 from consumer.offsets import OffsetTracker, TopicPartitionKey
+from consumer.language import LanguageDetector
 from consumer.outputs import Output, OutputBuilder
 from consumer.pausing import PausingManager
 from consumer.preflight import preflight
@@ -133,6 +134,7 @@ class Application:
         self.batcher = MicroBatcher(settings.max_batch_size or DEVICELESS_BATCH_SIZE, settings.max_wait_ms / 1000)
         self.max_in_flight = 0  # set in _start(), with the model's device known
         self.outputs = OutputBuilder(settings, self.tracing)
+        self.languages = LanguageDetector()  # on this thread, once per batch cut (why: consumer/language.py)
         # every output goes through it: never raising, always within the topics' limits (learned in _start)
         self.fitter = OutputFitter(self.outputs, SizeLimits())
         self._last_commit = 0.0
@@ -352,6 +354,7 @@ class Application:
         batch.timings["wait"] = wait
         self.metrics.stage_latency.labels("wait").observe(wait)
         batch.model = self._model
+        self.languages.tag(batch.items)
         batch.trace = self.tracing.start_batch(batch.items)
         self.pipeline.submit(batch)
 
@@ -366,6 +369,7 @@ class Application:
             live = [item for item in batch.items if self.tracker.is_current(item.state)]
             for item in live:
                 item.scored_by = batch.model
+                item.alert = self.outputs.alert(item)
             self._observe_batch(batch, live)
             with self.tracing.stage(batch.trace, "produce"):
                 if self.eos:
@@ -471,8 +475,9 @@ class Application:
             return
         m.events_produced.labels(item.result.label).inc()
         m.image_status.labels(item.image_status.value).inc()
-        if self.settings.alert_topic and self.outputs.alerts(item):
+        if item.alert is not None:
             m.alerts.inc()
+        m.posts_by_language.labels(item.language or "unknown").inc()
         if item.timestamp_ms is not None:
             m.end_to_end_latency.observe(max(0.0, time.time() - item.timestamp_ms / 1000))
 

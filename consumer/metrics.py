@@ -43,6 +43,10 @@ class Metrics:
         )
         self.skipped = Counter("mmsent_records_skipped_total", "Records counted done without output.", ["code"])
         self.alerts = Counter("mmsent_alerts_total", "Events also routed to the alert topic.")
+        self.posts_by_language = Counter(
+            "mmsent_posts_by_language_total", "Sentiment events acknowledged, by the caption's language (ISO 639-1; "
+            "unknown when it cannot be told: consumer/language.py).", ["language"],
+        )
         self.shadow_agreement = Counter(
             "mmsent_shadow_agreement_total", "Posts scored by the shadow model, by whether its label agreed with the "
             "primary's (agree: true or false).", ["agree"],
