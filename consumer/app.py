@@ -5,6 +5,7 @@
         └─ commit low watermark ◀── OffsetTracker ◀── delivery acks ◀── Sink ◀── OutputBuilder ◀─────┘
 
     ModelReloader (its own thread) ──▶ a warmed ServingModel ──▶ swapped in between batches (each batch keeps its)
+    an event acknowledged ──▶ PredictionMonitor (what the model says, drift) ──▶ FeedbackJoiner (its own thread)
 
 The poll loop (this thread) owns the Kafka consumer, the offset tracker, the batcher and the producer's
 callbacks: nothing in it is shared with the stage threads except the batches it hands over and gets back.
@@ -30,6 +31,7 @@ import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from consumer.batcher import Batch, MicroBatcher, WorkItem
+from consumer.drift import PredictionMonitor
 from consumer.errors import (
     EXIT_CONFIGURATION,
     EXIT_FAILURE,
@@ -41,6 +43,7 @@ from consumer.errors import (
     FatalError,
     is_rebalance_error,
 )
+from consumer.feedback import FeedbackJoiner
 from consumer.fitting import OutputFitter, SizeLimits, internal_error, is_refusal
 from consumer.kafkaconfig import consumer_config, producer_config
 from consumer.metrics import HealthServer, Metrics
@@ -143,6 +146,9 @@ class Application:
         self._reloader: ModelReloader[ServingModel] | None = None
         self._shadow: ShadowStage | None = None
         self._assigned: set[TopicPartitionKey] = set()
+        # what the models say and their drift (consumer/drift.py); verdicts joined to events (consumer/feedback.py)
+        self.predictions = PredictionMonitor(self.metrics, settings.drift_window)
+        self.feedback: FeedbackJoiner | None = None
         # set in _start(): Kafka clients, I/O loop, stages
         self.consumer: Consumer | None = None
         self.sink: Sink | None = None
@@ -198,6 +204,8 @@ class Application:
         self.consumer.subscribe(
             [s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+        if s.feedback_topic:
+            self.feedback = FeedbackJoiner(s, self.metrics).start()
         log.info(
             "consumer_started",
             group=s.group_id,
@@ -473,7 +481,11 @@ class Application:
             else:
                 m.dead_letters.labels(item.error.code).inc()
             return
-        m.events_produced.labels(item.result.label).inc()
+        model = item.scored_by.label
+        m.events_produced.labels(item.result.label, model).inc()
+        self.predictions.observe(model, getattr(item.scored_by.scorer, "reference", None), item.result)
+        if self.feedback is not None and item.post is not None:
+            self.feedback.remember(item.post.post_id, model, item.result.label)
         m.image_status.labels(item.image_status.value).inc()
         if item.alert is not None:
             m.alerts.inc()
@@ -809,6 +821,9 @@ class Application:
         return 0
 
     def _close_quietly(self) -> None:
+        if self.feedback is not None:
+            self.feedback.close()
+            self.feedback = None
         if self._reloader is not None:
             self._reloader.close()
         if self.pipeline is not None:

@@ -19,6 +19,8 @@ import h11
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram, generate_latest
 
+from mmsent import TOP_PROBABILITY_EDGES
+
 log = structlog.get_logger(__name__)
 
 # A probe's or a scrape's request head is a few hundred bytes; anything near this is not one.
@@ -36,7 +38,29 @@ class Metrics:
     def __init__(self) -> None:
         self.records_consumed = Counter("mmsent_records_consumed_total", "Input records read from Kafka.")
         self.events_produced = Counter(
-            "mmsent_events_produced_total", "Sentiment events acknowledged by the broker.", ["label"]
+            "mmsent_events_produced_total", "Sentiment events acknowledged by the broker, by label and model "
+            "(name:version).", ["label", "model"],
+        )
+        # what the model says (consumer/drift.py) and what moderators say of it (consumer/feedback.py)
+        self.top_probability = Histogram(
+            "mmsent_top_probability", "The predicted label's probability, by label and model.", ["label", "model"],
+            buckets=TOP_PROBABILITY_EDGES,
+        )
+        self.modality_disagreements = Counter(
+            "mmsent_modality_disagreements_total", "Posts whose text alone and image alone give different labels.",
+            ["model"],
+        )
+        self.prediction_drift = Gauge(
+            "mmsent_prediction_drift", "Jensen-Shannon distance (base 2) between the model's last MMSENT_DRIFT_WINDOW "
+            "predictions (label x top-probability bin) and its reference.json.", ["model"],
+        )
+        self.feedback = Counter(
+            "mmsent_feedback_total", "Moderators' verdicts joined to this group's events: the model, the label it "
+            "predicted, the label a person gave.", ["model", "predicted", "actual"],
+        )
+        self.feedback_unmatched = Counter(
+            "mmsent_feedback_unmatched_total", "Verdicts not counted in mmsent_feedback_total: unknown (no recent "
+            "event of that post: never scored by this group, or too old) or invalid (not a verdict).", ["reason"],
         )
         self.dead_letters = Counter(
             "mmsent_dead_letters_total", "Records dead-lettered (acknowledged), by error code.", ["code"]

@@ -14,6 +14,7 @@ must commit only what was *acknowledged*, out of order across concurrent batches
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable
 
 from confluent_kafka import OFFSET_BEGINNING
@@ -24,7 +25,7 @@ TopicPartitionKey = tuple[str, int]
 class PartitionState:
     """One assignment (a generation) of one partition."""
 
-    __slots__ = ("committed", "dirty", "highest", "key", "pending")
+    __slots__ = ("committed", "dirty", "expected", "highest", "key", "pending", "uncommitted")
 
     def __init__(self, key: TopicPartitionKey) -> None:
         self.key = key
@@ -32,6 +33,19 @@ class PartitionState:
         self.highest = -1  # highest offset read in this generation
         self.committed: int | None = None  # the next offset to consume, as committed (or where reading began)
         self.dirty = False  # a commit failed: commit again even without progress
+        # The offset the next record read should have: the committed offset at assignment, then one past the last
+        # read. A record past it means records were skipped (consumer/lag.py tells retention from markers).
+        self.expected: int | None = None
+        # (offset, timestamp ms) of the records read and not yet committed, in offset order: the time lag
+        self.uncommitted: deque[tuple[int, int]] = deque()
+
+    def position(self) -> int | None:
+        """The offset of the next record to read (the consumer's position in this generation), when known."""
+        return self.highest + 1 if self.highest >= 0 else self.expected
+
+    def oldest_uncommitted_ms(self) -> int | None:
+        """The timestamp of the oldest record read and not yet committed; None when there is none."""
+        return min((ts for _offset, ts in self.uncommitted), default=None)
 
     def low_watermark(self) -> int | None:
         if self.pending:
@@ -61,12 +75,19 @@ class OffsetTracker:
     def is_current(self, state: PartitionState) -> bool:
         return self._states.get(state.key) is state
 
-    def register(self, state: PartitionState, offset: int) -> None:
+    def register(self, state: PartitionState, offset: int, timestamp_ms: int | None = None) -> int | None:
+        """Count a record read. Returns the offset it was expected at when records before it were skipped (a
+        reset past deleted records, transaction markers, compaction), else None."""
+        skipped_from = state.expected if state.expected is not None and offset > state.expected else None
+        state.expected = offset + 1
         if state.committed is None:
             state.committed = offset  # everything before the first record read was committed already
         state.pending.add(offset)
         if offset > state.highest:
             state.highest = offset
+        if timestamp_ms is not None:
+            state.uncommitted.append((offset, timestamp_ms))
+        return skipped_from
 
     def done(self, state: PartitionState, offset: int) -> bool:
         """Mark one record done; False when its partition generation is gone (the work was dropped)."""
@@ -104,6 +125,8 @@ class OffsetTracker:
             if state is not None and (state.committed is None or offset >= state.committed):
                 state.committed = offset
                 state.dirty = False
+                while state.uncommitted and state.uncommitted[0][0] < offset:
+                    state.uncommitted.popleft()
 
     def mark_dirty(self, keys: Iterable[TopicPartitionKey]) -> None:
         for key in keys:
@@ -118,5 +141,5 @@ class OffsetTracker:
             # Never committed: start over from the beginning, as `auto.offset.reset=earliest` did.
             positions[key] = state.committed if state.committed is not None else OFFSET_BEGINNING
             fresh = self.assign(key)
-            fresh.committed = state.committed
+            fresh.committed = fresh.expected = state.committed
         return positions

@@ -37,21 +37,9 @@ def read_topic(
     Tansu 0.6.0 answers ListOffsets LATEST with the base offset of the partition's last batch + 1, so a batch of
     five records at the end would read as four short. On Kafka and noida-db the two agree.
     """
-    consumer = Consumer(
-        {
-            **client_config,
-            "group.id": f"mmsent-reader-{time.monotonic_ns()}",  # required by librdkafka; never committed
-            "enable.auto.commit": False,
-            "isolation.level": isolation_level,
-            "auto.offset.reset": "earliest",
-        }
-    )
+    consumer = _reader(client_config, isolation_level)
     try:
-        metadata = consumer.list_topics(topic, timeout=10)
-        if topic not in metadata.topics or metadata.topics[topic].error is not None:
-            raise LookupError(f"topic {topic!r} does not exist")
-        partitions = sorted(metadata.topics[topic].partitions)
-        bounds = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions}
+        bounds = _bounds(consumer, topic)
         consumer.assign([TopicPartition(topic, p, low) for p, (low, _high) in bounds.items()])
         # read_committed ends at the last stable offset, which a fetch's high watermark may pass: keep ListOffsets'
         confirm_ends = isolation_level == "read_uncommitted"
@@ -80,6 +68,35 @@ def read_topic(
         return records
     finally:
         consumer.close()
+
+
+def watermarks(client_config: dict[str, Any], topic: str) -> dict[int, tuple[int, int]]:
+    """Per partition of `topic`: (log start offset, end offset). Below the start the log has deleted the records."""
+    consumer = _reader(client_config, "read_uncommitted")
+    try:
+        return _bounds(consumer, topic)
+    finally:
+        consumer.close()
+
+
+def _reader(client_config: dict[str, Any], isolation_level: str) -> Consumer:
+    return Consumer(
+        {
+            **client_config,
+            "group.id": f"mmsent-reader-{time.monotonic_ns()}",  # required by librdkafka; never committed
+            "enable.auto.commit": False,
+            "isolation.level": isolation_level,
+            "auto.offset.reset": "earliest",
+        }
+    )
+
+
+def _bounds(consumer: Consumer, topic: str) -> dict[int, tuple[int, int]]:
+    metadata = consumer.list_topics(topic, timeout=10)
+    if topic not in metadata.topics or metadata.topics[topic].error is not None:
+        raise LookupError(f"topic {topic!r} does not exist")
+    partitions = sorted(metadata.topics[topic].partitions)
+    return {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10) for p in partitions}
 
 
 def _reached_end(consumer: Consumer, topic: str, bounds: dict[int, tuple[int, int]]) -> bool:
