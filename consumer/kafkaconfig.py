@@ -2,6 +2,7 @@
 settings (librdkafka's names), this member's identity, and librdkafka's own log lines as structlog lines.
 
     Settings ──▶ client_config() ──┬──▶ consumer_config()  (group, static membership, manual commits)
+                                   ├──▶ feedback_consumer_config()  (the verdicts' own group, stored offsets)
                                    └──▶ producer_config()  (idempotent, acks=all; transactional in exactly-once)
 """
 
@@ -93,6 +94,22 @@ def consumer_config(settings: Settings, **callbacks: Any) -> dict[str, Any]:
     }
     if settings.group_instance_id:
         config["group.instance.id"] = settings.group_instance_id
+    return config
+
+
+def feedback_consumer_config(settings: Settings, **callbacks: Any) -> dict[str, Any]:
+    """The feedback joiner's consumer (consumer/feedback.py): a group of its own, `<group>.feedback`, whose
+    offsets are stored once a verdict is counted and committed in the background (at least once); a new group
+    starts at the topic's end."""
+    config = {
+        **consumer_config(settings, **callbacks),
+        "group.id": f"{settings.group_id}.feedback",
+        "client.id": f"mmsent-feedback-{member_identity(settings)}-{os.getpid()}",
+        "enable.auto.commit": True,
+        "auto.offset.reset": "latest",
+        "statistics.interval.ms": 0,
+    }
+    config.pop("group.instance.id", None)  # static membership is the scoring group's
     return config
 
 

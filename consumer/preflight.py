@@ -2,8 +2,9 @@
 
     Settings ──▶ AdminClient.list_topics() ──┬─ credentials refused (SASL) ─────────────▶ ConfigurationError (exit 2)
                  (again every few seconds     ├─ an output topic missing ───────────────▶ ConfigurationError (exit 2)
-                  while no broker answers,    └─ describe_configs(max.message.bytes) ───▶ SizeLimits
-                  until stop)                    (a broker that will not say: the producer's limit alone)
+                  while no broker answers,    ├─ the feedback topic (when set) missing ─▶ ConfigurationError (exit 2)
+                  until stop)                 └─ describe_configs(max.message.bytes) ───▶ SizeLimits
+                                                 (a broker that will not say: the producer's limit alone)
 
 The output topics are the event, dead-letter, alert and shadow topics (the last two when set). A broker that does not
 answer (down, or a TLS handshake that fails) is waited for, not refused: it may come back, and the consumer is simply
@@ -62,6 +63,10 @@ def preflight(settings: Settings, stop: threading.Event) -> SizeLimits | None:
         if missing:
             raise ConfigurationError(f"output topic(s) {', '.join(missing)} do not exist on "
                                      f"{settings.kafka_bootstrap_servers}: create them (mmsent never does)")
+        feedback = settings.feedback_topic
+        if feedback and (feedback not in metadata.topics or metadata.topics[feedback].error is not None):
+            raise ConfigurationError(f"the feedback topic {feedback} (MMSENT_FEEDBACK_TOPIC) does not exist on "
+                                     f"{settings.kafka_bootstrap_servers}: create it, or unset MMSENT_FEEDBACK_TOPIC")
         return SizeLimits(PRODUCER_MESSAGE_MAX_BYTES, _max_message_bytes(admin, topics))
     return None
 
