@@ -77,6 +77,36 @@ def replay(
 
 
 @app.command()
+def inspect(
+    host: Annotated[str | None, typer.Option(help="the address to bind (default: MMSENT_INSPECT_HOST, 127.0.0.1)")]
+    = None,
+    port: Annotated[int | None, typer.Option(help="the port (default: MMSENT_INSPECT_PORT, 8765; 0: a free one)")]
+    = None,
+) -> None:
+    """The live console: a web page of the scored stream (each event with its post's caption and thumbnail, alerts
+    and their reasons, dead letters, charts), with the consumer's MMSENT_* settings; it never writes to a topic.
+    Binding anything but loopback needs MMSENT_INSPECT_TOKEN."""
+    import signal
+
+    from consumer.inspect import Inspector, UnsafeBind
+    from consumer.logging import configure_logging
+    from consumer.settings import Settings
+
+    settings = Settings()
+    configure_logging(settings.log_level, json_logs=settings.log_json)
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # before any thread starts: they inherit the mask
+    try:
+        inspector = Inspector(settings, host=host, port=port)
+    except UnsafeBind as exc:
+        typer.echo(f"inspect: {exc}", err=True)
+        raise typer.Exit(2) from None
+    with inspector:
+        typer.echo(f"mmsent inspect: {inspector.url}", err=True)
+        signal.sigwait(stop_signals)  # the console runs on its own threads until then
+
+
+@app.command()
 def schema(
     write: Annotated[
         Path | None, typer.Option(help="Write one <name>.json per message into this directory instead of printing.")
