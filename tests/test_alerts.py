@@ -1,5 +1,7 @@
-"""Calibrated alerting through the consumer, on a real broker: `MMSENT_ALERT_MIN_PRECISION` takes the threshold the
-model directory's calibration gives for that precision, and a model without one is refused.
+"""Alerting through the consumer, on a real broker: `MMSENT_ALERT_MIN_PRECISION` takes the threshold the model
+directory's calibration gives for that precision, and a model without one is refused; every alert record says why
+(its `alert` object: the rule, the label, the probability, the threshold, the target precision, the calibration's
+weights digest), and the output topic's copy carries none.
 
 The model is `tiny-random` (random weights: its labels mean nothing) with a calibration written by the test, so that
 the threshold, and so which events alert, is known."""
@@ -11,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from mmsent.calibrate import Calibration, Threshold
+from consumer.metrics import Metrics
+from mmsent.calibrate import Calibration, Threshold, weights_sha256
 from tests.consumerutil import (
     Topics,
     all_committed,
@@ -34,7 +37,7 @@ def _tiny_model(directory: Path, positive_threshold: float | None) -> Path:
     if positive_threshold is not None:
         labels = ("negative", "neutral", "positive")
         thresholds = {"positive": (Threshold(0.7, None), Threshold(0.8, positive_threshold, 0.8, 0.5, 10))}
-        Calibration(1.0, labels, thresholds).save(directory)
+        Calibration(1.0, labels, thresholds, weights_sha256(directory / "model.safetensors")).save(directory)
     return model
 
 
@@ -54,8 +57,39 @@ def test_calibrated_thresholds_decide_what_reaches_the_alert_topic(
     assert app.rc == 0  # type: ignore[attr-defined]
     events = [json.loads(r.value) for r in read_all(kafka_bootstrap, topics.sentiment)]
     expected = sorted(e["post_id"] for e in events if e["label"] == "positive" and e["scores"]["positive"] >= 0.36)
-    alerts = sorted(json.loads(r.value)["post_id"] for r in read_all(kafka_bootstrap, topics.alerts))
+    records = [json.loads(r.value) for r in read_all(kafka_bootstrap, topics.alerts)]
+    alerts = sorted(record["post_id"] for record in records)
     assert alerts == expected and 0 < len(alerts) < len(events), "the calibrated threshold (not 0.99) decides"
+    digest = weights_sha256(model / "model.safetensors")
+    for record in records:
+        assert record["alert"] == {"rule": "min_precision", "label": "positive",
+                                   "probability": record["scores"]["positive"], "threshold": 0.36,
+                                   "min_precision": 0.75, "calibration": digest}, record
+    assert not any("alert" in event for event in events), "the output topic's events are not alerts"
+
+
+def test_alert_records_name_the_operators_threshold(kafka_bootstrap: str, unique_name: str) -> None:
+    topics = Topics.named(unique_name)
+    create_topics(kafka_bootstrap, {topics.posts: 1, topics.sentiment: 1, topics.dlq: 1, topics.alerts: 1})
+    produce(kafka_bootstrap, topics.posts, synthetic_posts(80, lambda i: None))
+    counted = Metrics.get().alerts
+    before = counted._value.get()
+    env = settings_env(kafka_bootstrap, topics, None, alert_topic=topics.alerts, alert_label="positive",
+                       alert_min_probability=0.36)  # tiny-random, no calibration
+    with app_in_thread(make_settings(env)) as app:
+        assert wait_until(lambda: all_committed(kafka_bootstrap, topics), timeout=60)
+    assert app.rc == 0  # type: ignore[attr-defined]
+    events = {e["post_id"]: e for e in (json.loads(r.value) for r in read_all(kafka_bootstrap, topics.sentiment))}
+    records = [json.loads(r.value) for r in read_all(kafka_bootstrap, topics.alerts)]
+    expected = {p for p, e in events.items() if e["label"] == "positive" and e["scores"]["positive"] >= 0.36}
+    assert {record["post_id"] for record in records} == expected and 0 < len(expected) < len(events)
+    for record in records:
+        assert record["alert"] == {"rule": "min_probability", "label": "positive",
+                                   "probability": record["scores"]["positive"], "threshold": 0.36,
+                                   "min_precision": None, "calibration": None}, record
+        assert {k: v for k, v in record.items() if k not in ("alert", "scored_at")} == {
+            k: v for k, v in events[record["post_id"]].items() if k != "scored_at"}, "else a copy of the event"
+    assert counted._value.get() - before == len(records), "decided once: the metric counts what was routed"
 
 
 @pytest.mark.parametrize("positive_threshold", [None, 0.5])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -139,11 +141,82 @@ def test_scores_must_sum_to_one() -> None:
         )
 
 
-def test_schema_command_prints_all_three(capsys: pytest.CaptureFixture[str]) -> None:
+def test_schema_command_prints_every_message(capsys: pytest.CaptureFixture[str]) -> None:
     from typer.testing import CliRunner
 
     from consumer.cli import app
 
     result = CliRunner().invoke(app, ["schema"])
     assert result.exit_code == 0, result.output
-    assert set(json.loads(result.output)) == {"post", "sentiment_event", "dead_letter"}
+    assert set(json.loads(result.output)) == {"post", "sentiment_event", "dead_letter", "feedback"}
+
+
+CONTRACT = Path(__file__).resolve().parents[2] / "shared" / "CONTRACT.md"
+
+
+def _contract() -> str:
+    if not CONTRACT.is_file():
+        pytest.skip(f"{CONTRACT} is not beside the checkout")
+    return CONTRACT.read_text()
+
+
+def test_every_field_the_contract_names_for_an_event_and_its_alert_is_in_the_schema() -> None:
+    text = _contract()
+    table = text.split("### Output: a sentiment event", 1)[1].split("###", 1)[0]
+    fields = re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE)
+    alert = re.search(r"also carries `alert`: `\{(.*?)\}`", text, flags=re.DOTALL)
+    assert alert is not None, "the contract's alert object is not where this test looks"
+    alert_fields = re.findall(r'"(\w+)":', alert.group(1))
+    assert {"modalities_agree", "language", "language_supported"} <= set(fields)
+    assert alert_fields == ["rule", "label", "probability", "threshold", "min_precision", "calibration"]
+    schema = json_schemas()["sentiment_event"]
+    assert set(fields) | {"alert"} <= set(schema["properties"]), set(fields) - set(schema["properties"])
+    assert set(alert_fields) == set(schema["$defs"]["Alert"]["properties"])
+    assert set(alert_fields) == set(schema["$defs"]["Alert"]["required"])  # nullable, never left out
+
+
+def _event(**fields: Any) -> SentimentEvent:
+    return SentimentEvent.model_validate({
+        "post_id": "p-1", "label": "negative", "scores": {"negative": 0.8, "neutral": 0.1, "positive": 0.1},
+        "image_status": "ok", "model": {"name": "m", "version": "1"},
+        "source": {"topic": "posts", "partition": 0, "offset": 3}, "scored_at": datetime.now(UTC), **fields,
+    })
+
+
+def test_an_alert_record_and_the_new_fields_validate_and_their_nulls_are_written() -> None:
+    schema = json_schemas()["sentiment_event"]
+    alert = {"rule": "min_precision", "label": "negative", "probability": 0.8, "threshold": 0.69,
+             "min_precision": 0.8, "calibration": "a4e9" * 16}
+    written = json.loads(_event(modalities_agree=False, language="es", language_supported=False,
+                                alert=alert).to_json_bytes())
+    jsonschema.Draft202012Validator(schema).validate(written)
+    assert written["alert"] == alert and written["language"] == "es" and written["modalities_agree"] is False
+    plain = json.loads(_event().to_json_bytes())
+    jsonschema.Draft202012Validator(schema).validate(plain)
+    assert "alert" not in plain and plain["scores_by_modality"] == {}
+    assert plain["modalities_agree"] is None and plain["language"] is None and plain["language_supported"] is True
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"language": "eng"}, {"language": "EN"}, {"modalities_agree": "yes"},
+     {"alert": {"rule": "whim", "label": "negative", "probability": 0.8, "threshold": 0.5, "min_precision": None,
+                "calibration": None}},
+     {"alert": {"rule": "min_probability", "label": "negative", "probability": 0.8, "threshold": 0.5}}],
+    ids=["three-letters", "upper-case", "agree-string", "unknown-rule", "alert-nulls-left-out"],
+)
+def test_new_fields_refuse_what_the_contract_does_not_allow(fields: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        _event(**fields)
+    event = json.loads(_event().to_json_bytes()) | fields
+    assert list(jsonschema.Draft202012Validator(json_schemas()["sentiment_event"]).iter_errors(event))
+
+
+def test_an_event_written_before_the_new_fields_still_reads() -> None:
+    old = {"schema_version": 1, "post_id": "p", "label": "neutral",
+           "scores": {"negative": 0.2, "neutral": 0.6, "positive": 0.2}, "image_status": "none",
+           "model": {"name": "m", "version": "1"}, "source": {"topic": "posts", "partition": 0, "offset": 0},
+           "scored_at": "2026-12-01T00:00:00Z", "scores_by_modality": {}}
+    jsonschema.Draft202012Validator(json_schemas()["sentiment_event"]).validate(old)
+    event = SentimentEvent.model_validate_json(json.dumps(old))
+    assert (event.modalities_agree, event.language, event.language_supported, event.alert) == (None, None, True, None)
