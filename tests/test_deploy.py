@@ -41,7 +41,7 @@ CRD_SCHEMAS = {
 # The metrics the consumer exposes (agreed names; the dashboard and the alerts may use only these).
 METRICS: dict[str, set[str]] = {
     "mmsent_records_consumed_total": set(),
-    "mmsent_events_produced_total": {"label"},
+    "mmsent_events_produced_total": {"label", "model"},
     "mmsent_dead_letters_total": {"code"},
     "mmsent_alerts_total": set(),
     "mmsent_image_fetch_total": {"status", "reason"},
