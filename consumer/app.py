@@ -173,7 +173,7 @@ class Application:
         if limits is None:
             return False
         self.fitter.limits = limits
-        primary = self._scorer or _load_scorer(s, s.model)
+        primary = self._scorer or _first_model(s)
         self.batcher.max_size, self.max_in_flight = s.batch_limits(
             getattr(primary, "serving_batch_size", DEVICELESS_BATCH_SIZE))
         # A scorer that decodes on its device (CUDA) gets the bytes, their header checked; others decoded images.
@@ -191,7 +191,7 @@ class Application:
             self.pipeline.on_model_threads(partial(_warm_up, self._shadow.scorer, strict=False))
         self._model = self._serving(primary, strict=False)  # /readyz: not before this (and partitions)
         self._reloader = ModelReloader(self._reloaded_model, self._reload_refused, watched=_model_dir(s),
-                                       interval_s=s.model_watch_s).start()
+                                       interval_s=s.model_watch_s, on_failed=self._watch_failed).start()
 
         self.sink = self._new_sink()
         if self.eos:
@@ -738,9 +738,14 @@ class Application:
         return self._serving(_load_scorer(self.settings, self.settings.model), strict=True)
 
     def _reload_refused(self, exc: BaseException) -> None:
-        log.error("model_reload_refused", error=repr(exc)[:500],
+        from consumer.rollout import refusal_reason  # imports mmsent (torch): not at import time
+
+        log.error("model_reload_refused", reason=refusal_reason(exc), error=repr(exc)[:500],
                   serving=None if self._model is None else self._model.label)
         self.metrics.model_reloads.labels("refused").inc()
+
+    def _watch_failed(self, _exc: BaseException) -> None:
+        self.metrics.model_reloads.labels("watch_failed").inc()  # logged by the reloader, which goes on watching
 
     def _swap_reloaded_model(self) -> None:
         """Between batches: new batches go to the new model; batches already submitted keep theirs."""
@@ -910,14 +915,23 @@ def _default_cache(settings: Settings) -> CacheLike | None:
     return ImageCache.from_settings(settings)
 
 
+def _first_model(settings: Settings) -> ScorerLike:
+    """The model to start with. One that fails its checks (consumer/rollout.py) is refused as a missing topic is:
+    it would fail every record."""
+    from mmsent import ModelRefused
+
+    try:
+        return _load_scorer(settings, settings.model)
+    except ModelRefused as exc:
+        raise ConfigurationError(str(exc)) from exc
+
+
 def _load_scorer(settings: Settings, model: str | None) -> ScorerLike:
-    from mmsent import Scorer
+    """The model, refused (`mmsent.ModelRefused`) before it can serve when a check fails (consumer/rollout.py)."""
+    from consumer.rollout import load_vetted  # imports mmsent (torch): not at import time
 
     started = time.monotonic()
-    device = None if settings.device == "auto" else settings.device  # None: the Scorer takes a GPU when there is one
-    scorer = Scorer.load(model, device=device, cpu_runtime=settings.cpu_runtime, compile=settings.compile)
-    # the limits it checks the image bytes it decodes itself with (on a GPU), as the fetcher's
-    scorer.max_pixels, scorer.max_side = settings.fetch_max_pixels, settings.fetch_max_side
+    scorer = load_vetted(settings, model)
     log.info("model_loaded", model=dict(scorer.info), device=str(scorer.device), cpu_runtime=scorer.cpu_runtime,
              compile=scorer.compile, seconds=round(time.monotonic() - started, 2))
     return scorer

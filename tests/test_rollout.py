@@ -27,6 +27,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from consumer.errors import EXIT_CONFIGURATION
 from consumer.metrics import Metrics
 from consumer.reload import UNREADABLE, ModelReloader, fingerprint
 from consumer.rollout import load_vetted, probe_problem, refusal_reason
@@ -357,8 +358,8 @@ def candidates(good_model: Path, tmp_path: Path) -> Iterator[list[Path]]:
 def test_a_running_consumer_refuses_every_poisoned_candidate_and_takes_the_good_one_last(
     kafka_bootstrap: str, unique_name: str, tmp_path: Path, good_model: Path, candidates: list[Path]
 ) -> None:
-    """NEEDS the consumer/app.py wiring (`_load_scorer` through `consumer.rollout.load_vetted`): without it the
-    overflowing model is taken (its probe scores are never looked at) and the huge config is not counted first."""
+    """Each candidate goes through `consumer.rollout.load_vetted`: the huge config is counted before it is built, the
+    overflowing model's probe scores are looked at, and the serving model goes on meanwhile."""
     topics = Topics.named(unique_name)
     create_topics(kafka_bootstrap, {topics.posts: 2, topics.sentiment: 2, topics.dlq: 1})
     v1, v2 = tmp_path / "v1", save_tiny_model(tmp_path / "v2", "2")
@@ -404,8 +405,8 @@ def test_a_poisoned_first_model_stops_the_consumer_at_start_up_with_the_reason(
     kafka_bootstrap: str, unique_name: str, good_model: Path, tmp_path: Path, name: str,
     capfd: pytest.CaptureFixture[str]
 ) -> None:
-    """Fatal for every record, so fatal at start-up: exit code 1 before the consumer joins its group, and the log
-    says why. `overflowing_weights` NEEDS the consumer/app.py wiring (the probe posts run in `load_vetted`)."""
+    """Fatal for every record, so fatal at start-up: exit code 2 (refused, fix the settings) before the consumer
+    joins its group, and the log says why (the probe posts run in `load_vetted`)."""
     from consumer.app import Application
 
     topics = Topics.named(unique_name)
@@ -419,7 +420,7 @@ def test_a_poisoned_first_model_stops_the_consumer_at_start_up_with_the_reason(
     started = thread.is_alive()  # a model that was taken: the consumer serves until stopped
     app.stop()
     thread.join(60)
-    assert not started and exit_code == [1], "the poisoned model was taken and served"
+    assert not started and exit_code == [EXIT_CONFIGURATION], "the poisoned model was taken and served"
     assert app.consumer is None and app.model_info is None
     logged = capfd.readouterr()
     assert "consumer_start_failed" in logged.out + logged.err
