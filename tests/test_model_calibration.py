@@ -219,6 +219,9 @@ def test_calibrate_command_writes_calibration_and_diagrams(labelled: tuple[Path,
     for name in (stored["reliability_before"], stored["reliability_after"]):
         assert (model_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Scorer.load(model_dir).temperature == stored["temperature"]
+    # a model without a drift reference gets one: its calibrated predictions on the calibration data
+    reference = Scorer.load(model_dir).reference
+    assert reference is not None and reference.n == stored["n"] and "mmsent calibrate" in reference.source
 
     res = CliRunner().invoke(app, ["calibrate", str(labelled[1]), "--model", "tiny-random"])
     assert res.exit_code == 2 and "not a model directory" in res.output

@@ -15,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from mmsent import Reference
 from mmsent.cli import app
 from mmsent.data import Example, collate, load_examples
 from mmsent.encoders import ImageEncoder, ImageSpec, RandomWeightsWarning
@@ -171,6 +172,8 @@ def test_train_with_folds_tunes_from_activations_and_calibrates_out_of_fold(tmp_
     with np.load(out / "oof.npz") as oof:  # kept apart: every post's out-of-fold probabilities, per modality
         assert set(oof.files) == {"both", "text", "image"}
         assert all(oof[m].shape == (60, 3) and np.allclose(oof[m].sum(1), 1, atol=1e-5) for m in oof.files)
+    reference = Reference.load(out)  # the drift reference, from the same out-of-fold predictions
+    assert reference is not None and reference.n == 60 and "out-of-fold" in reference.source
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["extra"]["cv"]["folds"] == 2 and "oof" not in cfg["extra"]["cv"]
     assert cfg["extra"]["train_config"]["soup"] == 2
