@@ -17,8 +17,15 @@ from prometheus_client import REGISTRY
 from typer.testing import CliRunner
 
 from consumer.cli import app as cli
-from tests.consumerutil import Topics, all_committed, app_in_thread, make_settings, settings_env, synthetic_posts, \
-    wait_until
+from tests.consumerutil import (
+    Topics,
+    all_committed,
+    app_in_thread,
+    make_settings,
+    settings_env,
+    synthetic_posts,
+    wait_until,
+)
 from tests.kafkautil import create_topics, produce
 from tooling.reconcile import EXIT_LOST_TO_RETENTION, reconcile
 
