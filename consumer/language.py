@@ -8,22 +8,25 @@
                                                               └── otherwise ─────────────────────▶ "en", "es", ...
 
 Why py3langid (langid.py's model, 142 languages, offline, numpy only): on short captions it is as accurate as
-lingua's high-accuracy mode and 34 times as fast, with a tenth of its memory, and more accurate than lingua's
-low-accuracy mode at 6 times its speed (`scripts/language_bench.py`, BENCHMARKS.md; one core of the 2-core VM):
+lingua's high-accuracy mode at 47 times its speed and a tenth of its memory, and more accurate than lingua's
+low-accuracy mode at 7 times its speed (`python -m scripts.language_bench`, BENCHMARKS.md; one core of the
+loaded 2-core VM, 2026-12-06):
 
-    detector             TweetEval (en)   7 languages, short   MVSA captions/s   memory
-    py3langid            99.2%            99.1%                20,653            121 MB (numpy included)
-    lingua, low acc.     97.2%            90.2%                 3,194             73 MB
-    lingua, high acc.    99.3%            98.2%                   600          1,237 MB
+    detector             TweetEval, 1,000 (en)   112 short captions, 7 languages   MVSA captions/s   memory
+    py3langid            99.2%                   99.1%                             21,105            121 MB
+    lingua, low acc.     97.2%                   90.2%                              2,775             73 MB
+    lingua, high acc.    99.3%                   98.2%                                452          1,237 MB
 
-(accuracy at no confidence threshold, nothing null but what MIN_LETTERS makes null.) MIN_CONFIDENCE = 0.5 trades
-2% of English tweets to null for no wrong answer on the short multilingual set.
+(right answers at no confidence threshold; memory: resident growth on loading, numpy included for py3langid.)
+MIN_CONFIDENCE = 0.3 leaves 0.5% of the English tweets null and 2.7% of the short captions, with no wrong answer
+left on the short set (without it: 0.9% wrong). The short set is small and written for this: a guide, not a proof.
 
-Where: on the poll thread, when a batch is cut (`Application._submit`), once per batch. It costs about 2 ms for 32
-captions, well under 1% of the 32-post batch on the CPU model; on the model thread it would add to the one serial
-stage whose time sets the throughput (on a GPU a 256-post batch is tens of milliseconds, to which 256 detections
-would add several), while on the poll thread it overlaps the batch before it on the model. And the language is known
-before the post is scored: the ground a multilingual model (or a router between models) will stand on.
+Where: on the poll thread, when a batch is cut (`Application._submit`), once per batch. 32 MVSA captions take
+2.6 ms against 996 ms for the default model to score the 32 posts with their images on the CPU (0.26%); on the
+model thread it would add to the one serial stage whose time sets the throughput (on a GPU a 256-post batch takes
+tens of milliseconds, to which 256 detections would add about 20), while on the poll thread it overlaps the batch
+before it on the model. And the language is known before the post is scored: the ground a multilingual model (or a
+router between models) will stand on.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ __all__ = ["MIN_CONFIDENCE", "MIN_LETTERS", "LanguageDetector", "detection_text"
 
 log = structlog.get_logger(__name__)
 
-MIN_CONFIDENCE = 0.5  # py3langid's normalised probability below which the language is not told
+MIN_CONFIDENCE = 0.3  # py3langid's normalised probability below which the language is not told
 MIN_LETTERS = 4  # fewer letters than this (after detection_text) tell no language: "ok", "lol", "#tbt"
 MAX_DETECTION_CHARS = 1_000  # a caption's first characters are enough to tell; the cost stays bounded per post
 # What is not the caption's language: links, mentions, retweet marks, hashtag marks and digits
