@@ -52,8 +52,44 @@ METRICS: dict[str, set[str]] = {
     "mmsent_consumer_lag": {"partition"},
     "mmsent_in_flight": set(),
     "mmsent_ready": set(),
+    # the rest of what a running consumer exports, each on the dashboard (tests/test_monitoring.py checks the list
+    # against a live scrape)
+    "mmsent_cache_errors_total": {"op"},
+    "mmsent_cache_skipped_total": {"op"},
+    "mmsent_cache_corrupt_total": {"kind"},
+    "mmsent_cache_bytes_saved_total": set(),
+    "mmsent_cache_cnn_passes_saved_total": set(),
+    "mmsent_cache_available": set(),
+    "mmsent_image_decode_failures_total": {"reason"},
+    "mmsent_image_decode_pixels_in_flight": set(),
+    "mmsent_image_fetch_negative_cache_hits_total": set(),
+    "mmsent_image_fetch_bytes_total": set(),
+    "mmsent_image_fetch_seconds": {"le"},
+    "mmsent_top_probability": {"label", "le", "model"},
+    "mmsent_modality_disagreements_total": {"model"},
+    "mmsent_prediction_drift": {"model"},
+    "mmsent_feedback_total": {"actual", "model", "predicted"},
+    "mmsent_feedback_unmatched_total": {"reason"},
+    "mmsent_records_skipped_total": {"code"},
+    "mmsent_posts_by_language_total": {"language"},
+    "mmsent_shadow_agreement_total": {"agree"},
+    "mmsent_shadow_failures_total": set(),
+    "mmsent_image_status_total": {"status"},
+    "mmsent_image_source_total": {"source"},
+    "mmsent_model_reloads_total": {"outcome"},
+    "mmsent_cnn_images_total": set(),
+    "mmsent_batch_size": {"le"},
+    "mmsent_stage_latency_seconds": {"le", "stage"},
+    "mmsent_lag_seconds": {"kind", "partition"},
+    "mmsent_records_lost_to_retention_total": {"partition"},
+    "mmsent_paused_partitions": set(),
+    "mmsent_commits_total": {"outcome"},
+    "mmsent_rebalances_total": {"kind"},
+    "mmsent_producer_replacements_total": set(),
+    "mmsent_model_batch_splits_total": set(),
 }
-HISTOGRAMS = {"mmsent_batch_latency_seconds", "mmsent_end_to_end_latency_seconds"}
+HISTOGRAMS = {"mmsent_batch_latency_seconds", "mmsent_batch_size", "mmsent_end_to_end_latency_seconds",
+              "mmsent_image_fetch_seconds", "mmsent_stage_latency_seconds", "mmsent_top_probability"}
 # Labels Prometheus attaches to every scraped series.
 TARGET_LABELS = {"namespace", "pod", "job", "instance", "container", "service", "endpoint"}
 PRIVATE_V4 = (
@@ -421,7 +457,8 @@ def test_the_consumer_exposes_the_metrics_the_dashboard_and_alerts_use() -> None
         if found is None:
             missing.append(name)
             continue
-        definition = source[found.end() : found.end() + 400].split("mmsent_", 1)[0]
+        # up to the next definition's name (a help text may mention other metrics)
+        definition = re.split(r"""["']mmsent_""", source[found.end() : found.end() + 400], maxsplit=1)[0]
         wrong_labels += [f"{name}{{{label}}}" for label in labels - {"le"} if f'"{label}"' not in definition]
     assert not missing, f"the dashboard and alerts use metrics the consumer does not define: {missing}"
     assert not wrong_labels, f"labels the consumer's metrics do not have: {wrong_labels}"
