@@ -45,7 +45,8 @@ from consumer.errors import (
 )
 from consumer.feedback import FeedbackJoiner
 from consumer.fitting import OutputFitter, SizeLimits, internal_error, is_refusal
-from consumer.kafkaconfig import consumer_config, producer_config
+from consumer.kafkaconfig import client_config, consumer_config, producer_config
+from consumer.lag import RetentionWatch, TimeLag, UnreadProbe
 from consumer.metrics import HealthServer, Metrics
 from consumer.offsets import OffsetTracker, TopicPartitionKey
 from consumer.language import LanguageDetector
@@ -131,6 +132,8 @@ class Application:
         self._producer_failed: KafkaError | None = None
         self.ready = False
         self.health: HealthServer | None = None
+        self.retention = RetentionWatch(self.metrics)
+        self.time_lag: TimeLag | None = None  # set in _start(), with its probe's consumer
 
         self.tracker = OffsetTracker()
         # its size is the device's default until the model is loaded (_start), unless set
@@ -198,6 +201,7 @@ class Application:
             # Before joining the group: fences a dead predecessor with our transactional id and aborts its
             # open transaction, so the offsets we are about to read are the committed ones.
             self.sink.init_transactions()
+        self.time_lag = TimeLag(self.metrics, UnreadProbe(client_config(s), s.input_topic))
         self.consumer = Consumer(consumer_config(
             s, error_cb=self._on_client_error, stats_cb=self._on_stats, on_commit=self._on_commit))
         self.pausing = PausingManager(self.consumer, self.max_in_flight)
@@ -321,9 +325,11 @@ class Application:
         if self._window is not None and self._window.past_end(partition, offset):
             return  # a replay reads no further than its window
         state = self.tracker.state((topic, partition))
-        self.tracker.register(state, offset)
-        self.metrics.records_consumed.inc()
         ts_type, ts = message.timestamp()
+        skipped_from = self.tracker.register(state, offset, ts if ts_type != 0 and ts > 0 else None)
+        if skipped_from is not None and self.consumer is not None:
+            self.retention.after_gap(self.consumer, state, skipped_from, offset)
+        self.metrics.records_consumed.inc()
         item = WorkItem(
             state=state,
             topic=topic,
@@ -644,9 +650,12 @@ class Application:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """`partitions` are the ones added: all of them under an eager strategy, the moved ones under cooperative."""
+        states = {}
         for tp in partitions:
-            self.tracker.assign((tp.topic, tp.partition))
+            states[(tp.topic, tp.partition)] = self.tracker.assign((tp.topic, tp.partition))
             self._assigned.add((tp.topic, tp.partition))
+        if self._window is None and states:  # a replay starts where its window does, not at the committed offset
+            self.retention.at_assignment(consumer, states)
         if self._window is not None:
             partitions = self._window.start_offsets(partitions)
         # now, not after this callback: the pause state below applies to them
@@ -687,6 +696,8 @@ class Application:
             self._assigned.discard(key)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(str(key[1]))
+            if self.time_lag is not None:
+                self.time_lag.forget(key[1])
         dropped = self.batcher.drop(set(keys))
         if self.pausing is not None:
             self.pausing.forget(partitions)
@@ -778,6 +789,7 @@ class Application:
             partitions = stats.get("topics", {}).get(self.settings.input_topic, {}).get("partitions", {})
         except (ValueError, AttributeError):
             return
+        ends: dict[int, int] = {}
         for name, values in partitions.items():
             partition = int(name)
             if partition < 0 or (self.settings.input_topic, partition) not in self._assigned:
@@ -785,6 +797,11 @@ class Application:
             lag = values.get("consumer_lag", -1)  # end of the partition minus the committed offset
             if lag is not None and lag >= 0:
                 self.metrics.consumer_lag.labels(str(partition)).set(lag)
+            end = values.get("ls_offset", -1)  # the last stable offset: the end a read_committed consumer reads to
+            if isinstance(end, int) and end >= 0:
+                ends[partition] = end
+        if self.time_lag is not None:
+            self.time_lag.update({p: self.tracker.state((t, p)) for t, p in self._assigned}, ends)
 
     # -- shutdown --------------------------------------------------------------------------------------------
 
@@ -855,6 +872,8 @@ class Application:
         if self.health is not None:
             self.health.close()
             self.health = None
+        if self.time_lag is not None:
+            self.time_lag.close()
         self.tracing.close()
 
 

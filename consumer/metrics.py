@@ -111,6 +111,17 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
         )
         self.consumer_lag = Gauge("mmsent_consumer_lag", "Records behind the end of each partition.", ["partition"])
+        self.lag_seconds = Gauge(
+            "mmsent_lag_seconds",
+            "Age of the oldest record per partition: kind uncommitted (read, not yet committed) or unread (the next "
+            "record at the consumer's position; 0 when there is none). consumer/lag.py says how each is measured.",
+            ["partition", "kind"],
+        )
+        self.lost_to_retention = Counter(
+            "mmsent_records_lost_to_retention_total",
+            "Records the log deleted before they were scored (the consumer's offset fell below the log start).",
+            ["partition"],
+        )
         self.in_flight = Gauge("mmsent_in_flight", "Records read and not yet done (output acknowledged).")
         self.paused_partitions = Gauge("mmsent_paused_partitions", "Partitions paused for backpressure.")
         self.ready = Gauge("mmsent_ready", "1 when the model is loaded and partitions are assigned.")
