@@ -94,13 +94,13 @@ def inspect(
 
     settings = Settings()
     configure_logging(settings.log_level, json_logs=settings.log_json)
-    stop_signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # before any thread starts: they inherit the mask
     try:
-        inspector = Inspector(settings, host=host, port=port)
+        inspector = Inspector(settings, host=host, port=port)  # refuses an unsafe bind before any thread starts
     except UnsafeBind as exc:
         typer.echo(f"inspect: {exc}", err=True)
         raise typer.Exit(2) from None
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # before its threads start: they inherit the mask
     with inspector:
         typer.echo(f"mmsent inspect: {inspector.url}", err=True)
         signal.sigwait(stop_signals)  # the console runs on its own threads until then

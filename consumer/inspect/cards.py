@@ -206,6 +206,7 @@ def build_card(record: Record, kind: Kind, post: Post | None) -> dict[str, Any]:
         "image_status": _text(body.get("image_status"), 32),
         "model": _text(model.get("name"), 128),
         "model_version": _text(model.get("version"), 128),
+        "has_language": "language" in body,  # events before the field existed: shown as absent, not as unsure
         "language": _text(body.get("language"), 16),
         "language_supported": body.get("language_supported") if isinstance(body.get("language_supported"),
                                                                           bool) else None,

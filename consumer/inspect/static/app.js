@@ -86,7 +86,7 @@ function render(card) {
   metaRow(meta, "image", card.image_label);
   metaRow(meta, "image_status", card.image_status);
   metaRow(meta, "model", card.model_version ? `${card.model}:${card.model_version}` : null);
-  metaRow(meta, "language", card.language === undefined ? null :
+  metaRow(meta, "language", !card.has_language ? null :
     (card.language ?? "unsure") + (card.language_supported === false ? " (unsupported)" : ""));
   metaRow(meta, "latency", card.latency_ms === null ? null : card.latency_ms + " ms");
   metaRow(meta, "source", card.source ? `${card.source.partition}@${card.source.offset}` : null);
@@ -132,9 +132,8 @@ function show(cards) { // cards: newest first
     const node = render(card);
     node.hidden = !matches(card, f);
     const old = state.cards.get(card.id);
-    if (old) old.node.remove();
+    if (old) old.node.replaceWith(node); else feed.prepend(node); // an alert joins its event's card in place
     state.cards.set(card.id, { card, node });
-    feed.prepend(node);
   }
   while (feed.children.length > MAX_CARDS) {
     const last = feed.lastElementChild;
@@ -149,14 +148,14 @@ function applyFilters() {
   for (const { card, node } of state.cards.values()) node.hidden = !matches(card, f);
 }
 
-function receive(cards) {
+function receive(cards) { // cards: oldest first, as they were written
   if (state.paused) {
     state.buffered.push(...cards);
     $("buffered").hidden = false;
     $("buffered").textContent = `${state.buffered.length} new while paused`;
     return;
   }
-  show(cards);
+  show([...cards].reverse());
 }
 
 function togglePause() {
@@ -167,7 +166,7 @@ function togglePause() {
     const waiting = state.buffered;
     state.buffered = [];
     $("buffered").hidden = true;
-    show(waiting.reverse()); // buffered oldest first; show() takes newest first
+    show(waiting.reverse()); // show() takes newest first
   }
 }
 
@@ -180,7 +179,7 @@ function connect() {
     state.cards.clear();
     show(JSON.parse(e.data));
   });
-  source.addEventListener("cards", (e) => receive(JSON.parse(e.data).reverse()));
+  source.addEventListener("cards", (e) => receive(JSON.parse(e.data)));
 }
 
 async function refreshCharts() {
@@ -203,6 +202,7 @@ async function refreshCharts() {
   draw($("c-lag"), xs, [{ name: "lag", values: data.points.map((p) => p.lag) }]);
   const codes = [...new Set(data.points.flatMap((p) => Object.keys(p.dead_letters)))];
   draw($("c-dead"), xs, codes.map((code) => ({ name: code, values: data.points.map((p) => p.dead_letters[code] || 0) })));
+  $("charts").dataset.events = String(data.totals.events || 0); // what the charts last drew (tests wait on it)
 }
 
 document.addEventListener("DOMContentLoaded", () => {

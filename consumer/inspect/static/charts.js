@@ -50,6 +50,11 @@ function drawLines(canvas, xs, series) {
       drawing = true;
     });
     ctx.stroke();
+    s.values.forEach((v, i) => { // a dot per bucket: a lone bucket is seen too
+      if (v === null || v === undefined) return;
+      ctx.fillStyle = color;
+      ctx.fillRect(px(xs[i]) - 2, py(v) - 2, 4, 4);
+    });
     ctx.fillStyle = color;
     ctx.fillText(s.name, legendX, 11);
     legendX += ctx.measureText(s.name).width + 12;
