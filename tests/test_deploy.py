@@ -866,3 +866,61 @@ def test_the_image_carries_the_service_without_its_tools() -> None:
     tools = {path.name for path in (ROOT / "tooling").glob("*.py")} - {"__init__.py", "cli.py"}
     assert {"demo.py", "bench.py", "embedded.py", "reconcile.py"} <= tools
     assert not tools & {path.name for path in (ROOT / "consumer").glob("*.py")}
+
+
+def test_inspect_component_runs_the_console_beside_the_consumers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """k8s/components/inspect: the same image and settings as the consumers, `mmsent inspect` bound to 0.0.0.0 with
+    its token from a Secret (without which it would refuse to start), reached through its Service, and a network
+    policy of its own with the consumers' egress."""
+    from consumer.inspect.server import UnsafeBind, check_bind
+
+    overlay = tmp_path / "inspect-overlay"
+    overlay.mkdir()
+    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "mmsent",
+        "resources": [os.path.relpath(K8S / "base", overlay)],
+        "components": [os.path.relpath(K8S / "components" / "inspect", overlay)],
+        "images": [{"name": "mmsent", "newName": "registry.example.com/mmsent", "newTag": "0.1.0-cpu"}],
+    }))
+    objects = rendered(overlay)
+    deployment = by_name(objects, "Deployment", "mmsent-inspect")
+    service = by_name(objects, "Service", "mmsent-inspect")
+    policy = by_name(objects, "NetworkPolicy", "mmsent-inspect")
+    for obj in (deployment, service, policy):
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(obj, version, strict=True)
+    assert not [obj for obj in objects if obj["kind"] == "Secret"], "credentials never live in the manifests"
+    assert deployment["spec"]["replicas"] == 1
+    pod = deployment["spec"]["template"]["spec"]
+    (console,) = pod["containers"]
+    assert console["args"] == ["inspect"] and console["image"] == container(objects)["image"]
+    env = {entry["name"]: entry for entry in console["env"]}
+    fields = {f"MMSENT_{name.upper()}" for name in Settings.model_fields}
+    assert {name for name in env if name.startswith("MMSENT_")} <= fields
+    assert env["MMSENT_INSPECT_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "mmsent-inspect", "key": "token"}
+    for name, entry in env.items():  # Kafka and Redis from the consumers' own Secrets
+        if name.startswith(("MMSENT_KAFKA_", "MMSENT_REDIS_")):
+            assert entry["valueFrom"] == {e["name"]: e for e in container(objects)["env"]}[name]["valueFrom"]
+    plain = {name: entry["value"] for name, entry in env.items() if "value" in entry and name.startswith("MMSENT_")}
+    settings = settings_from({**config(objects), **plain, "MMSENT_INSPECT_TOKEN": "x"}, monkeypatch)
+    assert settings.inspect_host == "0.0.0.0"
+    check_bind(settings.inspect_host, "x")
+    with pytest.raises(UnsafeBind):  # the same pod without its Secret's token would not start
+        check_bind(settings.inspect_host, None)
+    port = resolve_port(service["spec"]["ports"][0]["targetPort"], console["ports"])
+    assert port == settings.inspect_port == 8765
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert selects(service["spec"]["selector"], labels)
+    assert selects(policy["spec"]["podSelector"]["matchLabels"], labels)
+    consumer_labels = one(objects, "StatefulSet")["spec"]["template"]["metadata"]["labels"]
+    assert not selects(service["spec"]["selector"], consumer_labels)
+    assert not selects(policy["spec"]["podSelector"]["matchLabels"], consumer_labels)
+    assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == [8765]
+    check_egress(policy["spec"], bootstrap_port(objects))
+    security = console["securityContext"]
+    assert security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
+    assert security["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"]
