@@ -29,3 +29,5 @@ def test_the_demo_accounts_for_every_record_and_prints_a_summary(
     assert sum(figure(f"label {name}") for name in ("negative", "neutral", "positive")) == 60
     assert figure("image blocked") >= 1 and figure("image ok") >= 1
     assert "posts/s" in out and "latency p50 / p95" in out
+    assert re.search(r"^\s+console http://127\.0\.0\.1:\d+/", out, re.MULTILINE), "the console's URL"
+    assert re.search(r"console: events / dead letters seen\s+60 / 5\s*$", out, re.MULTILINE)

@@ -34,9 +34,12 @@ def bench() -> None:
 @app.command()
 def demo(
     posts: Annotated[int, typer.Option(help="How many synthetic posts to stream.")] = 300,
+    linger: Annotated[float, typer.Option(help="Seconds the console (mmsent inspect) stays open after the summary.")]
+    = 0.0,
 ) -> None:
-    """The embedded default: broker, Redis, image server, consumer and model on this machine, then a summary."""
+    """The embedded default: broker, Redis, image server, consumer and model on this machine, the live console
+    beside them (its URL printed), then a summary."""
     require_tools_extra("demo")
     from tooling.demo import run_demo
 
-    raise typer.Exit(run_demo(posts=posts))
+    raise typer.Exit(run_demo(posts=posts, linger_s=linger))

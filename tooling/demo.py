@@ -2,8 +2,10 @@
 
 An embedded broker (and a Redis, unless one answers on localhost), a loopback HTTP server with generated sample
 images, a few hundred synthetic posts (repeated images, a broken image, a missing one, URLs the fetch policy
-refuses, and records that are not posts at all), the consumer with the model, the events as they arrive, then
-a summary: events per label, image status, dead letters, cache, throughput and latency percentiles.
+refuses, and records that are not posts at all), the consumer with the model and, beside it, the live console
+(`mmsent inspect`, its URL printed), the events as they arrive, then a summary: events per label, image status,
+dead letters, cache, throughput and latency percentiles, and what the console saw. `linger_s` keeps the console
+open that long after the summary, to look at it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Any
 from prometheus_client import REGISTRY
 
 from consumer.app import Application
+from consumer.inspect import Inspector
 from consumer.settings import Settings
 from tooling.embedded import EmbeddedServices, create_topics
 from tooling.localimages import LoopbackImageServer
@@ -196,10 +199,8 @@ def _running(app: Application) -> Iterator[threading.Thread]:
         thread.join(60)
 
 
-def run_demo(posts: int = 300, live_rows: int = 40, timeout_s: float = 300.0) -> int:
+def run_demo(posts: int = 300, live_rows: int = 40, timeout_s: float = 300.0, linger_s: float = 0.0) -> int:
     """Run the demo; returns the exit code (0 when every record was accounted for)."""
-    from confluent_kafka import Producer
-
     from consumer.logging import configure_logging
 
     configure_logging(os.environ.get("MMSENT_LOG_LEVEL", "ERROR"), json_logs=False)
@@ -224,51 +225,75 @@ def run_demo(posts: int = 300, live_rows: int = 40, timeout_s: float = 300.0) ->
             alert_label="negative",
             alert_min_probability=float(os.environ.get("MMSENT_ALERT_MIN_PROBABILITY", "0.6")),
             shutdown_grace_s=10,
+            inspect_port=int(os.environ.get("MMSENT_INSPECT_PORT", "0")),  # 0: a free one
         )
-        app = Application(settings)
-        watcher = _Watcher(services.kafka_bootstrap, live_rows)
-        records = synthetic_stream(posts, images)
-        started_loading = time.monotonic()
-        with _running(app) as thread:
-            while not app.ready and thread.is_alive() and time.monotonic() - started_loading < timeout_s:
-                watcher.poll(0.1)
-            if not app.ready:
-                print("the consumer did not start; see the log above", flush=True)
-                return 1
-            print(f"  model {dict(app.model_info or {})} ready in {time.monotonic() - started_loading:.1f}s\n",
-                  flush=True)
-            print(f"  {'post':<14} {'label/code':<14} {'p':>5}  {'part@off':>8}  image / reason", flush=True)
-            producer = Producer({"bootstrap.servers": services.kafka_bootstrap, "enable.idempotence": True,
-                                 "linger.ms": 5})
-            started = time.monotonic()
-            for index, (key, value) in enumerate(records):  # a stream, not a backlog: bursts of 25
-                if value is not None and value.startswith(b'{"post_id": "demo-'):
-                    watcher.produced_at[json.loads(value)["post_id"]] = time.time()
-                producer.produce(INPUT, value=value, key=key)
-                if index % 25 == 24:
-                    producer.flush(10)
-                    watcher.poll(0.02)
-            producer.flush(30)
-            del producer  # gone before the broker stops
-            expected = len(records)
-            deadline = time.monotonic() + timeout_s
-            while len(watcher.events) + len(watcher.dead_letters) < expected and time.monotonic() < deadline:
-                watcher.poll(0.2)
-            elapsed = time.monotonic() - started
-        for _ in range(3):
-            watcher.poll(0.2)  # late alerts
-        watcher.close()
-        gc.collect()
-        rc = app_rc = 0 if not thread.is_alive() else 1
-        _summary(watcher, images, expected, elapsed)
-        if len(watcher.events) + len(watcher.dead_letters) < expected:
-            print(f"\nonly {len(watcher.events) + len(watcher.dead_letters)} of {expected} records accounted for",
-                  flush=True)
-            rc = 1
-        return rc or app_rc
+        with Inspector(settings) as inspector:
+            print(f"  console {inspector.url}   (mmsent inspect: the scored stream, live)", flush=True)
+            rc = _stream(settings, services.kafka_bootstrap, images, posts, live_rows, timeout_s, inspector)
+            if linger_s > 0:
+                print(f"\n  the console stays open at {inspector.url} for {linger_s:.0f} s", flush=True)
+                time.sleep(linger_s)
+        return rc
 
 
-def _summary(watcher: _Watcher, images: LoopbackImageServer, expected: int, elapsed: float) -> None:
+def _stream(settings: Settings, bootstrap: str, images: LoopbackImageServer, posts: int, live_rows: int,
+            timeout_s: float, inspector: Inspector) -> int:
+    """The consumer on the synthetic stream, the events as they come, then the summary; the exit code."""
+    from confluent_kafka import Producer
+
+    app = Application(settings)
+    watcher = _Watcher(bootstrap, live_rows)
+    records = synthetic_stream(posts, images)
+    started_loading = time.monotonic()
+    with _running(app) as thread:
+        while not app.ready and thread.is_alive() and time.monotonic() - started_loading < timeout_s:
+            watcher.poll(0.1)
+        if not app.ready:
+            print("the consumer did not start; see the log above", flush=True)
+            return 1
+        print(f"  model {dict(app.model_info or {})} ready in {time.monotonic() - started_loading:.1f}s\n",
+              flush=True)
+        print(f"  {'post':<14} {'label/code':<14} {'p':>5}  {'part@off':>8}  image / reason", flush=True)
+        producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+        started = time.monotonic()
+        for index, (key, value) in enumerate(records):  # a stream, not a backlog: bursts of 25
+            if value is not None and value.startswith(b'{"post_id": "demo-'):
+                watcher.produced_at[json.loads(value)["post_id"]] = time.time()
+            producer.produce(INPUT, value=value, key=key)
+            if index % 25 == 24:
+                producer.flush(10)
+                watcher.poll(0.02)
+        producer.flush(30)
+        del producer  # gone before the broker stops
+        expected = len(records)
+        deadline = time.monotonic() + timeout_s
+        while len(watcher.events) + len(watcher.dead_letters) < expected and time.monotonic() < deadline:
+            watcher.poll(0.2)
+        elapsed = time.monotonic() - started
+    for _ in range(3):
+        watcher.poll(0.2)  # late alerts
+    watcher.close()
+    gc.collect()
+    rc = app_rc = 0 if not thread.is_alive() else 1
+    _await_console(inspector, len(watcher.events) + len(watcher.dead_letters))
+    _summary(watcher, images, expected, elapsed, inspector)
+    if len(watcher.events) + len(watcher.dead_letters) < expected:
+        print(f"\nonly {len(watcher.events) + len(watcher.dead_letters)} of {expected} records accounted for",
+              flush=True)
+        rc = 1
+    return rc or app_rc
+
+
+def _await_console(inspector: Inspector, outputs: int, timeout_s: float = 10.0) -> None:
+    """Give the console (which tails on its own) a moment to have seen what the watcher saw."""
+    seen = inspector.feed.charts.totals
+    deadline = time.monotonic() + timeout_s
+    while seen["events"] + seen["dead_letters"] < outputs and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _summary(watcher: _Watcher, images: LoopbackImageServer, expected: int, elapsed: float,
+             inspector: Inspector) -> None:
     events, letters = watcher.events, watcher.dead_letters
     labels = Counter(e["label"] for e in events)
     statuses = Counter(e["image_status"] for e in events)
@@ -289,6 +314,8 @@ def _summary(watcher: _Watcher, images: LoopbackImageServer, expected: int, elap
     rows.append(("throughput", f"{len(events) / elapsed:.1f} posts/s" if elapsed > 0 else "-"))
     p50, p95 = (_percentile(watcher.latencies, q) * 1000 for q in (0.5, 0.95))
     rows.append(("latency p50 / p95 (produce to scored)", f"{p50:.0f} / {p95:.0f} ms"))
+    seen = inspector.feed.charts.totals
+    rows.append(("console: events / dead letters seen", f"{seen['events']} / {seen['dead_letters']}"))
     width = max(len(name) for name, _ in rows) + 2
     print("\n  summary\n  " + "-" * (width + 16), flush=True)
     for name, value in rows:
