@@ -655,3 +655,15 @@ def _report(result: dict[str, Any], command: str, write: Path | None, json_out: 
         typer.echo(f"appended to {write}")
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2, default=str))
+
+
+@bench_app.command("inspect")
+def bench_inspect(
+    rate: Annotated[float, typer.Option(help="Events per second produced (each with its post).")] = 500.0,
+    seconds: Annotated[float, typer.Option(help="How long the load lasts.")] = 30.0,
+    bootstrap: Annotated[str | None, typer.Option(help="A broker to use (default: an embedded one).")] = None,
+) -> None:
+    """Does `mmsent inspect` keep up? Its lag behind the topic end under a steady load, and its CPU share."""
+    from tooling.inspectbench import render_inspect_bench, run_inspect_bench
+
+    typer.echo(render_inspect_bench(run_inspect_bench(rate, seconds, bootstrap), "mmsent bench inspect"))
