@@ -30,7 +30,8 @@ from typing import Any
 import structlog
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from consumer.batcher import Batch, MicroBatcher, WorkItem
+from consumer.batcher import Batch, MicroBatcher, ServingModel, WorkItem
+from consumer.cache import ImageCache
 from consumer.drift import PredictionMonitor
 from consumer.errors import (
     EXIT_CONFIGURATION,
@@ -44,31 +45,26 @@ from consumer.errors import (
     is_rebalance_error,
 )
 from consumer.feedback import FeedbackJoiner
+from consumer.fetch import ImageFetcher, image_decoder
 from consumer.fitting import OutputFitter, SizeLimits, internal_error, is_refusal
 from consumer.kafkaconfig import client_config, consumer_config, producer_config
 from consumer.lag import RetentionWatch, TimeLag, UnreadProbe
+from consumer.language import LanguageDetector
 from consumer.metrics import HealthServer, Metrics
 from consumer.offsets import OffsetTracker, TopicPartitionKey
-from consumer.language import LanguageDetector
 from consumer.outputs import Output, OutputBuilder
 from consumer.pausing import PausingManager
 from consumer.preflight import preflight
+from consumer.protocols import CacheLike, FetcherLike, ScorerLike
 from consumer.reload import ModelReloader
 from consumer.replay import ReplayWindow
+from consumer.rollout import load_vetted, refusal_reason
 from consumer.settings import ProcessingGuarantee, Settings
 from consumer.shadow import ShadowStage
 from consumer.sink import Sink
-from consumer.stages import (
-    CacheLike,
-    FetcherLike,
-    ImageStage,
-    LoopThread,
-    ModelStage,
-    Pipeline,
-    ScorerLike,
-    ServingModel,
-)
+from consumer.stages import ImageStage, LoopThread, ModelStage, Pipeline
 from consumer.tracing import Tracing
+from mmsent import ModelRefused
 from schemas.decode import BadRecord, decode_post
 from schemas.models import ModelInfo
 
@@ -180,9 +176,10 @@ class Application:
         self.batcher.max_size, self.max_in_flight = s.batch_limits(
             getattr(primary, "serving_batch_size", DEVICELESS_BATCH_SIZE))
         # A scorer that decodes on its device (CUDA) gets the bytes, their header checked; others decoded images.
-        decoder = self._image_decoder or _default_image_decoder(s, getattr(primary, "wants_image_bytes", False))
+        decoder = self._image_decoder or image_decoder(s, keep_bytes=getattr(primary, "wants_image_bytes", False))
         self._io = LoopThread()
-        fetcher_factory = self._fetcher_factory or partial(_default_fetcher, decode=decoder)
+        # the safe fetcher decodes with the same decoder as the cached bytes
+        fetcher_factory = self._fetcher_factory or partial(ImageFetcher, decode=decoder)
         self._fetcher = self._io.call(_construct(fetcher_factory, s), timeout=30)
         self._cache = self._io.call(_construct(self._cache_factory or _default_cache, s), timeout=30)
         self._shadow = self._shadow_stage(primary, s.shadow_model)
@@ -362,15 +359,14 @@ class Application:
             return internal_error(exc, item, "decoding")
 
     def _submit(self, batch: Batch) -> None:
-        assert self.pipeline is not None
+        assert self.pipeline is not None and self._model is not None
         self.metrics.batch_size.observe(len(batch))
         wait = batch.cut_at - batch.oldest_at
         batch.timings["wait"] = wait
         self.metrics.stage_latency.labels("wait").observe(wait)
-        batch.model = self._model
         self.languages.tag(batch.items)
         batch.trace = self.tracing.start_batch(batch.items)
-        self.pipeline.submit(batch)
+        self.pipeline.submit(batch, self._model)
 
     def _drain_completed(self) -> None:
         assert self.pipeline is not None
@@ -487,6 +483,7 @@ class Application:
             else:
                 m.dead_letters.labels(item.error.code).inc()
             return
+        assert item.result is not None and item.scored_by is not None  # no error: it was scored
         model = item.scored_by.label
         m.events_produced.labels(item.result.label, model).inc()
         self.predictions.observe(model, getattr(item.scored_by.scorer, "reference", None), item.result)
@@ -749,8 +746,6 @@ class Application:
         return self._serving(_load_scorer(self.settings, self.settings.model), strict=True)
 
     def _reload_refused(self, exc: BaseException) -> None:
-        from consumer.rollout import refusal_reason  # imports mmsent (torch): not at import time
-
         log.error("model_reload_refused", reason=refusal_reason(exc), error=repr(exc)[:500],
                   serving=None if self._model is None else self._model.label)
         self.metrics.model_reloads.labels("refused").inc()
@@ -919,26 +914,15 @@ async def _construct(factory: Callable[[Settings], Any], settings: Settings) -> 
     return factory(settings)
 
 
-def _default_fetcher(settings: Settings, decode: Callable[[bytes], Any]) -> FetcherLike:
-    """The safe fetcher, decoding with the same decoder as the cached bytes."""
-    from consumer.fetch import ImageFetcher
-
-    return ImageFetcher(settings, decode=decode)
-
-
 def _default_cache(settings: Settings) -> CacheLike | None:
     if not settings.redis_url:
         return None
-    from consumer.cache import ImageCache
-
     return ImageCache.from_settings(settings)
 
 
 def _first_model(settings: Settings) -> ScorerLike:
     """The model to start with. One that fails its checks (consumer/rollout.py) is refused as a missing topic is:
     it would fail every record."""
-    from mmsent import ModelRefused
-
     try:
         return _load_scorer(settings, settings.model)
     except ModelRefused as exc:
@@ -947,8 +931,6 @@ def _first_model(settings: Settings) -> ScorerLike:
 
 def _load_scorer(settings: Settings, model: str | None) -> ScorerLike:
     """The model, refused (`mmsent.ModelRefused`) before it can serve when a check fails (consumer/rollout.py)."""
-    from consumer.rollout import load_vetted  # imports mmsent (torch): not at import time
-
     started = time.monotonic()
     scorer = load_vetted(settings, model)
     log.info("model_loaded", model=dict(scorer.info), device=str(scorer.device), cpu_runtime=scorer.cpu_runtime,
@@ -997,12 +979,6 @@ def _warm_up(scorer: ScorerLike, *, strict: bool) -> None:
 def _model_dir(settings: Settings) -> Path | None:
     """The directory to watch for a new model: `MMSENT_MODEL` when it names one (not a preset, not the default)."""
     return Path(settings.model) if settings.model and Path(settings.model).is_dir() else None
-
-
-def _default_image_decoder(settings: Settings, keep_bytes: bool) -> Callable[[bytes], Any]:
-    from consumer.fetch import image_decoder
-
-    return image_decoder(settings, keep_bytes=keep_bytes)
 
 
 # -- the process -------------------------------------------------------------------------------------------------

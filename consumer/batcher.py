@@ -2,7 +2,7 @@
 
 A `WorkItem` is one input record on its way through the stages: its coordinates, its partition generation (so
 that work for a revoked partition can be recognised and dropped), the decoded post or the reason it is bad, and
-what the stages found (image, result).
+what the stages found (image, result). A `Batch` keeps the `ServingModel` it was submitted with.
 
 Hand-written on purpose: the batching in stream libraries is per partition or per poll; a model wants one batch
 across partitions, cut by size or by the oldest record's wait.
@@ -14,11 +14,12 @@ import itertools
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from consumer.errors import Decision
 from consumer.offsets import PartitionState, TopicPartitionKey
-from schemas.models import Alert, ImageStatus, PostEvent
+from consumer.protocols import ScoreResultLike, ScorerLike, ScoringModel
+from schemas.models import Alert, ImageStatus, ModelInfo, PostEvent
 
 
 @dataclass(slots=True, eq=False)
@@ -38,11 +39,11 @@ class WorkItem:
     image_status: ImageStatus = ImageStatus.NONE
     image_url_key: str | None = None  # the URL whose embedding this item's image is
     image_bytes: int = 0  # size of the encoded image, when it was had as bytes
-    result: Any = None  # the scorer's ScoreResult
-    scored_by: Any = None  # the stages.ServingModel that scored it (a reload may swap models between batches)
+    result: ScoreResultLike | None = None
+    scored_by: ServingModel | None = None  # the model that scored it (a reload may swap models between batches)
     shadow_image: Any = None  # the decoded image, kept for a shadow model with another image encoder
-    shadow_result: Any = None  # the shadow model's ScoreResult, when one is configured and did not fail
-    shadow_by: Any = None  # the shadow.ShadowStage that scored it (its `info`, its `scorer`)
+    shadow_result: ScoreResultLike | None = None  # the shadow model's, when one is configured and did not fail
+    shadow_by: ScoringModel | None = None  # the shadow.ShadowStage that scored it (its `info`, its `scorer`)
     language: str | None = None  # the caption's, ISO 639-1 (consumer/language.py), None when it cannot be told
     alert: Alert | None = None  # why it alerts, decided once when its batch completes (OutputBuilder.alert)
 
@@ -66,13 +67,36 @@ class Batch:
     oldest_at: float
     cut_at: float
     full: bool = False  # cut at the size limit: there is a backlog
-    model: Any = None  # the stages.ServingModel that scores it, set when it is submitted
+    model: ServingModel | None = None  # the model that scores it, set when it is submitted
     trace: Any = None  # its OpenTelemetry span, when tracing is on (consumer/tracing.py)
     batch_id: int = field(default_factory=lambda: next(_batch_ids))
     timings: dict[str, float] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.items)
+
+
+class BatchStage(Protocol):
+    """What scores a batch: `stages.ModelStage`."""
+
+    def run(self, batch: Batch) -> Batch: ...
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """A loaded model as the pipeline uses it: its scorer, what its events say of it, and its own model stage (and
+    so its own memory of recent embeddings). A batch keeps the one it was submitted with: a model reloaded meanwhile
+    never mixes into it."""
+
+    scorer: ScorerLike
+    info: ModelInfo
+    stage: BatchStage
+    alert_threshold: float  # the alert label's probability at which a post it scores alerts
+
+    @property
+    def label(self) -> str:
+        """`name:version`, as the `mmsent.model` header and the logs say it."""
+        return f"{self.info.name}:{self.info.version}"
 
 
 class MicroBatcher:

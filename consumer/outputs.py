@@ -20,11 +20,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
 
 from consumer.batcher import WorkItem
 from consumer.errors import Action
 from consumer.language import is_supported
+from consumer.protocols import ScoreResultLike, ScoringModel
 from consumer.settings import Settings
 from consumer.tracing import Tracing
 from schemas import headers as wire
@@ -34,6 +34,7 @@ from schemas.models import (
     AlertRule,
     DeadLetter,
     ImageStatus,
+    Label,
     Scores,
     ScoresByModality,
     SentimentEvent,
@@ -89,7 +90,7 @@ class OutputBuilder:
         outputs = [self._output(item, event, s.output_topic)]
         if s.alert_topic and item.alert is not None:
             outputs.append(self._output(item, event.model_copy(update={"alert": item.alert}), s.alert_topic))
-        if s.shadow_topic and item.shadow_result is not None:
+        if s.shadow_topic and item.shadow_result is not None and item.shadow_by is not None:
             shadow = self._event(item, item.shadow_result, item.shadow_by)
             outputs.append(replace(self._output(item, shadow, s.shadow_topic), best_effort=True))
         return outputs
@@ -98,32 +99,31 @@ class OutputBuilder:
         """The alert rule, for a scored item: its label is the alert label, at its model's alert threshold or above
         (MMSENT_ALERT_MIN_PROBABILITY, or the calibrated threshold for MMSENT_ALERT_MIN_PRECISION). None: no alert
         (or no alert topic). Called once per item, when its batch completes; the item keeps the answer."""
-        s, result = self._settings, item.result
-        if not s.alert_topic or result is None or result.label != s.alert_label:
+        s, result, by = self._settings, item.result, item.scored_by
+        if not s.alert_topic or result is None or by is None or result.label != s.alert_label:
             return None
         probability = float(dict(result.scores).get(s.alert_label, 0.0))
-        threshold = float(item.scored_by.alert_threshold)
+        threshold = float(by.alert_threshold)
         if probability < threshold:
             return None
         calibrated = s.alert_min_precision is not None
         return Alert(
             rule=AlertRule.MIN_PRECISION if calibrated else AlertRule.MIN_PROBABILITY,
-            label=result.label,
+            label=Label(result.label),
             probability=probability,
             threshold=threshold,
             min_precision=s.alert_min_precision,
             # the calibration in force: its temperature shaped the probability, and under min_precision it gave
             # the threshold too. Test doubles of a scorer have none.
-            calibration=getattr(item.scored_by.scorer, "calibration_digest", None),
+            calibration=getattr(by.scorer, "calibration_digest", None),
         )
 
-    def _event(self, item: WorkItem, result: Any, by: Any) -> SentimentEvent:
-        """`by`: what scored it (a `stages.ServingModel` or a `shadow.ShadowStage`): its `info` and `scorer`."""
+    def _event(self, item: WorkItem, result: ScoreResultLike, by: ScoringModel) -> SentimentEvent:
         assert item.post is not None
         by_modality = _by_modality(item, result)
         return SentimentEvent(
             post_id=item.post.post_id,
-            label=result.label,
+            label=Label(result.label),
             scores=Scores(**{name: float(p) for name, p in dict(result.scores).items()}),
             image_status=_image_status(item, result),
             scores_by_modality=by_modality,
@@ -168,13 +168,13 @@ class OutputBuilder:
         return self._tracing.continue_post(self._headers.carried(item.headers))
 
 
-def _image_status(item: WorkItem, result: Any) -> ImageStatus:
+def _image_status(item: WorkItem, result: ScoreResultLike) -> ImageStatus:
     """The item's, unless this result could not use the image the item had (a shadow without its pixels)."""
     used = getattr(result, "image_used", True)
     return ImageStatus.UNAVAILABLE if item.image_status is ImageStatus.OK and not used else item.image_status
 
 
-def _by_modality(item: WorkItem, result: Any) -> ScoresByModality:
+def _by_modality(item: WorkItem, result: ScoreResultLike) -> ScoresByModality:
     """The result's per-modality scores, as the contract keeps them: text for a non-empty caption, image when the
     image was used."""
     found = dict(getattr(result, "scores_by_modality", None) or {})

@@ -23,7 +23,6 @@ from typing import Any
 from PIL import Image
 
 from consumer.settings import Settings
-from consumer.stages import ScorerLike
 from mmsent import ModelRefused, RefusalReason, Scorer, ScoreResult
 
 __all__ = ["load_vetted", "probe_posts", "probe_problem", "refusal_reason", "vet"]
@@ -64,7 +63,7 @@ def _distribution_problem(scores: Mapping[str, float]) -> tuple[RefusalReason, s
     return None
 
 
-def vet(scorer: ScorerLike) -> None:
+def vet(scorer: Scorer) -> None:
     """Score the probe posts; raise `ModelRefused` (non_finite_scores, scores_out_of_range) when the scores are not
     probabilities. A model whose weights are finite can still overflow (weights of 1e30 make infinite logits)."""
     problem = probe_problem(scorer.score(probe_posts()))

@@ -24,7 +24,7 @@ import structlog
 
 from consumer.batcher import WorkItem
 from consumer.metrics import Metrics
-from consumer.stages import ScorerLike, is_embedding
+from consumer.protocols import ScorerLike, is_embedding
 from schemas.models import ModelInfo
 
 log = structlog.get_logger("consumer")
@@ -60,7 +60,8 @@ class ShadowStage:
             self.metrics.stage_latency.labels("shadow").observe(time.monotonic() - started)
         for item, result in zip(scored, results, strict=True):
             item.shadow_result, item.shadow_by = result, self
-            self.metrics.shadow_agreement.labels(str(result.label == item.result.label).lower()).inc()
+            agrees = item.result is not None and result.label == item.result.label  # scored: it has a result
+            self.metrics.shadow_agreement.labels(str(agrees).lower()).inc()
 
     def _post(self, item: WorkItem) -> dict[str, object]:
         assert item.post is not None

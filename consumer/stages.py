@@ -20,48 +20,21 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
-from consumer.batcher import Batch, WorkItem
+from consumer.batcher import Batch, ServingModel, WorkItem
 from consumer.errors import Action, ErrorPolicy, FatalError, InvalidScores
 from consumer.liveness import ModelProgress
 from consumer.metrics import Metrics
+from consumer.protocols import CacheLike, FetcherLike, ScoreResultLike, ScorerLike, is_embedding
+from consumer.shadow import ShadowStage
 from consumer.tracing import Tracing
-from schemas.models import ImageStatus, ModelInfo, Scores
-
-if TYPE_CHECKING:
-    from consumer.shadow import ShadowStage  # which imports this module
+from schemas.models import ImageStatus, Scores
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-
-
-class ScorerLike(Protocol):
-    @property
-    def info(self) -> Mapping[str, str]: ...
-    @property
-    def image_encoder_id(self) -> str: ...
-
-    def score(self, posts: Sequence[Mapping[str, Any]]) -> list[Any]: ...
-    def embed_images(self, images: Sequence[Any]) -> list[Any]: ...
-
-
-class FetcherLike(Protocol):
-    def refuses(self, url: str) -> Any | None: ...
-    async def fetch_image(self, url: str) -> tuple[Any, Any]: ...
-    async def aclose(self) -> None: ...
-
-
-class CacheLike(Protocol):
-    async def get_embeddings(self, urls: Sequence[str], encoder_id: str) -> Mapping[str, Any]: ...
-    async def put_embeddings(
-        self, embeddings: Mapping[str, Any], encoder_id: str, image_sizes: Mapping[str, int] | None = None
-    ) -> Any: ...
-    async def get_images(self, urls: Sequence[str]) -> Mapping[str, bytes]: ...
-    async def put_images(self, images: Mapping[str, bytes]) -> Any: ...
 
 
 class LoopThread:
@@ -110,7 +83,8 @@ class ImageStage:
         self._read_embeddings = read_embeddings
         self._tracing = tracing or Tracing()
 
-    async def prepare(self, batch: Batch) -> Batch:
+    async def prepare(self, batch: Batch, encoder_id: str) -> Batch:
+        """The batch's images, as the model with image encoder `encoder_id` takes them."""
         started = time.monotonic()
         by_url: dict[str, list[WorkItem]] = {}
         for item in batch.items:
@@ -118,7 +92,7 @@ class ImageStage:
                 by_url.setdefault(item.post.image_url, []).append(item)
         if by_url:
             with self._tracing.stage(batch.trace, "fetch"):
-                found = await self._resolve(list(by_url), batch.model.scorer.image_encoder_id)
+                found = await self._resolve(list(by_url), encoder_id)
             for url, items in by_url.items():
                 status, image, size = found[url]
                 for item in items:
@@ -264,7 +238,7 @@ class ModelStage:
             return self._embed_many(urls[:middle], images[:middle]) | self._embed_many(urls[middle:], images[middle:])
 
     @staticmethod
-    def _check_scores(result: Any) -> None:
+    def _check_scores(result: ScoreResultLike) -> None:
         """Raise `InvalidScores` unless the result's scores (and each modality's) are probabilities that sum to 1:
         the rule of the event's `Scores`, checked here, where bisection can still find the post."""
         by_modality = dict(getattr(result, "scores_by_modality", None) or {})
@@ -302,32 +276,11 @@ class ModelStage:
                 item.image_status = ImageStatus.UNAVAILABLE
 
 
-def is_embedding(image: Any) -> bool:
-    return hasattr(image, "dtype") and hasattr(image, "shape")
-
-
 async def _quiet(awaitable: Awaitable[Any]) -> None:
     try:
         await awaitable
     except Exception as exc:
         log.warning("cache_store_failed", error=repr(exc))
-
-
-@dataclass(frozen=True)
-class ServingModel:
-    """A loaded model as the pipeline uses it: its scorer, what its events say of it, and its own model stage (and
-    so its own memory of recent embeddings). A batch keeps the one it was submitted with: a model reloaded meanwhile
-    never mixes into it."""
-
-    scorer: ScorerLike
-    info: ModelInfo
-    stage: ModelStage
-    alert_threshold: float  # the alert label's probability at which a post it scores alerts
-
-    @property
-    def label(self) -> str:
-        """`name:version`, as the `mmsent.model` header and the logs say it."""
-        return f"{self.info.name}:{self.info.version}"
 
 
 class RecentEmbeddings:
@@ -399,15 +352,17 @@ class Pipeline:
         on_model = len(self._model_threads) if full else 1
         return on_model + 1 - len(self._pending)
 
-    def submit(self, batch: Batch) -> None:
-        prepared = self._io.submit(self._image_stage.prepare(batch))
+    def submit(self, batch: Batch, model: ServingModel) -> None:
+        """`model` scores the batch, which keeps it (`batch.model`): a model swapped in meanwhile never mixes in."""
+        batch.model = model
+        prepared = self._io.submit(self._image_stage.prepare(batch, model.scorer.image_encoder_id))
         # Each model thread keeps its batches in order. A full batch (there is a backlog) goes to the next thread,
         # to share the model with the batch before it; a smaller one follows the last batch on its thread, so that
         # below capacity a batch waits for no other batch's slices.
         if batch.full:
             self._turn = (self._turn + 1) % len(self._model_threads)
         self.progress.entered()
-        scored = self._model_threads[self._turn].submit(self._model_step, batch.model, prepared)
+        scored = self._model_threads[self._turn].submit(self._model_step, model, prepared)
         scored.add_done_callback(lambda _scored: self.progress.left())
         self._pending.append((batch, scored))
 

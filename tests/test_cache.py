@@ -19,7 +19,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -662,10 +661,9 @@ def _item(offset: int, url: str) -> WorkItem:
 
 
 async def _prepare(stage: ImageStage, urls: list[str]) -> list[WorkItem]:
-    """The image stage on a batch of posts with these URLs; the encoder id is all it asks of the model."""
+    """The image stage on a batch of posts with these URLs, for a model whose image encoder is ENCODER."""
     batch = Batch(items=[_item(k, url) for k, url in enumerate(urls)], oldest_at=0.0, cut_at=0.0)
-    batch.model = SimpleNamespace(scorer=SimpleNamespace(image_encoder_id=ENCODER))
-    return (await stage.prepare(batch)).items
+    return (await stage.prepare(batch, ENCODER)).items
 
 
 def _mgets(client: redis.Redis) -> int:

@@ -9,12 +9,12 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 
-from consumer.batcher import Batch, MicroBatcher, WorkItem
+from consumer.batcher import Batch, MicroBatcher, ServingModel, WorkItem
 from consumer.errors import Action, ErrorPolicy
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
 from consumer.pausing import PausingManager
-from consumer.stages import ImageStage, LoopThread, ModelStage, Pipeline, RecentEmbeddings, ServingModel
+from consumer.stages import ImageStage, LoopThread, ModelStage, Pipeline, RecentEmbeddings
 from schemas.models import ModelInfo, PostEvent
 
 # -- offsets -------------------------------------------------------------------------------------------
@@ -269,7 +269,7 @@ def _two_batches(scorer: GatedScorer, *, full: bool) -> list[tuple[Batch, BaseEx
         assert (pipeline.room(full=True), pipeline.room(full=False)) == (3, 2)  # two on the model or one, + one
         for k, text in enumerate(("first", "second")):
             pipeline.submit(Batch(items=[_item(tracker, 0, 2 * k + j, 0.0, text=text) for j in range(2)],
-                                  oldest_at=0.0, cut_at=0.0, full=full, model=model))
+                                  oldest_at=0.0, cut_at=0.0, full=full), model)
         assert (pipeline.room(full=True), pipeline.room(full=False)) == (1, 0)
         # only a full batch holds the model while the second is scored; below capacity the first times out of its
         # wait and may finish before this thread looks, so the head check would race
@@ -386,12 +386,12 @@ def test_partitions_assigned_after_a_rebalance_get_the_current_pause_state() -> 
 def test_mmsent_device_chooses_where_the_model_runs() -> None:
     import torch
 
-    from consumer.app import _load_scorer
+    from consumer.rollout import load_vetted
     from consumer.settings import Settings
 
     assert [Settings(device=d).device for d in ("auto", "cpu", "cuda", "cuda:1")] == ["auto", "cpu", "cuda", "cuda:1"]
     with pytest.raises(ValueError, match="device"):
         Settings(device="gpu")
-    assert _load_scorer(Settings(device="cpu"), "tiny-random").device.type == "cpu"
-    auto = _load_scorer(Settings(device="auto"), "tiny-random").device.type
+    assert load_vetted(Settings(device="cpu"), "tiny-random").device.type == "cpu"
+    auto = load_vetted(Settings(device="auto"), "tiny-random").device.type
     assert auto == ("cuda" if torch.cuda.is_available() else "cpu")
