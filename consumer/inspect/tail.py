@@ -84,11 +84,17 @@ class Tail:
                 if time.monotonic() - refreshed > REFRESH_S:
                     self._refresh(consumer)
                     refreshed = time.monotonic()
-                self._read(consumer)
-        except Exception:  # never leaves the thread silently: the page shows what it had, the log says why
-            log.exception("inspect_tail_failed")
+                self._step(consumer)
         finally:
             consumer.close()
+
+    def _step(self, consumer: Consumer) -> None:
+        """One batch; a fault is logged and the tail goes on (cards are built never raising: this is a bug's net)."""
+        try:
+            self._read(consumer)
+        except Exception:
+            log.exception("inspect_tail_batch_failed")
+            self._stop.wait(1.0)
 
     def _refresh(self, consumer: Consumer) -> None:
         """Assign the partitions not assigned yet: the input a little before its end, the outputs at their end."""
