@@ -38,7 +38,7 @@ class Inspector:
     `UnsafeBind` before anything starts when it would bind beyond loopback without a token."""
 
     def __init__(self, settings: Settings, *, host: str | None = None, port: int | None = None,
-                 feed: Feed | None = None, **tail_options: Any) -> None:
+                 feed: Feed | None = None) -> None:
         self.settings = settings
         self.host = host or settings.inspect_host
         self.port = settings.inspect_port if port is None else port
@@ -46,7 +46,7 @@ class Inspector:
         check_bind(self.host, self._token)
         self.feed = feed or Feed()
         self._loop = asyncio.new_event_loop()
-        self.tail = Tail(settings, self._hand_over, **tail_options)
+        self.tail = Tail(settings, self._hand_over)
         self._lag = GroupLag(settings, self._lag_over)
         self._thread = threading.Thread(target=self._loop.run_forever, name="mmsent-inspect-http", daemon=True)
         self._runner: web.AppRunner | None = None

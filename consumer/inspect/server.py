@@ -146,8 +146,8 @@ def build_app(feed: Feed, thumbnails: Thumbnails, token: str | None) -> web.Appl
                     await response.write(b": keep-alive\n\n")
                     continue
                 await response.write(_sse("cards", batch))
-        except (ConnectionResetError, asyncio.CancelledError):
-            pass
+        except ConnectionResetError:
+            pass  # the page went away (a disconnect while idle cancels the handler instead)
         finally:
             feed.unsubscribe(queue)
         return response
@@ -157,7 +157,7 @@ def build_app(feed: Feed, thumbnails: Thumbnails, token: str | None) -> web.Appl
             window = min(MAX_WINDOW_S, max(60, int(request.query.get("window", "900"))))
         except ValueError:
             raise web.HTTPBadRequest(text="window: seconds\n") from None
-        body = {**feed.charts.series(window), "sampled_out": feed.sampled_out}
+        body = {**feed.charts.series(window), "sampled_out": feed.sampled_out, "dropped_batches": feed.dropped_batches}
         return web.json_response(body, headers={"Cache-Control": "no-store"})
 
     async def thumb(request: web.Request) -> web.Response:
