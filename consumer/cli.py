@@ -1,21 +1,100 @@
 """The `mmsent` console script: one entry point for the service, the model and the tooling.
 
-The one place that mounts the other packages' commands: the model's (`mmsent.cli`: train, eval) and, where the
-tooling is installed (a checkout; not the container image), `tooling.cli` (demo, bench, reconcile). Heavy imports
-(torch, confluent-kafka) happen inside each command, so `mmsent schema` or `--help` is instant.
+The one place that mounts the other packages' commands: the model's (`mmsent.cli`: train, eval, calibrate) and,
+where the tooling is installed (a checkout; not the container image), `tooling.cli` (demo, bench, reconcile).
+
+    mmsent --help         the service's commands and the mounted ones' summaries (MOUNTED): nothing imported
+    mmsent train ...      MountingGroup.resolve_command ──▶ import mmsent.cli ──▶ its `train` runs
+    mmsent consume        consume() ──▶ import consumer.app (which loads mmsent, so torch) ──▶ run
+
+So `mmsent --help` starts in a fraction of a second (BENCHMARKS.md): torch (seconds, and 1 GiB) loads only for a
+command that needs the model, pydantic-settings and structlog (0.6 s) only for one that reads the settings. That is
+why the commands below import what they run inside their bodies, and why the other packages' commands are mounted
+by name.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import signal
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
+
+if TYPE_CHECKING:
+    # typer vendors click as typer._click and types TyperGroup's methods with its classes: the overrides below must
+    # say the same (`click` installed beside it is another package, whose classes typer does not use)
+    from typer._click import Command, Context
+
+
+@dataclass(frozen=True)
+class Mounted:
+    """A command another package owns: the module whose typer `app` has it, and what `mmsent --help` says of it
+    without importing that module (the first sentence of the command's help: tests/test_cli.py checks they agree,
+    and that every command of those modules is here)."""
+
+    name: str
+    module: str
+    summary: str
+
+
+MOUNTED = {mounted.name: mounted for mounted in (
+    Mounted("train", "mmsent.cli", "Train a model directory on a labelled file."),
+    Mounted("eval", "mmsent.cli", "Evaluate a model on a labelled file: accuracy, macro/weighted F1, per-class P/R/F1, "
+                                  "ECE (and the reliability diagram)."),
+    Mounted("calibrate", "mmsent.cli", "Fit the model's calibration (a temperature on its logits, by NLL) and its "
+                                       "per-label alert thresholds by target precision on a labelled file;"),
+    Mounted("reconcile", "tooling.cli", "Check that every input record ended as an event or a dead letter;"),
+    Mounted("demo", "tooling.cli", "The embedded default: broker, Redis, image server, consumer and model on this "
+                                   "machine, the live console beside them (its URL printed), then a summary."),
+    Mounted("bench", "tooling.cli", "Benchmarks (`mmsent bench all --write BENCHMARKS.md`)."),
+)}
+
+
+def installed(module: str) -> bool:
+    """Whether the module's package is installed (the image has no `tooling`), without importing it."""
+    return importlib.util.find_spec(module.partition(".")[0]) is not None
+
+
+def load_mounted(mounted: Mounted) -> Command:
+    """The real command: its module imported now (a module that is there but fails to import raises)."""
+    command = typer.main.get_command(importlib.import_module(mounted.module).app)
+    return command.commands[mounted.name] if isinstance(command, TyperGroup) else command
+
+
+class MountingGroup(TyperGroup):
+    """Lists the mounted commands by their summaries; imports a command's module only when that command is run (or
+    asked for its own --help)."""
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        mounted = [name for name, m in MOUNTED.items() if name not in self.commands and installed(m.module)]
+        return [*super().list_commands(ctx), *mounted]
+
+    def get_command(self, ctx: Context, cmd_name: str) -> Command | None:
+        command = super().get_command(ctx, cmd_name)
+        mounted = MOUNTED.get(cmd_name)
+        if command is None and mounted is not None and installed(mounted.module):
+            return TyperCommand(cmd_name, help=mounted.summary)  # what a listing shows; never run
+        return command
+
+    def resolve_command(
+        self, ctx: Context, args: list[str]
+    ) -> tuple[str | None, Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        if name in MOUNTED and name not in self.commands:
+            command = load_mounted(MOUNTED[name])
+            self.add_command(command, name)
+        return name, command, rest
+
 
 app = typer.Typer(
     name="mmsent",
+    cls=MountingGroup,
     help="Streaming multimodal sentiment for moderation: Kafka in, sentiment events out.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
@@ -26,7 +105,7 @@ app = typer.Typer(
 @app.command()
 def consume() -> None:
     """Run the consumer with the MMSENT_* settings until SIGTERM/SIGINT, then drain, commit and exit 0."""
-    from consumer.app import run_consumer
+    from consumer.app import run_consumer  # on call, not at import: the module docstring says why
     from consumer.logging import configure_logging
     from consumer.settings import Settings
 
@@ -48,7 +127,7 @@ def replay(
 ) -> None:
     """Re-score the input posts whose record timestamps fall in [--from, --to) into --output-topic, under a consumer
     group of its own, with the MMSENT_* settings otherwise; exit 0 once the window is done. Alerts are off."""
-    from consumer.app import run_consumer
+    from consumer.app import run_consumer  # on call, not at import: the module docstring says why
     from consumer.kafkaconfig import client_config
     from consumer.logging import configure_logging
     from consumer.replay import parse_rfc3339, plan_window
@@ -86,9 +165,7 @@ def inspect(
     """The live console: a web page of the scored stream (each event with its post's caption and thumbnail, alerts
     and their reasons, dead letters, charts), with the consumer's MMSENT_* settings; it never writes to a topic.
     Binding anything but loopback needs MMSENT_INSPECT_TOKEN."""
-    import signal
-
-    from consumer.inspect import Inspector, UnsafeBind
+    from consumer.inspect import Inspector, UnsafeBind  # on call, not at import: the module docstring says why
     from consumer.logging import configure_logging
     from consumer.settings import Settings
 
@@ -113,30 +190,13 @@ def schema(
     ] = None,
 ) -> None:
     """Print the JSON Schemas of the wire messages (post, sentiment_event, dead_letter)."""
-    from schemas.export import json_schemas, write_schemas
+    from schemas.export import json_schemas, write_schemas  # pydantic: on call, as the module docstring says
 
     if write is not None:
         for path in write_schemas(write):
             typer.echo(f"wrote {path}")
         return
     typer.echo(json.dumps(json_schemas(), indent=2, sort_keys=True))
-
-
-def _mount_optional(module_name: str, attribute: str = "app") -> None:
-    """Add the commands of another package's typer app, when that package is installed."""
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is None or not f"{module_name}.".startswith(f"{exc.name}."):
-            raise  # the package is there, but something it imports is not: that is a fault, not an absence
-        return
-    sub_app = getattr(module, attribute)
-    app.registered_commands.extend(sub_app.registered_commands)
-    app.registered_groups.extend(sub_app.registered_groups)
-
-
-for _module in ("mmsent.cli", "tooling.cli"):
-    _mount_optional(_module)
 
 
 def main() -> None:

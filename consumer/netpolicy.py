@@ -55,10 +55,6 @@ class Target:
     port: int
     ip: IPAddress | None
 
-    @property
-    def is_literal(self) -> bool:
-        return self.ip is not None
-
 
 def _nets(*cidrs: str) -> tuple[IPNetwork, ...]:
     return tuple(ipaddress.ip_network(cidr) for cidr in cidrs)

@@ -1,5 +1,7 @@
 """Tracing with OpenTelemetry, the optional `tracing` extra: off unless the standard `OTEL_TRACES_EXPORTER` names
 an exporter (`console`, or `otlp` with opentelemetry-exporter-otlp installed); every call is a no-op when off.
+The extra is not in the service image, so OpenTelemetry is imported inside the calls that run only when tracing is
+on (`_provider` for the SDK, the others once a tracer exists): importing this module never needs it.
 
     mmsent.batch   one per micro-batch, linked to the trace of each of its posts (their `traceparent` headers)
       ├─ mmsent.fetch     images: caches and downloads (the I/O loop)
@@ -22,8 +24,6 @@ import structlog
 from schemas import headers as wire
 
 log = structlog.get_logger("consumer")
-
-SPAN_NAMES = ("fetch", "embed", "score", "produce")
 
 
 class Tracing:
@@ -62,7 +62,7 @@ class Tracing:
         """The batch's span, linked to each post's trace; None when tracing is off."""
         if self._tracer is None:
             return None
-        from opentelemetry import trace
+        from opentelemetry import trace  # the optional extra: tracing is on, so it is installed
 
         links = [trace.Link(context) for context in (_span_context(item.headers) for item in items) if context]
         return self._tracer.start_span("mmsent.batch", links=links, attributes={"mmsent.batch.size": len(items)})
@@ -73,7 +73,7 @@ class Tracing:
         if self._tracer is None or batch_span is None:
             yield
             return
-        from opentelemetry import trace
+        from opentelemetry import trace  # the optional extra: tracing is on, so it is installed
 
         with self._tracer.start_as_current_span(f"mmsent.{name}", context=trace.set_span_in_context(batch_span)):
             yield
@@ -83,12 +83,11 @@ class Tracing:
         same trace. Unchanged when tracing is off or the post came without one."""
         if self._tracer is None or _span_context(headers) is None:
             return headers
+        from opentelemetry import trace  # the optional extra: tracing is on, so it is installed
         from opentelemetry.propagate import extract, inject
 
         span = self._tracer.start_span("mmsent.post", context=extract(_text(headers)))
         span.end()
-        from opentelemetry import trace
-
         carrier: dict[str, str] = {}
         inject(carrier, context=trace.set_span_in_context(span))
         kept = [(name, value) for name, value in headers if name.lower() not in carrier]
@@ -109,7 +108,7 @@ def _span_context(headers: wire.Headers | None) -> Any:
     """The post's span context from its `traceparent`, or None (absent or malformed)."""
     if not any(name.lower() == wire.TRACEPARENT for name, _value in headers or ()):
         return None
-    from opentelemetry import trace
+    from opentelemetry import trace  # the optional extra: only called with tracing on
     from opentelemetry.propagate import extract
 
     context = trace.get_current_span(extract(_text(headers))).get_span_context()
@@ -117,6 +116,7 @@ def _span_context(headers: wire.Headers | None) -> Any:
 
 
 def _provider(exporter_name: str) -> Any:
+    """Raises ImportError without the optional `tracing` extra (`Tracing.from_environment` then stays off)."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -124,7 +124,7 @@ def _provider(exporter_name: str) -> Any:
     if exporter_name == "console":
         exporter: Any = ConsoleSpanExporter()
     elif exporter_name == "otlp":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # installed on its own
 
         exporter = OTLPSpanExporter()  # its endpoint and headers from the standard OTEL_EXPORTER_OTLP_* settings
     else:

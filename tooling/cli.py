@@ -40,6 +40,6 @@ def demo(
     """The embedded default: broker, Redis, image server, consumer and model on this machine, the live console
     beside them (its URL printed), then a summary."""
     require_tools_extra("demo")
-    from tooling.demo import run_demo
+    from tooling.demo import run_demo  # the consumer and its model (torch), and the tools extra checked just above
 
     raise typer.Exit(run_demo(posts=posts, linger_s=linger))

@@ -23,10 +23,13 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+from confluent_kafka import Consumer, Producer
+from PIL import Image, ImageDraw
 from prometheus_client import REGISTRY
 
 from consumer.app import Application
 from consumer.inspect import Inspector
+from consumer.logging import configure_logging
 from consumer.settings import Settings
 from tooling.embedded import EmbeddedServices, create_topics
 from tooling.localimages import LoopbackImageServer
@@ -72,8 +75,6 @@ SAMPLE_IMAGES = {
 
 
 def _render(colour: tuple[int, int, int], pattern: str, fmt: str) -> bytes:
-    from PIL import Image, ImageDraw
-
     image = Image.new("RGB", (160, 120), colour)
     draw = ImageDraw.Draw(image)
     for step in range(0, 160, 16):
@@ -143,8 +144,6 @@ class _Watcher:
     """Reads the output and dead-letter topics and prints each record as it arrives."""
 
     def __init__(self, bootstrap: str, live_rows: int) -> None:
-        from confluent_kafka import Consumer
-
         self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"mmsent-demo-watch-{os.getpid()}",
                                    "auto.offset.reset": "earliest", "enable.auto.commit": False})
         self._consumer.subscribe([OUTPUT, DLQ, ALERTS])
@@ -201,8 +200,6 @@ def _running(app: Application) -> Iterator[threading.Thread]:
 
 def run_demo(posts: int = 300, live_rows: int = 40, timeout_s: float = 300.0, linger_s: float = 0.0) -> int:
     """Run the demo; returns the exit code (0 when every record was accounted for)."""
-    from consumer.logging import configure_logging
-
     configure_logging(os.environ.get("MMSENT_LOG_LEVEL", "ERROR"), json_logs=False)
     print(f"mmsent demo: {posts} posts through an embedded broker, Redis, image server and the model\n", flush=True)
     with EmbeddedServices() as services, LoopbackImageServer(sample_image_files()) as images:
@@ -239,8 +236,6 @@ def run_demo(posts: int = 300, live_rows: int = 40, timeout_s: float = 300.0, li
 def _stream(settings: Settings, bootstrap: str, images: LoopbackImageServer, posts: int, live_rows: int,
             timeout_s: float, inspector: Inspector) -> int:
     """The consumer on the synthetic stream, the events as they come, then the summary; the exit code."""
-    from confluent_kafka import Producer
-
     app = Application(settings)
     watcher = _Watcher(bootstrap, live_rows)
     records = synthetic_stream(posts, images)

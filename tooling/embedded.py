@@ -22,7 +22,10 @@ from importlib.resources import files
 from pathlib import Path
 from types import TracebackType
 
+import redis
 import structlog
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
 
 log = structlog.get_logger(__name__)
 
@@ -166,9 +169,6 @@ def create_topics(
 ) -> None:
     """Create topics ({name: partitions}, replication 1) and wait; one that exists already is fine. `client`: more
     client settings (security)."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
-
     admin = AdminClient({"bootstrap.servers": bootstrap, **(client or {})})
     futures = admin.create_topics(
         [NewTopic(name, num_partitions=partitions, replication_factor=1) for name, partitions in topics.items()],
@@ -183,8 +183,6 @@ def create_topics(
 
 
 def redis_answers(url: str) -> bool:
-    import redis
-
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
         return bool(client.ping())

@@ -24,6 +24,7 @@ from typing import Any
 
 import httpx
 import psutil
+from confluent_kafka import Producer
 
 from tooling.embedded import EmbeddedServices, create_topics, free_port
 
@@ -150,8 +151,6 @@ def _broker(bootstrap: str | None) -> Iterator[str]:
 
 
 def run_inspect_bench(rate: float = 500.0, seconds: float = 30.0, bootstrap: str | None = None) -> InspectBench:
-    from confluent_kafka import Producer
-
     result = InspectBench(rate, seconds, broker=bootstrap or "embedded noida-db")
     with _broker(bootstrap) as kafka:
         create_topics(kafka, {INPUT: 1, OUTPUT: 3, DLQ: 1, ALERTS: 1})

@@ -19,7 +19,9 @@ from typing import Annotated, Any
 
 import typer
 
-from consumer.replay import ReplayWindow
+from consumer.kafkaconfig import client_config as kafka_client_config
+from consumer.replay import ReplayWindow, parse_rfc3339, plan_window
+from consumer.settings import Settings
 from tooling.topicreader import Record, read_topic, watermarks
 
 EXIT_LOST = 1
@@ -175,10 +177,6 @@ def reconcile_command(
     """Check that every input record ended as an event or a dead letter; exit 1 when any is lost, 3 when records
     were deleted by the log's retention before they were scored. With --from (and --to), only the records a
     `mmsent replay` of that window scores."""
-    from consumer.kafkaconfig import client_config as kafka_client_config
-    from consumer.replay import parse_rfc3339, plan_window
-    from consumer.settings import Settings
-
     settings = Settings()
     client_config = kafka_client_config(settings)
     if bootstrap:
