@@ -3,6 +3,10 @@ seed-style consumer in the same run, so that the ratios are measured side by sid
 
     mmsent bench all --write BENCHMARKS.md     # ~10 minutes on a 2-core machine
     mmsent bench smoke                         # seconds: proves every part runs (used by the test suite)
+
+mmsent, torch and what imports them (consumer.app, tooling.shadowbench) are imported inside the functions that use
+them: tooling.cli loads this module for every tool command, and `mmsent reconcile` or `mmsent demo --help` must
+not wait seconds for torch.
 """
 
 from __future__ import annotations
@@ -23,10 +27,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import typer
+from confluent_kafka import Consumer, Producer
+from prometheus_client.parser import text_string_to_metric_families
 
 from tooling.embedded import EmbeddedServices, create_topics, free_port
 from tooling.localimages import LoopbackImageServer
+from tooling.topicreader import read_topic
 
 bench_app = typer.Typer(help="Benchmarks (`mmsent bench all --write BENCHMARKS.md`).", no_args_is_help=True)
 
@@ -47,6 +55,7 @@ def photo_url(server: LoopbackImageServer, index: int, run: int) -> str:
 
 def make_posts(count: int, n_photos: int, server: LoopbackImageServer, repeat_share: float, seed: int) -> list[bytes]:
     """Tweet-like captions; each post has an image, `repeat_share` of them an image seen earlier in the stream."""
+    # torch: imported when this runs (the module docstring says why)
     from mmsent.bench import synthetic_captions
 
     rng = random.Random(seed)
@@ -80,7 +89,7 @@ class CpuMeter:
     @staticmethod
     def _snapshot() -> tuple[dict[int, tuple[int, float]], Any]:
         """Per process: (parent pid, CPU seconds); and the machine's CPU times."""
-        import psutil
+        import psutil  # the `tools` extra: `mmsent bench` says when it is missing (tooling.cli)
 
         processes = {}
         for process in psutil.process_iter(["ppid", "cpu_times"]):
@@ -173,8 +182,6 @@ class EventCounter:
         self.sent_ms: dict[str, float] = {}
 
     def _samples(self) -> list[Any]:
-        from prometheus_client.parser import text_string_to_metric_families
-
         with urllib.request.urlopen(f"http://127.0.0.1:{self._metrics_port}/metrics", timeout=5) as answer:
             text = answer.read().decode()
         return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
@@ -206,8 +213,6 @@ class EventCounter:
 
     def latencies_ms(self, ids: list[str]) -> tuple[dict[str, float], dict[str, float]]:
         """Per post: produce -> event latency, and the event's time (ms since the epoch)."""
-        from tooling.topicreader import read_topic
-
         wanted = set(ids)
         latency, done_at = {}, {}
         for record in read_topic({"bootstrap.servers": self._bootstrap}, OUT, timeout_s=120):
@@ -222,8 +227,6 @@ def post_producer(bootstrap: str) -> Any:
     """The bench's one producer, made once per run and warmed by the warm-up posts: a fresh idempotent producer
     holds its first posts while it connects and gets its producer id, which would count as the consumer's latency
     (the first 50 posts of a half-load run measured 0.8 s on average, the rest 0.13 s; 2026-11-28)."""
-    from confluent_kafka import Producer
-
     return Producer({"bootstrap.servers": bootstrap, "linger.ms": 2, "enable.idempotence": True})
 
 
@@ -319,6 +322,7 @@ def bottleneck(full: EndToEnd, stages: dict[str, float], model_only_posts_per_s:
     work and the GIL beside it) and the image stage (fetch and CPU decode) when it is busy 70% of the time or more
     (not 100%: a short run's first fetch and last batch leave the model threads idle); else what the metrics do
     not time: the I/O loop's poll, batching, produce and commit, or the broker."""
+    # torch: imported when this runs (the module docstring says why)
     from consumer.app import MODEL_CONCURRENCY as model_threads
 
     share = full.posts_per_s / model_only_posts_per_s
@@ -364,6 +368,7 @@ def device_end_to_end(model: str, device: str, model_only: dict[str, Any], posts
     stalled consumer cannot spend a GPU check's few minutes.
     -> posts/s of the backlog run, p99 at half that rate and under the backlog, both runs' figures, the consumer's
     stage totals over the backlog run, and the bottleneck."""
+    # torch: imported when this runs (the module docstring says why)
     from mmsent.bench import sample_photos
 
     batch_size = int(model_only["batch_size"])
@@ -394,9 +399,7 @@ def run_naive(posts: list[bytes], bootstrap: str, model: str | None, server: Loo
     """The seed-style consumer: one record at a time, the image downloaded every time, captions padded to 128,
     fp32 in eager PyTorch, a synchronous produce and commit per record. Same model, same posts, same broker.
     `cpu_runtime="auto"` gives it our encoder runtime too, to show how much of the gain is the runtime."""
-    import httpx
-    from confluent_kafka import Consumer, Producer
-
+    # torch: imported when this runs (the module docstring says why)
     from mmsent import Scorer
 
     topic = f"naive-{time.monotonic_ns()}"
@@ -447,6 +450,7 @@ def run_naive(posts: list[bytes], bootstrap: str, model: str | None, server: Loo
 def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: int, naive_posts: int,
             model_batch_sizes: list[int], seed_batch_sizes: list[int], min_seconds: float,
             partitions: int = 3) -> dict[str, Any]:
+    # torch: imported when this runs (the module docstring says why)
     import torch
 
     from mmsent.bench import bench_model, matmul_flops_per_s, sample_photos
@@ -602,6 +606,7 @@ def bench_shadow(
     rounds: Annotated[int, typer.Option(help="Batches timed each way.")] = 8,
 ) -> None:
     """What a shadow model (MMSENT_SHADOW_MODEL) costs the primary: its model stage per batch, with and without."""
+    # torch: imported when this runs (the module docstring says why)
     from tooling.shadowbench import render_shadow, run_shadow
 
     typer.echo(render_shadow(run_shadow(model, shadow, batch_size, rounds), "mmsent bench shadow"))
@@ -614,6 +619,7 @@ def bench_models(
     rounds: Annotated[int, typer.Option(help="Batches timed per model.")] = 8,
 ) -> None:
     """Model-only posts/s of several models on the same posts, timed in alternation: ratios measured side by side."""
+    # torch: imported when this runs (the module docstring says why)
     from mmsent.bench import compare_models
 
     result = compare_models(models, batch_size, rounds)
@@ -635,6 +641,7 @@ def bench_device_command(
     """The model on a device (random weights), what scripts/device-check runs: from tensors already there, posts/s
     per batch size in fp32, bf16 and compiled (CUDA only), FLOPs per post, share of the bf16 peak, GPU utilisation;
     batched decode against PIL; the Scorer from JPEG bytes and its latency at half load; fine-tuning samples/s."""
+    # torch: imported when this runs (the module docstring says why)
     from mmsent.devicebench import bench_device, bench_serving, bench_training
 
     result = bench_device(device, archs=tuple(arch or ("default", "seed")),
@@ -664,6 +671,6 @@ def bench_inspect(
     bootstrap: Annotated[str | None, typer.Option(help="A broker to use (default: an embedded one).")] = None,
 ) -> None:
     """Does `mmsent inspect` keep up? Its lag behind the topic end under a steady load, and its CPU share."""
-    from tooling.inspectbench import render_inspect_bench, run_inspect_bench
+    from tooling.inspectbench import render_inspect_bench, run_inspect_bench  # psutil: the tools extra
 
     typer.echo(render_inspect_bench(run_inspect_bench(rate, seconds, bootstrap), "mmsent bench inspect"))

@@ -16,13 +16,12 @@ from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
 from consumer.shadow import ShadowStage
 from consumer.stages import ModelStage
+from mmsent import Scorer, decode_image
+from mmsent.bench import sample_photos, synthetic_captions
 from schemas.models import ImageStatus, ModelInfo, PostEvent
 
 
 def run_shadow(model: str | None, shadow: str | None, batch_size: int, rounds: int) -> dict[str, Any]:
-    from mmsent import Scorer, decode_image
-    from mmsent.bench import sample_photos, synthetic_captions
-
     primary, second = Scorer.load(model), Scorer.load(shadow if shadow is not None else model)
     photos, source = sample_photos(batch_size)
     images, captions = [decode_image(p) for p in photos], synthetic_captions(batch_size)
