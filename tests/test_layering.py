@@ -7,6 +7,8 @@ service) never imports tooling and reaches mmsent only through its public top-le
 from __future__ import annotations
 
 import ast
+import graphlib
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,107 @@ def test_the_layering_check_sees_a_planted_offender(tmp_path: Path, monkeypatch:
     monkeypatch.setitem(globals(), "ROOT", tmp_path)
     with pytest.raises(AssertionError, match="consumer/oops.py imports tooling.demo"):
         test_lower_layers_do_not_import_upper_ones("consumer", ("tooling",))
+
+
+# -- no import circle, no private name across modules ------------------------------------------------------------
+
+# Every package of the tree. A module's edges are the imports that run when it is imported: its body, `if
+# TYPE_CHECKING:` blocks included (a circle only a type checker walks is still a circle), function bodies not.
+TREE = ("consumer", "mmsent", "schemas", "tooling", "scripts", "tests")
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def sources(root: Path, packages: Iterable[str]) -> dict[str, ast.Module]:
+    """Each module of these packages (dotted name) and its syntax tree."""
+    return {module_name(path, root): ast.parse(path.read_text(), filename=str(path))
+            for package in packages for path in sorted((root / package).rglob("*.py"))}
+
+
+def import_time_nodes(node: ast.AST) -> Iterator[ast.Import | ast.ImportFrom]:
+    """The import statements that run when the module runs: not those inside a function or a lambda."""
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.Import | ast.ImportFrom):
+            yield child
+        elif not isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            yield from import_time_nodes(child)
+
+
+def imported_modules(node: ast.Import | ast.ImportFrom, importer: str, is_package: bool, known: set[str]) -> set[str]:
+    """The modules of `known` an import statement of `importer` loads: for `from a import b`, a.b when it is a
+    module, else a (b is a name in it); relative imports resolved."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names} & known
+    base = importer if is_package else importer.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        base = base.rpartition(".")[0]
+    module = ".".join(part for part in (base if node.level else "", node.module or "") if part)
+    found = {f"{module}.{alias.name}" for alias in node.names} & known
+    return found or ({module} & known)
+
+
+def import_graph(modules: Mapping[str, ast.Module], packages: set[str]) -> dict[str, set[str]]:
+    """Module -> the modules it imports when it is imported (the packages' own modules only)."""
+    known = set(modules)
+    return {name: {target for node in import_time_nodes(tree)
+                   for target in imported_modules(node, name, name in packages, known)} - {name}
+            for name, tree in modules.items()}
+
+
+def find_cycle(graph: Mapping[str, set[str]]) -> list[str] | None:
+    """One import circle of the graph (its modules, the first repeated last), or None."""
+    try:
+        graphlib.TopologicalSorter(graph).prepare()
+    except graphlib.CycleError as exc:
+        return list(exc.args[1])
+    return None
+
+
+def private_imports(modules: Mapping[str, ast.Module], first_party: Iterable[str]) -> list[str]:
+    """Every `from x import _name` of a name of the tree's own modules, wherever it is (functions included)."""
+    roots = set(first_party)
+    return [f"{name} imports {node.module or '.'}.{alias.name}"
+            for name, tree in modules.items() for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").partition(".")[0] in roots)
+            for alias in node.names if alias.name.startswith("_") and not alias.name.startswith("__")]
+
+
+def _tree_graph() -> dict[str, set[str]]:
+    modules = sources(ROOT, TREE)
+    packages = {module_name(path, ROOT) for package in TREE for path in (ROOT / package).rglob("__init__.py")}
+    return import_graph(modules, packages)
+
+
+def test_no_import_circle_in_the_tree() -> None:
+    assert find_cycle(_tree_graph()) is None
+
+
+def test_no_private_name_is_imported_across_modules() -> None:
+    assert private_imports(sources(ROOT, TREE), TREE) == []
+
+
+def test_the_circle_check_finds_a_planted_circle(tmp_path: Path) -> None:
+    """A circle through a TYPE_CHECKING import is found; an import inside a function is not an edge."""
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) in (
+        ["a", "b", "c", "a"], ["b", "c", "a", "b"], ["c", "a", "b", "c"], ["a", "c", "b", "a"],
+        ["b", "a", "c", "b"], ["c", "b", "a", "c"])
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "one.py").write_text("from pkg import two\n\ndef late():\n    from pkg.three import x\n")
+    (package / "two.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .one import y\n")
+    (package / "three.py").write_text("import pkg.one\n")
+    graph = import_graph(sources(tmp_path, ["pkg"]), {"pkg"})
+    assert graph["pkg.one"] == {"pkg.two"} and graph["pkg.two"] == {"pkg.one"} and graph["pkg.three"] == {"pkg.one"}
+    assert set(find_cycle(graph) or ()) == {"pkg.one", "pkg.two"}
+
+
+def test_the_private_name_check_finds_a_planted_import(tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "user.py").write_text(
+        "from os import _exit\nfrom pkg.core import __all__, public\n\ndef f():\n    from pkg.core import _helper\n")
+    assert private_imports(sources(tmp_path, ["pkg"]), ["pkg"]) == ["pkg.user imports pkg.core._helper"]
