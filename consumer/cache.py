@@ -263,14 +263,10 @@ class CircuitBreaker:
 
 @dataclass
 class CacheStats:
-    """Counts for this cache instance (the Prometheus counters are process-wide)."""
+    """Faults of this cache instance (the Prometheus counters, hits and savings included, are process-wide)."""
 
-    hits: int = 0
-    misses: int = 0
     errors: int = 0
     corrupt: int = 0
-    bytes_saved: int = 0
-    cnn_passes_saved: int = 0
 
 
 # -- the cache -------------------------------------------------------------------------------------------
@@ -361,7 +357,6 @@ class ImageCache:
             data = self._checked(IMAGE, blob, functools.partial(decode_image_value, key=key, seal=self._seal))
             if data is not None:
                 found[url] = data
-                self.stats.bytes_saved += len(data)
                 CACHE_BYTES_SAVED.inc(len(data))
         return found
 
@@ -380,7 +375,6 @@ class ImageCache:
         keys = self._keys({url: self.embedding_key(url, encoder_id) for url in urls})
         form = self._forms.get(encoder_id)
         if form is None:
-            self.stats.misses += len(keys)
             CACHE_MISSES.labels(EMBEDDING).inc(len(keys))
             return {}
         found: dict[str, np.ndarray] = {}
@@ -390,8 +384,6 @@ class ImageCache:
             if decoded is not None:
                 embedding, source_bytes = decoded
                 found[url] = embedding
-                self.stats.cnn_passes_saved += 1
-                self.stats.bytes_saved += source_bytes
                 CACHE_CNN_PASSES_SAVED.inc()
                 CACHE_BYTES_SAVED.inc(source_bytes)
         return found
@@ -424,19 +416,16 @@ class ImageCache:
 
     def _checked(self, kind: str, blob: bytes | None, decode: Callable[[bytes], T]) -> T | None:
         if blob is None:
-            self.stats.misses += 1
             CACHE_MISSES.labels(kind).inc()
             return None
         try:
             value = decode(blob)
         except (CorruptValue, ValueError, struct.error) as exc:
             self.stats.corrupt += 1
-            self.stats.misses += 1
             CACHE_CORRUPT.labels(kind).inc()
             CACHE_MISSES.labels(kind).inc()
             log.info("cache_value_rejected", kind=kind, reason=str(exc))
             return None
-        self.stats.hits += 1
         CACHE_HITS.labels(kind).inc()
         return value
 
