@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import json
 import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -176,11 +177,13 @@ def inspect(
     except UnsafeBind as exc:
         typer.echo(f"inspect: {exc}", err=True)
         raise typer.Exit(2) from None
-    stop_signals = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # before its threads start: they inherit the mask
+    stopping = threading.Event()
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda _signum, _frame: stopping.set())
     with inspector:
         typer.echo(f"mmsent inspect: {inspector.url}", err=True)
-        signal.sigwait(stop_signals)  # the console runs on its own threads until then
+        while not stopping.wait(1.0):  # the console runs on its own threads until a signal
+            pass
 
 
 @app.command()

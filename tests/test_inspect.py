@@ -6,7 +6,11 @@ from __future__ import annotations
 import ast
 import io
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -238,3 +242,23 @@ def test_group_lag_is_committed_against_end_offsets(
             assert wait_until(lambda: lag.measure(admin) == 0, 30)
     assert {card["post_id"]: card["caption"] for card in cards} == {f"r{i}": f"caption number {i}" for i in range(6)}
     assert all(card["model"] and card["label"] in {"negative", "neutral", "positive"} for card in cards)
+
+
+def test_the_command_serves_until_sigterm_then_exits_0(kafka_bootstrap: str, unique_name: str) -> None:
+    topics = topics_for(kafka_bootstrap, unique_name)
+    env = {**os.environ, "MMSENT_KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap, "MMSENT_INPUT_TOPIC": topics.posts,
+           "MMSENT_OUTPUT_TOPIC": topics.sentiment, "MMSENT_DLQ_TOPIC": topics.dlq, "MMSENT_REDIS_URL": "",
+           "MMSENT_INSPECT_PORT": "0", "MMSENT_LOG_LEVEL": "WARNING"}
+    process = subprocess.Popen([sys.executable, "-m", "consumer", "inspect"], env=env, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        assert process.stderr is not None
+        line = next(line for line in process.stderr if line.startswith("mmsent inspect: "))
+        url = line.removeprefix("mmsent inspect: ").strip()
+        assert url.startswith("http://127.0.0.1:")
+        assert httpx.get(url, timeout=10).status_code == 200
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        process.kill()
+        process.wait(10)
