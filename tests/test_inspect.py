@@ -242,6 +242,9 @@ def test_group_lag_is_committed_against_end_offsets(
             assert wait_until(lambda: lag.measure(admin) == 0, 30)
     assert {card["post_id"]: card["caption"] for card in cards} == {f"r{i}": f"caption number {i}" for i in range(6)}
     assert all(card["model"] and card["label"] in {"negative", "neutral", "positive"} for card in cards)
+    # The consumer's own event fields, shown as they come: language (null or a code), whether the modalities agree.
+    assert all(card["has_language"] and card["language_supported"] is not None for card in cards)
+    assert all(card["agree"] == card["event"]["modalities_agree"] for card in cards)
 
 
 def test_the_command_serves_until_sigterm_then_exits_0(kafka_bootstrap: str, unique_name: str) -> None:
