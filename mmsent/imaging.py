@@ -94,7 +94,8 @@ def open_checked(
     data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int = DEFAULT_MAX_SIDE, min_side: int | None = None
 ) -> Image.Image:
     """The image opened lazily (its header read, no pixel decoded), once its format and size are acceptable;
-    `ImageDecodeError` otherwise. Every decoder (this module's, the batched one in mmsent/gpudecode.py) starts here.
+    `ImageDecodeError` otherwise. Every decoder (this module's, the batched one in mmsent/serving/gpudecode.py)
+    starts here.
     With `min_side`, a JPEG is set to decode at the smallest DCT scale that keeps its shorter side >= `min_side`:
     `im.size` is then the size its pixels will have."""
     if not data:

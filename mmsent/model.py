@@ -28,6 +28,8 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from mmsent.encoders import ImageEncoder, ImageSpec, TextEncoder, TextSpec, masked_mean, meta_count, stacked_count
@@ -334,32 +336,15 @@ class MMSentModel(nn.Module):
     Scorer: embeddings from its cache, captions in length buckets) hands their outputs to it, so that everything
     after the encoders is the code that training ran."""
 
-    def __init__(self, cfg: ModelConfig, text_encoder: TextEncoder | None = None,
-                 image_encoder: ImageEncoder | None = None) -> None:
-        """The encoders `cfg` names, or the given ones (already built, shared with another model)."""
+    def __init__(self, cfg: ModelConfig) -> None:
+        """The encoders and head `cfg` names."""
         super().__init__()
         self.cfg = cfg
-        self.text_encoder = TextEncoder(cfg.text) if text_encoder is None else text_encoder
-        self.image_encoder = ImageEncoder(cfg.image) if image_encoder is None else image_encoder
+        self.text_encoder = TextEncoder(cfg.text)
+        self.image_encoder = ImageEncoder(cfg.image)
         self.text_encoder.set_trainable(cfg.text_trainable_layers)
         self.image_encoder.set_trainable(cfg.image_trainable_blocks)
         self.head = make_head(cfg)
-
-    @classmethod
-    def from_encoders(cls, text: TextSpec, image: ImageSpec, **head_kwargs: Any) -> MMSentModel:
-        """Build with the head's input dims taken from the encoders."""
-        enc_t, enc_i = TextEncoder(text), ImageEncoder(image)
-        model_kwargs = {k: head_kwargs.pop(k) for k in list(head_kwargs) if k in _MODEL_FIELDS}
-        head = HeadConfig(
-            text_dim=enc_t.out_dim, image_dim=enc_i.out_dim, text_token_dim=enc_t.hidden_size, **head_kwargs
-        )
-        return cls(ModelConfig(text=text, image=image, head=head, **model_kwargs), enc_t, enc_i)
-
-    def with_config(self, **changes: Any) -> MMSentModel:
-        """Same encoders, new config (e.g. new head settings or trainable layers); a fresh head."""
-        head_changes = {k: changes.pop(k) for k in list(changes) if k in HeadConfig.__dataclass_fields__}
-        cfg = replace(self.cfg, head=replace(self.cfg.head, **head_changes), **changes)
-        return MMSentModel(cfg, self.text_encoder, self.image_encoder)
 
     # --- encoders -------------------------------------------------------------------------------------------
     def embed_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -381,7 +366,7 @@ class MMSentModel(nn.Module):
             regions = self.image_encoder.map_through(b.image_map, self.cfg.image_trainable_blocks).flatten(2)
             regions = regions.transpose(1, 2)  # (B, R, C)
             return regions if self.cfg.head.needs_regions else regions.mean(1, keepdim=True)
-        emb = torch.zeros(len(b.has_image), *self._emb_shape(), dtype=like.dtype, device=like.device)
+        emb = torch.zeros(len(b.has_image), *self.embedding_shape(), dtype=like.dtype, device=like.device)
         if b.pixels is not None:
             idx = b.has_image.nonzero().flatten()
             if len(idx):  # the CNN runs on the rows that have an image only
@@ -413,7 +398,7 @@ class MMSentModel(nn.Module):
             image_regions=emb if need else None,
         )
 
-    def _emb_shape(self) -> tuple[int, int]:
+    def embedding_shape(self) -> tuple[int, int]:
         """The shape of one image embedding: (1, C) pooled, or (R, C) regions for the attention fusion."""
         if not self.cfg.head.needs_regions:
             return (1, self.image_encoder.out_dim)
@@ -444,8 +429,6 @@ class MMSentModel(nn.Module):
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def save(self, directory: str | Path, *, half: bool = False) -> Path:
-        from safetensors.torch import save_file
-
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         state = self.trainable_state()
@@ -490,8 +473,6 @@ def read_config(directory: Path) -> ModelConfig:
 def _read_weights(path: Path, own: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file, after its header (names and shapes, read without the data) matched the
     model's `own` state: a file of the wrong shapes is refused with what differs, before any tensor is read."""
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt", device=device) as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
@@ -521,10 +502,3 @@ def _check_finite(directory: Path, model: nn.Module) -> None:
     if bad:
         raise ModelRefused(RefusalReason.NON_FINITE_WEIGHTS,
                            f"{directory}: {len(bad)} tensors hold NaN or infinite values: {bad[:5]}")
-
-
-_MODEL_FIELDS = {"labels", "name", "version", "text_trainable_layers", "image_trainable_blocks", "ensemble", "extra"}
-
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    return F.softmax(logits.float(), dim=-1)

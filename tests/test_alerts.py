@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from consumer.metrics import Metrics
-from mmsent.calibrate import Calibration, Threshold, weights_sha256
+from mmsent.serving.calibration import Calibration, Threshold, weights_sha256
 from tests.consumerutil import (
     Topics,
     all_committed,
@@ -30,8 +30,7 @@ pytestmark = [pytest.mark.kafka]
 
 
 def _tiny_model(directory: Path, positive_threshold: float | None) -> Path:
-    from mmsent.presets import preset_config
-    from mmsent.scorer import from_config
+    from mmsent.presets import from_config, preset_config
 
     model = from_config(preset_config("tiny-random")).save(directory)
     if positive_threshold is not None:

@@ -13,8 +13,7 @@ import pytest
 from consumer.app import Application
 from consumer.settings import Settings
 from mmsent import Scorer
-from mmsent.presets import preset_config
-from mmsent.scorer import from_config
+from mmsent.presets import from_config, preset_config
 from tests.consumerutil import Topics, make_settings, post, settings_env, wait_until
 from tests.kafkautil import create_topics, produce, read_all
 

@@ -22,11 +22,10 @@ import torch
 from PIL import Image
 
 from mmsent import Scorer, decode_image
-from mmsent.bench import sample_photos, synthetic_captions
-from mmsent.devicebench import bench_device, label_agreement, random_architecture
+from mmsent.benchmarks.device import bench_device, label_agreement, random_architecture
+from mmsent.benchmarks.host import sample_photos, synthetic_captions
 from mmsent.model import MMSentModel
-from mmsent.presets import preset_config
-from mmsent.scorer import from_config
+from mmsent.presets import from_config, preset_config
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -81,7 +80,7 @@ def test_the_device_check_runs_its_whole_flow_on_the_cpu(tmp_path: Path) -> None
     assert (tmp_path / "device-check.log").read_text() and (tmp_path / "consumer.log").exists()
 
 
-# --- the GPU serving path (mmsent/scorer.py on CUDA) --------------------------------------------------------------
+# --- the GPU serving path (mmsent/serving/scorer.py on CUDA) -------------------------------------------------------
 
 
 def _default_random() -> MMSentModel:
@@ -118,16 +117,16 @@ def test_the_gpu_scorer_serves_bf16_weights_with_the_labels_of_fp32_on_the_cpu()
 @pytest.mark.gpu
 @needs_cuda
 def test_jpeg_bytes_are_decoded_in_batches_on_the_gpu_and_the_rest_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    import mmsent.gpudecode
+    import mmsent.serving.gpudecode
 
     decoded_on: list[str] = []
-    batched = mmsent.gpudecode.decode_jpeg
+    batched = mmsent.serving.gpudecode.decode_jpeg
 
     def spy(data: Any, **kwargs: Any) -> Any:
         decoded_on.append(str(kwargs.get("device")))
         return batched(data, **kwargs)
 
-    monkeypatch.setattr(mmsent.gpudecode, "decode_jpeg", spy)
+    monkeypatch.setattr(mmsent.serving.gpudecode, "decode_jpeg", spy)
     gpu = Scorer(_default_random(), device="cuda")
     assert gpu.wants_image_bytes
     jpegs = sample_photos(16)[0]
@@ -208,7 +207,7 @@ def test_compiled_with_cuda_graphs_on_the_gpu_compiles_only_while_warming_up() -
 
 
 def test_latency_at_load_cuts_batches_as_the_consumer_does() -> None:
-    from mmsent.devicebench import latency_at_load
+    from mmsent.benchmarks.device import latency_at_load
 
     class Fake:
         sizes: list[int] = []

@@ -198,8 +198,7 @@ def _progressive_jpeg() -> bytes:
 
 
 def _save_model(directory: Path, version: str) -> Path:
-    from mmsent.presets import preset_config
-    from mmsent.scorer import from_config
+    from mmsent.presets import from_config, preset_config
 
     cfg = preset_config("tiny-random")
     return from_config(replace(cfg, name="mmsent-tiny-random", version=version)).save(directory)

@@ -13,20 +13,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mmsent import Scorer
-from mmsent.calibrate import (
-    CALIBRATION_FILE,
-    Calibration,
-    Threshold,
-    calibrate_model,
-    calibrated_probabilities,
-    fit_calibration,
-    fit_temperature,
-    precision_thresholds,
-)
 from mmsent.cli import app
 from mmsent.data import load_examples, load_image
-from mmsent.presets import preset_config
-from mmsent.scorer import from_config
+from mmsent.evaluation.calibrate import calibrate_model, fit_calibration, fit_temperature, precision_thresholds
+from mmsent.presets import from_config, preset_config
+from mmsent.serving.calibration import CALIBRATION_FILE, Calibration, Threshold, calibrated_probabilities
 
 LABELS = ("negative", "neutral", "positive")
 COLOURS = [(200, 20, 20), (120, 120, 120), (20, 200, 40), (30, 30, 220), (230, 200, 20), (10, 10, 10)]

@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning (mmsent/finetune.py) on a tiny random model on the CPU: which weights move, resuming,
+"""End-to-end fine-tuning (mmsent/training/finetune.py) on a tiny random model on the CPU: which weights move, resuming,
 the saved directory, the `mmsent train --device cpu` command, the learning-rate schedule and the device choice."""
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 from mmsent import Scorer
 from mmsent.cli import app
 from mmsent.data import Example, collate, load_examples
-from mmsent.finetune import _Trainer, finetune, lr_factor, predict, resolve_device
+from mmsent.device import resolve_device
 from mmsent.model import MMSentModel
-from mmsent.presets import preset_config
-from mmsent.scorer import from_config
-from mmsent.train import TrainConfig
+from mmsent.presets import from_config, preset_config
+from mmsent.training.config import TrainConfig
+from mmsent.training.finetune import FinetuneTrainer, finetune, lr_factor, predict
 from tests.test_model_training import COLOURS, LABELS, WORDS, make_dataset
 
 # The tiny CNN's blocks are [conv, relu, conv, relu]: the last two hold its second convolution.
@@ -63,15 +63,15 @@ def test_resumed_run_reaches_the_uninterrupted_runs_weights(tmp_path: Path, monk
     ex = examples(tmp_path)
     whole, whole_hist = finetune(tiny(), ex[:18], ex[18:], FAST, state_path=tmp_path / "whole.pt")
 
-    save = _Trainer.save
+    save = FinetuneTrainer.save
 
-    def save_then_stop(self: _Trainer, path: Path, run: object, epoch: int) -> None:
+    def save_then_stop(self: FinetuneTrainer, path: Path, run: object, epoch: int) -> None:
         save(self, path, run, epoch)  # type: ignore[arg-type]
         raise KeyboardInterrupt  # the run dies after its first checkpoint
 
     state = tmp_path / "cut.pt"
     with monkeypatch.context() as m:
-        m.setattr(_Trainer, "save", save_then_stop)
+        m.setattr(FinetuneTrainer, "save", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             finetune(tiny(), ex[:18], ex[18:], FAST, state_path=state)
     saved = torch.load(state, weights_only=False)

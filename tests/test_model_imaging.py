@@ -152,7 +152,7 @@ def test_grayscale_and_bilevel() -> None:
         assert out.mode == "RGB"
 
 
-# -- the batched decoder (mmsent/gpudecode.py), on the CPU here: torchvision's JPEG decoder, then the same fit -------
+# -- the batched decoder (mmsent/serving/gpudecode.py), on the CPU here: torchvision's JPEG decoder, then the same fit
 
 
 def _photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
@@ -162,8 +162,8 @@ def _photo(seed: int, size: tuple[int, int] = (320, 240)) -> Image.Image:
 
 
 def test_batched_decode_gives_the_pixels_of_the_safe_decoder() -> None:
-    from mmsent.gpudecode import decode_batch
     from mmsent.imaging import ImagePreprocess
+    from mmsent.serving.gpudecode import decode_batch
 
     pre = ImagePreprocess(size=64, resize=72, crop=False)
     images = [_photo(0), _photo(1, (200, 300)), _photo(2, (97, 61))]
@@ -176,8 +176,8 @@ def test_batched_decode_gives_the_pixels_of_the_safe_decoder() -> None:
 
 
 def test_batched_decode_refuses_before_decoding_and_falls_back_for_what_it_cannot_read() -> None:
-    from mmsent.gpudecode import decode_batch
     from mmsent.imaging import ImagePreprocess
+    from mmsent.serving.gpudecode import decode_batch
 
     good = _encode(_photo(3), "JPEG")
     datas = [b"%PDF-1.7 not an image", _png_bomb(20_000, 20_000), good[: len(good) // 3], good,
@@ -189,8 +189,8 @@ def test_batched_decode_refuses_before_decoding_and_falls_back_for_what_it_canno
 
 
 def test_batched_decode_applies_the_exif_orientation() -> None:
-    from mmsent.gpudecode import decode_batch
     from mmsent.imaging import ImagePreprocess
+    from mmsent.serving.gpudecode import decode_batch
 
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90° clockwise to view

@@ -14,8 +14,7 @@ from PIL import Image
 
 from mmsent import Scorer
 from mmsent.imaging import ImagePreprocess
-from mmsent.presets import preset_config
-from mmsent.scorer import from_config
+from mmsent.presets import from_config, preset_config
 
 
 def _photo(seed: int, size: tuple[int, int] = (420, 300)) -> bytes:

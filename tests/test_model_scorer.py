@@ -13,8 +13,7 @@ from PIL import Image
 
 import mmsent
 from mmsent import Scorer, ScoreResult
-from mmsent.presets import preset_config
-from mmsent.scorer import from_config
+from mmsent.presets import from_config, preset_config
 
 FUSIONS = ["concat", "gated", "attention"]
 
@@ -81,7 +80,7 @@ def test_missing_image_and_missing_text_use_learned_paths(scorer: Scorer) -> Non
     assert not text_only.image_used and image_only.image_used
     assert not _close(text_only, both, 1e-7) and not _close(image_only, both, 1e-7)
     # a zero embedding passed as if it were a real image is *not* what a missing image means
-    zero = np.zeros(scorer.model._emb_shape(), dtype=np.float32)
+    zero = np.zeros(scorer.model.embedding_shape(), dtype=np.float32)
     as_zero = scorer.score([{"text": "a caption", "image": zero}])[0]
     assert as_zero.image_used and not _close(as_zero, text_only, 1e-7)
 
@@ -115,7 +114,7 @@ def test_corrupt_image_bytes_score_text_only_and_never_break_the_batch(scorer: S
 def test_embed_images_matches_scoring_from_pixels(scorer: Scorer) -> None:
     img = Image.new("RGB", (64, 64), (10, 180, 90))
     [emb] = scorer.embed_images([img])
-    assert emb.dtype == np.float32 and emb.shape == scorer.model._emb_shape()
+    assert emb.dtype == np.float32 and emb.shape == scorer.model.embedding_shape()
     a = scorer.score([{"text": "hello", "image": img}])[0]
     b = scorer.score([{"text": "hello", "image": emb}])[0]
     c = scorer.score([{"text": "hello", "image": emb.astype(np.float16)}])[0]
@@ -146,7 +145,7 @@ def test_no_code_path_reaches_the_network(monkeypatch: pytest.MonkeyPatch, tmp_p
         out = s.score([{"text": "offline please", "image": _jpeg((5, 5, 5))}, {"text": "x", "image": None}])
         assert len(out) == 2
     with torch.inference_mode():
-        assert s.embed_images([Image.new("RGB", (32, 32))])[0].shape == s.model._emb_shape()
+        assert s.embed_images([Image.new("RGB", (32, 32))])[0].shape == s.model.embedding_shape()
 
 
 # --- scores_by_modality --------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Shape bucketing, warm-up on every shape and compiled model calls (mmsent/shapes.py, `Scorer.warm_up`), on the CPU
-with the tiny random model.
+"""Shape bucketing, warm-up on every shape and compiled model calls (mmsent/serving/shapes.py, `Scorer.warm_up`), on
+the CPU with the tiny random model.
 
 The compiled tests use torch.compile's "aot_eager" backend: it traces and guards exactly as inductor does (the
 shapes, the recompilations) but runs the traced graph eagerly, where inductor's C++ compilation of these graphs
@@ -19,9 +19,8 @@ import torch
 from PIL import Image
 
 from mmsent import Scorer
-from mmsent.presets import preset_config
-from mmsent.scorer import from_config
-from mmsent.shapes import ShapeBuckets, serving_batch_size
+from mmsent.presets import from_config, preset_config
+from mmsent.serving.shapes import ShapeBuckets, serving_batch_size
 
 FUSIONS = ["concat", "gated", "attention"]
 WORDS = ["good", "bad", "fine", "awful", "lovely", "grim", "okay", "#tbt", "@user"]

@@ -23,12 +23,12 @@ from mmsent import Scorer
 from mmsent.cli import app
 from mmsent.data import ColumnMap, augmentation, collate, load_examples
 from mmsent.encoders import RandomWeightsWarning, resolve_path
-from mmsent.finetune import finetune
 from mmsent.model import HeadConfig, MMSentModel, ModelConfig
-from mmsent.presets import ModelOptions, default_model_dir, preset_config
-from mmsent.scorer import from_config
+from mmsent.presets import ModelOptions, default_model_dir, from_config, preset_config
 from mmsent.textnorm import normalize_tweet
-from mmsent.train import TrainConfig, loss_fn, make_class_weights
+from mmsent.training.config import TrainConfig
+from mmsent.training.finetune import finetune
+from mmsent.training.losses import loss_fn, make_class_weights
 
 LABELS = ("negative", "neutral", "positive")
 COLOURS = {"negative": (200, 20, 20), "neutral": (120, 120, 120), "positive": (20, 200, 40)}
@@ -75,9 +75,9 @@ class _Untrained:
 def parsed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
     """`mmsent train ARGS` up to training: what train_model would get (model config, TrainConfig, keywords)."""
     seen: dict[str, Any] = {}
-    monkeypatch.setattr("mmsent.scorer.from_config", _Untrained)
+    monkeypatch.setattr("mmsent.cli.from_config", _Untrained)
     monkeypatch.setattr(
-        "mmsent.train.train_model", lambda model, _ex, _out, cfg, **kw: seen.update(model=model.cfg, train=cfg, **kw)
+        "mmsent.cli.train_model", lambda model, _ex, _out, cfg, **kw: seen.update(model=model.cfg, train=cfg, **kw)
     )
     data = make_dataset(tmp_path, 6)
 

@@ -19,12 +19,12 @@ from mmsent import Reference
 from mmsent.cli import app
 from mmsent.data import Example, collate, load_examples
 from mmsent.encoders import ImageEncoder, ImageSpec, RandomWeightsWarning
-from mmsent.features import extract_activations
-from mmsent.finetune import ActivationRows, _AuxHeads, _Trainer, finetune, predict
 from mmsent.model import MODALITY_PAIRS, Features, MMSentModel
-from mmsent.presets import preset_config
-from mmsent.scorer import from_config
-from mmsent.train import TrainConfig, _soup
+from mmsent.presets import from_config, preset_config
+from mmsent.training.config import TrainConfig
+from mmsent.training.features import extract_activations
+from mmsent.training.finetune import ActivationRows, AuxHeads, FinetuneTrainer, finetune, predict
+from mmsent.training.train import finetune_soup
 from tests.test_model_training import LABELS, make_dataset
 
 FAST = TrainConfig(epochs=3, batch_size=8, lr=1e-2, encoder_lr=1e-2, patience=99, progress=False, device="cpu")
@@ -98,14 +98,14 @@ def test_a_cached_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: p
     acts = extract_activations(tiny(), labelled(tmp_path), progress=False)
     train, val = rows(acts, range(18)), rows(acts, range(18, 24))
     whole, whole_hist = finetune(tiny(), train, val, FAST, state_path=tmp_path / "whole.pt")
-    save = _Trainer.save
+    save = FinetuneTrainer.save
 
-    def save_then_stop(self: _Trainer, path: Path, run: object, epoch: int) -> None:
+    def save_then_stop(self: FinetuneTrainer, path: Path, run: object, epoch: int) -> None:
         save(self, path, run, epoch)  # type: ignore[arg-type]
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(_Trainer, "save", save_then_stop)
+        m.setattr(FinetuneTrainer, "save", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             finetune(tiny(), train, val, FAST, state_path=tmp_path / "cut.pt")
     torch.manual_seed(999)
@@ -121,7 +121,7 @@ def test_a_soup_is_the_mean_of_runs_from_one_start(tmp_path: Path) -> None:
     runs = [finetune(tiny(), train, val, dataclasses.replace(FAST, seed=seed))[0].trainable_state()
             for seed in (3, 1003)]
     souped = tiny()
-    hist, best_epoch = _soup(souped, train, val, dataclasses.replace(FAST, seed=3, soup=2))
+    hist, best_epoch = finetune_soup(souped, train, val, dataclasses.replace(FAST, seed=3, soup=2))
     assert len(hist) == 3 and 0 <= best_epoch < 3
     differs = False
     for k, v in souped.trainable_state().items():
@@ -129,7 +129,7 @@ def test_a_soup_is_the_mean_of_runs_from_one_start(tmp_path: Path) -> None:
         differs = differs or not torch.equal(runs[0][k], runs[1][k])
     assert differs  # the two runs went different ways: the mean is not one of them
     with pytest.raises(ValueError, match="soup must be 1 run or more"):
-        _soup(tiny(), train, val, dataclasses.replace(FAST, soup=0))
+        finetune_soup(tiny(), train, val, dataclasses.replace(FAST, soup=0))
 
 
 def test_a_tuned_model_reloads_and_scores_posts_as_it_trained(tmp_path: Path) -> None:
@@ -143,7 +143,7 @@ def test_a_tuned_model_reloads_and_scores_posts_as_it_trained(tmp_path: Path) ->
 
 
 def test_auxiliary_heads_learn_each_modalitys_own_label() -> None:
-    aux = _AuxHeads(4, 5, 3)
+    aux = AuxHeads(4, 5, 3)
     pair = MODALITY_PAIRS.index((2, 1))  # the caption positive, the image neutral
     f = Features(text=torch.randn(3, 4), image=torch.randn(3, 5), has_text=torch.tensor([True, True, False]),
                  has_image=torch.tensor([True, False, True]))

@@ -110,8 +110,7 @@ def _save_tiny_model(directory: Path, version: str, *, name: str = "mmsent-tiny-
     """A tiny-random model directory; `squash` changes its image preprocessing, and so its image encoder."""
     from dataclasses import replace
 
-    from mmsent.presets import preset_config
-    from mmsent.scorer import from_config
+    from mmsent.presets import from_config, preset_config
 
     cfg = preset_config("tiny-random", fusion=fusion)
     if squash:

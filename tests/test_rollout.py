@@ -55,8 +55,7 @@ Poison = Callable[[Path], None]
 
 
 def save_tiny_model(directory: Path, version: str) -> Path:
-    from mmsent.presets import preset_config
-    from mmsent.scorer import from_config
+    from mmsent.presets import from_config, preset_config
 
     return from_config(replace(preset_config("tiny-random"), version=version)).save(directory)
 
@@ -199,8 +198,7 @@ def test_an_oversized_config_is_refused_fast_without_allocating_it(good_model: P
 def test_the_counted_parameters_are_the_built_models() -> None:
     """The count from the config (meta device, layers and heads extrapolated) is the built model's, exactly."""
     from mmsent.model import parameter_count
-    from mmsent.presets import preset_config
-    from mmsent.scorer import from_config
+    from mmsent.presets import from_config, preset_config
 
     for fusion, ensemble, layers in (("concat", 1, 2), ("gated", 3, 3), ("attention", 2, 1)):
         cfg = replace(preset_config("tiny-random", fusion=fusion), ensemble=ensemble)

@@ -56,7 +56,7 @@ def photo_url(server: LoopbackImageServer, index: int, run: int) -> str:
 def make_posts(count: int, n_photos: int, server: LoopbackImageServer, repeat_share: float, seed: int) -> list[bytes]:
     """Tweet-like captions; each post has an image, `repeat_share` of them an image seen earlier in the stream."""
     # torch: imported when this runs (the module docstring says why)
-    from mmsent.bench import synthetic_captions
+    from mmsent.benchmarks.host import synthetic_captions
 
     rng = random.Random(seed)
     captions = synthetic_captions(count, seed)
@@ -362,14 +362,15 @@ def device_end_to_end(model: str, device: str, model_only: dict[str, Any], posts
     """End to end on this machine's `device` for `scripts/device-check`: the consumer process scoring with `model`
     there, through the embedded broker and a Redis (noida-db's Redis-protocol server where there is no
     redis-server), images from a loopback server; batches of the size `model_only` was measured at
-    (`mmsent.devicebench.bench_serving`: the Scorer from JPEG bytes), so that `bottleneck` compares like with like.
+    (`mmsent.benchmarks.device.bench_serving`: the Scorer from JPEG bytes), so that `bottleneck` compares like with
+    like.
     On a CPU the consumer's encoders run in PyTorch, as bench_serving's do (an ONNX export of random weights would
     cost the check seconds and change what is compared). Each of its three runs fails after `timeout_s`, so that a
     stalled consumer cannot spend a GPU check's few minutes.
     -> posts/s of the backlog run, p99 at half that rate and under the backlog, both runs' figures, the consumer's
     stage totals over the backlog run, and the bottleneck."""
     # torch: imported when this runs (the module docstring says why)
-    from mmsent.bench import sample_photos
+    from mmsent.benchmarks.host import sample_photos
 
     batch_size = int(model_only["batch_size"])
     photos, source = sample_photos(max(64, posts))
@@ -453,7 +454,7 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
     # torch: imported when this runs (the module docstring says why)
     import torch
 
-    from mmsent.bench import bench_model, matmul_flops_per_s, sample_photos
+    from mmsent.benchmarks.host import bench_model, matmul_flops_per_s, sample_photos
 
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -620,7 +621,7 @@ def bench_models(
 ) -> None:
     """Model-only posts/s of several models on the same posts, timed in alternation: ratios measured side by side."""
     # torch: imported when this runs (the module docstring says why)
-    from mmsent.bench import compare_models
+    from mmsent.benchmarks.host import compare_models
 
     result = compare_models(models, batch_size, rounds)
     typer.echo(f"model only, batch {batch_size}, {rounds} rounds alternating, {result['threads']} threads, "
@@ -642,7 +643,7 @@ def bench_device_command(
     per batch size in fp32, bf16 and compiled (CUDA only), FLOPs per post, share of the bf16 peak, GPU utilisation;
     batched decode against PIL; the Scorer from JPEG bytes and its latency at half load; fine-tuning samples/s."""
     # torch: imported when this runs (the module docstring says why)
-    from mmsent.devicebench import bench_device, bench_serving, bench_training
+    from mmsent.benchmarks.device import bench_device, bench_serving, bench_training
 
     result = bench_device(device, archs=tuple(arch or ("default", "seed")),
                           batch_sizes=tuple(batch_size or (1, 32, 256, 1024)), seconds=seconds)

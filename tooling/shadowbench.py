@@ -17,7 +17,7 @@ from consumer.offsets import OffsetTracker
 from consumer.shadow import ShadowStage
 from consumer.stages import ModelStage
 from mmsent import Scorer, decode_image
-from mmsent.bench import sample_photos, synthetic_captions
+from mmsent.benchmarks.host import sample_photos, synthetic_captions
 from schemas.models import ImageStatus, ModelInfo, PostEvent
 
 

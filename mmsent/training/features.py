@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,19 +18,12 @@ from tqdm.auto import tqdm
 
 from mmsent.data import Example, load_image
 from mmsent.model import Batch, Features, MMSentModel
+from mmsent.presets import cache_dir
 
-__all__ = ["ActivationSet", "FeatureSet", "cache_dir", "extract_activations", "extract_features"]
+__all__ = ["ActivationSet", "FeatureSet", "extract_activations", "extract_features"]
 
 FEATURE_VERSION = 4  # 4: resize in torch (antialiased bilinear on uint8), not Pillow
 Cached = TypeVar("Cached", "FeatureSet", "ActivationSet")  # what the feature cache holds, labels aside
-
-
-def cache_dir() -> Path:
-    base = (
-        os.environ.get("MMSENT_CACHE_DIR")
-        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmsent"
-    )
-    return Path(base)
 
 
 @dataclass

@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
+from torch.utils.flop_counter import FlopCounterMode
 
-from mmsent.scorer import Scorer
+from mmsent.serving.scorer import Scorer
 
 _WORDS = [
     "love", "hate", "great", "awful", "today", "game", "team", "happy", "sad", "new", "best", "worst", "photo",
@@ -90,9 +91,8 @@ def matmul_flops_per_s(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def flops_per_post(scorer: Scorer, posts: Sequence[dict[str, Any]]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
+def scorer_flops_per_post(scorer: Scorer, posts: Sequence[dict[str, Any]]) -> float:
+    """The FLOPs a Scorer spends per post on these posts, end to end (text, CNN, head), as PyTorch counts them."""
     counter = FlopCounterMode(display=False)
     with counter:
         scorer.score(posts)
@@ -137,7 +137,7 @@ def bench_model(
         scorer.pad_to_length = None
     # Counted on the plain PyTorch path in this thread: the counter sees neither ONNX Runtime nor worker threads.
     # The same model, handed to a PyTorch scorer (which detaches the ONNX graphs: the timing is done).
-    flops = flops_per_post(Scorer(scorer.model, cpu_runtime="torch", cpu_workers=1), posts[:16])
+    flops = scorer_flops_per_post(Scorer(scorer.model, cpu_runtime="torch", cpu_workers=1), posts[:16])
     return {
         "preset": preset,
         "model": scorer.info,

@@ -6,11 +6,11 @@
                  │                                    │   then `ensemble` heads), then the final heads on all rows
                  │                                    └─ otherwise: train_head on one split (early stopping)
                  ├─ trainable encoder layers, on the CPU ─> activations below them once (extract_activations) ─>
-                 │  finetune.finetune over them, --soup N runs whose weights are averaged (--folds k: k_folds, each
+                 │  finetune over them, --soup N runs whose weights are averaged (--folds k: k_folds, each
                  │  fold early-stopped, then the final model for the median epochs; calibration.json from the
                  │  out-of-fold probabilities)
-                 └─ trainable layers on a GPU (or --no-cache) ─> finetune.finetune (end to end on --device, image
-                    augmentation, bf16 on CUDA, warm-up + cosine decay, early stopping; see mmsent/finetune.py)
+                 └─ trainable layers on a GPU (or --no-cache) ─> finetune (end to end on --device, image
+                    augmentation, bf16 on CUDA, warm-up + cosine decay, early stopping; see mmsent/training/finetune.py)
                  ─> DIR: config.json (+ train_config, cv) + model.safetensors + labels.json, training.png; with
                     --folds also cv.json, oof.npz (out-of-fold probabilities), calibration.json and
                     reference.json (the drift reference: mmsent/reference.py)
@@ -24,316 +24,31 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import random
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from mmsent.data import Example
-from mmsent.evaluate import compute_metrics
-from mmsent.features import ActivationSet, FeatureSet, extract_activations, extract_features
-from mmsent.model import Features, FusionHead, HeadConfig, HeadEnsemble, MMSentModel
+from mmsent.device import resolve_device
+from mmsent.evaluation.calibrate import write_calibration
+from mmsent.evaluation.metrics import compute_metrics
+from mmsent.model import FusionHead, HeadConfig, HeadEnsemble, MMSentModel
+from mmsent.reference import Reference
+from mmsent.serving.calibration import Calibration, calibrated_probabilities
+from mmsent.training.config import TrainConfig
+from mmsent.training.features import ActivationSet, FeatureSet, extract_activations, extract_features
+from mmsent.training.finetune import ActivationRows, Rows, finetune, predict
+from mmsent.training.heads import pair_indices, predict_head, train_head
+from mmsent.training.loop import History
 
-if TYPE_CHECKING:
-    from mmsent.calibrate import Calibration
-    from mmsent.finetune import Rows  # finetune builds on this module, which may not import it before it runs
-
-__all__ = ["TrainConfig", "cross_validate", "train_head", "train_model"]
-
-History = list[dict[str, float]]
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """How to train. `mmsent train` has an option per field, default and help from here: declared once, they
-    cannot disagree. The option is `--batch-size` for batch_size (`--tta/--no-tta` for a bool), unless
-    `metadata["flags"]` names it otherwise."""
-
-    epochs: int = field(default=40, metadata={"help": "epochs at most (early stopping usually ends sooner)"})
-    batch_size: int = field(default=64, metadata={"help": "examples per optimiser step"})
-    lr: float = field(default=1e-3, metadata={"help": "learning rate of the fusion head"})
-    encoder_lr: float = field(default=2e-5, metadata={"help": "learning rate of fine-tuned encoder layers"})
-    weight_decay: float = field(default=0.05, metadata={"help": "AdamW weight decay"})
-    loss: str = field(default="ce", metadata={"help": "ce | focal"})
-    focal_gamma: float = field(default=2.0, metadata={"help": "focal loss: the exponent of (1 - p)"})
-    class_weights: str = field(default="sqrt", metadata={"help": "none | balanced | sqrt (root of the balanced ones)"})
-    label_smoothing: float = field(default=0.05, metadata={"help": "label smoothing of the loss"})
-    patience: int = field(default=8, metadata={"help": "early stopping: epochs without a better validation macro-F1"})
-    val_fraction: float = field(default=0.1, metadata={"help": "share of the rows held out for early stopping"})
-    seed: int = field(default=0, metadata={"help": "random seed (ensemble head k: seed + 1000 k)"})
-    folds: int = field(default=0, metadata={"help": "k-fold cross-validation (reports mean ± std); 0 = one split"})
-    cache_features: bool = field(
-        default=True,
-        metadata={"help": "head-only training on cached frozen features", "flags": ("--cache/--no-cache",)},
-    )
-    # Off, as `mmsent train` always defaulted and the shipped model was trained: the mirror doubles the CNN's cost
-    # of every served image for a CV accuracy unchanged within noise (BENCHMARKS.md, the model card).
-    tta: bool = field(default=False, metadata={"help": "score the image and its mirror (2x CNN cost), CV and serving"})
-    extra_weight: float = field(default=0.5, metadata={"help": "loss weight of the extra text-only examples"})
-    threads: int = field(default=2, metadata={"help": "torch CPU threads"})
-    progress: bool = field(default=True, metadata={"help": "progress bars", "flags": ("--progress/--quiet",)})
-    ensemble: int = field(default=1, metadata={"help": "final model: average of N heads (different seeds)"})
-    # The end-to-end loop's own settings (mmsent/finetune.py); head-only training on cached features ignores them.
-    device: str = field(default="auto", metadata={"help": "end to end: cuda | cpu | auto (the GPU when there is one)"})
-    workers: int = field(
-        default=-1, metadata={"help": "end to end: image-loading DataLoader processes (-1: up to 8 on GPU, 0 on CPU)"}
-    )
-    warmup: float = field(default=0.1, metadata={"help": "end to end: share of the steps that warm the rates up"})
-    decay: str = field(default="cosine", metadata={"help": "end to end: cosine | linear decay after the warm-up"})
-    image_encoder_lr: float = field(
-        default=0.0, metadata={"help": "learning rate of fine-tuned image blocks (0: --encoder-lr)"}
-    )
-    aux_weight: float = field(
-        default=0.3, metadata={"help": "fine-tuning: weight of the losses teaching each encoder its modality's label"}
-    )
-    soup: int = field(
-        default=1,
-        metadata={"help": "fine-tuning: average the weights of N runs (seeds seed + 1000 k) from one start; one "
-                          "model's serving cost"},
-    )
-
-
-# ----------------------------------------------------------------------------------------------------------- loss
-def make_class_weights(labels: torch.Tensor, n_classes: int, mode: str) -> torch.Tensor | None:
-    if mode == "none":
-        return None
-    counts = torch.bincount(labels[labels >= 0], minlength=n_classes).float().clamp(min=1)
-    w = counts.sum() / (n_classes * counts)
-    if mode == "sqrt":
-        w = w.sqrt()
-    elif mode != "balanced":
-        raise ValueError(f"class_weights must be none, balanced or sqrt, not {mode!r}")
-    return w / (w * counts).sum() * counts.sum()  # mean weight per example stays 1
-
-
-def loss_fn(
-    logits: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, weights: torch.Tensor | None, sample_w: torch.Tensor
-) -> torch.Tensor:
-    ce = F.cross_entropy(logits, y, weight=weights, reduction="none", label_smoothing=cfg.label_smoothing)
-    if cfg.loss == "focal":
-        pt = torch.exp(-F.cross_entropy(logits, y, reduction="none")).clamp(max=1.0)
-        ce = (1 - pt) ** cfg.focal_gamma * ce
-    elif cfg.loss != "ce":
-        raise ValueError(f"loss must be ce or focal, not {cfg.loss!r}")
-    return (ce * sample_w).sum() / sample_w.sum().clamp(min=1e-8)
-
-
-def _set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _macro_f1(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
-    from sklearn.metrics import f1_score
-
-    return float(f1_score(y, probs.argmax(1), labels=list(range(n_classes)), average="macro", zero_division=0))
-
-
-def _rng_state() -> dict[str, Any]:
-    """Every RNG a run draws from (shuffles, dropout, augmentation): what a checkpoint saves to repeat the run. Only
-    tensors and plain values, so that a checkpoint loads with `torch.load(..., weights_only=True)`: numpy's key
-    array goes in as a tensor."""
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    numpy_state = (name, torch.from_numpy(np.asarray(key, dtype=np.int64)), pos, has_gauss, gauss)
-    return {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state(), "cuda": cuda}
-
-
-def _set_rng_state(st: dict[str, Any]) -> None:
-    random.setstate(st["python"])
-    name, key, pos, has_gauss, gauss = st["numpy"]
-    np.random.set_state((name, key.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(st["torch"])
-    if st["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A `--resume` checkpoint, unpickled with `weights_only=True`: tensors, numbers, strings and containers only,
-    so that a file put where a checkpoint is expected cannot run code."""
-    state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    return state
-
-
-def _descend(loss: torch.Tensor, opt: torch.optim.Optimizer, params: Iterable[nn.Parameter]) -> None:
-    """One optimiser step down `loss`, the gradient norm clipped at 5."""
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    nn.utils.clip_grad_norm_(params, 5.0)
-    opt.step()
-
-
-@dataclass
-class _Progress:
-    """A run's history and early stopping on validation macro-F1; what a resumed run continues from."""
-
-    history: History = field(default_factory=list)
-    best: float = -1.0
-    best_state: dict[str, torch.Tensor] | None = None
-    best_epoch: int = 0
-    bad: int = 0  # epochs since the best
-    start: int = 0  # the first epoch still to run
-
-    def update(self, f1: float, epoch: int, state: Callable[[], dict[str, torch.Tensor]]) -> None:
-        if f1 > self.best:
-            self.best, self.best_epoch, self.bad = f1, epoch, 0
-            self.best_state = {k: v.clone() for k, v in state().items()}
-        else:
-            self.bad += 1
-
-    def checkpoint(self, epoch: int) -> dict[str, Any]:
-        """What a run resumed after `epoch` continues from: this progress and every RNG (a trainer adds its own)."""
-        best = {"best": self.best, "best_state": self.best_state, "best_epoch": self.best_epoch, "bad": self.bad}
-        return {"history": self.history, **best, "epoch": epoch, "rng": _rng_state()}
-
-    @classmethod
-    def resumed(cls, st: dict[str, Any]) -> _Progress:
-        """The progress in checkpoint `st`, from the epoch after its own; its RNGs restored."""
-        _set_rng_state(st["rng"])
-        return cls(st["history"], st["best"], st["best_state"], st["best_epoch"], st["bad"], st["epoch"] + 1)
-
-    def restore_best(self, module: nn.Module, *, strict: bool = True) -> int:
-        """Load the best weights into `module`; the best epoch (the last one when nothing was validated)."""
-        if self.best_state is None:
-            return len(self.history) - 1
-        module.load_state_dict(self.best_state, strict=strict)
-        return self.best_epoch
-
-
-# ------------------------------------------------------------------------------------------- head-only (cached)
-@torch.no_grad()
-def predict_head(
-    head: nn.Module, fs: FeatureSet, idx: torch.Tensor, *, tta: bool = True, modality: str = "both"
-) -> np.ndarray:
-    head.eval()
-    out = []
-    for s in range(0, len(idx), 512):
-        f = fs.batch(idx[s : s + 512], tta=tta)
-        if modality == "text":
-            f = f._replace(has_image=torch.zeros_like(f.has_image))
-        elif modality == "image":
-            f = f._replace(has_text=torch.zeros_like(f.has_text))
-        out.append(F.softmax(head(f), -1))
-    n_classes = int(getattr(head, "cfg").n_classes)  # noqa: B009
-    return torch.cat(out).numpy() if out else np.zeros((0, n_classes))
-
-
-def train_head(
-    head_cfg: HeadConfig,
-    fs: FeatureSet,
-    train_idx: torch.Tensor,
-    val_idx: torch.Tensor | None,
-    cfg: TrainConfig,
-    *,
-    sample_weight: torch.Tensor | None = None,
-    epochs: int | None = None,
-    desc: str = "train",
-    state_path: Path | None = None,
-) -> tuple[FusionHead, History, int]:
-    """Train a FusionHead on cached features. Returns (best head, history, best epoch).
-
-    Each epoch: shuffled mini-batches (each image mirrored at random) -> AdamW + one-cycle steps; with `val_idx`,
-    validation macro-F1 for early stopping; with `state_path`, a checkpoint that a resumed run continues from.
-    """
-    _set_seed(cfg.seed)
-    n_epochs = epochs or cfg.epochs
-    steps = max(n_epochs * math.ceil(len(train_idx) / cfg.batch_size), 1)
-    t = _HeadTrainer.new(head_cfg, fs, train_idx, cfg, steps, sample_weight)
-    run = t.resume(state_path, steps) if state_path is not None and state_path.exists() else _Progress()
-    bar = tqdm(range(run.start, n_epochs), desc=desc, disable=not cfg.progress, leave=False)
-    for epoch in bar:
-        rec = {"epoch": float(epoch), "train_loss": t.epoch(train_idx)}
-        if val_idx is not None and len(val_idx):
-            rec.update(t.validate(val_idx))
-            run.update(rec["val_macro_f1"], epoch, t.head.state_dict)
-            bar.set_postfix(loss=f"{rec['train_loss']:.3f}", f1=f"{rec['val_macro_f1']:.3f}")
-        run.history.append(rec)
-        if state_path is not None:
-            t.save(state_path, run, epoch)
-        if val_idx is not None and run.bad >= cfg.patience:
-            break
-    best_epoch = run.restore_best(t.head)
-    return t.head.eval(), run.history, best_epoch
-
-
-@dataclass
-class _HeadTrainer:
-    """A FusionHead with its optimiser, one-cycle schedule and loss inputs (class, row and pair weights)."""
-
-    head: FusionHead
-    fs: FeatureSet
-    cfg: TrainConfig
-    opt: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.OneCycleLR
-    class_weights: torch.Tensor | None
-    sample_w: torch.Tensor
-    pairs: torch.Tensor
-
-    @classmethod
-    def new(
-        cls,
-        head_cfg: HeadConfig,
-        fs: FeatureSet,
-        train_idx: torch.Tensor,
-        cfg: TrainConfig,
-        steps: int,
-        sample_weight: torch.Tensor | None,
-    ) -> _HeadTrainer:
-        head = FusionHead(head_cfg)
-        opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
-        weights = make_class_weights(fs.labels[train_idx], head_cfg.n_classes, cfg.class_weights)
-        sample_w = sample_weight if sample_weight is not None else torch.ones(len(fs))
-        return cls(head, fs, cfg, opt, sched, weights, sample_w, _pairs_of(fs))
-
-    def epoch(self, train_idx: torch.Tensor) -> float:
-        """One shuffled pass over `train_idx`; the mean training loss."""
-        self.head.train()
-        perm = train_idx[torch.randperm(len(train_idx))]
-        bs = self.cfg.batch_size
-        total = sum((self.step(perm[s : s + bs]) for s in range(0, len(perm), bs)), 0.0)
-        return total / max(len(perm), 1)
-
-    def step(self, idx: torch.Tensor) -> float:
-        """One optimiser step on the rows `idx`; their summed loss."""
-        f = self.fs.batch(idx, flip=torch.rand(len(idx)) < 0.5)
-        y, pairs, sample_w = self.fs.labels[idx], self.pairs[idx], self.sample_w[idx]
-        loss = head_loss(self.head, f, y, pairs, self.cfg, self.class_weights, sample_w)
-        _descend(loss, self.opt, self.head.parameters())
-        self.sched.step()
-        return float(loss.detach()) * len(idx)
-
-    def validate(self, val_idx: torch.Tensor) -> dict[str, float]:
-        probs = predict_head(self.head, self.fs, val_idx, tta=self.cfg.tta)
-        y = self.fs.labels[val_idx]
-        return {
-            "val_loss": float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp(min=1e-8)), y)),
-            "val_macro_f1": _macro_f1(y.numpy(), probs, self.head.cfg.n_classes),
-            "val_accuracy": float((probs.argmax(1) == y.numpy()).mean()),
-        }
-
-    def save(self, path: Path, run: _Progress, epoch: int) -> None:
-        state = {"head": self.head.state_dict(), "opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
-        torch.save(state | run.checkpoint(epoch), path)
-
-    def resume(self, path: Path, steps: int) -> _Progress:
-        st = load_checkpoint(path)
-        self.head.load_state_dict(st["head"])
-        self.opt.load_state_dict(st["opt"])
-        self.sched.load_state_dict(st["sched"])
-        self.sched.total_steps = steps  # resuming with more epochs stretches the schedule
-        return _Progress.resumed(st)
+__all__ = ["cross_validate", "finetune_soup", "k_folds", "train_model"]
 
 
 def _stratified_split(labels: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -358,14 +73,10 @@ def _concat(a: FeatureSet, b: FeatureSet) -> FeatureSet:
         has_text=torch.cat([a.has_text, b.has_text]),
         has_image=torch.cat([a.has_image, b.has_image]),
         labels=torch.cat([a.labels, b.labels]),
-        pairs=torch.cat([_pairs_of(a), _pairs_of(b)]),
+        pairs=torch.cat([pair_indices(a), pair_indices(b)]),
         text_tokens=tokens,
         text_mask=mask,
     )
-
-
-def _pairs_of(fs: FeatureSet) -> torch.Tensor:
-    return fs.pairs if fs.pairs is not None else torch.full_like(fs.labels, -100)
 
 
 def _sample_weights(n: int, n_main: int, cfg: TrainConfig) -> torch.Tensor:
@@ -373,26 +84,6 @@ def _sample_weights(n: int, n_main: int, cfg: TrainConfig) -> torch.Tensor:
     sw = torch.ones(n)
     sw[n_main:] = cfg.extra_weight
     return sw
-
-
-def head_loss(
-    head: FusionHead,
-    f: Features,
-    y: torch.Tensor,
-    pairs: torch.Tensor,
-    cfg: TrainConfig,
-    weights: torch.Tensor | None,
-    sample_w: torch.Tensor,
-) -> torch.Tensor:
-    """The label loss; with a modality-pairs head, rows with both per-modality labels learn the pair instead."""
-    out = head.outputs(f)  # one forward: one dropout mask for both losses
-    if not head.cfg.modality_pairs:
-        return loss_fn(out, y, cfg, weights, sample_w)
-    has_pair = pairs >= 0
-    label_loss = loss_fn(head.labels_from_pairs(out), y, cfg, weights, sample_w * ~has_pair)
-    pair_loss = loss_fn(out, pairs.clamp(min=0), cfg, None, sample_w * has_pair)
-    share = has_pair.float().mean()
-    return share * pair_loss + (1 - share) * label_loss
 
 
 def _seeded(cfg: TrainConfig, n: int) -> list[TrainConfig]:
@@ -579,12 +270,12 @@ def train_model(
     finetune = model.cfg.text_trainable_layers != 0 or model.cfg.image_trainable_blocks != 0
     if cfg.cache_features and not finetune:
         result = TrainResult(out, *_train_cached(model, examples, extra_text, cfg, state_path, log))
-    elif cfg.cache_features and _device_type(cfg) == "cpu":
+    elif cfg.cache_features and resolve_device(cfg.device).type == "cpu":
         result = TrainResult(out, *_train_tuned_cached(model, examples, cfg, state_path, log))
     else:
         result = TrainResult(out, None, _train_end_to_end(model, examples, cfg, state_path, log))
     plot_history(result.cv["histories"] if result.cv is not None else [result.history], out / "training.png")
-    _save(model, out, cfg, result.cv, half)
+    write_model_directory(model, out, cfg, result.cv, half)
     if result.cv is not None:
         labels = list(model.cfg.labels)
         calibration = _calibrate_out_of_fold(out, examples[: len(result.cv["oof"]["both"])], result.cv, labels, log)
@@ -593,19 +284,11 @@ def train_model(
     return result
 
 
-def _device_type(cfg: TrainConfig) -> str:
-    from mmsent.finetune import resolve_device
-
-    return resolve_device(cfg.device).type
-
-
 def _calibrate_out_of_fold(
     out: Path, examples: Sequence[Example], cv: dict[str, Any], labels: list[str], log: Callable[[str], None]
 ) -> Calibration:
     """The model directory's calibration (temperature, alert thresholds, reliability diagrams) from the CV's
     out-of-fold probabilities: each post scored by a fold model that never trained on it."""
-    from mmsent.calibrate import write_calibration
-
     probs = np.asarray(cv["oof"]["both"], dtype=np.float64)
     y = np.asarray([e.label for e in examples], dtype=np.int64)
     source = {"source": f"out-of-fold probabilities of the {cv['folds']}-fold cross-validation"}
@@ -618,9 +301,6 @@ def _reference_out_of_fold(out: Path, cv: dict[str, Any], labels: list[str], tem
                            log: Callable[[str], None]) -> None:
     """The model directory's drift reference (mmsent/reference.py) from the same out-of-fold probabilities, at the
     calibration's temperature: what the consumer's predictions are compared with."""
-    from mmsent.calibrate import calibrated_probabilities
-    from mmsent.reference import Reference
-
     probs = calibrated_probabilities(np.log(np.clip(np.asarray(cv["oof"]["both"]), 1e-12, None)), temperature)
     reference = Reference.from_probabilities(
         probs, labels, f"out-of-fold probabilities of the {cv['folds']}-fold cross-validation, T = {temperature:.4f}")
@@ -702,15 +382,13 @@ def _train_tuned_cached(
     end-to-end loop over them, `cfg.soup` times. With `cfg.folds` > 1: k-fold CV (each fold early-stopped on a
     held-out tenth of its training part), then the final model on every row for the median best epoch count.
     (cv, history)"""
-    from mmsent.finetune import ActivationRows
-
     t0 = time.time()
     acts = extract_activations(model, examples, progress=cfg.progress)
     log(f"activations below the tuned layers ready in {time.time() - t0:.0f}s")
     if cfg.folds <= 1:
         tr, va = _stratified_split(acts.labels.numpy(), cfg.val_fraction, cfg.seed)
         rows = ActivationRows(acts, torch.from_numpy(tr)), ActivationRows(acts, torch.from_numpy(va))
-        hist, _ = _soup(model, *rows, cfg, state_path=state_path)
+        hist, _ = finetune_soup(model, *rows, cfg, state_path=state_path)
         log(_end_to_end_report(hist))
         return None, hist
     initial = copy.deepcopy(model)  # every fold starts from the same weights as the final model
@@ -722,7 +400,7 @@ def _train_tuned_cached(
     epochs = max(1, int(statistics.median(cv["best_epochs"])))
     log(_cv_report(cv))
     log(f"final model: all {len(acts)} examples, {epochs} epochs (median best epoch over folds)")
-    hist, _ = _soup(model, ActivationRows(acts, torch.arange(len(acts))), None, cfg, stop_after=epochs)
+    hist, _ = finetune_soup(model, ActivationRows(acts, torch.arange(len(acts))), None, cfg, stop_after=epochs)
     return cv, hist
 
 
@@ -730,24 +408,20 @@ def _tuned_fold(
     model: MMSentModel, acts: ActivationSet, tr: np.ndarray, te: np.ndarray, cfg: TrainConfig, k: int
 ) -> FoldResult:
     """Fold k: fine-tune on its training rows but a held-out tenth, which early-stops; score its test rows."""
-    from mmsent.finetune import ActivationRows, predict
-
     inner_tr, inner_va = _stratified_split(acts.labels[tr].numpy(), cfg.val_fraction, cfg.seed + k)
     train, val = (ActivationRows(acts, torch.from_numpy(tr[rows])) for rows in (inner_tr, inner_va))
-    hist, best_epoch = _soup(model, train, val, cfg)
+    hist, best_epoch = finetune_soup(model, train, val, cfg)
     test = ActivationRows(acts, torch.from_numpy(te))
     return {m: predict(model, test, cfg, modality=m) for m in MODALITIES}, hist, best_epoch
 
 
-def _soup(
+def finetune_soup(
     model: MMSentModel, train: Rows, val: Rows | None, cfg: TrainConfig, *, state_path: Path | None = None,
     stop_after: int | None = None,
 ) -> tuple[History, int]:
     """`cfg.soup` fine-tuning runs of `model` (`_seeded`: each from the same weights, each early-stopped on `val` when
     given), their trainable weights averaged into `model`: a "model soup" (Wortsman et al. 2022), served at one
     model's cost. (the first run's history, the median best epoch)"""
-    from mmsent.finetune import finetune  # it builds on this module (loss, early stopping), so it comes in late
-
     if cfg.soup < 1:
         raise ValueError(f"soup must be 1 run or more, not {cfg.soup}")
     start = copy.deepcopy(model) if cfg.soup > 1 else model
@@ -771,7 +445,7 @@ def _train_end_to_end(
 ) -> History:
     """`finetune` (`cfg.soup` runs) on one stratified split of `examples` (the validation part early-stops)."""
     tr, va = _stratified_split(np.array([e.label for e in examples]), cfg.val_fraction, cfg.seed)
-    hist, _ = _soup(model, [examples[k] for k in tr], [examples[k] for k in va], cfg, state_path=state_path)
+    hist, _ = finetune_soup(model, [examples[k] for k in tr], [examples[k] for k in va], cfg, state_path=state_path)
     log(_end_to_end_report(hist))
     return hist
 
@@ -783,7 +457,8 @@ def _end_to_end_report(hist: History) -> str:
     return f"best validation macro-F1 {f1:.4f} at epoch {best['epoch'] + 1:.0f}; {rate:.1f} posts/s"
 
 
-def _save(model: MMSentModel, out: Path, cfg: TrainConfig, cv: dict[str, Any] | None, half: bool) -> None:
+def write_model_directory(model: MMSentModel, out: Path, cfg: TrainConfig, cv: dict[str, Any] | None,
+                          half: bool) -> None:
     """Record the training config (and the CV scores) in the model's config; write the model directory (with a CV:
     cv.json and the out-of-fold probabilities, oof.npz)."""
     extra = {**model.cfg.extra, "train_config": asdict(cfg)}

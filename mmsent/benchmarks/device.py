@@ -10,10 +10,11 @@
     bench_serving(device)                    the Scorer from JPEG bytes at the device's serving batch size (decode,
                                              CNN, text, head: on CUDA bf16 weights and the batched device decode),
                                              and per-post latency at half that load, batched as the consumer does
-    bench_training(device)                   samples/s of the end-to-end loop (mmsent/finetune.py) on generated posts
+    bench_training(device)                   samples/s of the fine-tuning loop (mmsent/training/finetune.py) on
+                                             generated posts
     label_agreement(cfg, device, dtype)      how often the labels of a lower precision equal fp32's on the CPU
     decode_photos_per_s(device)              JPEG photos decoded, resized and normalised per second: in batches on
-                                             the device (mmsent/gpudecode.py) against the safe PIL decoder
+                                             the device (mmsent/serving/gpudecode.py) against the safe PIL decoder
     GPU utilisation                          `torch.cuda.utilization()` sampled while the model works, where it
                                              answers (it needs NVML); null on the CPU or when it does not
 
@@ -38,10 +39,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
-from mmsent.finetune import resolve_device
+from mmsent.benchmarks.host import sample_photos, synthetic_captions, time_batches
+from mmsent.data import Example
+from mmsent.device import resolve_device
+from mmsent.encoders import resolve_path
+from mmsent.imaging import decode_image
 from mmsent.model import Batch, MMSentModel, ModelConfig
-from mmsent.presets import preset_config
+from mmsent.presets import from_config, preset_config
+from mmsent.serving.gpudecode import decode_batch
+from mmsent.serving.scorer import Scorer
+from mmsent.training.config import TrainConfig
+from mmsent.training.finetune import finetune
 
 # Dense bf16 tensor-core peaks from the vendors' data sheets (SXM parts), for "share of peak".
 BF16_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -64,8 +74,6 @@ def random_architecture(name: str) -> ModelConfig:
 
 
 def _bert_config(tokenizer: str) -> dict[str, Any]:
-    from mmsent.encoders import resolve_path
-
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
             "max_position_embeddings", "type_vocab_size", "hidden_act", "layer_norm_eps")
     directory = resolve_path(tokenizer)
@@ -124,9 +132,8 @@ def compiled_posts_per_s(model: MMSentModel, batch_sizes: tuple[int, ...], devic
     return {str(size): posts_per_s(model, size, device, "bf16", seconds, run=compiled) for size in batch_sizes}
 
 
-def flops_per_post(model: MMSentModel, device: torch.device) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
+def model_flops_per_post(model: MMSentModel, device: torch.device) -> float:
+    """The FLOPs of one forward pass of the model per post, on random inputs of `TEXT_LENGTH` tokens and an image."""
     batch = _inputs(model.cfg, 4, device)
     with FlopCounterMode(display=False) as counter:
         _forward(model, batch, device, "fp32")
@@ -152,7 +159,7 @@ def bench_device(device_name: str = "auto", archs: tuple[str, ...] = ("default",
             posts_per_s(model, max(batch_sizes), device, "bf16", seconds)
         measure = device.type == "cuda" and arch == "default"
         figures["compiled"] = compiled_posts_per_s(model, compiled_sizes, device, seconds, measure)
-        flops = flops_per_post(model, device)
+        flops = model_flops_per_post(model, device)
         best = max(v for dtype in figures.values() for v in dtype.values() if v is not None)
         result["archs"][arch] = {"posts_per_s": figures, "flops_per_post": flops,
                                  "bf16_peak_share": None if peak is None else best * flops / peak,
@@ -188,9 +195,6 @@ def utilisation(device: torch.device, every_s: float = 0.1) -> Iterator[Callable
 def bench_serving(device_name: str = "auto", seconds: float = 2.0, max_wait_s: float = 0.05) -> dict[str, Any]:
     """The Scorer (random default architecture, warmed on every shape) on posts with JPEG bytes, at the device's
     serving batch size: posts/s, then per-post latency with posts arriving at half that rate."""
-    from mmsent.bench import sample_photos, synthetic_captions, time_batches
-    from mmsent.scorer import Scorer, from_config
-
     device = resolve_device(device_name)
     # on the CPU in PyTorch: ONNX Runtime's export of these random weights would cost the check ~12 s
     scorer = Scorer(from_config(random_architecture("default")), device=str(device), cpu_runtime="torch")
@@ -243,16 +247,10 @@ def _cut(arrivals: list[float], first: int, max_batch: int, deadline: float) -> 
 
 def bench_training(device_name: str = "auto", posts: int | None = None, batch_size: int | None = None
                    ) -> dict[str, Any]:
-    """Samples/s of `mmsent.finetune` (the random default architecture with its last text layer and its CNN's head
-    convolution unfrozen, bf16 autocast on CUDA, DataLoader workers) on generated posts with JPEG files: the second
+    """Samples/s of `finetune` (the random default architecture with its last text layer and its CNN's head convolution
+    unfrozen, bf16 autocast on CUDA, DataLoader workers) on generated posts with JPEG files: the second
     epoch's, as the first also pays for starting workers and choosing kernels. Default size: 2,048 posts in batches
     of 64 on CUDA; 16 in batches of 8 elsewhere (a CPU trains this model at a few posts/s)."""
-    from mmsent.bench import sample_photos, synthetic_captions
-    from mmsent.data import Example
-    from mmsent.finetune import finetune
-    from mmsent.scorer import from_config
-    from mmsent.train import TrainConfig
-
     device = resolve_device(device_name)
     on_cuda = device.type == "cuda"
     posts = posts or (2048 if on_cuda else 16)
@@ -273,10 +271,6 @@ def bench_training(device_name: str = "auto", posts: int | None = None, batch_si
 
 def decode_photos_per_s(device: torch.device, photos: int = 64, seconds: float = 2.0) -> dict[str, Any]:
     """Generated JPEG photos of MVSA's usual size, the default model's preprocessing, both decoders side by side."""
-    from mmsent.bench import sample_photos
-    from mmsent.gpudecode import decode_batch
-    from mmsent.imaging import decode_image
-
     datas, source = sample_photos(photos)
     preprocess = preset_config("default").image.preprocess
     batched = _rate(lambda: decode_batch(datas, preprocess, device), photos, device, seconds)

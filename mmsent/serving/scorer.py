@@ -12,8 +12,9 @@ Each result also says what each modality alone says (`scores_by_modality`: "text
 (its learned missing-modality embedding, as in training with modality dropout), so no encoder runs twice; the posts
 that have both add two rows each to the batch's one head call.
 
-A model directory with a `calibration.json` (`mmsent calibrate`, mmsent/calibrate.py) is loaded calibrated: every
-head pass's logits are divided by its temperature, and `alert_threshold(label, min_precision)` gives its thresholds.
+A model directory with a `calibration.json` (`mmsent calibrate`, mmsent/evaluation/calibrate.py; the artefact:
+mmsent/serving/calibration.py) is loaded calibrated: every head pass's logits are divided by its temperature, and
+`alert_threshold(label, min_precision)` gives its thresholds.
 
     posts --normalize_tweet, tokenize--> _encode_text (length buckets) --> pooled text (B, Dt) --+
           --_as_image--> _image_embs (the CNN, or the caller's cached embedding) --> (B, R, C) --+
@@ -22,8 +23,8 @@ head pass's logits are divided by its temperature, and `alert_threshold(label, m
 
 Every model call (`_ModelCalls`: text encoder, CNN, head) goes through one of three doors, so that its shapes can be
 fixed: with bucketing (on a GPU, or when compiling) its rows and caption tokens are padded up to the few shapes of
-mmsent/shapes.py, and the padding is cut off its outputs. `warm_up` runs each of those shapes once (compiling them
-first with `compile=True`), so that no post pays for a compilation or a kernel choice.
+mmsent/serving/shapes.py, and the padding is cut off its outputs. `warm_up` runs each of those shapes once
+(compiling them first with `compile=True`), so that no post pays for a compilation or a kernel choice.
 
 On CUDA the weights are bfloat16 (under bf16 autocast), and each thread that scores has its own CUDA stream:
 
@@ -43,7 +44,6 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -51,28 +51,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmsent.calibrate import Calibration, calibrated_probabilities
-from mmsent.features import cache_dir
-from mmsent.gpudecode import decode_batch
 from mmsent.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageDecodeError, decode_image
-from mmsent.model import (
-    Features,
-    MMSentModel,
-    ModelConfig,
-    ModelRefused,
-    RefusalReason,
-    check_parameter_budget,
-)
-from mmsent.presets import PRESETS, default_model_dir, preset_config
+from mmsent.model import Features, MMSentModel, ModelConfig
+from mmsent.presets import build_model, cache_dir, model_directory
 from mmsent.reference import Reference
 from mmsent.runtime import CPU_RUNTIMES, onnxruntime_available
-from mmsent.shapes import ShapeBuckets, serving_batch_size
+from mmsent.serving.calibration import Calibration, calibrated_probabilities
+from mmsent.serving.gpudecode import decode_batch
+from mmsent.serving.shapes import ShapeBuckets, serving_batch_size
 from mmsent.textnorm import normalize_tweet
 
-__all__ = [
-    "ImageEmbedding", "ModelRefused", "RefusalReason", "ScoreResult", "Scorer", "build_model", "from_config",
-    "model_directory", "model_languages",
-]
+__all__ = ["ImageEmbedding", "ScoreResult", "Scorer", "model_languages"]
 
 DEFAULT_LANGUAGES: tuple[str, ...] = ("en",)
 ImageEmbedding = np.ndarray  # float32 or float16, shape fixed per image_encoder_id: (R, C)
@@ -90,27 +79,6 @@ class ScoreResult:
     scores_by_modality: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def build_model(model: str | os.PathLike[str] | None = None, *, max_params: int | None = None) -> MMSentModel:
-    """A model directory, a preset name, or None (the packaged default). `max_params`: a model whose config asks for
-    more parameters is refused (`ModelRefused`, too_many_parameters) before any weight is read."""
-    if model is None or str(model) == "default":
-        d = default_model_dir()
-        if (d / "config.json").exists():
-            return MMSentModel.load(d, max_params=max_params)
-        warnings.warn("mmsent: the packaged default model is missing; using the UNTRAINED default preset", stacklevel=2)
-        model = "default"
-    if isinstance(model, str) and model in PRESETS:
-        cfg = preset_config(model)
-        if max_params is not None:
-            check_parameter_budget(cfg, max_params)
-        return from_config(cfg)
-    path = Path(model)
-    if (path / "config.json").exists():
-        return MMSentModel.load(path, max_params=max_params)
-    raise ModelRefused(RefusalReason.MODEL_MISSING, f"{model!r} is neither a model directory (with config.json) "
-                       f"nor a preset ({', '.join(PRESETS)})")
-
-
 def model_languages(cfg: ModelConfig) -> tuple[str, ...]:
     """The caption languages (ISO 639-1) the model was trained for: its config's `extra.languages`; the MVSA and
     TweetEval data every preset and packaged model was trained on are English, hence `("en",)` when unsaid."""
@@ -118,24 +86,6 @@ def model_languages(cfg: ModelConfig) -> tuple[str, ...]:
     if not (isinstance(languages, list | tuple) and all(isinstance(x, str) for x in languages)):
         raise ValueError(f"the config's extra.languages must be a list of ISO 639-1 codes, not {languages!r}")
     return tuple(languages)
-
-
-def model_directory(model: str | os.PathLike[str] | None = None) -> Path | None:
-    """The directory that `build_model(model)` loads from; None for a preset (or a missing packaged model)."""
-    if model is None or str(model) == "default":
-        d = default_model_dir()
-        return d if (d / "config.json").exists() else None
-    if isinstance(model, str) and model in PRESETS:
-        return None
-    path = Path(model)
-    return path if (path / "config.json").exists() else None
-
-
-def from_config(cfg: ModelConfig) -> MMSentModel:
-    """A fresh model (in eval mode) from a config; its head's random weights are the same on every call."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # presets are deterministic: the same random head every time
-        return MMSentModel(cfg).eval()
 
 
 class _ModelCalls(NamedTuple):
@@ -199,8 +149,8 @@ class Scorer:
 
         `compile`: `warm_up` compiles the model's calls with `torch.compile` (PyTorch runtime only); until then, and
         without it, they run eagerly. `bucketing` (default: on a GPU or when compiling): every model call padded to
-        one of a few fixed shapes (mmsent/shapes.py), which compiled code and CUDA graphs need; off, each call has
-        the shape of its posts, which the CPU's eager and ONNX Runtime paths do best with.
+        one of a few fixed shapes (mmsent/serving/shapes.py), which compiled code and CUDA graphs need; off, each call
+        has the shape of its posts, which the CPU's eager and ONNX Runtime paths do best with.
 
         On CUDA the weights are cast to bfloat16 (under bf16 autocast, which keeps the precision-sensitive ops in
         fp32): autocast alone re-casts every weight on every call, as its cast cache is off for inference."""
@@ -209,7 +159,7 @@ class Scorer:
         if compile and cpu_runtime == "onnx":
             raise ValueError("compile=True compiles the PyTorch model: it cannot run with cpu_runtime='onnx'")
         self.dtype = torch.bfloat16 if on_cuda else torch.float32
-        self._emb_shape = model._emb_shape()  # (R, C); measured (for regions) while the weights are still fp32
+        self._emb_shape = model.embedding_shape()  # (R, C); measured (for regions) while the weights are still fp32
         self.model = model.to(self.device, self.dtype).eval()  # fp32 on the CPU (also a model a CUDA Scorer had)
         if on_cuda:  # the weights' copies ran on the default stream; the scoring threads read them on their own
             torch.cuda.synchronize(self.device)
@@ -282,7 +232,7 @@ class Scorer:
     @property
     def wants_image_bytes(self) -> bool:
         """True on CUDA: hand images over as encoded bytes (after a header check), which the Scorer decodes in
-        batches on the device (mmsent/gpudecode.py), rather than as decoded PIL images."""
+        batches on the device (mmsent/serving/gpudecode.py), rather than as decoded PIL images."""
         return self.device.type == "cuda"
 
     def alert_threshold(self, label: str, min_precision: float) -> float | None:

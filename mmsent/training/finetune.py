@@ -5,11 +5,11 @@ are unfrozen (the seed preset; `--text-layers N --image-blocks N` for the defaul
             │   (data.collate); pinned memory on CUDA; the shuffle of epoch e seeded from (seed, e)
             │   or, on the CPU, ActivationRows: what enters the tuned layers, cached once (features.ActivationSet),
             │   the mirrored image at random
-            ├─> each batch: to the device ─> autocast (bf16 on CUDA, fp32 on the CPU) ─> loss (train.head_loss:
-            │   the label, or the modality pair) + cfg.aux_weight x each encoder's own annotators' label (_AuxHeads)
+            ├─> each batch: to the device ─> autocast (bf16 on CUDA, fp32 on the CPU) ─> loss (losses.head_loss:
+            │   the label, or the modality pair) + cfg.aux_weight x each encoder's own annotators' label (AuxHeads)
             │   ─> AdamW (the heads at --lr, unfrozen text layers at --encoder-lr, image blocks at
             │   --image-encoder-lr) ─> warm-up + cosine/linear LR
-            ├─> each epoch: validation macro-F1 ─> early stopping (train._Progress) ─> DIR/train_state.pt
+            ├─> each epoch: validation macro-F1 ─> early stopping (loop.Progress) ─> DIR/train_state.pt
             └─> the best weights back in the model, on the CPU, for `train_model` to save
 
     mmsent train DATA.jsonl --out DIR --preset seed --device auto [--workers 8] [--resume]
@@ -39,32 +39,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mmsent.data import Example, augmentation, collate
-from mmsent.features import ActivationSet
+from mmsent.device import resolve_device
 from mmsent.model import MODALITY_PAIRS, Batch, Features, FusionHead, MMSentModel
-from mmsent.train import (
-    History,
-    TrainConfig,
-    _descend,
-    _macro_f1,
-    _Progress,
-    _set_seed,
-    head_loss,
-    load_checkpoint,
-    make_class_weights,
-)
+from mmsent.training.config import TrainConfig
+from mmsent.training.features import ActivationSet
+from mmsent.training.loop import History, Progress, descend, load_checkpoint, macro_f1, set_seed
+from mmsent.training.losses import head_loss, make_class_weights
 
-__all__ = ["ActivationRows", "finetune", "lr_factor", "predict", "resolve_device"]
+__all__ = ["ActivationRows", "AuxHeads", "FinetuneTrainer", "Rows", "finetune", "lr_factor", "predict"]
 
 DECAYS = ("cosine", "linear")
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto`: the GPU when torch sees one, else the CPU; otherwise the device named."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: torch sees no CUDA GPU here (use cpu or auto)")
-    return torch.device(name)
 
 
 def finetune(
@@ -83,9 +67,9 @@ def finetune(
     `stop_after` ends the run after that many epochs of a schedule laid out for `cfg.epochs` (as early stopping
     would have): how the final model repeats the epochs that cross-validation chose.
     """
-    _set_seed(cfg.seed)
-    t = _Trainer.new(model, train, cfg)
-    run = t.resume(state_path) if state_path is not None and state_path.exists() else _Progress()
+    set_seed(cfg.seed)
+    t = FinetuneTrainer.new(model, train, cfg)
+    run = t.resume(state_path) if state_path is not None and state_path.exists() else Progress()
     for epoch in range(run.start, min(cfg.epochs, stop_after or cfg.epochs)):
         rec = t.epoch(epoch)
         if val is not None and len(val):
@@ -142,7 +126,7 @@ def _labels(rows: Rows) -> torch.Tensor:
     return torch.tensor([e.label for e in rows if e.label is not None], dtype=torch.long)
 
 
-class _AuxHeads(nn.Module):
+class AuxHeads(nn.Module):
     """Training-only linear heads that teach each encoder its own annotators' label (MVSA's text_label and
     image_label, from the row's modality pair): the tuned layers learn what their modality says, not only what
     helps the fused head. Not part of the saved model."""
@@ -169,7 +153,7 @@ class _AuxHeads(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- the trainer
 @dataclass
-class _Trainer:
+class FinetuneTrainer:
     """A model on its device with its optimiser, schedule, class weights and auxiliary heads, and its rows."""
 
     model: MMSentModel
@@ -179,13 +163,13 @@ class _Trainer:
     opt: torch.optim.Optimizer
     sched: LambdaLR
     class_weights: torch.Tensor | None
-    aux: _AuxHeads
+    aux: AuxHeads
 
     @classmethod
-    def new(cls, model: MMSentModel, train: Rows, cfg: TrainConfig) -> _Trainer:
+    def new(cls, model: MMSentModel, train: Rows, cfg: TrainConfig) -> FinetuneTrainer:
         device = resolve_device(cfg.device)
         head = model.cfg.head
-        aux = _AuxHeads(head.text_dim, head.image_dim, head.n_classes).to(device)
+        aux = AuxHeads(head.text_dim, head.image_dim, head.n_classes).to(device)
         model.to(device)
         opt = torch.optim.AdamW(_param_groups(model, aux, cfg), weight_decay=cfg.weight_decay)
         sched = _schedule(opt, cfg.epochs * math.ceil(len(train) / cfg.batch_size), cfg)
@@ -224,7 +208,7 @@ class _Trainer:
             loss = head_loss(self.model.head, f, b.labels, pairs, self.cfg, self.class_weights, ones)
             if self.cfg.aux_weight:
                 loss = loss + self.cfg.aux_weight * self.aux.loss(f, pairs)
-        _descend(loss, self.opt, [p for g in self.opt.param_groups for p in g["params"]])
+        descend(loss, self.opt, [p for g in self.opt.param_groups for p in g["params"]])
         self.sched.step()
         return float(loss.detach())
 
@@ -233,22 +217,22 @@ class _Trainer:
 
     def macro_f1(self, val: Rows) -> float:
         probs = predict(self.model, val, self.cfg)
-        return _macro_f1(_labels(val).numpy(), probs, self.model.cfg.head.n_classes)
+        return macro_f1(_labels(val).numpy(), probs, self.model.cfg.head.n_classes)
 
-    def save(self, path: Path, run: _Progress, epoch: int) -> None:
+    def save(self, path: Path, run: Progress, epoch: int) -> None:
         """The checkpoint after `epoch`: the trainable weights (frozen ones come from their references), the
-        optimiser, the schedule, and the run's progress and RNGs (`_Progress.checkpoint`)."""
+        optimiser, the schedule, and the run's progress and RNGs (`Progress.checkpoint`)."""
         state = {"model": self.model.trainable_state(), "aux": self.aux.state_dict(), "opt": self.opt.state_dict(),
                  "sched": self.sched.state_dict()}
         torch.save(state | run.checkpoint(epoch), path)
 
-    def resume(self, path: Path) -> _Progress:
+    def resume(self, path: Path) -> Progress:
         st = load_checkpoint(path)
         self.model.load_state_dict(st["model"], strict=False)
         self.aux.load_state_dict(st["aux"])
         self.opt.load_state_dict(st["opt"])  # its state moves to the parameters' device
         self.sched.load_state_dict(st["sched"])  # the step count; the factor is this run's (more epochs stretch it)
-        return _Progress.resumed(st)
+        return Progress.resumed(st)
 
 
 @torch.no_grad()
@@ -268,7 +252,7 @@ def predict(model: MMSentModel, rows: Rows, cfg: TrainConfig, *, modality: str =
 
 
 # ----------------------------------------------------------------------------------------------------- the pieces
-def _param_groups(model: MMSentModel, aux: _AuxHeads, cfg: TrainConfig) -> list[dict[str, Any]]:
+def _param_groups(model: MMSentModel, aux: AuxHeads, cfg: TrainConfig) -> list[dict[str, Any]]:
     """The heads at `cfg.lr`; the unfrozen encoder layers at `cfg.encoder_lr` (pretrained weights take small steps)."""
     groups: list[dict[str, Any]] = [{"params": [*model.head.parameters(), *aux.parameters()], "lr": cfg.lr}]
     image_lr = cfg.image_encoder_lr or cfg.encoder_lr
