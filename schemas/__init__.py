@@ -1,4 +1,5 @@
-"""Wire contracts: the post, the sentiment event, the dead letter and the feedback verdict. Imports neither `mmsent` nor `consumer`."""
+"""Wire contracts: the post, the sentiment event, the dead letter and the feedback verdict. Imports neither
+`mmsent` nor `consumer`."""
 
 from schemas.decode import BadRecord, decode_post
 from schemas.export import json_schemas
