@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
 
 
 class ProcessingGuarantee(StrEnum):
@@ -231,8 +239,6 @@ class Settings(BaseSettings):
 
 def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
     """A TOML, JSON or YAML file with the same names as the variables, without the prefix, in lower case."""
-    from pydantic_settings import JsonConfigSettingsSource, TomlConfigSettingsSource, YamlConfigSettingsSource
-
     if not path.is_file():
         raise FileNotFoundError(f"MMSENT_CONFIG names {path}, which is not a file")
     suffix = path.suffix.lower()
