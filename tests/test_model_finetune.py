@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,8 +20,9 @@ from mmsent.data import Example, collate, load_examples
 from mmsent.device import resolve_device
 from mmsent.model import MMSentModel
 from mmsent.presets import from_config, preset_config
+from mmsent.training import loop
 from mmsent.training.config import TrainConfig
-from mmsent.training.finetune import FinetuneTrainer, finetune, lr_factor, predict
+from mmsent.training.finetune import finetune, lr_factor, predict
 from tests.test_model_training import COLOURS, LABELS, WORDS, make_dataset
 
 # The tiny CNN's blocks are [conv, relu, conv, relu]: the last two hold its second convolution.
@@ -63,15 +65,15 @@ def test_resumed_run_reaches_the_uninterrupted_runs_weights(tmp_path: Path, monk
     ex = examples(tmp_path)
     whole, whole_hist = finetune(tiny(), ex[:18], ex[18:], FAST, state_path=tmp_path / "whole.pt")
 
-    save = FinetuneTrainer.save
+    save = loop.save_checkpoint
 
-    def save_then_stop(self: FinetuneTrainer, path: Path, run: object, epoch: int) -> None:
-        save(self, path, run, epoch)  # type: ignore[arg-type]
+    def save_then_stop(path: Path, state: dict[str, Any]) -> None:
+        save(path, state)
         raise KeyboardInterrupt  # the run dies after its first checkpoint
 
     state = tmp_path / "cut.pt"
     with monkeypatch.context() as m:
-        m.setattr(FinetuneTrainer, "save", save_then_stop)
+        m.setattr(loop, "save_checkpoint", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             finetune(tiny(), ex[:18], ex[18:], FAST, state_path=state)
     saved = torch.load(state, weights_only=False)

@@ -9,6 +9,7 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,9 +22,10 @@ from mmsent.data import Example, collate, load_examples
 from mmsent.encoders import ImageEncoder, ImageSpec, RandomWeightsWarning
 from mmsent.model import MODALITY_PAIRS, Features, MMSentModel
 from mmsent.presets import from_config, preset_config
+from mmsent.training import loop
 from mmsent.training.config import TrainConfig
 from mmsent.training.features import extract_activations
-from mmsent.training.finetune import ActivationRows, AuxHeads, FinetuneTrainer, finetune, predict
+from mmsent.training.finetune import ActivationRows, AuxHeads, finetune, predict
 from mmsent.training.train import finetune_soup
 from tests.test_model_training import LABELS, make_dataset
 
@@ -98,14 +100,14 @@ def test_a_cached_run_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: p
     acts = extract_activations(tiny(), labelled(tmp_path), progress=False)
     train, val = rows(acts, range(18)), rows(acts, range(18, 24))
     whole, whole_hist = finetune(tiny(), train, val, FAST, state_path=tmp_path / "whole.pt")
-    save = FinetuneTrainer.save
+    save = loop.save_checkpoint
 
-    def save_then_stop(self: FinetuneTrainer, path: Path, run: object, epoch: int) -> None:
-        save(self, path, run, epoch)  # type: ignore[arg-type]
+    def save_then_stop(path: Path, state: dict[str, Any]) -> None:
+        save(path, state)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(FinetuneTrainer, "save", save_then_stop)
+        m.setattr(loop, "save_checkpoint", save_then_stop)
         with pytest.raises(KeyboardInterrupt):
             finetune(tiny(), train, val, FAST, state_path=tmp_path / "cut.pt")
     torch.manual_seed(999)

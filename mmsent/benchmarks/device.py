@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmsent.benchmarks.host import sample_photos, synthetic_captions, time_batches
 from mmsent.data import Example
-from mmsent.device import resolve_device
+from mmsent.device import autocast, resolve_device
 from mmsent.encoders import resolve_path
 from mmsent.imaging import decode_image
 from mmsent.model import Batch, MMSentModel, ModelConfig
@@ -94,14 +94,8 @@ def _inputs(cfg: ModelConfig, batch_size: int, device: torch.device) -> Batch:
     )
 
 
-def _autocast(device: torch.device, dtype: str) -> Any:
-    if dtype == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16)  # bf16 and compiled
-
-
 def _forward(model: Callable[[Batch], torch.Tensor], batch: Batch, device: torch.device, dtype: str) -> torch.Tensor:
-    with torch.inference_mode(), _autocast(device, dtype):
+    with torch.inference_mode(), autocast(device, bf16=dtype != "fp32"):  # bf16 and compiled: bf16
         logits: torch.Tensor = model(batch)
     return logits
 

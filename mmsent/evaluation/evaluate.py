@@ -30,7 +30,7 @@ def evaluate_file(
     images, "image" drops captions."""
     if modality not in ("both", "text", "image"):
         raise ValueError("modality must be text, image or both")
-    scorer = Scorer.load(model, device=None if device == "auto" else device)
+    scorer = Scorer.load(model, device=device)
     examples = load_examples(data, scorer.labels, columns)
     probs = np.zeros((len(examples), len(scorer.labels)))
     step = 64

@@ -1,4 +1,5 @@
-"""Figures as PNG files: `save_figure` (what every plot of the package ends with) and the confusion matrix."""
+"""Figures as PNG files: `pyplot` and `save_figure` (what every plot of the package starts and ends with), and
+the confusion matrix."""
 
 from __future__ import annotations
 
@@ -8,26 +9,31 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["plot_confusion", "save_figure"]
+__all__ = ["plot_confusion", "pyplot", "save_figure"]
 
 
-def save_figure(fig: Any, path: str | Path) -> Path:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the Agg backend (files only, no display)."""
+    import matplotlib  # half a second to import: only when a figure is drawn, never to serve
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int = 100) -> Path:
     """Write a figure as a PNG (its folder made), and free it."""
-    import matplotlib.pyplot as plt  # matplotlib takes a second to import: only when a figure is drawn
-
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    fig.savefig(out, dpi=dpi)
+    pyplot().close(fig)
     return out
 
 
 def plot_confusion(cm: Sequence[Sequence[int]], labels: Sequence[str], path: str | Path, title: str = "") -> Path:
-    import matplotlib  # half a second to import: only when a figure is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     arr = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(4.5, 4))

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from mmsent.evaluation.figures import save_figure
+from mmsent.evaluation.figures import pyplot, save_figure
 
 __all__ = ["plot_reliability", "reliability_bins"]
 
@@ -37,10 +37,7 @@ def reliability_bins(y_true: Sequence[int] | np.ndarray, probs: np.ndarray, n_bi
 def plot_reliability(bins: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> Path:
     """A reliability diagram from `reliability_bins`: accuracy per confidence bin against the diagonal, the gap
     shaded, and how many posts each bin holds."""
-    import matplotlib  # half a second to import: only when a figure is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.5, 5.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     width = [b["hi"] - b["lo"] for b in bins]

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from mmsent.device import autocast, resolve_device
 from mmsent.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageDecodeError, decode_image
 from mmsent.model import Features, MMSentModel, ModelConfig
 from mmsent.presets import build_model, cache_dir, model_directory
@@ -154,7 +155,7 @@ class Scorer:
 
         On CUDA the weights are cast to bfloat16 (under bf16 autocast, which keeps the precision-sensitive ops in
         fp32): autocast alone re-casts every weight on every call, as its cast cache is off for inference."""
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device or "auto")
         on_cuda = self.device.type == "cuda"
         if compile and cpu_runtime == "onnx":
             raise ValueError("compile=True compiles the PyTorch model: it cannot run with cpu_runtime='onnx'")
@@ -273,13 +274,8 @@ class Scorer:
         """Inference mode, bf16 autocast on CUDA, and on CUDA this thread's own stream: the consumer's two model
         threads then overlap one batch's copies and decode with the other's compute instead of queueing on the
         default stream. Each thread waits for its own results (`.cpu()`), so they leave in submission order."""
-        with torch.inference_mode(), self._autocast(), self._stream():
+        with torch.inference_mode(), autocast(self.device), self._stream():
             yield
-
-    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     def _stream(self) -> contextlib.AbstractContextManager[Any]:
         if self.device.type != "cuda":

@@ -9,7 +9,8 @@ are unfrozen (the seed preset; `--text-layers N --image-blocks N` for the defaul
             │   the label, or the modality pair) + cfg.aux_weight x each encoder's own annotators' label (AuxHeads)
             │   ─> AdamW (the heads at --lr, unfrozen text layers at --encoder-lr, image blocks at
             │   --image-encoder-lr) ─> warm-up + cosine/linear LR
-            ├─> each epoch: validation macro-F1 ─> early stopping (loop.Progress) ─> DIR/train_state.pt
+            ├─> each epoch (loop.fit, the loop head training runs too): validation macro-F1 ─> early stopping
+            │   ─> DIR/train_state.pt
             └─> the best weights back in the model, on the CPU, for `train_model` to save
 
     mmsent train DATA.jsonl --out DIR --preset seed --device auto [--workers 8] [--resume]
@@ -39,11 +40,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from mmsent.data import Example, augmentation, collate
-from mmsent.device import resolve_device
+from mmsent.device import autocast, resolve_device
 from mmsent.model import MODALITY_PAIRS, Batch, Features, FusionHead, MMSentModel
 from mmsent.training.config import TrainConfig
 from mmsent.training.features import ActivationSet
-from mmsent.training.loop import History, Progress, descend, load_checkpoint, macro_f1, set_seed
+from mmsent.training.loop import History, descend, fit, macro_f1
 from mmsent.training.losses import head_loss, make_class_weights
 
 __all__ = ["ActivationRows", "AuxHeads", "FinetuneTrainer", "Rows", "finetune", "lr_factor", "predict"]
@@ -67,21 +68,10 @@ def finetune(
     `stop_after` ends the run after that many epochs of a schedule laid out for `cfg.epochs` (as early stopping
     would have): how the final model repeats the epochs that cross-validation chose.
     """
-    set_seed(cfg.seed)
-    t = FinetuneTrainer.new(model, train, cfg)
-    run = t.resume(state_path) if state_path is not None and state_path.exists() else Progress()
-    for epoch in range(run.start, min(cfg.epochs, stop_after or cfg.epochs)):
-        rec = t.epoch(epoch)
-        if val is not None and len(val):
-            rec["val_macro_f1"] = t.macro_f1(val)
-            run.update(rec["val_macro_f1"], epoch, model.trainable_state)
-        run.history.append(rec)
-        if state_path is not None:
-            t.save(state_path, run, epoch)
-        if val is not None and len(val) and run.bad >= cfg.patience:
-            break
-    run.restore_best(model, strict=False)
-    return model.cpu().eval(), run.history
+    epochs = min(cfg.epochs, stop_after or cfg.epochs)
+    _, history, _ = fit(lambda: FinetuneTrainer.new(model, train, val, cfg), cfg, epochs=epochs,
+                        state_path=state_path, desc="fine-tune")
+    return model.cpu().eval(), history
 
 
 # ------------------------------------------------------------------------------------------------------ the rows
@@ -154,19 +144,21 @@ class AuxHeads(nn.Module):
 # ---------------------------------------------------------------------------------------------------- the trainer
 @dataclass
 class FinetuneTrainer:
-    """A model on its device with its optimiser, schedule, class weights and auxiliary heads, and its rows."""
+    """A model on its device with its optimiser, schedule, class weights and auxiliary heads, and its rows: the
+    `Trainer` that `fit` runs through the encoders."""
 
     model: MMSentModel
     cfg: TrainConfig
     device: torch.device
     train: Rows
+    val: Rows | None
     opt: torch.optim.Optimizer
     sched: LambdaLR
     class_weights: torch.Tensor | None
     aux: AuxHeads
 
     @classmethod
-    def new(cls, model: MMSentModel, train: Rows, cfg: TrainConfig) -> FinetuneTrainer:
+    def new(cls, model: MMSentModel, train: Rows, val: Rows | None, cfg: TrainConfig) -> FinetuneTrainer:
         device = resolve_device(cfg.device)
         head = model.cfg.head
         aux = AuxHeads(head.text_dim, head.image_dim, head.n_classes).to(device)
@@ -174,7 +166,11 @@ class FinetuneTrainer:
         opt = torch.optim.AdamW(_param_groups(model, aux, cfg), weight_decay=cfg.weight_decay)
         sched = _schedule(opt, cfg.epochs * math.ceil(len(train) / cfg.batch_size), cfg)
         weights = make_class_weights(_labels(train), head.n_classes, cfg.class_weights)
-        return cls(model, cfg, device, train, opt, sched, None if weights is None else weights.to(device), aux)
+        return cls(model, cfg, device, train, val, opt, sched, None if weights is None else weights.to(device), aux)
+
+    @property
+    def validates(self) -> bool:
+        return self.val is not None and len(self.val) > 0
 
     def epoch(self, epoch: int) -> dict[str, float]:
         """One shuffled pass over the training examples; the epoch's record."""
@@ -203,7 +199,7 @@ class FinetuneTrainer:
         self.aux.train()
         pairs = b.pairs if b.pairs is not None else torch.full_like(b.labels, -100)
         ones = torch.ones(len(b.labels), device=self.device)
-        with _autocast(self.device):
+        with autocast(self.device):
             f = self.model.features(b)
             loss = head_loss(self.model.head, f, b.labels, pairs, self.cfg, self.class_weights, ones)
             if self.cfg.aux_weight:
@@ -215,24 +211,28 @@ class FinetuneTrainer:
     def _lr(self) -> float:
         return float(self.sched.get_last_lr()[0])
 
-    def macro_f1(self, val: Rows) -> float:
-        probs = predict(self.model, val, self.cfg)
-        return macro_f1(_labels(val).numpy(), probs, self.model.cfg.head.n_classes)
+    def validate(self) -> dict[str, float]:
+        assert self.val is not None  # `fit` validates only when `validates`
+        probs = predict(self.model, self.val, self.cfg)
+        return {"val_macro_f1": macro_f1(_labels(self.val).numpy(), probs, self.model.cfg.head.n_classes)}
 
-    def save(self, path: Path, run: Progress, epoch: int) -> None:
-        """The checkpoint after `epoch`: the trainable weights (frozen ones come from their references), the
-        optimiser, the schedule, and the run's progress and RNGs (`Progress.checkpoint`)."""
-        state = {"model": self.model.trainable_state(), "aux": self.aux.state_dict(), "opt": self.opt.state_dict(),
-                 "sched": self.sched.state_dict()}
-        torch.save(state | run.checkpoint(epoch), path)
+    def weights(self) -> dict[str, torch.Tensor]:
+        return self.model.trainable_state()
 
-    def resume(self, path: Path) -> Progress:
-        st = load_checkpoint(path)
-        self.model.load_state_dict(st["model"], strict=False)
-        self.aux.load_state_dict(st["aux"])
-        self.opt.load_state_dict(st["opt"])  # its state moves to the parameters' device
-        self.sched.load_state_dict(st["sched"])  # the step count; the factor is this run's (more epochs stretch it)
-        return Progress.resumed(st)
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(weights, strict=False)  # the trainable weights; frozen ones come from references
+
+    def state(self) -> dict[str, Any]:
+        """Its part of a checkpoint: the trainable weights (frozen ones come from their references), the auxiliary
+        heads, the optimiser and the schedule."""
+        return {"model": self.model.trainable_state(), "aux": self.aux.state_dict(), "opt": self.opt.state_dict(),
+                "sched": self.sched.state_dict()}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"], strict=False)
+        self.aux.load_state_dict(state["aux"])
+        self.opt.load_state_dict(state["opt"])  # its state moves to the parameters' device
+        self.sched.load_state_dict(state["sched"])  # the step count; the factor is this run's (more epochs stretch it)
 
 
 @torch.no_grad()
@@ -246,7 +246,7 @@ def predict(model: MMSentModel, rows: Rows, cfg: TrainConfig, *, modality: str =
         if modality != "both":
             keep_text = modality == "text"
             b = b._replace(has_text=b.has_text & keep_text, has_image=b.has_image & (not keep_text))
-        with _autocast(device):
+        with autocast(device):
             out.append(F.softmax(model(_to(b, device)).float(), -1).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.head.n_classes))
 
@@ -308,8 +308,3 @@ def _workers(cfg: TrainConfig, device: torch.device) -> int:
 def _to(b: Batch, device: torch.device) -> Batch:
     """The batch on `device`; non-blocking, which overlaps the copy from pinned memory with the GPU's work."""
     return Batch._make(None if t is None else t.to(device, non_blocking=True) for t in b)
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    """bf16 on CUDA (no loss scaling needed, unlike fp16); fp32 on the CPU, where bf16 is slower on most cores."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

@@ -38,6 +38,7 @@ from torch import nn
 from mmsent.data import Example
 from mmsent.device import resolve_device
 from mmsent.evaluation.calibrate import write_calibration
+from mmsent.evaluation.figures import pyplot, save_figure
 from mmsent.evaluation.metrics import compute_metrics
 from mmsent.model import FusionHead, HeadConfig, HeadEnsemble, MMSentModel
 from mmsent.reference import Reference
@@ -224,10 +225,7 @@ class TrainResult:
 
 
 def plot_history(histories: Sequence[Sequence[dict[str, float]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for k, hist in enumerate(histories):
@@ -243,9 +241,7 @@ def plot_history(histories: Sequence[Sequence[dict[str, float]]], path: Path) ->
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("validation macro-F1")
     ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path, dpi=90)
 
 
 def train_model(
