@@ -180,3 +180,75 @@ def test_the_private_name_check_finds_a_planted_import(tmp_path: Path) -> None:
     (tmp_path / "pkg" / "user.py").write_text(
         "from os import _exit\nfrom pkg.core import __all__, public\n\ndef f():\n    from pkg.core import _helper\n")
     assert private_imports(sources(tmp_path, ["pkg"]), ["pkg"]) == ["pkg.user imports pkg.core._helper"]
+
+
+# -- mmsent's own layers ----------------------------------------------------------------------------------------
+
+# The model package imports one way, each layer only from itself and the layers before it. The package's face
+# (`mmsent/__init__.py`, `from mmsent import ...`) re-exports the Scorer, so it sits with serving; a module directly
+# in mmsent/ other than cli.py is core (imaging, textnorm, encoders, model, data, runtime, device, presets, reference).
+MMSENT_LAYERS = ("core", "serving", "evaluation", "training", "benchmarks", "cli")
+
+
+def mmsent_layer(module: str) -> int:
+    """The rank in MMSENT_LAYERS of an mmsent module (dotted name): its subpackage, cli, the face or the core."""
+    if module == "mmsent":
+        return MMSENT_LAYERS.index("serving")
+    part = module.split(".")[1]
+    return MMSENT_LAYERS.index(part) if part in MMSENT_LAYERS else 0
+
+
+def upward_imports(graph: Mapping[str, set[str]]) -> list[str]:
+    """Every import, in an import graph, of an mmsent module by one of a lower layer."""
+    def named(module: str) -> str:
+        return f"{module} ({MMSENT_LAYERS[mmsent_layer(module)]})"
+
+    return sorted(f"{named(importer)} imports {named(target)}"
+                  for importer, targets in graph.items() if importer.partition(".")[0] == "mmsent"
+                  for target in targets
+                  if target.partition(".")[0] == "mmsent" and mmsent_layer(target) > mmsent_layer(importer))
+
+
+def deferred_imports(modules: Mapping[str, ast.Module], package: str) -> list[str]:
+    """The package's own modules imported inside a function: how a circle or an upward import hides from an import
+    graph of what runs at import time. (A slow library imported in a function, with its reason, is not one.)"""
+    return sorted(f"{name} imports {target} in {function.name}"
+                  for name, tree in modules.items() for function in ast.walk(tree)
+                  if isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef)
+                  for node in ast.walk(function)
+                  for target in ([alias.name for alias in node.names] if isinstance(node, ast.Import) else
+                                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+                  if target.partition(".")[0] == package)
+
+
+def _mmsent_modules(root: Path) -> tuple[dict[str, ast.Module], set[str]]:
+    modules = sources(root, ["mmsent"])
+    return modules, {module_name(path, root) for path in (root / "mmsent").rglob("__init__.py")}
+
+
+def test_mmsent_imports_its_layers_one_way() -> None:
+    assert upward_imports(import_graph(*_mmsent_modules(ROOT))) == []
+
+
+def test_mmsent_imports_none_of_its_modules_inside_a_function() -> None:
+    assert deferred_imports(_mmsent_modules(ROOT)[0], "mmsent") == []
+
+
+def test_the_layer_checks_find_planted_violations(tmp_path: Path) -> None:
+    """On a planted graph, then on planted files: an upward import is found, a downward or sideways one is not."""
+    graph = {"mmsent.model": {"mmsent.serving.scorer"}, "mmsent.serving.scorer": {"mmsent.model", "mmsent"},
+             "mmsent.training.train": {"mmsent.evaluation.metrics", "mmsent.training.loop", "numpy"},
+             "mmsent.cli": {"mmsent.benchmarks.host"}}
+    assert upward_imports(graph) == ["mmsent.model (core) imports mmsent.serving.scorer (serving)"]
+    for package in ("mmsent", "mmsent/serving", "mmsent/training"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / "mmsent" / "serving" / "scorer.py").write_text(
+        "import numpy\nfrom mmsent.training.train import fit\n\ndef late():\n    from mmsent.cli import app\n")
+    (tmp_path / "mmsent" / "training" / "train.py").write_text("from mmsent.serving import scorer\n")
+    (tmp_path / "mmsent" / "cli.py").write_text("def main():\n    import mmsent.training.train\n")
+    modules, packages = _mmsent_modules(tmp_path)
+    assert upward_imports(import_graph(modules, packages)) == [
+        "mmsent.serving.scorer (serving) imports mmsent.training.train (training)"]
+    assert deferred_imports(modules, "mmsent") == ["mmsent.cli imports mmsent.training.train in main",
+                                                   "mmsent.serving.scorer imports mmsent.cli in late"]
