@@ -208,6 +208,7 @@ async function refreshCharts() {
 document.addEventListener("DOMContentLoaded", () => {
   $("pause").addEventListener("click", togglePause);
   $("filters").addEventListener("input", applyFilters);
+  $("filters").addEventListener("change", applyFilters); // a <select> chosen by Selenium fired only this (Chromium 156)
   $("filters").addEventListener("submit", (e) => e.preventDefault());
   $("window").addEventListener("change", refreshCharts);
   connect();
