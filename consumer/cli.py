@@ -21,6 +21,7 @@ import json
 import signal
 import threading
 from dataclasses import dataclass
+from difflib import get_close_matches
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -86,6 +87,12 @@ class MountingGroup(TyperGroup):
     def resolve_command(
         self, ctx: Context, args: list[str]
     ) -> tuple[str | None, Command | None, list[str]]:
+        known = self.list_commands(ctx)
+        if args and not args[0].startswith("-") and args[0] not in known:
+            # typer suggests only from the commands it holds, which leaves out the mounted ones not yet loaded
+            close = get_close_matches(args[0], known)
+            hint = f" Did you mean {', '.join(repr(name) for name in close)}?" if close else ""
+            ctx.fail(f"No such command {args[0]!r}.{hint}")
         name, command, rest = super().resolve_command(ctx, args)
         if name in MOUNTED and name not in self.commands:
             command = load_mounted(MOUNTED[name])

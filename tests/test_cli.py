@@ -58,3 +58,13 @@ def test_a_mounted_command_runs_from_its_module() -> None:
     assert "--model" in result.output and "labelled JSONL or CSV" in result.output
     missing = CliRunner().invoke(app, ["no-such-command"])
     assert missing.exit_code == 2 and "No such command" in missing.output
+
+
+def test_a_mistyped_command_is_told_the_close_ones_mounted_or_not() -> None:
+    runner = CliRunner()
+    for typo, meant in (("evl", "eval"), ("consme", "consume"), ("reconcle", "reconcile")):
+        result = runner.invoke(app, [typo], terminal_width=200)
+        assert result.exit_code == 2, result.output
+        assert f"No such command '{typo}'" in result.output and f"'{meant}'" in result.output, result.output
+    result = runner.invoke(app, ["zzzz"], terminal_width=200)
+    assert result.exit_code == 2 and "Did you mean" not in result.output
