@@ -11,6 +11,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -207,18 +208,25 @@ def test_the_package_has_no_producer() -> None:
 def test_charts_count_every_event_while_the_feed_is_sampled() -> None:
     import asyncio
 
-    async def run() -> tuple[int, int]:
+    def card(i: int, *, alert: bool) -> dict[str, object]:
+        return {"id": f"0-{i}", "kind": "event", "alert": alert, "reason": "rule" if alert else None,
+                "label": "neutral", "latency_ms": 5, "error_code": None}
+
+    async def run() -> tuple[int, Counter[str]]:
         feed = Feed(feed_rate=10, charts=Charts())
         queue = feed.subscribe()
-        cards = [{"id": f"0-{i}", "kind": "event", "alert": i % 100 == 0, "reason": None, "label": "neutral",
-                  "latency_ms": 5, "error_code": None} for i in range(500)]
+        # 500 events; 5 of them also alerts, whose copies (another topic) come before their event or after it
+        cards = [card(i, alert=False) for i in range(500)]
+        for i in (0, 100, 200):
+            cards.insert(cards.index(card(i, alert=False)), card(i, alert=True))
+        cards += [card(300, alert=True), card(400, alert=True)]
         feed.publish(cards)
         sent = sum(len(queue.get_nowait()) for _ in range(queue.qsize()))
-        return sent, feed.charts.totals["events"]
+        return sent, feed.charts.totals
 
-    sent, counted = asyncio.run(run())
-    assert counted == 500
-    assert 5 <= sent <= 10 + 5  # the rate's burst, plus the 5 alerts that always go
+    sent, totals = asyncio.run(run())
+    assert totals["events"] == 500 and totals["alerts"] == 5
+    assert 5 <= sent <= 10 + 10  # the rate's burst, plus the alerts' cards (a copy and its merged event) that always go
 
 
 def test_group_lag_is_committed_against_end_offsets(

@@ -70,13 +70,13 @@ class Charts:
             self._buckets.append(Bucket(start))
         return self._buckets[-1]
 
-    def count(self, card: dict[str, Any], *, merged_alert: bool) -> None:
-        """One card. `merged_alert`: the alert copy of an event already counted (counts as an alert only)."""
+    def count(self, card: dict[str, Any]) -> None:
+        """One record's card. An alert copy counts as an alert only: its event comes on the output topic and counts
+        there, whichever of the two arrives first."""
         bucket = self._current()
         if card["alert"]:
             bucket.alerts += 1
             self.totals["alerts"] += 1
-        if merged_alert:
             return
         if card["kind"] == "dead_letter":
             bucket.dead_letters[card["error_code"] or "unknown"] += 1
@@ -141,7 +141,7 @@ class Feed:
             existing = self._recent.get(card["id"])
             merged = merge(existing, card)
             self._recent[card["id"]] = merged
-            self.charts.count(card, merged_alert=existing is not None and card["alert"])
+            self.charts.count(card)
             if merged["alert"] or merged["kind"] == "dead_letter" or self._sampler.take():
                 batch.append(merged)
             else:
