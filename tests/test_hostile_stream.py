@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +40,7 @@ from tests.consumerutil import (
 )
 from tests.imageserver import ImageServer, image, png_bomb, sample_image, slow
 from tests.kafkautil import Record, create_topics, produce, read_all
+from tests.modelutil import point, poisoned, save_tiny_model
 from tooling.reconcile import reconcile, render_table
 
 # The CPU overlay's memory limit (k8s/overlays/cpu/statefulset-cpu.yaml): the consumer must stay under it.
@@ -197,55 +196,13 @@ def _progressive_jpeg() -> bytes:
     return out.getvalue()
 
 
-def _save_model(directory: Path, version: str) -> Path:
-    from mmsent.presets import from_config, preset_config
-
-    cfg = preset_config("tiny-random")
-    return from_config(replace(cfg, name="mmsent-tiny-random", version=version)).save(directory)
-
-
 def _poisoned_models(base: Path, good: Path) -> dict[str, Path]:
-    """Model directories a careless (or hostile) roll-out could flip `MMSENT_MODEL` to."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    def copy(name: str) -> Path:
-        target = base / name
-        shutil.copytree(good, target)
-        return target
-
-    def rewrite_weights(directory: Path, change: Any) -> None:
-        state = load_file(str(directory / "model.safetensors"))
-        save_file(change(state), str(directory / "model.safetensors"), metadata={"format": "mmsent-model/1"})
-
-    nan = copy("nan-weights")
-    rewrite_weights(nan, lambda s: {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
-                                    for k, v in s.items()})
-    wrong_shape = copy("wrong-shape")
-    rewrite_weights(wrong_shape, lambda s: {k: torch.zeros(v.shape[0] + 3, *v.shape[1:]) if k.endswith("weight")
-                                            else v for k, v in s.items()})
-    huge = copy("huge-config")
-    config = json.loads((huge / "config.json").read_text())
-    config["text_encoder"]["config"].update(hidden_size=65_536, num_layers=400, ff_size=262_144)
-    (huge / "config.json").write_text(json.dumps(config))
-    nan_calibration = copy("nan-calibration")
-    (nan_calibration / "calibration.json").write_text(
-        '{"format": "mmsent-calibration/1", "temperature": NaN, "labels": ["negative", "neutral", "positive"], '
-        '"thresholds": {"negative": [{"target": 0.8, "threshold": NaN, "precision": 0.8, "recall": 0.1, '
-        '"alerts": 1}]}}')
+    """Model directories a careless (or hostile) roll-out could flip `MMSENT_MODEL` to (tests/modelutil.py's)."""
+    candidates = {name: poisoned(good, name, base) for name in
+                  ("nan_weights", "wrong_shape", "overflowing_weights", "huge_config", "nan_calibration")}
     dangling = base / "dangling"
     dangling.symlink_to(base / "does-not-exist")
-    return {"nan_weights": nan, "wrong_shape": wrong_shape, "huge_config": huge, "nan_calibration": nan_calibration,
-            "dangling_link": dangling}
-
-
-def _point(link: Path, target: Path) -> None:
-    staging = link.with_name(link.name + ".new")
-    staging.unlink(missing_ok=True)
-    staging.symlink_to(target)
-    os.replace(staging, link)
+    return {**candidates, "dangling_link": dangling}
 
 
 def _metric(port: int, name: str) -> float:
@@ -292,9 +249,9 @@ def test_a_hostile_stream_through_one_process_loses_nothing_and_never_restarts(
     }
     hostile_urls = [image_server.route(f"/{name}", responder) for name, responder in hostile_images.items()]
     worst_urls = [image_server.route(f"/worst{i}.png", image(worst, "image/png")) for i in range(32)]
-    v1, v2 = _save_model(tmp_path / "v1", "1"), _save_model(tmp_path / "v2", "2")
+    v1, v2 = save_tiny_model(tmp_path / "v1", "1"), save_tiny_model(tmp_path / "v2", "2")
     _poison_cache(redis_url, v1, good_urls[0], good_urls[1])
-    poisoned = _poisoned_models(tmp_path, v1)
+    rollouts = _poisoned_models(tmp_path, v1)
     current = tmp_path / "current"
     current.symlink_to(v1)
 
@@ -328,11 +285,11 @@ def test_a_hostile_stream_through_one_process_loses_nothing_and_never_restarts(
     try:
         half = len(values) // 2
         produce(kafka_bootstrap, topics.posts, values[:half], keys=keys[:half], headers=headers[:half])
-        for target in poisoned.values():  # each roll-out is refused; the serving model goes on
-            _point(current, target)
+        for target in rollouts.values():  # each roll-out is refused; the serving model goes on
+            point(current, target)
             refused = len(member.events("model_reload_refused"))
             assert wait_until(lambda: len(member.events("model_reload_refused")) > refused, 60), member.tail()
-        _point(current, v2)
+        point(current, v2)
         produce(kafka_bootstrap, topics.posts, values[half:], keys=keys[half:], headers=headers[half:])
         assert wait_until(lambda: all_committed(kafka_bootstrap, topics), 300, interval=1), member.tail()
         assert member.process.poll() is None, "the consumer exited"
@@ -355,7 +312,7 @@ def test_a_hostile_stream_through_one_process_loses_nothing_and_never_restarts(
     assert corrupt >= 1, corrupt  # the entry copied under another URL's key (at least) was refused
     assert peak < POD_MEMORY_LIMIT_BYTES, peak
     print(f"\n[hostile stream] {len(values)} records -> {len(events)} events, {len(letters)} dead letters {codes}; "
-          f"{len(poisoned)} poisoned roll-outs refused; cache entries refused {corrupt:.0f}; "
+          f"{len(rollouts)} poisoned roll-outs refused; cache entries refused {corrupt:.0f}; "
           f"peak RSS {peak / 2**20:.0f} MiB (pod limit {POD_MEMORY_LIMIT_BYTES / 2**30:.0f} GiB); one process, "
           f"exit 0")
 

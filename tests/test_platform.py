@@ -7,7 +7,6 @@ The `Application` runs on a thread with the `tiny-random` model (random weights:
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.consumerutil import (
 )
 from tests.imageserver import ImageServer, image, sample_image
 from tests.kafkautil import create_topics, produce, read_all
+from tests.modelutil import point, save_tiny_model
 from tooling.reconcile import reconcile, render_table
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
@@ -105,28 +105,6 @@ def test_the_allow_list_carries_only_its_headers(
 # -- model rollout without leaving the group --------------------------------------------------------------------
 
 
-def _save_tiny_model(directory: Path, version: str, *, name: str = "mmsent-tiny-random", fusion: str = "concat",
-                     squash: bool = False) -> Path:
-    """A tiny-random model directory; `squash` changes its image preprocessing, and so its image encoder."""
-    from dataclasses import replace
-
-    from mmsent.presets import from_config, preset_config
-
-    cfg = preset_config("tiny-random", fusion=fusion)
-    if squash:
-        cfg = replace(cfg, image=replace(cfg.image, preprocess=replace(cfg.image.preprocess, crop=False)))
-    model = from_config(replace(cfg, name=name, version=version))
-    return model.save(directory)
-
-
-def _point(link: Path, target: Path) -> None:
-    """Flip a symlink atomically, as a Kubernetes volume update does."""
-    staging = link.with_name(link.name + ".new")
-    staging.unlink(missing_ok=True)
-    staging.symlink_to(target)
-    os.replace(staging, link)
-
-
 def _versions(records: list[Any]) -> list[str]:
     return [json.loads(r.value)["model"]["version"] for r in records]
 
@@ -136,7 +114,7 @@ def test_a_model_flipped_mid_stream_is_swapped_in_and_a_broken_one_refused_with_
 ) -> None:
     topics = Topics.named(unique_name)
     create_topics(kafka_bootstrap, {topics.posts: 2, topics.sentiment: 2, topics.dlq: 1})
-    v1, v2 = _save_tiny_model(tmp_path / "v1", "1"), _save_tiny_model(tmp_path / "v2", "2")
+    v1, v2 = save_tiny_model(tmp_path / "v1", "1"), save_tiny_model(tmp_path / "v2", "2")
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text("{not json")
@@ -149,10 +127,10 @@ def test_a_model_flipped_mid_stream_is_swapped_in_and_a_broken_one_refused_with_
     stream = SteadyProducer(kafka_bootstrap, topics.posts, values, per_burst=10, interval_s=0.05).start()
     with app_in_thread(make_settings(env)) as app:
         assert wait_until(lambda: committed_total(kafka_bootstrap, topics) >= 300, 60), "no progress on v1"
-        _point(current, v2)
+        point(current, v2)
         assert wait_until(lambda: app.model_info is not None and app.model_info.version == "2", 60)
         assert wait_until(lambda: committed_total(kafka_bootstrap, topics) >= 1200, 60), "no progress after v2"
-        _point(current, broken)
+        point(current, broken)
         assert wait_until(lambda: reloads.labels("refused")._value.get() > refused_before, 30)
         stream.join(120)
         assert wait_until(lambda: all_committed(kafka_bootstrap, topics), 60), "not all offsets committed"
@@ -204,7 +182,7 @@ def test_a_shadow_model_scores_every_post_into_its_topic_beside_the_primary(
     topics = Topics.named(unique_name)
     shadow_topic = f"{unique_name}-shadow"
     create_topics(kafka_bootstrap, {topics.posts: 2, topics.sentiment: 2, topics.dlq: 1, shadow_topic: 2})
-    shadow_dir = _save_tiny_model(tmp_path / "shadow", "7", name="mmsent-shadow", fusion="gated",
+    shadow_dir = save_tiny_model(tmp_path / "shadow", "7", name="mmsent-shadow", fusion="gated",
                                   squash=not same_image_encoder)
     urls = [image_server.route(f"/s{i}.png", image(sample_image("PNG", color=(i * 40, 80, 20)), "image/png"))
             for i in range(5)]
@@ -244,7 +222,7 @@ def test_a_shadow_that_raises_never_fails_the_primary(
     produce(kafka_bootstrap, topics.posts, synthetic_posts(40, lambda i: None))
     failures = Metrics.get().shadow_failures
     before = failures._value.get()
-    env = settings_env(kafka_bootstrap, topics, None, shadow_model=str(_save_tiny_model(tmp_path / "s", "1")),
+    env = settings_env(kafka_bootstrap, topics, None, shadow_model=str(save_tiny_model(tmp_path / "s", "1")),
                        shadow_topic=f"{unique_name}-sh")
     with app_in_thread(make_settings(env), scorer=scorer) as app:
         assert wait_until(lambda: all_committed(kafka_bootstrap, topics), timeout=60)

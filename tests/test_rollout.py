@@ -18,14 +18,12 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
 
 from consumer.errors import EXIT_CONFIGURATION
 from consumer.metrics import Metrics
@@ -45,87 +43,13 @@ from tests.consumerutil import (
     wait_until,
 )
 from tests.kafkautil import create_topics, read_all
+from tests.modelutil import POISONS, point, poisoned, save_tiny_model
 from tooling.reconcile import reconcile, render_table
 
 BUDGET = 50_000_000  # parameters: the tiny preset has about a million
-Poison = Callable[[Path], None]
 
 
 # -- model directories, good and poisoned ------------------------------------------------------------------------
-
-
-def save_tiny_model(directory: Path, version: str) -> Path:
-    from mmsent.presets import from_config, preset_config
-
-    return from_config(replace(preset_config("tiny-random"), version=version)).save(directory)
-
-
-def edit_weights(change: Callable[[dict[str, torch.Tensor]], None]) -> Poison:
-    def poison(directory: Path) -> None:
-        path = directory / "model.safetensors"
-        state = load_file(str(path))
-        change(state)
-        save_file(state, str(path))
-    return poison
-
-
-def edit_json(name: str, change: Callable[[dict[str, Any]], None]) -> Poison:
-    def poison(directory: Path) -> None:
-        path = directory / name
-        document = json.loads(path.read_text()) if path.exists() else {}
-        change(document)
-        path.write_text(json.dumps(document))  # NaN and Infinity written as JSON's non-standard literals
-    return poison
-
-
-def _nan_weight(state: dict[str, torch.Tensor]) -> None:
-    state["head.mlp.3.weight"][0, 0] = math.nan
-
-
-def _wrong_shape(state: dict[str, torch.Tensor]) -> None:
-    state["head.mlp.0.weight"] = torch.zeros(7, 5)
-
-
-def _overflowing(state: dict[str, torch.Tensor]) -> None:
-    """Finite weights whose products are not: the logits overflow to infinity, the softmax gives NaN."""
-    for name in ("head.mlp.0.weight", "head.mlp.3.weight"):
-        state[name] = state[name] * 1e38
-
-
-def _wide(config: dict[str, Any]) -> None:  # a 10^6-wide, 10^6-token text encoder: about 9 * 10^12 parameters
-    config["text_encoder"]["config"].update(hidden_size=1_000_000, vocab_size=1_000_000)
-
-
-def _deep(config: dict[str, Any]) -> None:  # a billion layers: counted without building a billion layers
-    config["text_encoder"]["config"]["num_layers"] = 1_000_000_000
-
-
-def _nan_calibration(calibration: dict[str, Any]) -> None:
-    calibration.update(format="mmsent-calibration/1", temperature=1.0, labels=["negative", "neutral", "positive"],
-                       model_sha256=None, thresholds={"negative": [{"target": 0.9, "threshold": math.nan}]})
-
-
-def _garbage_weights(directory: Path) -> None:
-    (directory / "model.safetensors").write_bytes(b"\xff" * 64)
-
-
-POISONS: dict[str, tuple[Poison, RefusalReason]] = {
-    "nan_weights": (edit_weights(_nan_weight), RefusalReason.NON_FINITE_WEIGHTS),
-    "wrong_shape": (edit_weights(_wrong_shape), RefusalReason.WRONG_SHAPES),
-    "overflowing_weights": (edit_weights(_overflowing), RefusalReason.NON_FINITE_SCORES),
-    "huge_config": (edit_json("config.json", _wide), RefusalReason.TOO_MANY_PARAMETERS),
-    "deep_config": (edit_json("config.json", _deep), RefusalReason.TOO_MANY_PARAMETERS),
-    "nan_calibration": (edit_json("calibration.json", _nan_calibration), RefusalReason.BAD_CALIBRATION),
-    "garbage_weights": (_garbage_weights, RefusalReason.UNREADABLE_WEIGHTS),
-    "bad_config": (lambda d: (d / "config.json").write_text("{not json"), RefusalReason.BAD_CONFIG),
-}
-
-
-def poisoned(good: Path, name: str, into: Path) -> Path:
-    target = into / name
-    shutil.copytree(good, target)
-    POISONS[name][0](target)
-    return target
 
 
 @pytest.fixture(scope="module")
@@ -135,14 +59,6 @@ def good_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def settings(**values: Any) -> Settings:
     return Settings(redis_url=None, model_max_params=BUDGET, cpu_runtime="torch", **values)
-
-
-def point(link: Path, target: Path) -> None:
-    """Flip a symlink atomically, as a Kubernetes volume update does."""
-    staging = link.with_name(link.name + ".new")
-    staging.unlink(missing_ok=True)
-    staging.symlink_to(target)
-    os.replace(staging, link)
 
 
 # -- each poison refused with its reason, through the real loading path ---------------------------------------------
