@@ -94,9 +94,17 @@ def test_known_nasty_records_are_bounded(value: bytes) -> None:
 
 
 def _normalize_bounded(text: str) -> str:
-    started = time.perf_counter()
-    out = normalize_tweet(text)
-    assert time.perf_counter() - started < MAX_SECONDS_PER_RECORD, f"{len(text)} characters took too long"
+    """Normalised within the bound, by the faster of at most two calls: a hostile input costs its time on every call,
+    while a one-off stall of this 2-core machine does not (a fresh-clone CI once timed one character at 0.33 s on the
+    first call and well under the bound on the next)."""
+    seconds = []
+    for _ in range(2):
+        started = time.perf_counter()
+        out = normalize_tweet(text)
+        seconds.append(time.perf_counter() - started)
+        if seconds[-1] < MAX_SECONDS_PER_RECORD:
+            break
+    assert min(seconds) < MAX_SECONDS_PER_RECORD, f"{len(text)} characters took {seconds} s"
     return out
 
 
