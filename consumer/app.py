@@ -934,6 +934,7 @@ def _load_scorer(settings: Settings, model: str | None) -> ScorerLike:
     started = time.monotonic()
     scorer = load_vetted(settings, model)
     log.info("model_loaded", model=dict(scorer.info), device=str(scorer.device), cpu_runtime=scorer.cpu_runtime,
+             cpu_precision=scorer.cpu_precision, precision_note=scorer.precision_note,
              compile=scorer.compile, seconds=round(time.monotonic() - started, 2))
     return scorer
 

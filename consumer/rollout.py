@@ -77,7 +77,7 @@ def load_vetted(settings: Settings, model: str | None) -> Scorer:
     Raises `ModelRefused` (or whatever a loader raises) for a model that must not serve."""
     device = None if settings.device == "auto" else settings.device  # None: the Scorer takes a GPU when there is one
     scorer = Scorer.load(model, device=device, cpu_runtime=settings.cpu_runtime, compile=settings.compile,
-                         max_params=settings.model_max_params)
+                         max_params=settings.model_max_params, cpu_precision=settings.cpu_precision)
     # the limits it checks the image bytes it decodes itself with (on a GPU), as the fetcher's
     scorer.max_pixels, scorer.max_side = settings.fetch_max_pixels, settings.fetch_max_side
     vet(scorer)

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
         default="auto",
         description="On a CPU, the frozen encoders run in ONNX Runtime (auto: where they export) or PyTorch.",
     )
+    cpu_precision: Literal["auto", "fp32", "int8"] = Field(
+        default="auto",
+        description="On a CPU (ONNX Runtime): the encoders in fp32 or int8; auto: int8 where the CPU has VNNI or "
+        "AMX and the model directory says its int8 accuracy was measured (mmsent quantize), else fp32.",
+    )
     compile: bool = Field(
         default=False,
         description="torch.compile the model's calls while it warms up, every shape it will see (CUDA graphs on a "

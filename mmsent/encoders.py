@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mmsent.imaging import ImagePreprocess
-from mmsent.runtime import Exportable, OnnxGraph
+from mmsent.runtime import Exportable, Int8, OnnxGraph
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -227,17 +227,18 @@ class TextEncoder(nn.Module):
         )
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
-    def use_onnx_runtime(self, *, threads: int, cache_dir: Path | None) -> None:
+    def use_onnx_runtime(self, *, threads: int, cache_dir: Path | None, int8: Int8 | None = None) -> None:
         """Inference on the CPU runs the transformer through ONNX Runtime (see `mmsent.runtime`): at one caption a
         call 11 against 21 ms per post, as eager PyTorch spends most of that dispatching ~100 small ops (measured on
-        the dev VM). Hugging Face encoders only; training still runs in PyTorch and `set_trainable` drops the graph."""
+        the dev VM); with `int8`, its int8 twin (mmsent/quantize.py). Hugging Face encoders only; training still
+        runs in PyTorch and `set_trainable` drops the graph."""
         if self._fast is not None:
             raise ValueError("only Hugging Face text encoders run through ONNX Runtime")
         example = self.tokenize(["an example caption", "x"])
         dynamic = {0: "batch", 1: "tokens"}
         self.onnx_model = OnnxGraph("text", Exportable(self.model, self._hf_forward),
                                     (example["input_ids"], example["attention_mask"]), (dynamic, dynamic),
-                                    threads=threads, cache_dir=cache_dir)
+                                    threads=threads, cache_dir=cache_dir, int8=int8)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.onnx_model is not None and input_ids.device.type == "cpu" and not torch.is_grad_enabled():
@@ -414,13 +415,14 @@ class ImageEncoder(nn.Module):
             return net, 1280
         raise ValueError(f"unknown image encoder architecture {arch!r}")
 
-    def use_onnx_runtime(self, *, threads: int, cache_dir: Path | None) -> None:
+    def use_onnx_runtime(self, *, threads: int, cache_dir: Path | None, int8: Int8 | None = None) -> None:
         """Inference on the CPU runs the trunk, with its weights as they are now, through ONNX Runtime (see
-        `mmsent.runtime`); training (grad enabled) still runs in PyTorch, and `set_trainable` drops the graph."""
+        `mmsent.runtime`; with `int8`, its int8 twin); training (grad enabled) still runs in PyTorch, and
+        `set_trainable` drops the graph."""
         size = self.spec.preprocess.size
         self.onnx_trunk = OnnxGraph(f"cnn-{self.spec.arch}", Exportable(self.trunk, self._trunk_forward),
                                     (torch.zeros(2, 3, size, size),), ({0: "batch"},), threads=threads,
-                                    cache_dir=cache_dir)
+                                    cache_dir=cache_dir, int8=int8)
 
     def _trunk_map(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, C, h, w)."""

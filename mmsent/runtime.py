@@ -10,6 +10,10 @@ Each graph is exported once per set of weights (torch.export, ~10-14 s per encod
 dir under a digest of the weights, so a restart loads it in well under a second. Where that dir is not writable (a
 read-only pod), the graph lives in memory for the life of the process. The PyTorch modules stay loaded: training and
 the GPU path use them.
+
+    module ──torch.onnx.export (once per weights)──▶ onnx/<name>-<weights>-...onnx ──▶ InferenceSession (fp32)
+                                                        └──`Int8` (mmsent/quantize.py; once per weights and
+                                                           recipe)──▶ onnx/<...>-int8-<recipe>.onnx ──▶ (int8)
 """
 
 from __future__ import annotations
@@ -23,13 +27,13 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CPU_RUNTIMES", "Exportable", "OnnxGraph", "onnxruntime_available"]
+__all__ = ["CPU_RUNTIMES", "Exportable", "Int8", "OnnxGraph", "onnxruntime_available"]
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +65,31 @@ def _weights_digest(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+class Int8(NamedTuple):
+    """How to make a graph's int8 twin: `quantize(fp32_path, int8_path)`, and a `key` naming the recipe and its
+    inputs (ranges), part of the cached int8 graph's name."""
+
+    key: str
+    quantize: Callable[[Path, Path], None]
+
+
 class OnnxGraph:
     """A frozen module's forward, run by ONNX Runtime on the CPU: tensors in, one float32 tensor out.
 
     `dynamic` names, per input, the axes that vary (e.g. `{0: "batch", 1: "tokens"}`); every other axis is fixed
-    to the example's size. The session is thread-safe: slices of a batch may call it at once."""
+    to the example's size. `int8`: run the graph's int8 twin instead (raises what quantizing raised). The session is
+    thread-safe: slices of a batch may call it at once."""
 
     def __init__(self, name: str, module: Exportable, example: tuple[torch.Tensor, ...],
-                 dynamic: tuple[dict[int, str], ...], *, threads: int, cache_dir: Path | None) -> None:
+                 dynamic: tuple[dict[int, str], ...], *, threads: int, cache_dir: Path | None,
+                 int8: Int8 | None = None) -> None:
         import onnxruntime as ort
 
         shape = "-".join("x".join(str(n) for n in t.shape) for t in example)
         key = f"{name}-{_weights_digest(module)}-{shape}-t{torch.__version__}-v{_EXPORT_VERSION}"
         model = _cached_or_exported(module, example, dynamic, key, cache_dir)
+        if int8 is not None:
+            model = _cached_or_quantized(model, f"{key}-int8-{int8.key}", int8, cache_dir)
         options = ort.SessionOptions()
         options.intra_op_num_threads = max(1, threads)
         options.inter_op_num_threads = 1
@@ -88,6 +104,40 @@ class OnnxGraph:
                 for name, t, dtype in zip(self._inputs, inputs, self._dtypes, strict=True)}
         (out,) = self._session.run(None, feed)
         return torch.from_numpy(out)
+
+
+def _cached_or_quantized(fp32: str | bytes, key: str, int8: Int8, cache_dir: Path | None) -> str | bytes:
+    path = cache_dir / "onnx" / f"{key}.onnx" if cache_dir is not None else None
+    if path is not None and path.exists():
+        return str(path)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="mmsent-onnx-") as tmp:
+        source = Path(tmp) / "fp32.onnx"
+        if isinstance(fp32, bytes):
+            source.write_bytes(fp32)
+        else:
+            source = Path(fp32)
+        out = Path(tmp) / "int8.onnx"
+        int8.quantize(source, out)
+        data = out.read_bytes()
+    log.info("onnx_quantized seconds=%.1f key=%s", time.monotonic() - started, key)
+    return _kept(data, path)
+
+
+def _kept(data: bytes, path: Path | None) -> str | bytes:
+    """The graph saved at `path` (atomically: a concurrent loader sees the whole file or none) and its path; the
+    bytes themselves where there is no cache dir or it is not writable (a read-only pod)."""
+    if path is None:
+        return data
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
+            f.write(data)
+        os.replace(f.name, path)
+    except OSError as exc:
+        log.info("onnx_cache_unwritable path=%s error=%s", path, exc)
+        return data
+    return str(path)
 
 
 def _cached_or_exported(module: Exportable, example: tuple[torch.Tensor, ...], dynamic: tuple[dict[int, str], ...],
@@ -106,14 +156,4 @@ def _cached_or_exported(module: Exportable, example: tuple[torch.Tensor, ...], d
         raise RuntimeError("torch.onnx.export returned no program")
     data: bytes = program.model_proto.SerializeToString()
     log.info("onnx_exported seconds=%.1f key=%s", time.monotonic() - started, key)
-    if path is None:
-        return data
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
-            f.write(data)
-        os.replace(f.name, path)  # atomic: a concurrent loader sees the whole file or none
-    except OSError as exc:  # read-only file system: keep the graph in memory
-        log.info("onnx_cache_unwritable path=%s error=%s", path, exc)
-        return data
-    return str(path)
+    return _kept(data, path)

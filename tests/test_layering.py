@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The benchmarks compose the service and the model: they may reach the model's bench module.
 TOOLING_REACHES_INTO_MMSENT = {
     ("bench.py", "mmsent.benchmarks.host"),
+    ("bench.py", "mmsent.benchmarks.precision"),
     ("bench.py", "mmsent.benchmarks.device"),
     ("shadowbench.py", "mmsent.benchmarks.host"),
 }

@@ -38,12 +38,14 @@ On CUDA the weights are bfloat16 (under bf16 autocast), and each thread that sco
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -52,11 +54,20 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mmsent.device import autocast, resolve_device
-from mmsent.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageDecodeError, decode_image
+from mmsent.imaging import DEFAULT_MAX_PIXELS, DEFAULT_MAX_SIDE, ImageDecodeError, ImagePreprocess, decode_image
 from mmsent.model import Features, MMSentModel, ModelConfig
 from mmsent.presets import build_model, cache_dir, model_directory
+from mmsent.quantize import (
+    CPU_PRECISIONS,
+    Int8Model,
+    choose_precision,
+    collect_cnn_ranges,
+    cpu_int8_flags,
+    quantize_cnn,
+    quantize_text,
+)
 from mmsent.reference import Reference
-from mmsent.runtime import CPU_RUNTIMES, onnxruntime_available
+from mmsent.runtime import CPU_RUNTIMES, Int8, onnxruntime_available
 from mmsent.serving.calibration import Calibration, calibrated_probabilities
 from mmsent.serving.gpudecode import decode_batch
 from mmsent.serving.shapes import ShapeBuckets, serving_batch_size
@@ -129,10 +140,18 @@ class Scorer:
     def __init__(self, model: MMSentModel, *, device: str | None = None, batch_size: int | None = None,
                  cpu_runtime: str = "auto", cpu_workers: int | None = None,
                  calibration: Calibration | None = None, compile: bool = False,
-                 bucketing: bool | None = None, reference: Reference | None = None) -> None:
+                 bucketing: bool | None = None, reference: Reference | None = None,
+                 cpu_precision: str = "auto", int8: Int8Model | None = None) -> None:
         """`cpu_runtime`: on the CPU, run the frozen encoders (the CNN; a Hugging Face text encoder too) through ONNX
         Runtime ("onnx"), PyTorch ("torch"), or ONNX Runtime where it is installed and they export ("auto"). The
         small fusion head always runs in PyTorch.
+
+        `cpu_precision` (ONNX Runtime on the CPU only; mmsent/quantize.py): "fp32"; "int8", both encoders in int8
+        (the CNN from `int8`'s stored ranges, or, where the model has none, ranges from generated pictures, with a
+        warning: fit for timing random-weights presets, not for a trained model's accuracy); "auto", int8 for the
+        parts whose int8 accuracy `int8` (what `load` reads from the model directory) says was measured and kept,
+        on a CPU with VNNI or AMX, else fp32. `cpu_precision` then says what it resolved to, and `precision_note`
+        why.
 
         `cpu_workers` (default: torch's thread count, one per core): on the CPU a batch is cut into that many slices
         scored at once, each with single-threaded kernels, instead of one slice with multi-threaded kernels. Depthwise
@@ -169,7 +188,11 @@ class Scorer:
         # Each worker runs single-threaded kernels (set per thread), so no worker waits on another's stragglers.
         self._pool = (ThreadPoolExecutor(self.cpu_workers, initializer=torch.set_num_threads, initargs=(1,),
                                          thread_name_prefix="mmsent-score") if self.cpu_workers > 1 else None)
-        self.cpu_runtime = self._use_cpu_runtime("torch" if compile else cpu_runtime)
+        if cpu_precision not in CPU_PRECISIONS:
+            raise ValueError(f"cpu_precision must be one of {', '.join(CPU_PRECISIONS)}, not {cpu_precision!r}")
+        self._int8 = int8 or Int8Model.load(None)
+        self.precision_note = "fp32: not on the CPU's ONNX Runtime"
+        self.cpu_runtime = self._use_cpu_runtime("torch" if compile else cpu_runtime, cpu_precision)
         cfg = model.cfg
         labels = tuple(cfg.labels)
         if len(labels) != 3:
@@ -200,7 +223,7 @@ class Scorer:
     @classmethod
     def load(cls, model: str | os.PathLike[str] | None = None, *, device: str | None = None,
              cpu_runtime: str = "auto", cpu_workers: int | None = None, compile: bool = False,
-             max_params: int | None = None) -> Scorer:
+             max_params: int | None = None, cpu_precision: str = "auto") -> Scorer:
         """`max_params` (None: no limit): a model whose config asks for more parameters is refused before any of
         its weights is read. A model that fails a check raises `ModelRefused` with the reason's code: see
         `MMSentModel.load` for the checks, in order; its calibration (read after the weights passed) is refused
@@ -210,7 +233,8 @@ class Scorer:
         calibration = Calibration.load(directory) if directory is not None else None
         reference = Reference.load(directory) if directory is not None else None
         return cls(built, device=device, cpu_runtime=cpu_runtime, cpu_workers=cpu_workers,
-                   calibration=calibration, compile=compile, reference=reference)
+                   calibration=calibration, compile=compile, reference=reference, cpu_precision=cpu_precision,
+                   int8=Int8Model.load(directory))
 
     @property
     def calibration_digest(self) -> str | None:
@@ -244,29 +268,63 @@ class Scorer:
             raise ValueError(f"unknown label {label!r} (labels: {', '.join(self.labels)})")
         return self.calibration.alert_threshold(label, min_precision) if self.calibration is not None else None
 
-    def _use_cpu_runtime(self, wanted: str) -> str:
-        """Where the frozen encoders run: "onnx" (ONNX Runtime, the CNN at least) or "torch" (also on a GPU)."""
+    def _use_cpu_runtime(self, wanted: str, precision: str) -> str:
+        """Where the frozen encoders run: "onnx" (ONNX Runtime, the CNN at least) or "torch" (also on a GPU); in
+        which precision (`cpu_precision`, `precision_note`)."""
         if wanted not in CPU_RUNTIMES:
             raise ValueError(f"cpu_runtime must be one of {', '.join(CPU_RUNTIMES)}, not {wanted!r}")
         image, text = self.model.image_encoder, self.model.text_encoder
         image.onnx_trunk = text.onnx_model = None  # a model handed over from another Scorer starts plain
+        self.cpu_precision = "fp32"
         if wanted == "torch" or self.device.type != "cpu":
             return "torch"
         if not onnxruntime_available():
             if wanted == "onnx":
                 raise RuntimeError("cpu_runtime='onnx' needs the onnxruntime and onnxscript packages")
             return "torch"
+        choice = choose_precision(precision, cpu_int8_flags(), self._int8)
         threads = 1 if self.cpu_workers > 1 else torch.get_num_threads()  # the workers are the parallelism
-        encoders: list[Any] = [image] + ([text] if text.spec.arch == "hf" else [])
-        for encoder in encoders:
+        parts: list[tuple[str, Any]] = [("cnn", image)] + ([("text", text)] if text.spec.arch == "hf" else [])
+        in_int8: list[str] = []
+        for part, encoder in parts:
+            int8 = self._int8_twin(part) if part in choice.parts else None
             try:
-                encoder.use_onnx_runtime(threads=threads, cache_dir=cache_dir())
+                encoder.use_onnx_runtime(threads=threads, cache_dir=cache_dir(), int8=int8)
+                in_int8 += [part] if int8 is not None else []
             except Exception as exc:  # an exotic user encoder that does not export still scores, in PyTorch
-                if wanted == "onnx":
+                if wanted == "onnx" and int8 is None:
                     raise
+                if int8 is not None:  # the int8 twin did not build: this part in fp32
+                    warnings.warn(f"mmsent: the {part} encoder stays fp32: its int8 graph did not build ({exc})",
+                                  stacklevel=3)
+                    encoder.use_onnx_runtime(threads=threads, cache_dir=cache_dir())
+                    continue
                 warnings.warn(f"mmsent: {type(encoder).__name__} did not export to ONNX ({exc!r}); it runs in "
                               "PyTorch", stacklevel=3)
+        self.cpu_precision = "int8" if in_int8 else "fp32"
+        wanted_int8 = [part for part, _ in parts if part in choice.parts]
+        self.precision_note = choice.note if in_int8 == wanted_int8 else (
+            f"{choice.note}; in int8: {', '.join(in_int8) or 'nothing'}")
         return "onnx" if image.onnx_trunk is not None else "torch"
+
+    def _int8_twin(self, part: str) -> Int8:
+        """How to quantize one encoder's graph (mmsent/quantize.py), keyed by the recipe (and the CNN's ranges)."""
+        recipe = self._int8.recipe
+        if part == "text":
+            return Int8(f"text-{recipe.digest()}", lambda fp32, out: quantize_text(fp32, out, recipe))
+        ranges = self._int8.ranges
+        if ranges is not None:
+            digest = hashlib.sha256(ranges.read_bytes()).hexdigest()[:12]
+            return Int8(f"cnn-{recipe.digest()}-{digest}", lambda fp32, out: quantize_cnn(fp32, out, ranges, recipe))
+        warnings.warn("mmsent: the model has no int8 ranges (mmsent quantize): its CNN is quantized with ranges from "
+                      "generated pictures, fit for timing, not for accuracy", stacklevel=4)
+
+        def from_generated(fp32: Path, out: Path) -> None:
+            generated = fp32.parent / "generated-ranges.json"
+            collect_cnn_ranges(fp32, generated_pixels(self.model.cfg.image.preprocess), generated)
+            quantize_cnn(fp32, out, generated, recipe)
+
+        return Int8(f"cnn-{recipe.digest()}-generated", from_generated)
 
     # --- the device ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -555,6 +613,16 @@ class Scorer:
             ids, mask = (_pad_rows(F.pad(x, (0, width - longest)), buckets.rows(len(rows))) for x in (ids, mask))
         # contiguous: compiled code is specialised on strides too, and a column slice is not
         return self._to_device(ids.contiguous()), self._to_device(mask.contiguous())
+
+
+def generated_pixels(preprocess: ImagePreprocess, images: int = 32, batch: int = 8) -> Iterator[np.ndarray]:
+    """Preprocessed pictures (B, 3, S, S) of smooth random colour fields: inputs with an image's range of values,
+    for quantizing a CNN that has no ranges from real photos (timing random-weights presets)."""
+    rng = np.random.default_rng(0)
+    for start in range(0, images, batch):
+        pictures = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((320, 240))
+                    for _ in range(min(batch, images - start))]
+        yield preprocess.batch(pictures).numpy()
 
 
 def _pad_features(f: Features, rows: int) -> Features:
