@@ -7,43 +7,83 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytestmark = [pytest.mark.kafka, pytest.mark.redis]
 
 
-def test_bench_smoke_runs_every_part(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "consumer", "bench", "smoke", "--json", str(out)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    result = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """One `mmsent bench smoke` for the tests below: its JSON result and what it printed."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    done = _bench("smoke", "--json", str(out))
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_bench_smoke_runs_every_part(smoke: tuple[dict[str, Any], str]) -> None:
+    result, stdout = smoke
     assert result["matmul_flops_per_s"] > 1e8
+    assert result["cpu"]["name"] and set(result["cpu"]["flags"]) <= {"avx512_vnni", "avx_vnni", "amx_int8",
+                                                                     "avx512_bf16", "amx_bf16"}
     figures = result["model_only"][0]["figures"]
     assert {f["padding"] for f in figures} == {"dynamic", "pad-128"}
     assert all(f["posts_per_s"] > 0 for f in figures)
-    full, half = result["end_to_end"]
-    assert full["posts"] == 48 and full["posts_per_s"] > 0 and full["latency_ms_p99"] >= full["latency_ms_p50"]
-    assert half["offered_per_s"] == pytest.approx(full["posts_per_s"] / 2)
-    assert full["image_requests"] > 0, "the posts' images were never fetched"
-    shares = full["cpu_shares"]  # where the cores went: every role measured, the shares adding up to the whole
-    assert set(shares) == {"consumer", "broker", "redis", "bench (producer, image server)", "other", "idle"}
-    assert shares["consumer"] > 0 and shares["broker"] > 0
-    assert 0.8 < sum(shares.values()) < 1.2, shares
     assert result["naive"]["image_requests"] == result["naive"]["posts"], "the naive consumer downloads every time"
-    assert result["ratio_vs_naive"] > 0
     assert result["naive"]["cpu_runtime"] == "torch", "the naive consumer runs eager PyTorch"
+    assert result["naive"]["cpu_precision"] == "fp32"
     assert result["naive_fast"]["cpu_runtime"] == "onnx" and result["naive_fast"]["posts"] == result["naive"]["posts"]
-    assert "| tiny-random |" in done.stdout and "Where the cores went" in done.stdout
+    assert "| tiny-random |" in stdout and "Where the cores went" in stdout
+
+
+def test_bench_smoke_measures_fp32_against_int8_in_one_run(smoke: tuple[dict[str, Any], str]) -> None:
+    """Both precisions, model only and end to end, each really run in its precision: the model-only scorers say
+    what they resolved to, and each consumer process says so in its `model_loaded` log line."""
+    result, stdout = smoke
+    compared = {m["asked"]: m for m in result["precision_model_only"]["models"]}
+    assert set(compared) == {"fp32", "int8"}
+    assert all(compared[p]["cpu_precision"] == p and compared[p]["posts_per_s"] > 0 for p in compared), compared
+    for precision in ("fp32", "int8"):
+        run = result["end_to_end"][precision]
+        assert run["consumer_cpu_precision"] == precision, run["log"]
+        full, half = run["full"], run["half"]
+        assert full["posts"] == 48 and full["posts_per_s"] > 0 and full["latency_ms_p99"] >= full["latency_ms_p50"]
+        assert half["offered_per_s"] == pytest.approx(full["posts_per_s"] / 2)
+        assert full["image_requests"] > 0, "the posts' images were never fetched"
+        shares = full["cpu_shares"]  # where the cores went: every role measured, the shares adding up to the whole
+        assert set(shares) == {"consumer", "broker", "redis", "bench (producer, image server)", "other", "idle"}
+        assert shares["consumer"] > 0 and shares["broker"] > 0
+        assert 0.8 < sum(shares.values()) < 1.2, shares
+        assert result["share_of_model_only"][precision] == pytest.approx(
+            full["posts_per_s"] / compared[precision]["posts_per_s"])
+        assert result["half_load_p99_ms"][precision] == half["latency_ms_p99"]
+    # each run's posts were new to the cache (the second run's too): every image of them was downloaded
+    distinct = _distinct_images(48, seed=2)
+    assert all(result["end_to_end"][p]["full"]["image_requests"] >= distinct for p in ("fp32", "int8")), distinct
+    assert result["model_int8_over_fp32"] == pytest.approx(compared["int8"]["posts_per_s"]
+                                                           / compared["fp32"]["posts_per_s"])
+    assert [a["at_least"] for a in result["aims"]] == [2.0, 1.8, 0.9, 0.9, 8.0]
+    assert all(a["met"] == (a["value"] >= a["at_least"]) for a in result["aims"])
+    assert "| int8 | int8 / int8 |" in stdout and "| fp32 | fp32 / fp32 |" in stdout
+    assert stdout.count("| int8 end to end / int8 model only |") == 1
+
+
+def _distinct_images(posts: int, seed: int) -> int:
+    """How many different images the bench's full-load run of `posts` posts names (its other 30% repeat them)."""
+    from tooling.bench import make_posts, photo_server
+
+    server = photo_server([])
+    try:
+        return len({json.loads(post)["image_url"] for post in make_posts(posts, 64, server, 0.3, seed)})
+    finally:
+        server.close()
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
     """`mmsent bench ARGS` in a process of its own, which must succeed."""
     done = subprocess.run([sys.executable, "-m", "consumer", "bench", *args], capture_output=True, text=True,
-                          timeout=300, check=False)
+                          timeout=400, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
@@ -59,6 +99,25 @@ def test_bench_models_times_models_side_by_side() -> None:
     done = _bench("models", "tiny-random", "tiny-random", "--batch-size", "4", "--rounds", "2")
     rows = re.findall(r"(\d+\.\d) posts/s  x(\d+\.\d+)  tiny-random", done.stdout)
     assert len(rows) == 2 and rows[0][1] == "1.00" and float(rows[1][0]) > 0, done.stdout
+
+
+def test_bench_models_takes_a_precision_per_model() -> None:
+    """`MODEL@PRECISION` sets one model's precision, `--cpu-precision` the others'; each line says what ran."""
+    done = _bench("models", "tiny-random@int8", "tiny-random", "--cpu-precision", "fp32", "--batch-size", "4",
+                  "--rounds", "1")
+    rows = re.findall(r"posts/s  x\d+\.\d+  (\S+) \(mmsent-tiny-random 0, (\w+):", done.stdout)
+    assert rows == [("tiny-random@int8", "int8"), ("tiny-random", "fp32")], done.stdout
+
+
+def test_a_model_spec_names_its_precision_after_an_at() -> None:
+    from mmsent.benchmarks.host import parse_model_spec
+
+    assert parse_model_spec("default@int8") == ("default", "int8")
+    assert parse_model_spec("default") == ("default", "auto")
+    assert parse_model_spec("default", "fp32") == ("default", "fp32")
+    assert parse_model_spec("/models/v2.2@fp32", "int8") == ("/models/v2.2", "fp32")
+    assert parse_model_spec("/models/team@home") == ("/models/team@home", "auto")  # an @ in a directory's name
+    assert parse_model_spec("@int8") == ("@int8", "auto")
 
 
 def test_bench_device_reports_the_model_on_the_cpu(tmp_path: Path) -> None:

@@ -1,8 +1,11 @@
 """`mmsent bench`: model-only figures, end to end through the real broker/Redis/image server, and the naive
-seed-style consumer in the same run, so that the ratios are measured side by side.
+seed-style consumer in the same run, so that the ratios are measured side by side; each of the first two with the
+CPU encoders in fp32 and in int8 (MMSENT_CPU_PRECISION), against the aims of issue 28.
 
     mmsent bench all --write BENCHMARKS.md     # ~10 minutes on a 2-core machine
-    mmsent bench smoke                         # seconds: proves every part runs (used by the test suite)
+    mmsent bench smoke                         # a minute: proves every part runs (used by the test suite)
+    mmsent bench models default@fp32 default@int8 ../v2.2@fp32    # model only, alternating rounds
+    mmsent bench precision --preset seed       # fp32, bf16 and int8 of the big preset (mmsent/benchmarks/precision)
 
 mmsent, torch and what imports them (consumer.app, tooling.shadowbench) are imported inside the functions that use
 them: tooling.cli loads this module for every tool command, and `mmsent reconcile` or `mmsent demo --help` must
@@ -48,13 +51,16 @@ def photo_server(photos: list[bytes]) -> LoopbackImageServer:
     return LoopbackImageServer({f"/p{i}.jpg": (photo, "image/jpeg") for i, photo in enumerate(photos)})
 
 
-def photo_url(server: LoopbackImageServer, index: int, run: int) -> str:
-    # The run number makes each run's URLs new to the cache; the photo bytes are shared.
+def photo_url(server: LoopbackImageServer, index: int, run: str) -> str:
+    # The run's name makes each run's URLs new to the cache; the photo bytes are shared.
     return f"{server.base}/p{index}.jpg?run={run}"
 
 
-def make_posts(count: int, n_photos: int, server: LoopbackImageServer, repeat_share: float, seed: int) -> list[bytes]:
-    """Tweet-like captions; each post has an image, `repeat_share` of them an image seen earlier in the stream."""
+def make_posts(count: int, n_photos: int, server: LoopbackImageServer, repeat_share: float, seed: int,
+               tag: str = "") -> list[bytes]:
+    """Tweet-like captions; each post has an image, `repeat_share` of them an image seen earlier in the stream.
+    The same `seed` gives the same captions and the same sequence of photos; `tag` makes the post ids and image
+    URLs new (a second consumer run on the same broker and Redis then finds nothing of the first's)."""
     # torch: imported when this runs (the module docstring says why)
     from mmsent.benchmarks.host import synthetic_captions
 
@@ -66,8 +72,8 @@ def make_posts(count: int, n_photos: int, server: LoopbackImageServer, repeat_sh
             photo = rng.randrange(fresh)
         else:
             photo, fresh = fresh % n_photos, fresh + 1
-        url = photo_url(server, photo, seed)
-        posts.append(json.dumps({"post_id": f"b{seed}-{index}", "text": caption, "image_url": url,
+        url = photo_url(server, photo, f"{seed}{tag}")
+        posts.append(json.dumps({"post_id": f"b{seed}{tag}-{index}", "text": caption, "image_url": url,
                                  "created_at": datetime.now(UTC).isoformat()}).encode())
     return posts
 
@@ -270,16 +276,19 @@ class ServedRun:
     full: EndToEnd  # a backlog: every post produced at once
     half: EndToEnd  # posts offered steadily at half the full run's rate
     stages: dict[str, float]  # the consumer's own totals over the full run (EventCounter.stage_totals)
+    log_path: Path  # the consumer's log
 
 
 def serve_end_to_end(services: EmbeddedServices, server: LoopbackImageServer, n_photos: int, *, model: str | None,
                      batch_size: int, max_wait_ms: int, full_posts: int, half_posts: int, partitions: int = 3,
-                     env: dict[str, str] | None = None, log_dir: Path | None = None, timeout_s: float = 600
-                     ) -> ServedRun:
+                     env: dict[str, str] | None = None, log_dir: Path | None = None, timeout_s: float = 600,
+                     tag: str = "") -> ServedRun:
     """`mmsent consume` as its own process on `services` (the broker and a Redis), images from `server`, 30% of
     posts repeating an earlier image: a warm-up of two batches, a backlog of `full_posts`, then `half_posts` offered
     at half its rate. `env`: more MMSENT_* settings for the consumer (MMSENT_DEVICE, ...); its log goes to
-    `log_dir`/consumer.log (default: a new temporary folder, kept); each run fails after `timeout_s`."""
+    `log_dir`/consumer.log (default: a new temporary folder, kept); each run fails after `timeout_s`. `tag`: a run's
+    own post ids and image URLs (`make_posts`), so that runs on the same services compare the same workload, none
+    served from another's cache."""
     bootstrap = services.kafka_bootstrap
     create_topics(bootstrap, {IN: partitions, OUT: partitions, DLQ: 1})
     metrics_port = free_port()
@@ -299,15 +308,15 @@ def serve_end_to_end(services: EmbeddedServices, server: LoopbackImageServer, n_
                  "redis": services.redis.pid if services.redis else None,
                  "bench (producer, image server)": os.getpid()}
         # warm-up: the first batches pay for allocator growth and tokenizer caches
-        run_end_to_end(make_posts(2 * batch_size, n_photos, server, 0.3, seed=1), producer, counter, server,
+        run_end_to_end(make_posts(2 * batch_size, n_photos, server, 0.3, seed=1, tag=tag), producer, counter, server,
                        "warm-up", None, roles, timeout_s)
         before = counter.stage_totals()
-        full = run_end_to_end(make_posts(full_posts, n_photos, server, 0.3, seed=2), producer, counter, server,
+        full = run_end_to_end(make_posts(full_posts, n_photos, server, 0.3, seed=2, tag=tag), producer, counter, server,
                               "full", None, roles, timeout_s)
         after = counter.stage_totals()
-        half = run_end_to_end(make_posts(half_posts, n_photos, server, 0.3, seed=3), producer, counter, server,
+        half = run_end_to_end(make_posts(half_posts, n_photos, server, 0.3, seed=3, tag=tag), producer, counter, server,
                               "half", full.posts_per_s / 2, roles, timeout_s)
-    return ServedRun(full, half, {key: after[key] - before[key] for key in after})
+    return ServedRun(full, half, {key: after[key] - before[key] for key in after}, log_dir / "consumer.log")
 
 
 def bottleneck(full: EndToEnd, stages: dict[str, float], model_only_posts_per_s: float, batch_size: int
@@ -441,70 +450,153 @@ def run_naive(posts: list[bytes], bootstrap: str, model: str | None, server: Loo
     elapsed = time.monotonic() - started
     consumer.close()
     return {"posts": done, "posts_per_s": done / elapsed, "image_requests": server.requests - requests_before,
-            "cpu_runtime": scorer.cpu_runtime,
+            "cpu_runtime": scorer.cpu_runtime, "cpu_precision": scorer.cpu_precision,
             "ms_per_post": {stage: 1000 * seconds / max(done, 1) for stage, seconds in spent.items()}}
 
 
 # -- the whole run ----------------------------------------------------------------------------------------------
 
+PRECISIONS = ("fp32", "int8")  # the CPU precisions measured side by side (MMSENT_CPU_PRECISION)
+CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")  # what int8 and bf16 kernels use
+
 
 def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: int, naive_posts: int,
-            model_batch_sizes: list[int], seed_batch_sizes: list[int], min_seconds: float,
-            partitions: int = 3) -> dict[str, Any]:
+            model_batch_sizes: list[int], seed_batch_sizes: list[int], min_seconds: float, precision_rounds: int,
+            cpu_precision: str = "auto", partitions: int = 3) -> dict[str, Any]:
+    """The whole benchmark, in this order on this machine:
+
+        matmul FLOP/s ─▶ model only, fp32 against int8 at `batch_size` (alternating rounds, `compare_models`)
+          ─▶ model only, the batch-size sweep at `cpu_precision` (and the seed preset's)
+          ─▶ end to end: the consumer process once per precision (MMSENT_CPU_PRECISION), the same workload
+          ─▶ the naive seed-style consumer (eager PyTorch, fp32), and with our encoder runtime
+          ─▶ ratios and the aims (`precision_figures`)"""
     # torch: imported when this runs (the module docstring says why)
+    import onnxruntime
     import torch
 
-    from mmsent.benchmarks.host import bench_model, matmul_flops_per_s, sample_photos
+    from mmsent.benchmarks.host import bench_model, compare_models, matmul_flops_per_s, sample_photos
 
+    name = model or "default"
+    flags = cpu_flags(CPU_FLAGS)
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        "cpu": {"name": _cpu_name(), "flags": flags, "cores": os.cpu_count()},
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, int8/bf16 flags: {' '.join(flags) or 'none'} (of "
+                   f"{', '.join(CPU_FLAGS)}), torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
                    f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
         "matmul_flops_per_s": matmul_flops_per_s(),
     }
     print(f"matmul: {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
-    result["model_only"] = [bench_model(model or "default", model_batch_sizes, min_seconds=min_seconds,
-                                        compare_padding_at=batch_size)]
+    result["precision_model_only"] = compare_models([f"{name}@{p}" for p in PRECISIONS], batch_size,
+                                                    precision_rounds)
+    for entry in result["precision_model_only"]["models"]:
+        print(f"model only {entry['spec']} batch {batch_size} (ran {entry['cpu_precision']}): "
+              f"{entry['posts_per_s']:.1f} posts/s, {entry['batch_ms_p50']:.1f} ms/batch", flush=True)
+    result["model_only"] = [bench_model(name, model_batch_sizes, min_seconds=min_seconds,
+                                        compare_padding_at=batch_size, cpu_precision=cpu_precision)]
     if seed_batch_sizes:
         result["model_only"].append(bench_model("seed", seed_batch_sizes, min_seconds=min_seconds,
-                                                compare_padding_at=None))
+                                                compare_padding_at=None, cpu_precision=cpu_precision))
     for entry in result["model_only"]:
         for figure in entry["figures"]:
-            print(f"model {entry['preset']} batch {figure['batch_size']:>3} {figure['padding']:<8} "
-                  f"{figure['posts_per_s']:8.1f} posts/s  {figure['batch_ms_p50']:8.1f} ms/batch", flush=True)
+            print(f"model {entry['preset']} ({entry['cpu_precision']}) batch {figure['batch_size']:>3} "
+                  f"{figure['padding']:<8} {figure['posts_per_s']:8.1f} posts/s  {figure['batch_ms_p50']:8.1f} "
+                  "ms/batch", flush=True)
     photos, _ = sample_photos(max(64, e2e_posts))
     server = photo_server(photos)
     with EmbeddedServices(force_redis=True) as services:
-        run = serve_end_to_end(services, server, len(photos), model=model, batch_size=batch_size,
-                               max_wait_ms=max_wait_ms, full_posts=e2e_posts,
-                               half_posts=max(batch_size * 4, e2e_posts // 2), partitions=partitions)
-        full, half = run.full, run.half
-        for figure in (full, half):
-            print(f"end to end {figure.load}: {figure.posts_per_s:.1f} posts/s, p50/p95/p99 "
-                  f"{figure.latency_ms_p50:.0f}/{figure.latency_ms_p95:.0f}/{figure.latency_ms_p99:.0f} ms",
-                  flush=True)
-        bootstrap = services.kafka_bootstrap
+        served = {precision: serve_precision(services, server, len(photos), model, precision, batch_size=batch_size,
+                                             max_wait_ms=max_wait_ms, e2e_posts=e2e_posts, partitions=partitions)
+                  for precision in PRECISIONS}
         naive_input = make_posts(naive_posts, len(photos), server, 0.3, seed=4)
-        naive = run_naive(naive_input, bootstrap, model, server, cpu_runtime="torch")
+        naive = run_naive(naive_input, services.kafka_bootstrap, model, server, cpu_runtime="torch")
         print(f"naive: {naive['posts_per_s']:.1f} posts/s", flush=True)
-        naive_fast = run_naive(naive_input, bootstrap, model, server, cpu_runtime="auto")
-        print(f"naive with our encoder runtime ({naive_fast['cpu_runtime']}): {naive_fast['posts_per_s']:.1f} "
-              "posts/s", flush=True)
+        naive_fast = run_naive(naive_input, services.kafka_bootstrap, model, server, cpu_runtime="auto")
+        print(f"naive with our encoder runtime ({naive_fast['cpu_runtime']}, {naive_fast['cpu_precision']}): "
+              f"{naive_fast['posts_per_s']:.1f} posts/s", flush=True)
     server.close()
-    model_at_batch = next(f for f in result["model_only"][0]["figures"]
-                          if f["batch_size"] == batch_size and f["padding"] == "dynamic")
-    result.update(
-        batch_size=batch_size, max_wait_ms=max_wait_ms, end_to_end=[asdict(full), asdict(half)], naive=naive,
-        naive_fast=naive_fast, ratio_vs_naive=full.posts_per_s / naive["posts_per_s"],
-        ratio_vs_naive_fast=full.posts_per_s / naive_fast["posts_per_s"],
-        share_of_model_only=full.posts_per_s / model_at_batch["posts_per_s"],
-        model_batch_ms=model_at_batch["batch_ms_p50"],
-        p99_bound_ms=max_wait_ms + 2 * model_at_batch["batch_ms_p50"],
-    )
+    result.update(batch_size=batch_size, max_wait_ms=max_wait_ms, naive=naive, naive_fast=naive_fast)
+    result["end_to_end"] = {precision: served_figures(run, result, precision) for precision, run in served.items()}
+    result.update(precision_figures(result))
     for entry in result["model_only"]:
         achieved = entry["flops_per_post"] * max(f["posts_per_s"] for f in entry["figures"])
         entry["flops_fraction"] = achieved / result["matmul_flops_per_s"]
     return result
+
+
+def serve_precision(services: EmbeddedServices, server: LoopbackImageServer, n_photos: int, model: str | None,
+                    precision: str, *, batch_size: int, max_wait_ms: int, e2e_posts: int, partitions: int
+                    ) -> ServedRun:
+    """One end-to-end run with the consumer's encoders in `precision`. The consumer logs at INFO so that its
+    `model_loaded` line says which precision it resolved to (one more log line per batch: tens of microseconds
+    against a batch's tens of milliseconds, alike for both precisions)."""
+    run = serve_end_to_end(services, server, n_photos, model=model, batch_size=batch_size, max_wait_ms=max_wait_ms,
+                           full_posts=e2e_posts, half_posts=max(batch_size * 4, e2e_posts // 2),
+                           partitions=partitions, tag=precision,
+                           env={"MMSENT_CPU_PRECISION": precision, "MMSENT_LOG_LEVEL": "INFO"},
+                           log_dir=Path(tempfile.mkdtemp(prefix=f"mmsent-bench-{precision}-")))
+    for figure in (run.full, run.half):
+        print(f"end to end {precision} {figure.load}: {figure.posts_per_s:.1f} posts/s, p50/p95/p99 "
+              f"{figure.latency_ms_p50:.0f}/{figure.latency_ms_p95:.0f}/{figure.latency_ms_p99:.0f} ms", flush=True)
+    return run
+
+
+def consumer_log_field(log_path: Path, event: str, field: str) -> Any:
+    """`field` of the consumer's first `event` line in its JSON log; None when it has none."""
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line that is not ours (a library's print)
+            continue
+        if isinstance(record, dict) and record.get("event") == event:
+            return record.get(field)
+    return None
+
+
+def served_figures(run: ServedRun, result: dict[str, Any], precision: str) -> dict[str, Any]:
+    """One precision's end-to-end figures, set against the model alone in the same precision and batch size."""
+    model_only = next(m for m in result["precision_model_only"]["models"] if m["asked"] == precision)
+    return {
+        "full": asdict(run.full), "half": asdict(run.half), "stages": run.stages, "log": str(run.log_path),
+        "consumer_cpu_precision": consumer_log_field(run.log_path, "model_loaded", "cpu_precision"),
+        "bottleneck": bottleneck(run.full, run.stages, model_only["posts_per_s"], result["batch_size"]),
+        "p99_bound_ms": result["max_wait_ms"] + 2 * model_only["batch_ms_p50"],
+    }
+
+
+def precision_figures(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline: posts/s per precision (model only, end to end), their ratios, and the aims of issue 28."""
+    model_only = {m["asked"]: m["posts_per_s"] for m in result["precision_model_only"]["models"]}
+    e2e = {p: result["end_to_end"][p]["full"]["posts_per_s"] for p in PRECISIONS}
+    naive = result["naive"]["posts_per_s"]
+    share = {p: e2e[p] / model_only[p] for p in PRECISIONS}
+    figures = {
+        "model_only_posts_per_s": model_only, "end_to_end_posts_per_s": e2e, "share_of_model_only": share,
+        "half_load_p99_ms": {p: result["end_to_end"][p]["half"]["latency_ms_p99"] for p in PRECISIONS},
+        "model_int8_over_fp32": model_only["int8"] / model_only["fp32"],
+        "end_to_end_int8_over_fp32": e2e["int8"] / e2e["fp32"],
+        "end_to_end_over_naive": {p: e2e[p] / naive for p in PRECISIONS},
+    }
+    aims = [
+        ("int8 model only / fp32 model only", figures["model_int8_over_fp32"], 2.0, "x"),
+        ("int8 end to end / fp32 end to end", figures["end_to_end_int8_over_fp32"], 1.8, "x"),
+        ("fp32 end to end / fp32 model only", share["fp32"], 0.9, "%"),
+        ("int8 end to end / int8 model only", share["int8"], 0.9, "%"),
+        ("int8 end to end / eager seed-style loop", figures["end_to_end_over_naive"]["int8"], 8.0, "x"),
+    ]
+    figures["aims"] = [{"aim": aim, "value": value, "at_least": target, "unit": unit, "met": value >= target}
+                       for aim, value, target, unit in aims]
+    return figures
+
+
+def cpu_flags(wanted: tuple[str, ...]) -> list[str]:
+    """Which of the `wanted` CPU flags this CPU has (Linux's /proc/cpuinfo; none where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    have = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [flag for flag in wanted if flag in have]
 
 
 def _cpu_name() -> str:
@@ -518,53 +610,94 @@ def _cpu_name() -> str:
     return platform.machine()
 
 
+def _times(value: float, unit: str) -> str:
+    return f"{100 * value:.0f}%" if unit == "%" else f"{value:.2f}x"
+
+
 def render_markdown(result: dict[str, Any], command: str) -> str:
-    lines = [f"## {result['date']} — `{command}`", "", f"Machine: {result['machine']}; measured fp32 matmul "
-             f"{result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s.", ""]
-    lines += ["### Model only (`Scorer.score`, images as JPEG bytes: decode + CNN + text + fusion)", "",
-              "| preset | batch | padding | posts/s | ms/batch (p50) | ms/batch (max) |", "|---|---|---|---|---|---|"]
+    return "\n".join([f"## {result['date']} — `{command}`", "",
+                      f"Machine: {result['machine']}; measured fp32 matmul "
+                      f"{result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s.", "",
+                      *_render_precisions(result), *_render_sweep(result), *_render_end_to_end(result),
+                      *_render_naive(result)])
+
+
+def _render_precisions(result: dict[str, Any]) -> list[str]:
+    compared, e2e = result["precision_model_only"], result["end_to_end"]
+    lines = [f"### fp32 against int8 (batch {result['batch_size']}; model only: {compared['rounds']} rounds "
+             "alternating, median batch; end to end: the consumer process once per MMSENT_CPU_PRECISION, backlog)",
+             "", "| precision asked | ran (model only / consumer) | model only posts/s | end to end posts/s | "
+             "end to end / model only | half-load p99 ms | end to end / eager loop |", "|---|---|---|---|---|---|---|"]
+    for p in PRECISIONS:
+        m = next(m for m in compared["models"] if m["asked"] == p)
+        lines.append(f"| {p} | {m['cpu_precision']} / {e2e[p]['consumer_cpu_precision'] or 'not logged'} | "
+                     f"{m['posts_per_s']:.1f} | {result['end_to_end_posts_per_s'][p]:.1f} | "
+                     f"{100 * result['share_of_model_only'][p]:.0f}% | {result['half_load_p99_ms'][p]:.0f} | "
+                     f"{result['end_to_end_over_naive'][p]:.1f}x |")
+    lines += ["", "| aim (issue 28) | measured | at least | |", "|---|---|---|---|"]
+    for aim in result["aims"]:
+        lines.append(f"| {aim['aim']} | {_times(aim['value'], aim['unit'])} | "
+                     f"{_times(aim['at_least'], aim['unit'])} | {'met' if aim['met'] else '**not met**'} |")
+    lines += ["", "What each scorer resolved to, and why: " + "; ".join(
+        f"asked {m['asked']}, ran {m['precision_note']}" for m in compared["models"]) + ".", ""]
+    return lines
+
+
+def _render_sweep(result: dict[str, Any]) -> list[str]:
+    lines = ["### Model only (`Scorer.score`, images as JPEG bytes: decode + CNN + text + fusion)", "",
+             "| preset | precision | batch | padding | posts/s | ms/batch (p50) | ms/batch (max) |",
+             "|---|---|---|---|---|---|---|"]
     for entry in result["model_only"]:
         for f in entry["figures"]:
-            lines.append(f"| {entry['preset']} | {f['batch_size']} | {f['padding']} | {f['posts_per_s']:.1f} | "
-                         f"{f['batch_ms_p50']:.1f} | {f['batch_ms_max']:.1f} |")
-    lines += ["", "| preset | GFLOPs/post | share of matmul FLOP/s at best batch | photos |", "|---|---|---|---|"]
+            lines.append(f"| {entry['preset']} | {entry['cpu_precision']} | {f['batch_size']} | {f['padding']} | "
+                         f"{f['posts_per_s']:.1f} | {f['batch_ms_p50']:.1f} | {f['batch_ms_max']:.1f} |")
+    lines += ["", "| preset | GFLOPs/post | share of fp32 matmul FLOP/s at best batch | photos |", "|---|---|---|---|"]
     for entry in result["model_only"]:
         lines.append(f"| {entry['preset']} | {entry['flops_per_post'] / 1e9:.2f} | "
                      f"{100 * entry['flops_fraction']:.0f}% | {entry['photos']} |")
-    lines += ["", f"### End to end (broker, Redis, image server; batch {result['batch_size']}, "
-              f"max wait {result['max_wait_ms']} ms; 30% of posts repeat an earlier image)", "",
-              "| load | posts | offered/s | posts/s | p50 ms | p95 ms | p99 ms | image requests |",
-              "|---|---|---|---|---|---|---|---|"]
-    for e in result["end_to_end"]:
+    return lines + [""]
+
+
+def _render_end_to_end(result: dict[str, Any]) -> list[str]:
+    runs = [(p, e) for p in PRECISIONS for e in (result["end_to_end"][p]["full"], result["end_to_end"][p]["half"])]
+    lines = [f"### End to end (broker, Redis, image server; batch {result['batch_size']}, "
+             f"max wait {result['max_wait_ms']} ms; 30% of posts repeat an earlier image)", "",
+             "| precision | load | posts | offered/s | posts/s | p50 ms | p95 ms | p99 ms | image requests |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p, e in runs:
         offered = f"{e['offered_per_s']:.1f}" if e["offered_per_s"] else "backlog"
-        lines.append(f"| {e['load']} | {e['posts']} | {offered} | {e['posts_per_s']:.1f} | {e['latency_ms_p50']:.0f} | "
-                     f"{e['latency_ms_p95']:.0f} | {e['latency_ms_p99']:.0f} | {e['image_requests']} |")
-    shares = [e for e in result["end_to_end"] if e.get("cpu_shares")]
+        lines.append(f"| {p} | {e['load']} | {e['posts']} | {offered} | {e['posts_per_s']:.1f} | "
+                     f"{e['latency_ms_p50']:.0f} | {e['latency_ms_p95']:.0f} | {e['latency_ms_p99']:.0f} | "
+                     f"{e['image_requests']} |")
+    shares = [(p, e) for p, e in runs if e.get("cpu_shares")]
     if shares:
-        roles = list(shares[0]["cpu_shares"])
+        roles = list(shares[0][1]["cpu_shares"])
         lines += ["", "Where the cores went, as shares of all cores' time from the first post produced to the last "
-                  "event (CPU time per process from /proc):", "", "| load | " + " | ".join(roles) + " |",
-                  "|---|" + "---|" * len(roles)]
-        for e in shares:
-            lines.append(f"| {e['load']} | " + " | ".join(f"{100 * e['cpu_shares'][r]:.0f}%" for r in roles) + " |")
+                  "event (CPU time per process from /proc):", "", "| precision | load | " + " | ".join(roles) + " |",
+                  "|---|---|" + "---|" * len(roles)]
+        for p, e in shares:
+            lines.append(f"| {p} | {e['load']} | " + " | ".join(f"{100 * e['cpu_shares'][r]:.0f}%" for r in roles)
+                         + " |")
+    lines.append("")
+    for p in PRECISIONS:
+        run = result["end_to_end"][p]
+        lines.append(f"- {p}: p99 at half load **{run['half']['latency_ms_p99']:.0f} ms** against the bound max_wait "
+                     f"+ 2 × model batch time = {run['p99_bound_ms']:.0f} ms; what limits the backlog run: "
+                     f"{run['bottleneck']['limit']}")
+    return lines + [""]
+
+
+def _render_naive(result: dict[str, Any]) -> list[str]:
     naive, naive_fast = result["naive"], result["naive_fast"]
-    half = result["end_to_end"][1]
 
     def per_post(run: dict[str, Any]) -> str:
         return ", ".join(f"{stage} {ms:.0f} ms" for stage, ms in run["ms_per_post"].items())
 
-    lines += ["", f"Naive seed-style consumer (one record at a time, download every time, pad to 128, fp32 eager "
-              f"PyTorch, sync commit per record): {naive['posts_per_s']:.1f} posts/s over {naive['posts']} posts, "
-              f"{naive['image_requests']} image requests; per post: {per_post(naive)}. The same consumer with our "
-              f"encoder runtime ({naive_fast['cpu_runtime']}): {naive_fast['posts_per_s']:.1f} posts/s; per post: "
-              f"{per_post(naive_fast)}.", "",
-              f"- end to end / naive: **{result['ratio_vs_naive']:.1f}x** (target ≥ 5x); against the naive consumer "
-              f"given our encoder runtime: {result['ratio_vs_naive_fast']:.1f}x",
-              f"- end to end / model only at batch {result['batch_size']}: "
-              f"**{100 * result['share_of_model_only']:.0f}%** (target ≥ 80%)",
-              f"- p99 at half load: **{half['latency_ms_p99']:.0f} ms**; bound max_wait + 2 × model batch time = "
-              f"{result['max_wait_ms']} + 2 × {result['model_batch_ms']:.0f} = {result['p99_bound_ms']:.0f} ms", ""]
-    return "\n".join(lines)
+    return [f"Eager seed-style consumer (one record at a time, download every time, pad to 128, fp32 eager "
+            f"PyTorch, sync commit per record): {naive['posts_per_s']:.1f} posts/s over {naive['posts']} posts, "
+            f"{naive['image_requests']} image requests; per post: {per_post(naive)}. The same consumer with our "
+            f"encoder runtime ({naive_fast['cpu_runtime']}, {naive_fast['cpu_precision']}): "
+            f"{naive_fast['posts_per_s']:.1f} posts/s; per post: {per_post(naive_fast)}.", ""]
 
 
 # -- commands ---------------------------------------------------------------------------------------------------
@@ -576,15 +709,19 @@ def bench_all(
     model: Annotated[str | None, typer.Option(help="Model directory or preset; default: the packaged model.")] = None,
     batch_size: Annotated[int, typer.Option(help="MMSENT_MAX_BATCH_SIZE for end to end.")] = 32,
     max_wait_ms: Annotated[int, typer.Option(help="MMSENT_MAX_WAIT_MS for end to end.")] = 50,
-    e2e_posts: Annotated[int, typer.Option(help="Posts in the full-load run.")] = 1500,
+    e2e_posts: Annotated[int, typer.Option(help="Posts in each full-load run.")] = 1500,
     naive_posts: Annotated[int, typer.Option(help="Posts through the naive consumer.")] = 150,
     seed: Annotated[bool, typer.Option(help="Also bench the seed preset (BERT-base + ResNet-50).")] = True,
+    cpu_precision: Annotated[str, typer.Option(help="The batch-size sweep's CPU precision: auto | fp32 | int8 "
+                                                    "(the fp32 against int8 figures are taken either way).")] = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the raw figures as JSON here.")] = None,
 ) -> None:
-    """Everything, in one run, so that ratios compare figures measured side by side."""
+    """Everything, in one run, so that ratios compare figures measured side by side: fp32 against int8 (model only
+    and end to end), the batch-size sweep, and the eager seed-style consumer."""
     result = run_all(model=model, batch_size=batch_size, max_wait_ms=max_wait_ms, e2e_posts=e2e_posts,
-                     naive_posts=naive_posts, model_batch_sizes=[1, 2, 4, 8, 16, 32, 64, 128],
-                     seed_batch_sizes=[1, 8, 32] if seed else [], min_seconds=3.0)
+                     naive_posts=naive_posts, model_batch_sizes=[1, 8, 32, 128],
+                     seed_batch_sizes=[1, 8, 32] if seed else [], min_seconds=3.0, precision_rounds=20,
+                     cpu_precision=cpu_precision)
     _report(result, "mmsent bench all" + (f" --batch-size {batch_size}" if batch_size != 32 else ""), write, json_out)
 
 
@@ -595,7 +732,7 @@ def bench_smoke(
 ) -> None:
     """A few seconds of every part, to prove the command works (run by the test suite; figures meaningless)."""
     result = run_all(model=model, batch_size=8, max_wait_ms=20, e2e_posts=48, naive_posts=8,
-                     model_batch_sizes=[1, 8], seed_batch_sizes=[], min_seconds=0.1)
+                     model_batch_sizes=[1, 8], seed_batch_sizes=[], min_seconds=0.1, precision_rounds=2)
     _report(result, "mmsent bench smoke", None, json_out)
 
 
@@ -615,20 +752,40 @@ def bench_shadow(
 
 @bench_app.command("models")
 def bench_models(
-    models: Annotated[list[str], typer.Argument(help="model directories or presets; the first is the reference")],
+    models: Annotated[list[str], typer.Argument(
+        help="MODEL[@PRECISION] ...: model directories or presets ('default': the packaged model), each optionally "
+             "with its CPU precision after an @ (fp32, int8 or auto), e.g. `default@fp32 default@int8` or "
+             "`../v2.2@fp32 ./new-model@int8`; the first is the reference")],
     batch_size: Annotated[int, typer.Option(help="Posts per batch.")] = 32,
     rounds: Annotated[int, typer.Option(help="Batches timed per model.")] = 8,
+    cpu_precision: Annotated[str, typer.Option(help="auto | fp32 | int8: the CPU precision of every model that "
+                                                    "names none with @.")] = "auto",
 ) -> None:
-    """Model-only posts/s of several models on the same posts, timed in alternation: ratios measured side by side."""
+    """Model-only posts/s of several models on the same posts, timed in alternation: ratios measured side by side.
+    Each line says the precision its encoders ran in on this machine (what `auto` resolved to)."""
     # torch: imported when this runs (the module docstring says why)
     from mmsent.benchmarks.host import compare_models
 
-    result = compare_models(models, batch_size, rounds)
+    result = compare_models(models, batch_size, rounds, cpu_precision)
     typer.echo(f"model only, batch {batch_size}, {rounds} rounds alternating, {result['threads']} threads, "
                f"{result['photos']}:")
     for m in result["models"]:
-        typer.echo(f"  {m['posts_per_s']:7.1f} posts/s  x{m['of_first']:.2f}  {m['model']} ({m['info']['name']} "
-                   f"{m['info']['version']})")
+        typer.echo(f"  {m['posts_per_s']:7.1f} posts/s  x{m['of_first']:.2f}  {m['spec']} ({m['info']['name']} "
+                   f"{m['info']['version']}, {m['cpu_precision']}: {m['precision_note']})")
+
+
+@bench_app.command("precision")
+def bench_precision(
+    preset: Annotated[str, typer.Option(help="The preset measured (random weights).")] = "seed",
+    batch_size: Annotated[list[int] | None, typer.Option(help="repeatable; default: 8 and 32")] = None,
+    posts: Annotated[int, typer.Option(help="Posts whose labels are compared across precisions.")] = 64,
+    rounds: Annotated[int, typer.Option(help="Batches timed per precision and batch size.")] = 4,
+) -> None:
+    """The big preset on the CPU in fp32, bf16 and int8: posts/s and the labels' agreement with fp32."""
+    # torch: imported when this runs (the module docstring says why)
+    from mmsent.benchmarks.precision import compare_precisions, render_precision
+
+    typer.echo(render_precision(compare_precisions(preset, batch_size or [8, 32], posts, rounds)))
 
 
 @bench_app.command("device")

@@ -2,6 +2,13 @@
 
 Synthetic posts with a tweet-like caption-length mix (most under 40 tokens) and real photos: the MVSA images in
 `../shared/data` when present, otherwise generated pictures (said so in the output).
+
+A model is named by a spec: a directory or preset, optionally with the CPU precision of its encoders after an `@`
+(`default@int8`, `./my-model@fp32`; `parse_model_spec`), so that one run can compare one model's fp32 against
+another's (or its own) int8:
+
+    "default@int8" ──parse_model_spec──▶ ("default", "int8") ──Scorer.load(cpu_precision=)──▶ scorer
+    scorers ──compare_models: round k of each before round k+1 of any──▶ posts/s per spec, resolved precision
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmsent.quantize import CPU_PRECISIONS
 from mmsent.serving.scorer import Scorer
 
 _WORDS = [
@@ -29,6 +37,16 @@ _WORDS = [
     "@user", "http",
 ]
 SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvsa-single" / "images"
+
+
+def parse_model_spec(spec: str, default_precision: str = "auto") -> tuple[str, str]:
+    """`MODEL[@PRECISION]` -> (model, CPU precision): `default@int8` -> ("default", "int8"); without a known
+    precision after the last `@` (a directory may have an `@` in its name) the whole spec is the model, at
+    `default_precision`."""
+    model, at, precision = spec.rpartition("@")
+    if at and model and precision in CPU_PRECISIONS:
+        return model, precision
+    return spec, default_precision
 
 
 def caption_lengths(n: int, rng: random.Random) -> list[int]:
@@ -120,8 +138,9 @@ def bench_model(
     *,
     min_seconds: float = 2.0,
     compare_padding_at: int | None = 32,
+    cpu_precision: str = "auto",
 ) -> dict[str, Any]:
-    scorer = Scorer.load(preset)
+    scorer = Scorer.load(preset, cpu_precision=cpu_precision)
     scorer.batch_size = max(batch_sizes)
     n = max(max(batch_sizes), 64)
     photos, photo_source = sample_photos(n)
@@ -142,6 +161,8 @@ def bench_model(
         "preset": preset,
         "model": scorer.info,
         "device": str(scorer.device),
+        "cpu_precision": scorer.cpu_precision,
+        "precision_note": scorer.precision_note,
         "threads": torch.get_num_threads(),
         "photos": photo_source,
         "flops_per_post": flops,
@@ -149,11 +170,14 @@ def bench_model(
     }
 
 
-def compare_models(models: Sequence[str], batch_size: int = 32, rounds: int = 8) -> dict[str, Any]:
-    """Model-only posts/s of several models (directories or presets) on the same posts, timed in alternation
-    (round k of every model before round k + 1 of any), so that a ratio between them compares like with like on a
-    machine whose speed drifts. Images as encoded bytes: decode + CNN + text + head, as `bench_model`."""
-    scorers = [Scorer.load(m) for m in models]
+def compare_models(models: Sequence[str], batch_size: int = 32, rounds: int = 8,
+                   cpu_precision: str = "auto") -> dict[str, Any]:
+    """Model-only posts/s of several models (specs: `parse_model_spec`; `cpu_precision` for those that name none)
+    on the same posts, timed in alternation (round k of every model before round k + 1 of any), so that a ratio
+    between them compares like with like on a machine whose speed drifts. Images as encoded bytes: decode + CNN +
+    text + head, as `bench_model`. Each model's entry says the precision its scorer resolved to on this machine."""
+    specs = [parse_model_spec(spec, cpu_precision) for spec in models]
+    scorers = [Scorer.load(model, cpu_precision=precision) for model, precision in specs]
     photos, photo_source = sample_photos(batch_size)
     posts = [{"text": t, "image": p} for t, p in zip(synthetic_captions(batch_size), photos, strict=True)]
     times: list[list[float]] = [[] for _ in scorers]
@@ -163,9 +187,12 @@ def compare_models(models: Sequence[str], batch_size: int = 32, rounds: int = 8)
             scorer.score(posts)
             if run:
                 own.append(time.perf_counter() - t0)
-    rates = [batch_size / statistics.median(own) for own in times]
+    medians = [statistics.median(own) for own in times]
+    rates = [batch_size / median for median in medians]
     return {
         "batch_size": batch_size, "rounds": rounds, "photos": photo_source, "threads": torch.get_num_threads(),
-        "models": [{"model": m, "info": s.info, "posts_per_s": r, "of_first": r / rates[0]}
-                   for m, s, r in zip(models, scorers, rates, strict=True)],
+        "models": [{"spec": spec, "model": model, "asked": asked, "cpu_precision": s.cpu_precision,
+                    "precision_note": s.precision_note, "info": s.info, "posts_per_s": r,
+                    "batch_ms_p50": 1000 * median, "of_first": r / rates[0]}
+                   for spec, (model, asked), s, r, median in zip(models, specs, scorers, rates, medians, strict=True)],
     }
