@@ -105,7 +105,7 @@ def test_bench_models_takes_a_precision_per_model() -> None:
     """`MODEL@PRECISION` sets one model's precision, `--cpu-precision` the others'; each line says what ran."""
     done = _bench("models", "tiny-random@int8", "tiny-random", "--cpu-precision", "fp32", "--batch-size", "4",
                   "--rounds", "1")
-    rows = re.findall(r"posts/s  x\d+\.\d+  (\S+) \(mmsent-tiny-random 0, (\w+):", done.stdout)
+    rows = re.findall(r"posts/s  x\d+\.\d+  (\S+) \(mmsent-tiny-random 0\), ran (\w+) ", done.stdout)
     assert rows == [("tiny-random@int8", "int8"), ("tiny-random", "fp32")], done.stdout
 
 

@@ -638,7 +638,7 @@ def _render_precisions(result: dict[str, Any]) -> list[str]:
     for aim in result["aims"]:
         lines.append(f"| {aim['aim']} | {_times(aim['value'], aim['unit'])} | "
                      f"{_times(aim['at_least'], aim['unit'])} | {'met' if aim['met'] else '**not met**'} |")
-    lines += ["", "What each scorer resolved to, and why: " + "; ".join(
+    lines += ["", "What each model-only scorer resolved to, and why: " + "; ".join(
         f"asked {m['asked']}, ran {m['precision_note']}" for m in compared["models"]) + ".", ""]
     return lines
 
@@ -770,8 +770,9 @@ def bench_models(
     typer.echo(f"model only, batch {batch_size}, {rounds} rounds alternating, {result['threads']} threads, "
                f"{result['photos']}:")
     for m in result["models"]:
+        why = m["precision_note"].removeprefix(f"{m['cpu_precision']}: ")
         typer.echo(f"  {m['posts_per_s']:7.1f} posts/s  x{m['of_first']:.2f}  {m['spec']} ({m['info']['name']} "
-                   f"{m['info']['version']}, {m['cpu_precision']}: {m['precision_note']})")
+                   f"{m['info']['version']}), ran {m['cpu_precision']} ({why})")
 
 
 @bench_app.command("precision")

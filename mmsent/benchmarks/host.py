@@ -36,7 +36,7 @@ _WORDS = [
     "look", "finally", "again", "never", "always", "thanks", "sorry", "wow", "omg", "lol", "#tbt", "#love",
     "@user", "http",
 ]
-SHARED_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvsa-single" / "images"
+SHARED_IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "mvsa-single" / "images"
 
 
 def parse_model_spec(spec: str, default_precision: str = "auto") -> tuple[str, str]:
