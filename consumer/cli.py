@@ -1,6 +1,6 @@
 """The `mmsent` console script: one entry point for the service, the model and the tooling.
 
-The one place that mounts the other packages' commands: the model's (`mmsent.cli`: train, eval, calibrate) and,
+The one place that mounts the other packages' commands: the model's (`mmsent.cli`: train, eval, calibrate, quantize) and,
 where the tooling is installed (a checkout; not the container image), `tooling.cli` (demo, bench, reconcile).
 
     mmsent --help         the service's commands and the mounted ones' summaries (MOUNTED): nothing imported
@@ -51,6 +51,9 @@ MOUNTED = {mounted.name: mounted for mounted in (
                                   "ECE (and the reliability diagram)."),
     Mounted("calibrate", "mmsent.cli", "Fit the model's calibration (a temperature on its logits, by NLL) and its "
                                        "per-label alert thresholds by target precision on a labelled file;"),
+    Mounted("quantize", "mmsent.cli", "Make a model directory ready for int8 on the CPU: take the CNN's activation "
+                                      "ranges on the data's photos (int8-ranges.json), score the data in fp32 and in "
+                                      "int8, and write what int8 kept (int8.json)."),
     Mounted("reconcile", "tooling.cli", "Check that every input record ended as an event or a dead letter;"),
     Mounted("demo", "tooling.cli", "The embedded default: broker, Redis, image server, consumer and model on this "
                                    "machine, the live console beside them (its URL printed), then a summary."),

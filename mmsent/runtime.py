@@ -18,6 +18,7 @@ the GPU path use them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -25,7 +26,7 @@ import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -88,6 +89,7 @@ class OnnxGraph:
         shape = "-".join("x".join(str(n) for n in t.shape) for t in example)
         key = f"{name}-{_weights_digest(module)}-{shape}-t{torch.__version__}-v{_EXPORT_VERSION}"
         model = _cached_or_exported(module, example, dynamic, key, cache_dir)
+        self.fp32_graph = model  # its path in the cache dir, or the graph itself
         if int8 is not None:
             model = _cached_or_quantized(model, f"{key}-int8-{int8.key}", int8, cache_dir)
         options = ort.SessionOptions()
@@ -98,6 +100,17 @@ class OnnxGraph:
         self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         self._inputs = [i.name for i in self._session.get_inputs()]
         self._dtypes = [t.dtype for t in example]
+
+    @contextlib.contextmanager
+    def fp32_file(self) -> Iterator[Path]:
+        """The fp32 graph as a file (a temporary one where it lives in memory), e.g. to calibrate its int8 twin."""
+        if isinstance(self.fp32_graph, str):
+            yield Path(self.fp32_graph)
+            return
+        with tempfile.TemporaryDirectory(prefix="mmsent-onnx-") as tmp:
+            path = Path(tmp) / "fp32.onnx"
+            path.write_bytes(self.fp32_graph)
+            yield path
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         feed = {name: np.ascontiguousarray(t.detach().to(dtype).cpu().numpy())

@@ -138,13 +138,13 @@ def fit_calibration(logits: np.ndarray, y: Sequence[int] | np.ndarray, labels: S
 
 def calibrate_model(data: str | Path, model: str | Path | None = None, *,
                     targets: Sequence[float] = DEFAULT_PRECISIONS, columns: Any = None,
-                    progress: bool = False) -> tuple[Calibration, Path]:
+                    progress: bool = False, cpu_precision: str = "auto") -> tuple[Calibration, Path]:
     """Fit the calibration of a model directory (None: the packaged default) on a labelled file and write it, with
     the reliability diagrams, into the directory. Returns it and the directory."""
     directory = model_directory(model)
     if directory is None:
         raise ValueError(f"{model!r} is not a model directory (with config.json); a preset cannot be calibrated")
-    scorer = Scorer.load(directory)
+    scorer = Scorer.load(directory, cpu_precision=cpu_precision)  # fit on the logits of the precision it serves in
     examples = [e for e in load_examples(data, scorer.labels, columns) if e.label is not None]
     if not examples:
         raise ValueError(f"{data}: no labelled posts")

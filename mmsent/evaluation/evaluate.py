@@ -25,12 +25,13 @@ def evaluate_file(
     columns: Any = None,
     progress: bool = False,
     device: str = "auto",
+    cpu_precision: str = "auto",
 ) -> dict[str, Any]:
-    """Score a labelled file with a Scorer on `device` (auto: a GPU when there is one); `modality` "text" drops
-    images, "image" drops captions."""
+    """Score a labelled file with a Scorer on `device` (auto: a GPU when there is one), its CPU encoders in
+    `cpu_precision`; `modality` "text" drops images, "image" drops captions."""
     if modality not in ("both", "text", "image"):
         raise ValueError("modality must be text, image or both")
-    scorer = Scorer.load(model, device=device)
+    scorer = Scorer.load(model, device=device, cpu_precision=cpu_precision)
     examples = load_examples(data, scorer.labels, columns)
     probs = np.zeros((len(examples), len(scorer.labels)))
     step = 64
@@ -51,4 +52,5 @@ def evaluate_file(
     metrics["calibrated"] = scorer.calibration is not None
     metrics["modality"] = modality
     metrics["model"] = dict(scorer.info)
+    metrics["cpu_precision"] = scorer.cpu_precision
     return metrics

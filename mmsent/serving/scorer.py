@@ -67,7 +67,7 @@ from mmsent.quantize import (
     quantize_text,
 )
 from mmsent.reference import Reference
-from mmsent.runtime import CPU_RUNTIMES, Int8, onnxruntime_available
+from mmsent.runtime import CPU_RUNTIMES, Int8, OnnxGraph, onnxruntime_available
 from mmsent.serving.calibration import Calibration, calibrated_probabilities
 from mmsent.serving.gpudecode import decode_batch
 from mmsent.serving.shapes import ShapeBuckets, serving_batch_size
@@ -306,6 +306,19 @@ class Scorer:
         self.precision_note = choice.note if in_int8 == wanted_int8 else (
             f"{choice.note}; in int8: {', '.join(in_int8) or 'nothing'}")
         return "onnx" if image.onnx_trunk is not None else "torch"
+
+    def collect_cnn_ranges(self, images: Sequence[Image.Image], out: Path) -> int:
+        """The CNN's activation ranges over these images (preprocessed as for scoring), written to `out` in the
+        format `int8-ranges.json` has: what its static int8 twin is quantized with. Needs the CNN on ONNX Runtime
+        in fp32 (`cpu_precision="fp32"`). Returns the number of images."""
+        graph = self.model.image_encoder.onnx_trunk
+        if not isinstance(graph, OnnxGraph) or self.cpu_precision != "fp32":
+            raise ValueError("the CNN's ranges are collected on its fp32 ONNX Runtime graph: load the Scorer on the "
+                             "CPU with cpu_precision='fp32'")
+        preprocess = self.model.cfg.image.preprocess
+        batches = (preprocess.batch(images[k : k + 16]).numpy() for k in range(0, len(images), 16))
+        with graph.fp32_file() as fp32:
+            return collect_cnn_ranges(fp32, batches, out)
 
     def _int8_twin(self, part: str) -> Int8:
         """How to quantize one encoder's graph (mmsent/quantize.py), keyed by the recipe (and the CNN's ranges)."""

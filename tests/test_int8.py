@@ -1,0 +1,202 @@
+"""int8 on the CPU (mmsent/quantize.py, `mmsent quantize`, `Scorer.load(cpu_precision=)`): what `auto` picks, by the
+CPU's flags and by what the model directory says; that int8 gives fp32's labels, for the tiny-random model (its CNN:
+the tiny-random text encoder is not a Hugging Face one and stays in PyTorch) and for the packaged default model (both
+encoders: all-MiniLM-L6-v2 and EfficientNet-Lite0, pretrained weights from pip, with the ranges and the measurement
+it ships); that a quantized graph is cached, keyed by the weights, the recipe and the ranges, and reused; and that a
+model directory's int8 files, which come from outside, never stop a load."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mmsent.serving.scorer as scorer_module
+from mmsent import Scorer
+from mmsent.evaluation.int8 import quantize_model
+from mmsent.presets import from_config, model_directory, preset_config
+from mmsent.quantize import (INT8_FILE, RANGES_FILE, Int8Model, Int8Recipe, choose_precision, cpu_int8_flags)
+from tests.test_model_runtime import _photo
+
+CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f {extra}\n"
+LABELS = ("negative", "neutral", "positive")
+
+
+# --- choosing --------------------------------------------------------------------------------------------------
+def test_the_int8_flags_are_read_from_cpuinfo() -> None:
+    assert cpu_int8_flags(CPUINFO.format(extra="avx512_vnni amx_int8")) == ("avx512_vnni", "amx_int8")
+    assert cpu_int8_flags(CPUINFO.format(extra="avx_vnni")) == ("avx_vnni",)
+    assert cpu_int8_flags(CPUINFO.format(extra="avx512_bf16")) == ()
+    assert cpu_int8_flags("no flags line at all") == ()
+
+
+def test_auto_takes_int8_only_with_the_instructions_and_a_measurement() -> None:
+    measured = Int8Model(Int8Recipe(), None, {"parts": {"text": "int8", "cnn": "int8"}})
+    unmeasured = Int8Model(Int8Recipe(), None, None)
+    text_only = Int8Model(Int8Recipe(), None, {"parts": {"text": "int8", "cnn": "fp32"}})
+    assert choose_precision("auto", ("avx512_vnni",), measured).parts == ("text", "cnn")
+    assert choose_precision("auto", ("amx_int8",), text_only).parts == ("text",)
+    no_vnni = choose_precision("auto", (), measured)
+    assert no_vnni.precision == "fp32" and "VNNI" in no_vnni.note
+    assert choose_precision("auto", ("avx512_vnni",), unmeasured).precision == "fp32"
+    assert choose_precision("int8", (), unmeasured).parts == ("text", "cnn"), "int8 asked for is int8 anywhere"
+    assert choose_precision("fp32", ("avx512_vnni",), measured).precision == "fp32"
+    with pytest.raises(ValueError, match="cpu_precision"):
+        choose_precision("int4", (), measured)
+
+
+# --- the tiny-random model, quantized by `mmsent quantize` -------------------------------------------------------
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mmsent-cache")
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[Path, Path]:
+    """A tiny-random model directory after `quantize_model` on 40 labelled posts with photos (labels drawn at
+    random: the measurement is of agreement, not of skill)."""
+    root = tmp_path_factory.mktemp("int8")
+    model_dir = from_config(preset_config("tiny-random")).save(root / "model")
+    (root / "images").mkdir()
+    rows = []
+    for k in range(40):
+        (root / "images" / f"{k}.jpg").write_bytes(_photo(k, (96, 72)))
+        rows.append({"id": str(k), "text": f"post {k} " + "so good" * (k % 3), "label": LABELS[k % 3],
+                     "image": f"images/{k}.jpg"})
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MMSENT_CACHE_DIR", str(cache))
+        measured = quantize_model(data, model_dir, calibration_images=16, log=lambda _: None)
+    assert measured["posts"] == 40 and measured["calibration_photos"] == 16
+    return model_dir, data
+
+
+def test_quantize_writes_the_ranges_and_what_it_measured(quantized: tuple[Path, Path]) -> None:
+    model_dir, _ = quantized
+    int8 = Int8Model.load(model_dir)
+    assert int8.problem is None and int8.ranges == model_dir / RANGES_FILE
+    assert int8.measured is not None and 0.0 <= int8.measured["agreement"] <= 1.0
+    assert set(int8.measured["fp32"]) >= {"accuracy", "weighted_f1", "per_class"}
+    kept = int8.measured["agreement"] >= 0.98 and all(
+        int8.measured["fp32"][k] - int8.measured["int8"][k] <= 0.005 for k in ("accuracy", "weighted_f1"))
+    assert int8.int8_parts == (("text", "cnn") if kept else ())
+
+
+def test_int8_gives_fp32s_labels_on_the_tiny_random_model(quantized: tuple[Path, Path], cache: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir, _ = quantized
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(cache))
+    fp32 = Scorer.load(model_dir, cpu_precision="fp32")
+    int8 = Scorer.load(model_dir, cpu_precision="int8")
+    assert (fp32.cpu_precision, int8.cpu_precision) == ("fp32", "int8")
+    posts = [{"text": f"caption {k}", "image": _photo(100 + k, (120, 90))} for k in range(24)]
+    a, b = fp32.score(posts), int8.score(posts)
+    assert np.mean([x.label == y.label for x, y in zip(a, b, strict=True)]) >= 0.9
+    assert any(x.scores != y.scores for x, y in zip(a, b, strict=True)), "the int8 graph is not the fp32 one"
+
+
+def test_auto_follows_the_cpu_flags_and_the_model_directory(quantized: tuple[Path, Path], cache: Path,
+                                                            tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir = shutil.copytree(quantized[0], tmp_path / "model")
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(cache))
+    measured = json.loads((model_dir / INT8_FILE).read_text())
+    measured["measured"]["parts"] = {"text": "int8", "cnn": "int8"}
+    (model_dir / INT8_FILE).write_text(json.dumps(measured))
+    monkeypatch.setattr(scorer_module, "cpu_int8_flags", lambda: ("avx512_vnni",))
+    assert Scorer.load(model_dir).cpu_precision == "int8"
+    monkeypatch.setattr(scorer_module, "cpu_int8_flags", lambda: ())
+    without = Scorer.load(model_dir)
+    assert without.cpu_precision == "fp32" and "VNNI" in without.precision_note
+    measured["measured"]["parts"] = {"text": "fp32", "cnn": "fp32"}
+    (model_dir / INT8_FILE).write_text(json.dumps(measured))
+    monkeypatch.setattr(scorer_module, "cpu_int8_flags", lambda: ("amx_int8",))
+    assert Scorer.load(model_dir).cpu_precision == "fp32", "not kept by the measurement: fp32"
+
+
+def test_the_quantized_graph_is_cached_keyed_by_weights_recipe_and_ranges(
+        quantized: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir, _ = quantized
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(tmp_path / "cache"))
+    Scorer.load(model_dir, cpu_precision="int8")
+    [first] = list((tmp_path / "cache" / "onnx").glob("cnn-*-int8-*.onnx"))
+
+    def no_quantize(*args: object) -> None:
+        raise AssertionError("quantized again although the int8 graph was cached")
+
+    monkeypatch.setattr(scorer_module, "quantize_cnn", no_quantize)
+    assert Scorer.load(model_dir, cpu_precision="int8").cpu_precision == "int8"
+    monkeypatch.undo()
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(tmp_path / "cache"))
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    ranges = json.loads((other / RANGES_FILE).read_text())
+    for entry in ranges["data"].values():
+        entry["highest"]["data"] = [v * 2 for v in entry["highest"]["data"]]
+    (other / RANGES_FILE).write_text(json.dumps(ranges))
+    Scorer.load(other, cpu_precision="int8")
+    graphs = sorted((tmp_path / "cache" / "onnx").glob("cnn-*-int8-*.onnx"))
+    assert len(graphs) == 2 and first in graphs, "other ranges: another int8 graph"
+    assert Int8Recipe(text_fp32_ffn_layers=2).digest() != Int8Recipe().digest()
+
+
+@pytest.mark.parametrize("ranges", [
+    "not json", '{"data": {}}', '{"data": {"x": {"lowest": NaN, "highest": 1.0}}}',
+    '{"data": {"x": {"lowest": {"data": [0.0]}, "highest": {"data": [Infinity]}}}}',
+    '{"data": {"x": {"lowest": "0", "highest": 1.0}}}',
+])
+def test_bad_ranges_never_stop_a_load(quantized: tuple[Path, Path], tmp_path: Path, cache: Path, ranges: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir, _ = quantized
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(cache))
+    bad = tmp_path / "bad"
+    shutil.copytree(model_dir, bad)
+    (bad / RANGES_FILE).write_text(ranges)
+    int8 = Int8Model.load(bad)
+    assert int8.ranges is None and int8.problem is not None and RANGES_FILE in int8.problem
+    monkeypatch.setattr(scorer_module, "cpu_int8_flags", lambda: ("avx512_vnni",))
+    scorer = Scorer.load(bad)  # auto: the measurement is ignored with its ranges
+    assert scorer.cpu_precision == "fp32" and RANGES_FILE in scorer.precision_note
+    assert scorer.score([{"text": "still scores", "image": Image.new("RGB", (40, 30))}])[0].label in LABELS
+
+
+def test_ranges_of_another_graph_leave_the_cnn_in_fp32(quantized: tuple[Path, Path], tmp_path: Path, cache: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    model_dir, _ = quantized
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(cache))
+    other = tmp_path / "other"
+    shutil.copytree(model_dir, other)
+    ranges = json.loads((other / RANGES_FILE).read_text())
+    ranges["data"] = {f"renamed_{name}": entry for name, entry in ranges["data"].items()}
+    (other / RANGES_FILE).write_text(json.dumps(ranges))
+    with pytest.warns(UserWarning, match="stays fp32"):
+        scorer = Scorer.load(other, cpu_precision="int8")
+    assert scorer.cpu_precision == "fp32" and "nothing" in scorer.precision_note
+
+
+# --- the packaged default model -----------------------------------------------------------------------------------
+def test_the_default_model_ships_its_int8_measurement() -> None:
+    int8 = Int8Model.load(model_directory("default"))
+    assert int8.problem is None and int8.ranges is not None and int8.measured is not None
+    assert int8.measured["posts"] >= 4000 and int8.measured["agreement"] >= 0.98
+    assert int8.int8_parts == ("text", "cnn")
+
+
+def test_int8_gives_fp32s_labels_on_the_default_model(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(cache))
+    fp32 = Scorer.load("default", cpu_precision="fp32")
+    int8 = Scorer.load("default", cpu_precision="int8")
+    assert (fp32.cpu_precision, int8.cpu_precision) == ("fp32", "int8")
+    captions = ["so proud of this team!!", "worst commute ever", "", "meh", "what a beautiful morning",
+                "this is broken again", "thanks for nothing", "best day with friends"]
+    posts = [{"text": captions[k % len(captions)] + f" #{k}", "image": _photo(k)} for k in range(48)]
+    a, b = fp32.score(posts), int8.score(posts)
+    agreement = np.mean([x.label == y.label for x, y in zip(a, b, strict=True)])
+    assert agreement >= 0.95, agreement
+    assert max(abs(x.scores[k] - y.scores[k]) for x, y in zip(a, b, strict=True) for k in x.scores) > 0
+    auto = Scorer.load("default")
+    assert auto.cpu_precision == ("int8" if cpu_int8_flags() else "fp32"), auto.precision_note
