@@ -1,7 +1,8 @@
 """The `mmsent` console script: one entry point for the service, the model and the tooling.
 
-The one place that mounts the other packages' commands: the model's (`mmsent.cli`: train, eval, calibrate, quantize) and,
-where the tooling is installed (a checkout; not the container image), `tooling.cli` (demo, bench, reconcile).
+The one place that mounts the other packages' commands: the model's (`mmsent.cli`: train, eval, calibrate,
+quantize) and, where the tooling is installed (a checkout; not the container image), `tooling.cli` (demo, bench,
+reconcile).
 
     mmsent --help         the service's commands and the mounted ones' summaries (MOUNTED): nothing imported
     mmsent train ...      MountingGroup.resolve_command ──▶ import mmsent.cli ──▶ its `train` runs

@@ -19,7 +19,7 @@ import mmsent.serving.scorer as scorer_module
 from mmsent import Scorer
 from mmsent.evaluation.int8 import quantize_model
 from mmsent.presets import from_config, model_directory, preset_config
-from mmsent.quantize import (INT8_FILE, RANGES_FILE, Int8Model, Int8Recipe, choose_precision, cpu_int8_flags)
+from mmsent.quantize import INT8_FILE, RANGES_FILE, Int8Model, Int8Recipe, choose_precision, cpu_int8_flags
 from tests.test_model_runtime import _photo
 
 CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f {extra}\n"
