@@ -487,8 +487,9 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
         "matmul_flops_per_s": matmul_flops_per_s(),
     }
     print(f"matmul: {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
+    # posts: the rounds cycle through 4 batches' worth, captions and photos of the kinds end to end sees
     result["precision_model_only"] = compare_models([f"{name}@{p}" for p in PRECISIONS], batch_size,
-                                                    precision_rounds)
+                                                    precision_rounds, posts=4 * batch_size)
     for entry in result["precision_model_only"]["models"]:
         print(f"model only {entry['spec']} batch {batch_size} (ran {entry['cpu_precision']}): "
               f"{entry['posts_per_s']:.1f} posts/s, {entry['batch_ms_p50']:.1f} ms/batch", flush=True)
@@ -625,7 +626,8 @@ def render_markdown(result: dict[str, Any], command: str) -> str:
 def _render_precisions(result: dict[str, Any]) -> list[str]:
     compared, e2e = result["precision_model_only"], result["end_to_end"]
     lines = [f"### fp32 against int8 (batch {result['batch_size']}; model only: {compared['rounds']} rounds "
-             "alternating, median batch; end to end: the consumer process once per MMSENT_CPU_PRECISION, backlog)",
+             f"alternating over {compared['posts']} posts, median batch; end to end: the consumer process once per "
+             "MMSENT_CPU_PRECISION, backlog)",
              "", "| precision asked | ran (model only / consumer) | model only posts/s | end to end posts/s | "
              "end to end / model only | half-load p99 ms | end to end / eager loop |", "|---|---|---|---|---|---|---|"]
     for p in PRECISIONS:

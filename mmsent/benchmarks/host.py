@@ -171,26 +171,31 @@ def bench_model(
 
 
 def compare_models(models: Sequence[str], batch_size: int = 32, rounds: int = 8,
-                   cpu_precision: str = "auto") -> dict[str, Any]:
+                   cpu_precision: str = "auto", posts: int | None = None) -> dict[str, Any]:
     """Model-only posts/s of several models (specs: `parse_model_spec`; `cpu_precision` for those that name none)
-    on the same posts, timed in alternation (round k of every model before round k + 1 of any), so that a ratio
-    between them compares like with like on a machine whose speed drifts. Images as encoded bytes: decode + CNN +
-    text + head, as `bench_model`. Each model's entry says the precision its scorer resolved to on this machine."""
+    on the same posts, timed in alternation (round k of every model, on the same batch, before round k + 1 of any),
+    so that a ratio between them compares like with like on a machine whose speed drifts. Images as encoded bytes:
+    decode + CNN + text + head, as `bench_model`. `posts` (default: one batch): distinct posts, taken a batch a
+    round in turn, so that the figure is not one batch's captions and photos. Each model's entry says the precision
+    its scorer resolved to on this machine."""
     specs = [parse_model_spec(spec, cpu_precision) for spec in models]
     scorers = [Scorer.load(model, cpu_precision=precision) for model, precision in specs]
-    photos, photo_source = sample_photos(batch_size)
-    posts = [{"text": t, "image": p} for t, p in zip(synthetic_captions(batch_size), photos, strict=True)]
+    n = max(posts or batch_size, batch_size)
+    photos, photo_source = sample_photos(n)
+    pool = [{"text": t, "image": p} for t, p in zip(synthetic_captions(n), photos, strict=True)]
     times: list[list[float]] = [[] for _ in scorers]
     for run in range(rounds + 1):  # round 0 warms up and is not counted
+        batch = [pool[(run * batch_size + k) % n] for k in range(batch_size)]
         for scorer, own in zip(scorers, times, strict=True):
             t0 = time.perf_counter()
-            scorer.score(posts)
+            scorer.score(batch)
             if run:
                 own.append(time.perf_counter() - t0)
     medians = [statistics.median(own) for own in times]
     rates = [batch_size / median for median in medians]
     return {
-        "batch_size": batch_size, "rounds": rounds, "photos": photo_source, "threads": torch.get_num_threads(),
+        "batch_size": batch_size, "rounds": rounds, "posts": n, "photos": photo_source,
+        "threads": torch.get_num_threads(),
         "models": [{"spec": spec, "model": model, "asked": asked, "cpu_precision": s.cpu_precision,
                     "precision_note": s.precision_note, "info": s.info, "posts_per_s": r,
                     "batch_ms_p50": 1000 * median, "of_first": r / rates[0]}
