@@ -2,7 +2,7 @@
 
     bytes ──open_checked (format, header: pixels and sides; a JPEG drafted to a DCT scale)──▶ w × h pixels to come
           ──PixelBudget.acquire(w × h): waits for room (more than the whole budget: too_large; no room in
-            `room_wait_s`: busy)──▶ a daemon thread: decode_opened (pixels, EXIF, RGB, shrunk to `min_side`)
+            `room_wait_s`: busy)──▶ a daemon thread: decode_opened (pixels, EXIF, RGB, shrunk to within 2 × `min_side`)
           ──▶ the image, within `timeout_s` of the start of the decode
               └─ past it: ImageDecodeError("timeout"); the thread runs on and gives its pixels back when it ends
 
@@ -40,13 +40,29 @@ PIXELS_IN_FLIGHT = Gauge(
     "mmsent_image_decode_pixels_in_flight", "Decoded pixels held by decodes now: the pixel budget's use."
 )
 
-# 2x the 256 px the default model's preprocess resizes the shorter side to (every preset needs at most 260):
-# a JPEG's DCT scaling and the box filter then only ever halve what the model's own antialiased resize sees.
+# The shorter side images are decoded to (at least, and below twice it) when the model's need is not known: twice the
+# 256 px a cropping preset resizes to (EfficientNet-Lite2 squashes to 260: 1.97 times). `decode_side` gives a model's
+# own: twice its preprocess's `ImagePreprocess.source_side`, so that a JPEG's DCT scaling and the box reduce only
+# ever halve what the model's own antialiased resize sees (mmsent/imaging.py: what a closer scale costs in scores).
 DECODE_MIN_SIDE = 512
 # Waiting for room is bounded too: decodes that outlive their deadline keep their pixels, and a stream of hostile
 # images must not stall the image stage behind them. Four deadlines: a batch of 32 images at the per-image limit
 # goes through the default budget in 8 rounds of 4 decodes, each well under a second.
 ROOM_WAIT_DEADLINES = 4
+
+
+def decode_side(*scorers: object) -> int:
+    """The `min_side` to decode images at for these scorers (a shadow model's beside the primary's): twice the
+    largest shorter side their image preprocess needs (`ImagePreprocess.source_side`); DECODE_MIN_SIDE for a scorer
+    that does not say (a test double)."""
+    return max((_decode_side(scorer) for scorer in scorers), default=DECODE_MIN_SIDE)
+
+
+def _decode_side(scorer: object) -> int:
+    found: object = scorer
+    for name in ("model", "cfg", "image", "preprocess", "source_side"):  # a Scorer's model.cfg.image.preprocess
+        found = getattr(found, name, None)
+    return 2 * found if isinstance(found, int) else DECODE_MIN_SIDE
 
 
 class PixelBudget:

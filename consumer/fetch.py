@@ -40,7 +40,7 @@ import tenacity
 from cachetools import TTLCache
 from prometheus_client import Counter, Histogram
 
-from consumer.decoding import BoundedDecoder, counted, process_budget
+from consumer.decoding import DECODE_MIN_SIDE, BoundedDecoder, counted, process_budget
 from consumer.netpolicy import AddressPolicy, Refused, Target
 from mmsent import ImageDecodeError, open_checked, sniff_format
 
@@ -117,16 +117,19 @@ def sniff_image_type(head: bytes) -> str | None:
     return None if image_format is None else f"image/{image_format.lower()}"
 
 
-def image_decoder(settings: Settings, *, keep_bytes: bool = False) -> Callable[[bytes], Image.Image | bytes]:
+def image_decoder(settings: Settings, *, keep_bytes: bool = False, min_side: int = DECODE_MIN_SIDE
+                  ) -> Callable[[bytes], Image.Image | bytes]:
     """The one decoder of fetched and cached bytes: `mmsent`'s safe decoder (header checked before any pixel is
-    allocated, EXIF orientation, first frame, RGB, no larger than the model needs) under this service's limits,
-    the process's pixel budget and the decode deadline (`BoundedDecoder`). `keep_bytes` (a scorer that decodes in
-    batches on its GPU): the header checked the same way (`mmsent.open_checked`), and the bytes kept."""
+    allocated, EXIF orientation, first frame, RGB, no larger than the model needs: a shorter side of at least
+    `min_side`, `decode_side(scorer)`, and below twice it) under this service's limits, the process's pixel budget
+    and the decode deadline (`BoundedDecoder`). `keep_bytes` (a scorer that decodes in batches on its GPU): the
+    header checked the same way (`mmsent.open_checked`), and the bytes kept, whole."""
     if keep_bytes:
         return functools.partial(counted, functools.partial(
             _checked_bytes, max_pixels=settings.fetch_max_pixels, max_side=settings.fetch_max_side))
     return BoundedDecoder(max_pixels=settings.fetch_max_pixels, max_side=settings.fetch_max_side,
-                          budget=process_budget(settings.decode_pixel_budget), timeout_s=settings.decode_timeout_s)
+                          budget=process_budget(settings.decode_pixel_budget), timeout_s=settings.decode_timeout_s,
+                          min_side=min_side)
 
 
 def _checked_bytes(data: bytes, *, max_pixels: int, max_side: int) -> bytes:

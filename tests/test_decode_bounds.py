@@ -11,12 +11,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from consumer.decoding import DECODE_MIN_SIDE, BoundedDecoder, PixelBudget, process_budget
+from consumer.decoding import DECODE_MIN_SIDE, BoundedDecoder, PixelBudget, decode_side, process_budget
 from consumer.fetch import ImageFetcher, image_decoder
 from consumer.settings import Settings
 from mmsent import ImageDecodeError, open_checked
@@ -86,8 +87,9 @@ def test_a_batch_of_huge_images_decodes_within_the_budget() -> None:
         images = list(pool.map(decode, [huge_png()] * 32))
     assert budget.peak <= budget.capacity and budget.peak >= SIDE * SIDE
     assert budget.in_use == 0
-    # Each came back no larger than the model needs: a shorter side of DECODE_MIN_SIDE, the colour kept.
-    assert {im.size for im in images} == {(DECODE_MIN_SIDE, DECODE_MIN_SIDE)}
+    # Each came back no larger than the model needs: box-averaged by 7 to a shorter side in [DECODE_MIN_SIDE, 2x),
+    # the colour kept.
+    assert {im.size for im in images} == {(572, 572)}
     assert images[0].mode == "RGB" and images[0].getpixel((10, 10)) == (200, 30, 30)
 
 
@@ -133,9 +135,48 @@ def test_a_jpeg_is_drafted_to_the_smallest_dct_scale_the_model_needs() -> None:
     budget = PeakBudget(16_000_000)
     out = decoder(budget)(photo_jpeg())
     assert budget.peak == 1000 * 750  # the budget counts what is really allocated
-    assert out.size == (683, DECODE_MIN_SIDE) and out.mode == "RGB"
+    assert out.size == (1000, 750) and out.mode == "RGB"  # below 2 x 512 already: not resized again
     small = photo_jpeg(400, 300)  # already smaller than needed: untouched
     assert decoder(budget)(small).size == (400, 300)
+
+
+@pytest.mark.parametrize(("size", "min_side", "expected"), [
+    ((600, 800), 448, (600, 800)),  # an MVSA photo for the default model: every pixel, no resize (it cost 2 ms)
+    ((600, 800), 224, (300, 400)),  # the DCT scale 1/2 is enough
+    ((1200, 1600), 448, (600, 800)),
+    ((4000, 3000), 448, (1000, 750)),  # 1/4 (1/8 would give 375 < 448)
+    ((4000, 3000), 160, (250, 188)),  # 1/8 (500 x 375), the smallest DCT scale, then box-averaged by 2
+])
+def test_a_jpeg_comes_back_with_its_shorter_side_between_min_side_and_twice_it(
+        size: tuple[int, int], min_side: int, expected: tuple[int, int]) -> None:
+    out = BoundedDecoder(max_pixels=16_000_000, max_side=8_192, budget=PixelBudget(16_000_000), timeout_s=30.0,
+                         min_side=min_side)(photo_jpeg(*size))
+    assert out.size == expected and out.mode == "RGB"
+    assert min(size) < min_side or min_side <= min(out.size) < 2 * min_side
+
+
+def test_the_decode_side_is_twice_what_each_model_preprocess_needs() -> None:
+    from mmsent.imaging import ImagePreprocess
+    from mmsent.presets import preset_config
+
+    squash = preset_config("default").image.preprocess  # EfficientNet-Lite0: squashed to 224 x 224
+    crop = ImagePreprocess(size=224, resize=256)  # the shorter side resized to 256, then cropped
+    assert (squash.source_side, crop.source_side) == (224, 256)
+
+    class Holding:  # what decode_side reads of a Scorer: model.cfg.image.preprocess
+        def __init__(self, preprocess: ImagePreprocess) -> None:
+            self.model = SimpleNamespace(cfg=SimpleNamespace(image=SimpleNamespace(preprocess=preprocess)))
+
+    from mmsent import Scorer
+
+    assert decode_side(Scorer.load("tiny-random")) == 2 * 36  # its tiny CNN crops from a 36 px shorter side
+    assert decode_side(Holding(squash)) == 448
+    assert decode_side(Holding(squash), Holding(crop)) == 512  # a shadow model's need counts too
+    assert decode_side(object()) == DECODE_MIN_SIDE  # a scorer that does not say
+    settings = Settings()
+    decode = image_decoder(settings, min_side=decode_side(Holding(squash)))
+    assert isinstance(decode, BoundedDecoder) and decode.min_side == 448
+    assert image_decoder(settings).min_side == DECODE_MIN_SIDE  # type: ignore[union-attr]
 
 
 def test_the_service_decoder_shares_one_budget_per_process() -> None:
@@ -160,4 +201,4 @@ def test_a_fetched_image_past_the_decode_deadline_is_unavailable(image_server: I
     assert asyncio.run(fetch(tight)) == ("unavailable", "timeout", None)
     assert failures("timeout") == before + 1
     status, _, decoded = asyncio.run(fetch(tight.model_copy(update={"decode_timeout_s": 30.0})))
-    assert status == "ok" and isinstance(decoded, Image.Image) and decoded.size == (DECODE_MIN_SIDE,) * 2
+    assert status == "ok" and isinstance(decoded, Image.Image) and decoded.size == (572, 572)  # 4000 px / 7
