@@ -204,6 +204,10 @@ def quantize_cmd(
     text_fp32_ffn_layers: Annotated[
         int, typer.Option(min=0, help="keep the first K layers' FFN down-projections of the text encoder in fp32")
     ] = Int8Recipe.text_fp32_ffn_layers,
+    folds: Annotated[
+        Path | None, typer.Option(help="the fold models a CV kept (mmsent train --folds K --keep-folds: OUT/folds): "
+                                       "also measure int8 out of fold, and hold the bar to that")
+    ] = None,
     columns: Annotated[str | None, typer.Option(help="column mapping, as for train")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print what int8.json measured as JSON")] = False,
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
@@ -214,7 +218,7 @@ def quantize_cmd(
     torch.set_num_threads(threads)
     try:
         measured = quantize_model(data, model, calibration_images=calibration_images, check_posts=check_posts or None,
-                                  recipe=Int8Recipe(text_fp32_ffn_layers=text_fp32_ffn_layers),
+                                  recipe=Int8Recipe(text_fp32_ffn_layers=text_fp32_ffn_layers), folds=folds,
                                   columns=ColumnMap.parse(columns), progress=not json_out, log=_err)
     except ValueError as exc:
         _err(str(exc))
@@ -222,15 +226,27 @@ def quantize_cmd(
     if json_out:
         typer.echo(json.dumps(measured))
         return
-    typer.echo(f"{measured['posts']} posts: int8 gives fp32's label for {100 * measured['agreement']:.2f}% "
-               f"(largest probability difference {measured['max_probability_difference']:.3f})")
-    for name in ("fp32", "int8"):
-        m = measured[name]
-        per_class = "  ".join(f"{lab} F1 {c['f1']:.3f}" for lab, c in m["per_class"].items())
-        typer.echo(f"  {name}: accuracy {100 * m['accuracy']:.2f}  weighted-F1 {100 * m['weighted_f1']:.2f}  "
-                   f"macro-F1 {100 * m['macro_f1']:.2f}  ({per_class})")
+    _echo_compared(f"{measured['posts']} posts, the model itself (in sample where it trained on them)", measured)
+    if "out_of_fold" in measured:
+        oof = measured["out_of_fold"]
+        _echo_compared(f"{oof['posts']} posts out of fold ({oof['folds']} fold models, each on what it never "
+                       "trained on)", oof)
+        for key in ("accuracy", "weighted_f1"):
+            means = oof[f"fold_mean_{key}"]
+            typer.echo(f"  mean over folds, {key}: fp32 {100 * means['fp32']:.2f}  int8 {100 * means['int8']:.2f}")
     kept = [part for part, precision in measured["parts"].items() if precision == "int8"]
     typer.echo(f"kept in int8 for MMSENT_CPU_PRECISION=auto: {', '.join(kept) or 'nothing (below the bar)'}")
+
+
+def _echo_compared(title: str, figures: dict[str, Any]) -> None:
+    typer.echo(f"{title}: int8 gives fp32's label for {100 * figures['agreement']:.2f}% (largest probability "
+               f"difference {figures['max_probability_difference']:.3f})")
+    for name in ("fp32", "int8"):
+        m = figures[name]
+        per_class = "  ".join(f"{lab} P/R/F1 {c['precision']:.3f}/{c['recall']:.3f}/{c['f1']:.3f}"
+                              for lab, c in m["per_class"].items())
+        typer.echo(f"  {name}: accuracy {100 * m['accuracy']:.2f}  weighted-F1 {100 * m['weighted_f1']:.2f}  "
+                   f"macro-F1 {100 * m['macro_f1']:.2f}  ({per_class})")
 
 
 def _check_precision(value: str) -> None:

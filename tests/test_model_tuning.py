@@ -16,9 +16,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mmsent import Reference
+from mmsent import Reference, Scorer
 from mmsent.cli import app
-from mmsent.data import Example, collate, load_examples
+from mmsent.data import Example, collate, load_examples, load_image
 from mmsent.encoders import ImageEncoder, ImageSpec, RandomWeightsWarning
 from mmsent.model import MODALITY_PAIRS, Features, MMSentModel
 from mmsent.presets import from_config, preset_config
@@ -163,7 +163,7 @@ def test_train_with_folds_tunes_from_activations_and_calibrates_out_of_fold(tmp_
     out = tmp_path / "model"
     args = ["train", str(data), "--out", str(out), "--preset", "tiny-random", "--text-layers", "1",
             "--image-blocks", "2", "--folds", "2", "--epochs", "2", "--batch-size", "8", "--val-fraction", "0.2",
-            "--quiet", "--modality-pairs", "--device", "cpu", "--soup", "2"]
+            "--quiet", "--modality-pairs", "--device", "cpu", "--soup", "2", "--keep-folds"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "activations below the tuned layers" in res.output and "2-fold cross-validation" in res.output
@@ -179,3 +179,19 @@ def test_train_with_folds_tunes_from_activations_and_calibrates_out_of_fold(tmp_
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["extra"]["cv"]["folds"] == 2 and "oof" not in cfg["extra"]["cv"]
     assert cfg["extra"]["train_config"]["soup"] == 2
+    # --keep-folds: each fold's model, which made those out-of-fold probabilities, with the rows it never saw
+    heldout = {k: json.loads((out / "folds" / str(k) / "heldout.json").read_text())["rows"] for k in (1, 2)}
+    assert sorted(heldout[1] + heldout[2]) == list(range(60))
+    examples = load_examples(data, LABELS)
+    fold = Scorer.load(out / "folds" / "1", cpu_precision="fp32")
+    again = fold.score([{"text": examples[r].text, "image": load_image(examples[r].image)} for r in heldout[1]])
+    with np.load(out / "oof.npz") as oof:
+        want = oof["both"][heldout[1]]
+    assert np.abs(np.array([[s.scores[lab] for lab in LABELS] for s in again]) - want).max() < 1e-3
+    # ... which `mmsent quantize --folds` scores again, both ways
+    res = CliRunner().invoke(app, ["quantize", str(data), "--model", str(out), "--folds", str(out / "folds"),
+                                   "--calibration-images", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    measured = json.loads(res.output.strip().splitlines()[-1])
+    assert measured["out_of_fold"]["folds"] == 2 and measured["out_of_fold"]["posts"] == 60
+    assert measured["posts"] == 60 and {"fp32", "int8", "agreement"} <= set(measured["out_of_fold"])

@@ -5,16 +5,21 @@
                                            └─▶ Scorer int8 ┴─▶ labels kept, accuracy and F1 both ways, per class
                                                             ──▶ int8.json: the recipe, the figures, the parts kept
 
+    --folds FOLDS (a cross-validation's kept fold models, `mmsent train --folds K --keep-folds`): each fold model
+    the same way, its ranges on its own training photos, scored both ways on its held-out posts ──▶ out of fold
+
 `auto` (mmsent/quantize.py `choose_precision`) runs a part in int8 only when int8.json says it was kept: here, both
 encoders are kept when int8 gives the same label as fp32 for at least 98% of the posts and loses at most 0.5 points
-of accuracy and of weighted-F1 (issue 28's bar); otherwise neither is, and the figures say by how much it missed.
+of accuracy and of weighted-F1 (issue 28's bar), out of fold when the folds were given; otherwise neither is, and
+the figures say by how much it missed.
 """
 
 from __future__ import annotations
 
+import json
 import platform
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,36 +37,87 @@ __all__ = ["quantize_model"]
 
 
 def quantize_model(data: str | Path, model: str | Path | None = None, *, calibration_images: int = 128,
-                   check_posts: int | None = None, recipe: Int8Recipe | None = None, columns: Any = None,
-                   progress: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+                   check_posts: int | None = None, recipe: Int8Recipe | None = None, folds: Path | None = None,
+                   columns: Any = None, progress: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Collect the CNN's int8 ranges on `calibration_images` of the data's photos, then score `check_posts` of its
     posts (None: all) in fp32 and in int8, and write int8-ranges.json and int8.json into the model directory.
-    Returns what int8.json's `measured` holds."""
+    `folds`: the fold models a cross-validation kept (`mmsent train --folds K --keep-folds`: FOLDS/1, FOLDS/2, ...,
+    each with heldout.json), each quantized the same way on its own training photos and scored both ways on the
+    posts it never trained on; then the bar applies to those out-of-fold figures. Returns int8.json's `measured`."""
     directory = model_directory(model)
     if directory is None:
         raise ValueError(f"{model!r} is not a model directory (with config.json); a preset cannot be quantized")
     recipe = recipe or Int8Recipe()
     fp32 = Scorer.load(directory, cpu_precision="fp32")
-    examples = [e for e in load_examples(data, fp32.labels, columns) if e.label is not None]
-    if not examples:
-        raise ValueError(f"{data}: no labelled posts")
-    order = list(range(len(examples)))
-    random.Random(0).shuffle(order)
-    photos = [im for k in order if (im := load_image(examples[k].image)) is not None][:calibration_images]
-    if not photos:
-        raise ValueError(f"{data}: no photo to collect the CNN's ranges on")
-    Int8Model(recipe, None, None).write(directory)  # the recipe first: a half-done run leaves nothing `auto` takes
-    seen = fp32.collect_cnn_ranges(photos, directory / RANGES_FILE)
-    log(f"CNN ranges from {seen} photos -> {directory / RANGES_FILE}")
-    int8 = Scorer.load(directory, cpu_precision="int8")
-    if int8.cpu_precision != "int8":
-        raise ValueError(f"the model did not load in int8: {int8.precision_note}")
-    checked = [examples[k] for k in sorted(order[:check_posts] if check_posts else order)]
-    probs = {name: _probabilities(scorer, checked, progress, name) for name, scorer in (("fp32", fp32),
-                                                                                          ("int8", int8))}
-    measured = _measured(data, checked, probs, fp32.labels, seen)
+    labels = fp32.labels
+    examples = _labelled(data, labels, columns)
+    order = _shuffled(range(len(examples)))
+    checked = sorted(order[:check_posts] if check_posts else order)
+    probs, photos = _both_ways(fp32, directory, recipe, examples, order, checked, calibration_images, progress, log)
+    y = [examples[k].label for k in checked]
+    measured = {"data": str(data), "posts": len(checked), "calibration_photos": photos, **_compared(y, probs, labels)}
+    if folds is not None:
+        measured["out_of_fold"] = _out_of_fold(folds, recipe, examples, labels, calibration_images, progress, log)
+    measured.update(_context(), parts=_kept_parts(measured.get("out_of_fold", measured)))
     Int8Model(recipe, directory / RANGES_FILE, measured).write(directory)
     return measured
+
+
+def _labelled(data: str | Path, labels: tuple[str, ...], columns: Any) -> list[Example]:
+    examples = [e for e in load_examples(data, labels, columns) if e.label is not None]
+    if not examples:
+        raise ValueError(f"{data}: no labelled posts")
+    return examples
+
+
+def _shuffled(rows: Iterable[int]) -> list[int]:
+    order = list(rows)
+    random.Random(0).shuffle(order)
+    return order
+
+
+def _both_ways(fp32: Scorer, directory: Path, recipe: Int8Recipe, examples: list[Example], training: list[int],
+               scored: list[int], calibration_images: int, progress: bool, log: Callable[[str], None]
+               ) -> tuple[dict[str, np.ndarray], int]:
+    """One model directory: its CNN's ranges on the first `calibration_images` photos of the `training` rows, then
+    the `scored` rows' probabilities in fp32 (`fp32`, its Scorer) and in int8. (probabilities by precision, photos
+    the ranges saw)"""
+    photos = [im for k in training if (im := load_image(examples[k].image)) is not None][:calibration_images]
+    if not photos:
+        raise ValueError(f"{directory}: no photo to collect the CNN's ranges on")
+    Int8Model(recipe, None, None).write(directory)  # the recipe first: a half-done run leaves nothing `auto` takes
+    seen = fp32.collect_cnn_ranges(photos, directory / RANGES_FILE)
+    log(f"{directory}: CNN ranges from {seen} photos")
+    int8 = Scorer.load(directory, cpu_precision="int8")
+    if int8.cpu_precision != "int8":
+        raise ValueError(f"{directory} did not load in int8: {int8.precision_note}")
+    rows = [examples[k] for k in scored]
+    return {name: _probabilities(scorer, rows, progress, name) for name, scorer in (("fp32", fp32), ("int8", int8))
+            }, seen
+
+
+def _out_of_fold(folds: Path, recipe: Int8Recipe, examples: list[Example], labels: tuple[str, ...],
+                 calibration_images: int, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Every fold model on its held-out rows, both ways: the out-of-fold figures, pooled and per fold."""
+    fold_dirs = sorted((d for d in folds.iterdir() if (d / "heldout.json").is_file()), key=lambda d: d.name)
+    if not fold_dirs:
+        raise ValueError(f"{folds}: no fold directories (with heldout.json)")
+    n, k = len(examples), len(labels)
+    pooled = {name: np.full((n, k), np.nan) for name in ("fp32", "int8")}
+    per_fold = []
+    for fold in fold_dirs:
+        heldout = sorted(int(r) for r in json.loads((fold / "heldout.json").read_text())["rows"])
+        training = _shuffled(sorted(set(range(n)) - set(heldout)))
+        fp32 = Scorer.load(fold, cpu_precision="fp32")
+        probs, _ = _both_ways(fp32, fold, recipe, examples, training, heldout, calibration_images, progress, log)
+        for name, p in probs.items():
+            pooled[name][heldout] = p
+        per_fold.append({"fold": fold.name, **_compared([examples[r].label for r in heldout], probs, labels)})
+    covered = [r for r in range(n) if not np.isnan(pooled["fp32"][r]).any()]
+    result = _compared([examples[r].label for r in covered], {m: p[covered] for m, p in pooled.items()}, labels)
+    for key in ("accuracy", "weighted_f1", "macro_f1"):
+        result[f"fold_mean_{key}"] = {m: float(np.mean([f[m][key] for f in per_fold])) for m in ("fp32", "int8")}
+    return {"folds": len(per_fold), "posts": len(covered), **result, "per_fold": per_fold}
 
 
 def _probabilities(scorer: Scorer, examples: list[Example], progress: bool, name: str) -> np.ndarray:
@@ -74,22 +130,25 @@ def _probabilities(scorer: Scorer, examples: list[Example], progress: bool, name
     return probs
 
 
-def _measured(data: str | Path, examples: list[Example], probs: dict[str, np.ndarray], labels: tuple[str, ...],
-              photos: int) -> dict[str, Any]:
-    y = [e.label if e.label is not None else -1 for e in examples]
-    metrics = {name: _summary(compute_metrics(y, p, labels)) for name, p in probs.items()}
-    agreement = float(np.mean(probs["fp32"].argmax(1) == probs["int8"].argmax(1)))
-    drop = {k: metrics["fp32"][k] - metrics["int8"][k] for k in ("accuracy", "weighted_f1")}
-    kept = agreement >= MIN_AGREEMENT and all(d <= MAX_ACCURACY_DROP for d in drop.values())
-    return {
-        "data": str(data), "posts": len(examples), "calibration_photos": photos,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": f"{platform.processor() or platform.machine()}; int8 flags: {', '.join(cpu_int8_flags()) or 'none'}",
-        "agreement": agreement, "max_probability_difference": float(np.abs(probs["fp32"] - probs["int8"]).max()),
-        "fp32": metrics["fp32"], "int8": metrics["int8"],
-        "bar": {"min_agreement": MIN_AGREEMENT, "max_accuracy_drop": MAX_ACCURACY_DROP},
-        "parts": {part: "int8" if kept else "fp32" for part in PARTS},
-    }
+def _compared(y: list[int | None], probs: dict[str, np.ndarray], labels: tuple[str, ...]) -> dict[str, Any]:
+    """fp32 against int8 on the same posts: labels kept, the largest probability difference, each one's metrics."""
+    truth = [label if label is not None else -1 for label in y]
+    return {"agreement": float(np.mean(probs["fp32"].argmax(1) == probs["int8"].argmax(1))),
+            "max_probability_difference": float(np.abs(probs["fp32"] - probs["int8"]).max()),
+            **{name: _summary(compute_metrics(truth, p, labels)) for name, p in probs.items()}}
+
+
+def _kept_parts(figures: dict[str, Any]) -> dict[str, str]:
+    drops = [figures["fp32"][k] - figures["int8"][k] for k in ("accuracy", "weighted_f1")]
+    kept = figures["agreement"] >= MIN_AGREEMENT and all(d <= MAX_ACCURACY_DROP for d in drops)
+    return {part: "int8" if kept else "fp32" for part in PARTS}
+
+
+def _context() -> dict[str, Any]:
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "cpu": f"{platform.processor() or platform.machine()}; int8 flags: "
+                   f"{', '.join(cpu_int8_flags()) or 'none'}",
+            "bar": {"min_agreement": MIN_AGREEMENT, "max_accuracy_drop": MAX_ACCURACY_DROP}}
 
 
 def _summary(m: dict[str, Any]) -> dict[str, Any]:

@@ -64,6 +64,11 @@ class TrainConfig:
     aux_weight: float = field(
         default=0.3, metadata={"help": "fine-tuning: weight of the losses teaching each encoder its modality's label"}
     )
+    keep_folds: bool = field(
+        default=False,
+        metadata={"help": "with --folds, fine-tuning: also save each fold's model in OUT/folds/K with the rows it "
+                          "never trained on (heldout.json), to score them later another way (mmsent quantize --folds)"},
+    )
     soup: int = field(
         default=1,
         metadata={"help": "fine-tuning: average the weights of N runs (seeds seed + 1000 k) from one start; one "

@@ -49,7 +49,7 @@ from mmsent.training.finetune import ActivationRows, Rows, finetune, predict
 from mmsent.training.heads import pair_indices, predict_head, train_head
 from mmsent.training.loop import History
 
-__all__ = ["cross_validate", "finetune_soup", "k_folds", "train_model"]
+__all__ = ["cross_validate", "finetune_soup", "k_folds", "save_fold", "train_model"]
 
 
 def _stratified_split(labels: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -388,9 +388,14 @@ def _train_tuned_cached(
         log(_end_to_end_report(hist))
         return None, hist
     initial = copy.deepcopy(model)  # every fold starts from the same weights as the final model
+    kept = state_path.parent / "folds" if cfg.keep_folds else None
 
     def fold(k: int, tr: np.ndarray, te: np.ndarray) -> FoldResult:
-        return _tuned_fold(copy.deepcopy(initial), acts, tr, te, cfg, k)
+        fold_model = copy.deepcopy(initial)
+        result = _tuned_fold(fold_model, acts, tr, te, cfg, k)
+        if kept is not None:
+            save_fold(fold_model, kept / str(k + 1), te)
+        return result
 
     cv = k_folds(acts.labels.numpy(), list(model.cfg.labels), cfg, fold, log)
     epochs = max(1, int(statistics.median(cv["best_epochs"])))
@@ -398,6 +403,13 @@ def _train_tuned_cached(
     log(f"final model: all {len(acts)} examples, {epochs} epochs (median best epoch over folds)")
     hist, _ = finetune_soup(model, ActivationRows(acts, torch.arange(len(acts))), None, cfg, stop_after=epochs)
     return cv, hist
+
+
+def save_fold(model: MMSentModel, directory: Path, heldout: np.ndarray) -> None:
+    """A fold's model directory and the data rows it never trained on (`heldout.json`: row k = the data file's k-th
+    post), so that its out-of-fold predictions can be made again, in another precision say."""
+    model.save(directory)
+    (directory / "heldout.json").write_text(json.dumps({"rows": [int(k) for k in heldout]}))
 
 
 def _tuned_fold(
