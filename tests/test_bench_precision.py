@@ -55,6 +55,8 @@ def test_each_variant_runs_what_it_says(result: dict) -> None:
     for name in ("bf16-autocast", "bf16-weights"):
         assert by_name[name]["cpu_runtime"] == "torch"
         assert 0 < by_name[name]["max_prob_diff"] < 0.05, name
+    # the hybrid's CNN left ONNX Runtime for bf16 eager: its probabilities moved too
+    assert 0 < by_name["int8-text+bf16-cnn"]["max_prob_diff"] < 0.05
 
 
 def test_a_perturbed_scorer_lowers_agreement() -> None:
@@ -74,6 +76,8 @@ def test_a_perturbed_scorer_lowers_agreement() -> None:
     assert same["label_agreement"] == 1.0 and same["max_prob_diff"] == 0.0
     assert off["label_agreement"] < 0.9, off
     assert off["max_prob_diff"] > 0.01, off  # bf16 moves them by ~2e-4 here
+    assert off["flipped_max_margin"] > 0 and same["flipped_max_margin"] == 0
+    assert 0 < result["reference_margin"]["p10"] <= result["reference_margin"]["p50"]
 
 
 def test_the_table_has_a_row_per_variant(result: dict) -> None:
