@@ -127,7 +127,7 @@ def cpu_flags(names: Sequence[str] = PRECISION_CPU_FLAGS, cpuinfo: str | None = 
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return "unknown", ""
-    name, flags = "unknown", set()
+    name, flags = "unknown", set[str]()
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "model name" and name == "unknown":
@@ -223,14 +223,14 @@ def centre_one_label_head(scorers: Sequence[Scorer], posts: Sequence[dict[str, A
     logits = scorers[0].logits(posts)  # (N, K) before any temperature
     heads = [scorer.model.head for scorer in scorers]
     one_label = np.bincount(logits.argmax(1)).max() > ONE_LABEL_SHARE * len(posts)
-    if not one_label or not all(isinstance(h, FusionHead) and not h.cfg.modality_pairs for h in heads):
+    outputs = [h.mlp[-1] for h in heads if isinstance(h, FusionHead) and not h.cfg.modality_pairs]
+    if not one_label or len(outputs) != len(heads):
         return False
     shift = torch.from_numpy(logits.mean(0))
-    for head in heads:
-        out = head.mlp[-1]
+    for out in outputs:
         assert isinstance(out, torch.nn.Linear) and out.bias is not None
         with torch.no_grad():
-            out.bias -= shift.to(out.bias.dtype)
+            out.bias.sub_(shift.to(out.bias.dtype))
     return True
 
 
