@@ -99,8 +99,7 @@ def model_only_posts_per_s(model: str | None, photos: list[bytes], batch_size: i
     from mmsent import Scorer
     from mmsent.benchmarks.host import synthetic_captions, time_batches
 
-    precision = env.get("MMSENT_CPU_PRECISION")
-    scorer = Scorer.load(model, cpu_precision=precision) if precision else Scorer.load(model)  # type: ignore[call-arg]
+    scorer = Scorer.load(model, cpu_precision=env.get("MMSENT_CPU_PRECISION", "auto"))
     posts = [{"text": text, "image": photo} for text, photo in zip(synthetic_captions(len(photos)), photos,
                                                                      strict=True)]
     times = time_batches(scorer, posts, batch_size, min_seconds=8.0)
