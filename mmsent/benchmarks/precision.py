@@ -13,7 +13,9 @@ posts.
 The bf16 variants run the Scorer's own code on the PyTorch runtime with the model's two encoder calls under bf16
 autocast (`autocast(cpu, bf16=True)` from mmsent/device.py), their outputs handed back to the fp32 head as fp32:
 `bf16-autocast` keeps the weights fp32 (autocast casts them on every call, as its cast cache is off for inference);
-`bf16-weights` casts the encoders' weights to bf16 once, the recipe the Scorer already uses on CUDA. The ResNet is
+`bf16-weights` casts the encoders' weights to bf16 once, the recipe the Scorer already uses on CUDA. Two mixes keep
+one part out of int8, as issue 28 allows when its int8 loses labels: `int8-text` (the CNN in fp32 on ONNX Runtime)
+and `int8-text+bf16-cnn` (the CNN in bf16, eager). The ResNet is
 channels-last in every eager variant (the ImageEncoder's own layout). Posts/s are model-only as in
 `mmsent.benchmarks.host`: images handed over as encoded JPEG bytes, so decode, resize, tokenising and the head count.
 """
