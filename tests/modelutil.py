@@ -1,9 +1,11 @@
 """Model directories for the roll-out tests: a tiny-random model saved as a directory, the poisons a careless (or
 hostile) roll-out could bring, each with the reason `mmsent.ModelRefused` must give, and the atomic symlink flip a
-Kubernetes volume update does. Shared by test_rollout.py, test_platform.py and test_hostile_stream.py."""
+Kubernetes volume update does. Shared by test_rollout.py, test_platform.py and test_hostile_stream.py; and a photo
+with structure for the runtime and int8 tests."""
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -13,13 +15,27 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from mmsent import RefusalReason
 from mmsent.presets import from_config, preset_config
 
 Poison = Callable[[Path], None]
+
+
+def structured_photo(seed: int, size: tuple[int, int] = (420, 300)) -> bytes:
+    """A JPEG with structure at several scales (gradients, blocks, noise), unlike a flat colour."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([(x * (seed + 1)) % 256, (y * 3 + seed * 40) % 256, ((x // 37 + y // 23) % 2) * 200], axis=-1)
+    arr = (arr + rng.integers(0, 40, arr.shape)).clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
 
 
 def save_tiny_model(directory: Path, version: str, *, name: str = "mmsent-tiny-random", fusion: str = "concat",

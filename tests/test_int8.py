@@ -20,7 +20,7 @@ from mmsent import Scorer
 from mmsent.evaluation.int8 import quantize_model
 from mmsent.presets import from_config, model_directory, preset_config
 from mmsent.quantize import INT8_FILE, RANGES_FILE, Int8Model, Int8Recipe, choose_precision, cpu_int8_flags
-from tests.test_model_runtime import _photo
+from tests.modelutil import structured_photo
 
 CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f {extra}\n"
 LABELS = ("negative", "neutral", "positive")
@@ -64,7 +64,7 @@ def quantized(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> tuple[Pa
     (root / "images").mkdir()
     rows = []
     for k in range(40):
-        (root / "images" / f"{k}.jpg").write_bytes(_photo(k, (96, 72)))
+        (root / "images" / f"{k}.jpg").write_bytes(structured_photo(k, (96, 72)))
         rows.append({"id": str(k), "text": f"post {k} " + "so good" * (k % 3), "label": LABELS[k % 3],
                      "image": f"images/{k}.jpg"})
     data = root / "data.jsonl"
@@ -94,7 +94,7 @@ def test_int8_gives_fp32s_labels_on_the_tiny_random_model(quantized: tuple[Path,
     fp32 = Scorer.load(model_dir, cpu_precision="fp32")
     int8 = Scorer.load(model_dir, cpu_precision="int8")
     assert (fp32.cpu_precision, int8.cpu_precision) == ("fp32", "int8")
-    posts = [{"text": f"caption {k}", "image": _photo(100 + k, (120, 90))} for k in range(24)]
+    posts = [{"text": f"caption {k}", "image": structured_photo(100 + k, (120, 90))} for k in range(24)]
     a, b = fp32.score(posts), int8.score(posts)
     assert np.mean([x.label == y.label for x, y in zip(a, b, strict=True)]) >= 0.9
     assert any(x.scores != y.scores for x, y in zip(a, b, strict=True)), "the int8 graph is not the fp32 one"
@@ -191,9 +191,11 @@ def test_int8_gives_fp32s_labels_on_the_default_model(cache: Path, monkeypatch: 
     fp32 = Scorer.load("default", cpu_precision="fp32")
     int8 = Scorer.load("default", cpu_precision="int8")
     assert (fp32.cpu_precision, int8.cpu_precision) == ("fp32", "int8")
+    assert ":int8-" in int8.image_encoder_id and int8.image_encoder_id.startswith(fp32.image_encoder_id), (
+        "an int8 CNN's embeddings must not be shared with fp32 pods through the embedding cache")
     captions = ["so proud of this team!!", "worst commute ever", "", "meh", "what a beautiful morning",
                 "this is broken again", "thanks for nothing", "best day with friends"]
-    posts = [{"text": captions[k % len(captions)] + f" #{k}", "image": _photo(k)} for k in range(48)]
+    posts = [{"text": captions[k % len(captions)] + f" #{k}", "image": structured_photo(k)} for k in range(48)]
     a, b = fp32.score(posts), int8.score(posts)
     agreement = np.mean([x.label == y.label for x, y in zip(a, b, strict=True)])
     assert agreement >= 0.95, agreement

@@ -15,18 +15,7 @@ from PIL import Image
 from mmsent import Scorer
 from mmsent.imaging import ImagePreprocess
 from mmsent.presets import from_config, preset_config
-
-
-def _photo(seed: int, size: tuple[int, int] = (420, 300)) -> bytes:
-    """A JPEG with structure at several scales (gradients, blocks, noise), unlike a flat colour."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    y, x = np.mgrid[0:h, 0:w]
-    arr = np.stack([(x * (seed + 1)) % 256, (y * 3 + seed * 40) % 256, ((x // 37 + y // 23) % 2) * 200], axis=-1)
-    arr = (arr + rng.integers(0, 40, arr.shape)).clip(0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+from tests.modelutil import structured_photo
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +27,7 @@ def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def default_pair(onnx_cache: Path) -> tuple[Scorer, Scorer]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MMSENT_CACHE_DIR", str(onnx_cache))
-        fast = Scorer.load("default", cpu_runtime="onnx")
+        fast = Scorer.load("default", cpu_runtime="onnx", cpu_precision="fp32")
     return Scorer.load("default", cpu_runtime="torch"), fast
 
 
@@ -46,7 +35,7 @@ def test_onnx_cnn_gives_pytorchs_features_and_scores(default_pair: tuple[Scorer,
     plain, fast = default_pair
     assert (plain.cpu_runtime, fast.cpu_runtime) == ("torch", "onnx")
     assert fast.model.text_encoder.onnx_model is not None and plain.model.text_encoder.onnx_model is None
-    photos = [_photo(k) for k in range(6)]
+    photos = [structured_photo(k) for k in range(6)]
     images = [fast._as_image(p) for p in photos]
     a = np.stack(plain.embed_images(images))  # type: ignore[arg-type]
     b = np.stack(fast.embed_images(images))  # type: ignore[arg-type]
@@ -71,9 +60,9 @@ def test_the_exported_graph_is_cached_and_reused(
 
     monkeypatch.setenv("MMSENT_CACHE_DIR", str(onnx_cache))
     monkeypatch.setattr(torch.onnx, "export", no_export)
-    again = Scorer.load("default", cpu_runtime="onnx")
+    again = Scorer.load("default", cpu_runtime="onnx", cpu_precision="fp32")
     assert again.cpu_runtime == "onnx"
-    photo = [{"text": "x", "image": _photo(9)}]
+    photo = [{"text": "x", "image": structured_photo(9)}]
     assert again.score(photo)[0].scores == pytest.approx(default_pair[1].score(photo)[0].scores, abs=1e-6)
 
 
@@ -83,7 +72,7 @@ def test_an_unwritable_cache_keeps_the_graph_in_memory(tmp_path: Path, monkeypat
     monkeypatch.setenv("MMSENT_CACHE_DIR", str(blocker))
     fast = Scorer(from_config(preset_config("tiny-random")), cpu_runtime="onnx")
     plain = Scorer(from_config(preset_config("tiny-random")), cpu_runtime="torch")
-    posts = [{"text": "hello", "image": _photo(3, (80, 60))}]
+    posts = [{"text": "hello", "image": structured_photo(3, (80, 60))}]
     assert fast.score(posts)[0].scores == pytest.approx(plain.score(posts)[0].scores, abs=1e-5)
     assert blocker.read_text().startswith("a file")
 
@@ -126,7 +115,7 @@ def test_length_buckets_give_the_scores_of_one_padded_batch() -> None:
 @pytest.mark.parametrize("crop", [True, False])
 def test_torch_resize_is_within_one_level_of_pillow(crop: bool) -> None:
     pre = ImagePreprocess(size=224, resize=256, crop=crop)
-    im = Image.open(io.BytesIO(_photo(5, (551, 325)))).convert("RGB")
+    im = Image.open(io.BytesIO(structured_photo(5, (551, 325)))).convert("RGB")
     ours = pre.to_uint8(im).permute(1, 2, 0).numpy().astype(int)
     w, h = im.size
     if crop:
@@ -149,12 +138,12 @@ def test_cpu_workers_score_slices_at_once_and_keep_every_posts_own_result() -> N
     assert sliced._pool is not None and sliced._pool.submit(torch.get_num_threads).result() == 1
     words = ["calm", "storm", "joy", "grief", "meh"]
     posts = [{"text": " ".join(words[(k * j) % 5] for j in range(1 + (k * 7) % 40)),
-              "image": _photo(k, (64 + k, 48)) if k % 3 else None} for k in range(27)]
+              "image": structured_photo(k, (64 + k, 48)) if k % 3 else None} for k in range(27)]
     together = sliced.score(posts)
     plain = Scorer(from_config(preset_config("tiny-random")), cpu_runtime="torch", cpu_workers=1)
     assert plain._pool is None
     for x, y in zip(together, plain.score(posts), strict=True):
         assert x.label == y.label and x.image_used == y.image_used
         assert x.scores == pytest.approx(y.scores, abs=1e-5)
-    images = [Image.open(io.BytesIO(_photo(k, (70, 50)))).convert("RGB") for k in range(11)]
+    images = [Image.open(io.BytesIO(structured_photo(k, (70, 50)))).convert("RGB") for k in range(11)]
     assert np.allclose(np.stack(sliced.embed_images(images)), np.stack(plain.embed_images(images)), atol=1e-5)

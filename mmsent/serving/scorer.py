@@ -208,6 +208,8 @@ class Scorer:
         self.image_encoder_id = f"{cfg.image.ident}:{kind}"
         if cfg.image_trainable_blocks:  # fine-tuned CNN: its weights are part of the identity
             self.image_encoder_id += f":{cfg.name}@{cfg.version}"
+        if self._cnn_int8 is not None:  # an int8 CNN's embeddings differ from fp32's: not shared through the cache
+            self.image_encoder_id += f":int8-{self._cnn_int8}"
         self.batch_size = batch_size or (serving_batch_size("cuda") if on_cuda else 64)
         self.serving_batch_size = serving_batch_size(self.device.type)  # MMSENT_MAX_BATCH_SIZE's default
         self.compile = compile
@@ -276,6 +278,7 @@ class Scorer:
         image, text = self.model.image_encoder, self.model.text_encoder
         image.onnx_trunk = text.onnx_model = None  # a model handed over from another Scorer starts plain
         self.cpu_precision = "fp32"
+        self._cnn_int8: str | None = None  # the CNN's int8 recipe and ranges, when it runs in int8
         if wanted == "torch" or self.device.type != "cpu":
             return "torch"
         if not onnxruntime_available():
@@ -284,13 +287,15 @@ class Scorer:
             return "torch"
         choice = choose_precision(precision, cpu_int8_flags(), self._int8)
         threads = 1 if self.cpu_workers > 1 else torch.get_num_threads()  # the workers are the parallelism
-        parts: list[tuple[str, Any]] = [("cnn", image)] + ([("text", text)] if text.spec.arch == "hf" else [])
+        parts: list[tuple[str, Any]] = ([("text", text)] if text.spec.arch == "hf" else []) + [("cnn", image)]
         in_int8: list[str] = []
         for part, encoder in parts:
             int8 = self._int8_twin(part) if part in choice.parts else None
             try:
                 encoder.use_onnx_runtime(threads=threads, cache_dir=cache_dir(), int8=int8)
-                in_int8 += [part] if int8 is not None else []
+                if int8 is not None:
+                    in_int8.append(part)
+                    self._cnn_int8 = int8.key if part == "cnn" else self._cnn_int8
             except Exception as exc:  # an exotic user encoder that does not export still scores, in PyTorch
                 if wanted == "onnx" and int8 is None:
                     raise
@@ -302,8 +307,7 @@ class Scorer:
                 warnings.warn(f"mmsent: {type(encoder).__name__} did not export to ONNX ({exc!r}); it runs in "
                               "PyTorch", stacklevel=3)
         self.cpu_precision = "int8" if in_int8 else "fp32"
-        wanted_int8 = [part for part, _ in parts if part in choice.parts]
-        self.precision_note = choice.note if in_int8 == wanted_int8 else (
+        self.precision_note = choice.note if tuple(in_int8) == choice.parts else (  # e.g. a text encoder in PyTorch
             f"{choice.note}; in int8: {', '.join(in_int8) or 'nothing'}")
         return "onnx" if image.onnx_trunk is not None else "torch"
 
@@ -333,7 +337,7 @@ class Scorer:
                       "generated pictures, fit for timing, not for accuracy", stacklevel=4)
 
         def from_generated(fp32: Path, out: Path) -> None:
-            generated = fp32.parent / "generated-ranges.json"
+            generated = out.with_name("generated-ranges.json")  # beside `out`: the quantizer's own temporary dir
             collect_cnn_ranges(fp32, generated_pixels(self.model.cfg.image.preprocess), generated)
             quantize_cnn(fp32, out, generated, recipe)
 
