@@ -32,6 +32,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Produ
 
 from consumer.batcher import Batch, MicroBatcher, ServingModel, WorkItem
 from consumer.cache import ImageCache
+from consumer.decoding import decode_side
 from consumer.drift import PredictionMonitor
 from consumer.errors import (
     EXIT_CONFIGURATION,
@@ -175,14 +176,17 @@ class Application:
         primary = self._scorer or _first_model(s)
         self.batcher.max_size, self.max_in_flight = s.batch_limits(
             getattr(primary, "serving_batch_size", DEVICELESS_BATCH_SIZE))
-        # A scorer that decodes on its device (CUDA) gets the bytes, their header checked; others decoded images.
-        decoder = self._image_decoder or image_decoder(s, keep_bytes=getattr(primary, "wants_image_bytes", False))
+        self._shadow = self._shadow_stage(primary, s.shadow_model)
+        # A scorer that decodes on its device (CUDA) gets the bytes, their header checked; others decoded images, no
+        # larger than the serving models' preprocessing needs (a model reloaded later keeps this decoder).
+        side = decode_side(primary, *([self._shadow.scorer] if self._shadow is not None else []))
+        decoder = self._image_decoder or image_decoder(s, keep_bytes=getattr(primary, "wants_image_bytes", False),
+                                                       min_side=side)
         self._io = LoopThread()
         # the safe fetcher decodes with the same decoder as the cached bytes
         fetcher_factory = self._fetcher_factory or partial(ImageFetcher, decode=decoder)
         self._fetcher = self._io.call(_construct(fetcher_factory, s), timeout=30)
         self._cache = self._io.call(_construct(self._cache_factory or _default_cache, s), timeout=30)
-        self._shadow = self._shadow_stage(primary, s.shadow_model)
         reads = self._shadow is None or self._shadow.same_image_encoder
         image_stage = ImageStage(self._fetcher, self._cache, decoder, self.metrics, read_embeddings=reads,
                                  tracing=self.tracing)
