@@ -1,0 +1,69 @@
+"""Where a model fails, from its cross-validation's out-of-fold probabilities: prints the Markdown of
+`mmsent.evaluation.failures` (numpy only, no model is loaded: seconds).
+
+    .venv/bin/python scripts/oof_failures.py [--model mmsent/models/default]
+        [--data ../shared/data/mvsa-single/train.jsonl] [--folds 5 --seed 0] [--decode] [--json]
+
+    DIR/oof.npz + DIR/calibration.json + DATA ──failure_report──▶ render_failures ──▶ stdout
+
+oof.npz row k is DATA's k-th post (`mmsent train --folds` writes it so). `--folds`/`--seed` rebuild the training's
+folds (StratifiedKFold over the labels, shuffled with the seed, as `mmsent.training.train.k_folds` splits) so that
+the alert thresholds are also cross-fitted; `--folds 0` skips that. `--decode` checks each image by decoding it
+(`mmsent.data.load_image`, about a minute on 2 cores) instead of by the file's existence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mmsent.data import Example, load_examples, load_image
+from mmsent.evaluation.failures import failure_report, image_file_present, render_failures
+from mmsent.serving.calibration import CALIBRATION_FILE, Calibration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def training_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Each row's fold in `mmsent train --folds N` (its default seed 0): the same StratifiedKFold call."""
+    from sklearn.model_selection import StratifiedKFold
+
+    fold_of = np.full(len(y), -1, dtype=np.int64)
+    for f, (_, test) in enumerate(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+                                  .split(np.zeros(len(y)), y)):
+        fold_of[test] = f
+    return fold_of
+
+
+def image_decodes(example: Example) -> bool:
+    return load_image(example.image) is not None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path, default=ROOT / "mmsent" / "models" / "default")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "mvsa-single" / "train.jsonl")
+    ap.add_argument("--folds", type=int, default=5, help="the CV's fold count (0: no cross-fitted thresholds)")
+    ap.add_argument("--seed", type=int, default=0, help="the CV's seed (mmsent train --seed)")
+    ap.add_argument("--decode", action="store_true", help="image status by decoding, not by the file's existence")
+    ap.add_argument("--json", action="store_true", help="print the report's dict as JSON instead of Markdown")
+    args = ap.parse_args(argv)
+
+    calibration = Calibration.from_dict(json.loads((args.model / CALIBRATION_FILE).read_text()))
+    examples = load_examples(args.data, calibration.labels)
+    with np.load(args.model / "oof.npz") as npz:
+        oof = {name: npz[name] for name in npz.files}
+    y = np.asarray([e.label for e in examples], dtype=np.int64)
+    report = failure_report(examples, oof, calibration,
+                            image_status=image_decodes if args.decode else image_file_present,
+                            folds=training_folds(y, args.folds, args.seed) if args.folds else None)
+    sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else render_failures(report))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
