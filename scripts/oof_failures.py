@@ -7,7 +7,7 @@
     DIR/oof.npz + DIR/calibration.json + DATA ──failure_report──▶ render_failures ──▶ stdout
 
 oof.npz row k is DATA's k-th post (`mmsent train --folds` writes it so). `--folds`/`--seed` rebuild the training's
-folds (StratifiedKFold over the labels, shuffled with the seed, as `mmsent.training.train.k_folds` splits) so that
+folds (`mmsent.training.train.fold_splits`, the split `mmsent train --folds` uses) so that
 the alert thresholds are also cross-fitted; `--folds 0` skips that. `--decode` checks each image by decoding it
 (`mmsent.data.load_image`, about a minute on 2 cores) instead of by the file's existence.
 """
@@ -24,17 +24,15 @@ import numpy as np
 from mmsent.data import Example, load_examples, load_image
 from mmsent.evaluation.failures import failure_report, image_file_present, render_failures
 from mmsent.serving.calibration import CALIBRATION_FILE, Calibration
+from mmsent.training.train import fold_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def training_folds(y: np.ndarray, folds: int, seed: int) -> np.ndarray:
-    """Each row's fold in `mmsent train --folds N` (its default seed 0): the same StratifiedKFold call."""
-    from sklearn.model_selection import StratifiedKFold
-
+    """Each row's fold in `mmsent train --folds N` (its default seed 0): training's own split."""
     fold_of = np.full(len(y), -1, dtype=np.int64)
-    for f, (_, test) in enumerate(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-                                  .split(np.zeros(len(y)), y)):
+    for f, (_, test) in enumerate(fold_splits(y, folds, seed)):
         fold_of[test] = f
     return fold_of
 

@@ -49,7 +49,7 @@ from mmsent.training.finetune import ActivationRows, Rows, finetune, predict
 from mmsent.training.heads import pair_indices, predict_head, train_head
 from mmsent.training.loop import History
 
-__all__ = ["cross_validate", "finetune_soup", "k_folds", "save_fold", "train_model"]
+__all__ = ["cross_validate", "finetune_soup", "fold_splits", "k_folds", "save_fold", "train_model"]
 
 
 def _stratified_split(labels: np.ndarray, frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +143,15 @@ MODALITIES = ("both", "text", "image")
 FoldResult = tuple[dict[str, np.ndarray], History, int]  # probabilities per modality, history, best epoch
 
 
+def fold_splits(y: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (train rows, test rows) of each fold of `mmsent train --folds`: stratified by label, shuffled with the
+    seed. Public, so that what is measured on the folds later (out-of-fold alert thresholds) uses the same split."""
+    from sklearn.model_selection import StratifiedKFold
+
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    return list(skf.split(np.zeros(len(y)), y))
+
+
 def k_folds(
     y: np.ndarray,
     labels: Sequence[str],
@@ -153,13 +162,10 @@ def k_folds(
     """Stratified k-fold CV: `fold(k, train rows, test rows)` trains on the first and scores the second. The
     metrics per fold and modality, their summary, the best epochs, and the out-of-fold probabilities ("oof", one
     row per example: what calibration may fit on without having trained on the row)."""
-    from sklearn.model_selection import StratifiedKFold
-
-    skf = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=cfg.seed)
     folds: dict[str, list[dict[str, Any]]] = {m: [] for m in MODALITIES}
     oof = {m: np.zeros((len(y), len(labels))) for m in MODALITIES}
     best_epochs, histories = [], []
-    for k, (tr, te) in enumerate(skf.split(np.zeros(len(y)), y)):
+    for k, (tr, te) in enumerate(fold_splits(y, cfg.folds, cfg.seed)):
         probs, hist, best_epoch = fold(k, tr, te)
         best_epochs.append(best_epoch)
         histories.append(hist)
