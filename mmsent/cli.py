@@ -247,6 +247,11 @@ def _echo_compared(title: str, figures: dict[str, Any]) -> None:
                               for lab, c in m["per_class"].items())
         typer.echo(f"  {name}: accuracy {100 * m['accuracy']:.2f}  weighted-F1 {100 * m['weighted_f1']:.2f}  "
                    f"macro-F1 {100 * m['macro_f1']:.2f}  ({per_class})")
+    for part, alone in figures.get("alone", {}).items():
+        m = alone["int8"]
+        typer.echo(f"  only the {part} encoder in int8: {100 * alone['agreement']:.2f}% of fp32's labels, accuracy "
+                   f"{100 * m['accuracy']:.2f}  weighted-F1 {100 * m['weighted_f1']:.2f}  macro-F1 "
+                   f"{100 * m['macro_f1']:.2f}")
 
 
 def _check_precision(value: str) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CPU_PRECISIONS", "INT8_CPU_FLAGS", "INT8_FILE", "RANGES_FILE", "Int8Model", "Int8Recipe",
+__all__ = ["CPU_PRECISIONS", "INT8_CPU_FLAGS", "INT8_FILE", "PARTS", "RANGES_FILE", "Int8Model", "Int8Recipe",
            "PrecisionChoice", "choose_precision", "collect_cnn_ranges", "cpu_int8_flags", "quantize_cnn",
            "quantize_text"]
 
@@ -181,15 +181,19 @@ def cpu_int8_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
     return tuple(f for f in INT8_CPU_FLAGS if f in flags)
 
 
-def choose_precision(wanted: str, cpu_flags: Iterable[str], model: Int8Model) -> PrecisionChoice:
+def choose_precision(wanted: str, cpu_flags: Iterable[str], model: Int8Model,
+                     int8_parts: tuple[str, ...] = PARTS) -> PrecisionChoice:
     """`wanted` ("auto", "fp32", "int8") for a model on a CPU with these int8 flags. "int8" is what was asked:
-    every part in int8. "auto": int8 for the parts the model's measurement kept, and only on a CPU with VNNI or AMX."""
+    `int8_parts` (every part) in int8. "auto": int8 for the parts the model's measurement kept, and only on a CPU
+    with VNNI or AMX."""
     if wanted not in CPU_PRECISIONS:
         raise ValueError(f"cpu_precision must be one of {', '.join(CPU_PRECISIONS)}, not {wanted!r}")
+    if not set(int8_parts) <= set(PARTS):
+        raise ValueError(f"int8 parts are {', '.join(PARTS)}, not {int8_parts!r}")
     if wanted == "fp32":
         return PrecisionChoice((), "fp32: asked for")
     if wanted == "int8":
-        return PrecisionChoice(PARTS, "int8: asked for")
+        return PrecisionChoice(tuple(p for p in PARTS if p in int8_parts), "int8: asked for")
     flags = tuple(cpu_flags)
     if not flags:
         return PrecisionChoice((), "fp32: the CPU has no VNNI or AMX, where int8 does not pay")

@@ -2,16 +2,17 @@
 
     DATA.jsonl ──shuffled (seed 0); the first N posts with a photo──▶ the CNN's fp32 graph ──▶ int8-ranges.json
     DATA.jsonl ──every post (or a sample)──▶ Scorer fp32 ─┐
-                                           └─▶ Scorer int8 ┴─▶ labels kept, accuracy and F1 both ways, per class
+                                           └─▶ Scorer int8 ┤ (and with each encoder alone in int8)
+                                                            ┴─▶ labels kept, accuracy and F1 both ways, per class
                                                             ──▶ int8.json: the recipe, the figures, the parts kept
 
     --folds FOLDS (a cross-validation's kept fold models, `mmsent train --folds K --keep-folds`): each fold model
     the same way, its ranges on its own training photos, scored both ways on its held-out posts ──▶ out of fold
 
-`auto` (mmsent/quantize.py `choose_precision`) runs a part in int8 only when int8.json says it was kept: here, both
-encoders are kept when int8 gives the same label as fp32 for at least 98% of the posts and loses at most 0.5 points
-of accuracy and of weighted-F1 (issue 28's bar), out of fold when the folds were given; otherwise neither is, and
-the figures say by how much it missed.
+`auto` (mmsent/quantize.py `choose_precision`) runs a part in int8 only when int8.json says it was kept: both
+encoders when, with both in int8, the labels are fp32's for at least 98% of the posts and at most 0.5 points of
+accuracy and of weighted-F1 are lost (issue 28's bar), out of fold when the folds were given; otherwise the encoder
+that passes the bar alone in int8 (each is measured alone too), the other in fp32; otherwise neither.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from mmsent.presets import model_directory
 from mmsent.quantize import MAX_ACCURACY_DROP, MIN_AGREEMENT, PARTS, RANGES_FILE, Int8Model, Int8Recipe, cpu_int8_flags
 from mmsent.serving.scorer import Scorer
 
-__all__ = ["quantize_model"]
+__all__ = ["kept_parts", "passes_bar", "quantize_model"]
 
 
 def quantize_model(data: str | Path, model: str | Path | None = None, *, calibration_images: int = 128,
@@ -58,7 +59,7 @@ def quantize_model(data: str | Path, model: str | Path | None = None, *, calibra
     measured = {"data": str(data), "posts": len(checked), "calibration_photos": photos, **_compared(y, probs, labels)}
     if folds is not None:
         measured["out_of_fold"] = _out_of_fold(folds, recipe, examples, labels, calibration_images, progress, log)
-    measured.update(_context(), parts=_kept_parts(measured.get("out_of_fold", measured)))
+    measured.update(_context(), parts=kept_parts(measured.get("out_of_fold", measured)))
     Int8Model(recipe, directory / RANGES_FILE, measured).write(directory)
     return measured
 
@@ -80,8 +81,8 @@ def _both_ways(fp32: Scorer, directory: Path, recipe: Int8Recipe, examples: list
                scored: list[int], calibration_images: int, progress: bool, log: Callable[[str], None]
                ) -> tuple[dict[str, np.ndarray], int]:
     """One model directory: its CNN's ranges on the first `calibration_images` photos of the `training` rows, then
-    the `scored` rows' probabilities in fp32 (`fp32`, its Scorer) and in int8. (probabilities by precision, photos
-    the ranges saw)"""
+    the `scored` rows' probabilities in fp32 (`fp32`, its Scorer), in int8, and, where both encoders run in int8,
+    with each one alone in int8 ("int8-text", "int8-cnn"). (probabilities by name, photos the ranges saw)"""
     photos = [im for k in training if (im := load_image(examples[k].image)) is not None][:calibration_images]
     if not photos:
         raise ValueError(f"{directory}: no photo to collect the CNN's ranges on")
@@ -91,9 +92,12 @@ def _both_ways(fp32: Scorer, directory: Path, recipe: Int8Recipe, examples: list
     int8 = Scorer.load(directory, cpu_precision="int8")
     if int8.cpu_precision != "int8":
         raise ValueError(f"{directory} did not load in int8: {int8.precision_note}")
+    scorers = {"fp32": fp32, "int8": int8}
+    if len(int8.int8_parts) > 1:
+        scorers.update({f"int8-{part}": Scorer.load(directory, cpu_precision="int8", int8_parts=(part,))
+                        for part in int8.int8_parts})
     rows = [examples[k] for k in scored]
-    return {name: _probabilities(scorer, rows, progress, name) for name, scorer in (("fp32", fp32), ("int8", int8))
-            }, seen
+    return {name: _probabilities(scorer, rows, progress, name) for name, scorer in scorers.items()}, seen
 
 
 def _out_of_fold(folds: Path, recipe: Int8Recipe, examples: list[Example], labels: tuple[str, ...],
@@ -103,7 +107,7 @@ def _out_of_fold(folds: Path, recipe: Int8Recipe, examples: list[Example], label
     if not fold_dirs:
         raise ValueError(f"{folds}: no fold directories (with heldout.json)")
     n, k = len(examples), len(labels)
-    pooled = {name: np.full((n, k), np.nan) for name in ("fp32", "int8")}
+    pooled: dict[str, np.ndarray] = {}
     per_fold = []
     for fold in fold_dirs:
         heldout = sorted(int(r) for r in json.loads((fold / "heldout.json").read_text())["rows"])
@@ -111,7 +115,7 @@ def _out_of_fold(folds: Path, recipe: Int8Recipe, examples: list[Example], label
         fp32 = Scorer.load(fold, cpu_precision="fp32")
         probs, _ = _both_ways(fp32, fold, recipe, examples, training, heldout, calibration_images, progress, log)
         for name, p in probs.items():
-            pooled[name][heldout] = p
+            pooled.setdefault(name, np.full((n, k), np.nan))[heldout] = p
         per_fold.append({"fold": fold.name, **_compared([examples[r].label for r in heldout], probs, labels)})
     covered = [r for r in range(n) if not np.isnan(pooled["fp32"][r]).any()]
     result = _compared([examples[r].label for r in covered], {m: p[covered] for m, p in pooled.items()}, labels)
@@ -131,17 +135,33 @@ def _probabilities(scorer: Scorer, examples: list[Example], progress: bool, name
 
 
 def _compared(y: list[int | None], probs: dict[str, np.ndarray], labels: tuple[str, ...]) -> dict[str, Any]:
-    """fp32 against int8 on the same posts: labels kept, the largest probability difference, each one's metrics."""
+    """fp32 against int8 on the same posts: labels kept, the largest probability difference, each one's metrics;
+    the same for each part alone in int8 (`alone`), where it was measured."""
     truth = [label if label is not None else -1 for label in y]
-    return {"agreement": float(np.mean(probs["fp32"].argmax(1) == probs["int8"].argmax(1))),
-            "max_probability_difference": float(np.abs(probs["fp32"] - probs["int8"]).max()),
-            **{name: _summary(compute_metrics(truth, p, labels)) for name, p in probs.items()}}
+
+    def against_fp32(name: str) -> dict[str, Any]:
+        return {"agreement": float(np.mean(probs["fp32"].argmax(1) == probs[name].argmax(1))),
+                "max_probability_difference": float(np.abs(probs["fp32"] - probs[name]).max()),
+                "int8": _summary(compute_metrics(truth, probs[name], labels))}
+
+    alone = {name.removeprefix("int8-"): against_fp32(name) for name in probs if name.startswith("int8-")}
+    return {**against_fp32("int8"), "fp32": _summary(compute_metrics(truth, probs["fp32"], labels)),
+            **({"alone": alone} if alone else {})}
 
 
-def _kept_parts(figures: dict[str, Any]) -> dict[str, str]:
-    drops = [figures["fp32"][k] - figures["int8"][k] for k in ("accuracy", "weighted_f1")]
-    kept = figures["agreement"] >= MIN_AGREEMENT and all(d <= MAX_ACCURACY_DROP for d in drops)
-    return {part: "int8" if kept else "fp32" for part in PARTS}
+def passes_bar(figures: dict[str, Any], fp32: dict[str, Any]) -> bool:
+    drops = [fp32[k] - figures["int8"][k] for k in ("accuracy", "weighted_f1")]
+    return bool(figures["agreement"] >= MIN_AGREEMENT and all(d <= MAX_ACCURACY_DROP for d in drops))
+
+
+def kept_parts(figures: dict[str, Any]) -> dict[str, str]:
+    """Both parts in int8 where together they pass the bar; else the one part that passes alone (of two that do,
+    the one that keeps more labels); else neither."""
+    if passes_bar(figures, figures["fp32"]):
+        return dict.fromkeys(PARTS, "int8")
+    passing = [(f["agreement"], part) for part, f in figures.get("alone", {}).items() if passes_bar(f, figures["fp32"])]
+    best = max(passing)[1] if passing else None
+    return {part: "int8" if part == best else "fp32" for part in PARTS}
 
 
 def _context() -> dict[str, Any]:

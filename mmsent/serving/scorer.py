@@ -59,6 +59,7 @@ from mmsent.model import Features, MMSentModel, ModelConfig
 from mmsent.presets import build_model, cache_dir, model_directory
 from mmsent.quantize import (
     CPU_PRECISIONS,
+    PARTS,
     Int8Model,
     choose_precision,
     collect_cnn_ranges,
@@ -141,7 +142,8 @@ class Scorer:
                  cpu_runtime: str = "auto", cpu_workers: int | None = None,
                  calibration: Calibration | None = None, compile: bool = False,
                  bucketing: bool | None = None, reference: Reference | None = None,
-                 cpu_precision: str = "auto", int8: Int8Model | None = None) -> None:
+                 cpu_precision: str = "auto", int8: Int8Model | None = None,
+                 int8_parts: tuple[str, ...] = PARTS) -> None:
         """`cpu_runtime`: on the CPU, run the frozen encoders (the CNN; a Hugging Face text encoder too) through ONNX
         Runtime ("onnx"), PyTorch ("torch"), or ONNX Runtime where it is installed and they export ("auto"). The
         small fusion head always runs in PyTorch.
@@ -150,8 +152,9 @@ class Scorer:
         (the CNN from `int8`'s stored ranges, or, where the model has none, ranges from generated pictures, with a
         warning: fit for timing random-weights presets, not for a trained model's accuracy); "auto", int8 for the
         parts whose int8 accuracy `int8` (what `load` reads from the model directory) says was measured and kept,
-        on a CPU with VNNI or AMX, else fp32. `cpu_precision` then says what it resolved to, and `precision_note`
-        why.
+        on a CPU with VNNI or AMX, else fp32. `cpu_precision` then says what it resolved to ("int8" when any part
+        runs in int8), `int8_parts` which parts do, and `precision_note` why. `int8_parts`: the parts "int8" means
+        ("text", "cnn"; `mmsent quantize` measures each alone too).
 
         `cpu_workers` (default: torch's thread count, one per core): on the CPU a batch is cut into that many slices
         scored at once, each with single-threaded kernels, instead of one slice with multi-threaded kernels. Depthwise
@@ -192,7 +195,7 @@ class Scorer:
             raise ValueError(f"cpu_precision must be one of {', '.join(CPU_PRECISIONS)}, not {cpu_precision!r}")
         self._int8 = int8 or Int8Model.load(None)
         self.precision_note = "fp32: not on the CPU's ONNX Runtime"
-        self.cpu_runtime = self._use_cpu_runtime("torch" if compile else cpu_runtime, cpu_precision)
+        self.cpu_runtime = self._use_cpu_runtime("torch" if compile else cpu_runtime, cpu_precision, int8_parts)
         cfg = model.cfg
         labels = tuple(cfg.labels)
         if len(labels) != 3:
@@ -225,7 +228,8 @@ class Scorer:
     @classmethod
     def load(cls, model: str | os.PathLike[str] | None = None, *, device: str | None = None,
              cpu_runtime: str = "auto", cpu_workers: int | None = None, compile: bool = False,
-             max_params: int | None = None, cpu_precision: str = "auto") -> Scorer:
+             max_params: int | None = None, cpu_precision: str = "auto",
+             int8_parts: tuple[str, ...] = PARTS) -> Scorer:
         """`max_params` (None: no limit): a model whose config asks for more parameters is refused before any of
         its weights is read. A model that fails a check raises `ModelRefused` with the reason's code: see
         `MMSentModel.load` for the checks, in order; its calibration (read after the weights passed) is refused
@@ -236,7 +240,7 @@ class Scorer:
         reference = Reference.load(directory) if directory is not None else None
         return cls(built, device=device, cpu_runtime=cpu_runtime, cpu_workers=cpu_workers,
                    calibration=calibration, compile=compile, reference=reference, cpu_precision=cpu_precision,
-                   int8=Int8Model.load(directory))
+                   int8=Int8Model.load(directory), int8_parts=int8_parts)
 
     @property
     def calibration_digest(self) -> str | None:
@@ -270,7 +274,7 @@ class Scorer:
             raise ValueError(f"unknown label {label!r} (labels: {', '.join(self.labels)})")
         return self.calibration.alert_threshold(label, min_precision) if self.calibration is not None else None
 
-    def _use_cpu_runtime(self, wanted: str, precision: str) -> str:
+    def _use_cpu_runtime(self, wanted: str, precision: str, int8_parts: tuple[str, ...]) -> str:
         """Where the frozen encoders run: "onnx" (ONNX Runtime, the CNN at least) or "torch" (also on a GPU); in
         which precision (`cpu_precision`, `precision_note`)."""
         if wanted not in CPU_RUNTIMES:
@@ -278,6 +282,7 @@ class Scorer:
         image, text = self.model.image_encoder, self.model.text_encoder
         image.onnx_trunk = text.onnx_model = None  # a model handed over from another Scorer starts plain
         self.cpu_precision = "fp32"
+        self.int8_parts: tuple[str, ...] = ()
         self._cnn_int8: str | None = None  # the CNN's int8 recipe and ranges, when it runs in int8
         if wanted == "torch" or self.device.type != "cpu":
             return "torch"
@@ -285,7 +290,7 @@ class Scorer:
             if wanted == "onnx":
                 raise RuntimeError("cpu_runtime='onnx' needs the onnxruntime and onnxscript packages")
             return "torch"
-        choice = choose_precision(precision, cpu_int8_flags(), self._int8)
+        choice = choose_precision(precision, cpu_int8_flags(), self._int8, int8_parts)
         threads = 1 if self.cpu_workers > 1 else torch.get_num_threads()  # the workers are the parallelism
         parts: list[tuple[str, Any]] = ([("text", text)] if text.spec.arch == "hf" else []) + [("cnn", image)]
         in_int8: list[str] = []
@@ -306,7 +311,7 @@ class Scorer:
                     continue
                 warnings.warn(f"mmsent: {type(encoder).__name__} did not export to ONNX ({exc!r}); it runs in "
                               "PyTorch", stacklevel=3)
-        self.cpu_precision = "int8" if in_int8 else "fp32"
+        self.cpu_precision, self.int8_parts = ("int8" if in_int8 else "fp32"), tuple(in_int8)
         self.precision_note = choice.note if tuple(in_int8) == choice.parts else (  # e.g. a text encoder in PyTorch
             f"{choice.note}; in int8: {', '.join(in_int8) or 'nothing'}")
         return "onnx" if image.onnx_trunk is not None else "torch"
