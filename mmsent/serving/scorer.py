@@ -296,25 +296,33 @@ class Scorer:
         in_int8: list[str] = []
         for part, encoder in parts:
             int8 = self._int8_twin(part) if part in choice.parts else None
-            try:
-                encoder.use_onnx_runtime(threads=threads, cache_dir=cache_dir(), int8=int8)
-                if int8 is not None:
-                    in_int8.append(part)
-                    self._cnn_int8 = int8.key if part == "cnn" else self._cnn_int8
-            except Exception as exc:  # an exotic user encoder that does not export still scores, in PyTorch
-                if wanted == "onnx" and int8 is None:
-                    raise
-                if int8 is not None:  # the int8 twin did not build: this part in fp32
-                    warnings.warn(f"mmsent: the {part} encoder stays fp32: its int8 graph did not build ({exc})",
-                                  stacklevel=3)
-                    encoder.use_onnx_runtime(threads=threads, cache_dir=cache_dir())
-                    continue
-                warnings.warn(f"mmsent: {type(encoder).__name__} did not export to ONNX ({exc!r}); it runs in "
-                              "PyTorch", stacklevel=3)
+            if self._onnx_graph(part, encoder, threads, int8, strict=wanted == "onnx") and int8 is not None:
+                in_int8.append(part)
+                self._cnn_int8 = int8.key if part == "cnn" else self._cnn_int8
         self.cpu_precision, self.int8_parts = ("int8" if in_int8 else "fp32"), tuple(in_int8)
         self.precision_note = choice.note if tuple(in_int8) == choice.parts else (  # e.g. a text encoder in PyTorch
             f"{choice.note}; in int8: {', '.join(in_int8) or 'nothing'}")
         return "onnx" if image.onnx_trunk is not None else "torch"
+
+    @staticmethod
+    def _onnx_graph(part: str, encoder: Any, threads: int, int8: Int8 | None, *, strict: bool) -> bool:
+        """One encoder onto ONNX Runtime: its int8 twin when `int8` is given and builds, else its fp32 graph, else
+        (an exotic user encoder that does not export; `strict`: raise) PyTorch. Whether it runs `int8`."""
+        if int8 is not None:
+            try:
+                encoder.use_onnx_runtime(threads=threads, cache_dir=cache_dir(), int8=int8)
+                return True
+            except Exception as exc:  # e.g. ranges of another export: this part in fp32
+                warnings.warn(f"mmsent: the {part} encoder stays fp32: its int8 graph did not build ({exc})",
+                              stacklevel=4)
+        try:
+            encoder.use_onnx_runtime(threads=threads, cache_dir=cache_dir())
+        except Exception as exc:
+            if strict:
+                raise
+            warnings.warn(f"mmsent: {type(encoder).__name__} did not export to ONNX ({exc!r}); it runs in PyTorch",
+                          stacklevel=4)
+        return False
 
     def collect_cnn_ranges(self, images: Sequence[Image.Image], out: Path) -> int:
         """The CNN's activation ranges over these images (preprocessed as for scoring), written to `out` in the
