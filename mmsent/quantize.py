@@ -90,11 +90,13 @@ class Int8Model:
 
     @property
     def int8_parts(self) -> tuple[str, ...]:
-        """The parts whose int8 accuracy was measured and kept (what `auto` runs in int8)."""
+        """The parts whose int8 accuracy was measured and kept (what `auto` runs in int8); the CNN only with the
+        ranges it was measured with."""
         if self.measured is None:
             return ()
         kept = self.measured.get("parts", {})
-        return tuple(p for p in PARTS if isinstance(kept, dict) and kept.get(p) == "int8")
+        return tuple(p for p in PARTS if isinstance(kept, dict) and kept.get(p) == "int8"
+                     and (p != "cnn" or self.ranges is not None))
 
     @classmethod
     def load(cls, directory: Path | None) -> Int8Model:

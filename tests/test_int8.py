@@ -35,7 +35,8 @@ def test_the_int8_flags_are_read_from_cpuinfo() -> None:
 
 
 def test_auto_takes_int8_only_with_the_instructions_and_a_measurement() -> None:
-    measured = Int8Model(Int8Recipe(), None, {"parts": {"text": "int8", "cnn": "int8"}})
+    measured = Int8Model(Int8Recipe(), Path("int8-ranges.json"), {"parts": {"text": "int8", "cnn": "int8"}})
+    assert Int8Model(Int8Recipe(), None, measured.measured).int8_parts == ("text",), "no ranges: the CNN in fp32"
     unmeasured = Int8Model(Int8Recipe(), None, None)
     text_only = Int8Model(Int8Recipe(), None, {"parts": {"text": "int8", "cnn": "fp32"}})
     assert choose_precision("auto", ("avx512_vnni",), measured).parts == ("text", "cnn")
