@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["CPU_PRECISIONS", "INT8_CPU_FLAGS", "INT8_FILE", "PARTS", "RANGES_FILE", "Int8Model", "Int8Recipe",
-           "PrecisionChoice", "choose_precision", "collect_cnn_ranges", "cpu_int8_flags", "quantize_cnn",
+           "PrecisionChoice", "choose_precision", "collect_cnn_ranges", "cpu_flags", "cpu_int8_flags", "quantize_cnn",
            "quantize_text"]
 
 log = logging.getLogger(__name__)
@@ -167,20 +167,22 @@ class PrecisionChoice:
         return "int8" if self.parts else "fp32"
 
 
-def cpu_int8_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
-    """The int8 dot-product features this CPU has (of INT8_CPU_FLAGS), from /proc/cpuinfo (or the text given);
-    () where it cannot be read (not Linux)."""
+def cpu_flags(names: Iterable[str], cpuinfo: str | None = None) -> tuple[str, ...]:
+    """Which of these CPU feature flags this CPU has, in their order, from /proc/cpuinfo (or the text given); ()
+    where it cannot be read (not Linux)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return ()
-    flags: set[str] = set()
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            flags.update(line.split(":", 1)[-1].split())
-            break
-    return tuple(f for f in INT8_CPU_FLAGS if f in flags)
+    line = next((line for line in cpuinfo.splitlines() if line.startswith("flags")), "")
+    have = set(line.partition(":")[2].split())
+    return tuple(f for f in names if f in have)
+
+
+def cpu_int8_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
+    """The int8 dot-product features this CPU has (of INT8_CPU_FLAGS): where int8 pays."""
+    return cpu_flags(INT8_CPU_FLAGS, cpuinfo)
 
 
 def choose_precision(wanted: str, cpu_flags: Iterable[str], model: Int8Model,

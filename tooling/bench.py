@@ -480,9 +480,10 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
     import torch
 
     from mmsent.benchmarks.host import bench_model, compare_models, matmul_flops_per_s, sample_photos
+    from mmsent.benchmarks.precision import cpu_flags
 
     name = model or "default"
-    flags = cpu_flags(CPU_FLAGS)
+    flags = cpu_flags(CPU_FLAGS)[1].split()
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": {"name": _cpu_name(), "flags": flags, "cores": os.cpu_count()},
@@ -593,16 +594,6 @@ def precision_figures(result: dict[str, Any]) -> dict[str, Any]:
     figures["aims"] = [{"aim": aim, "value": value, "at_least": target, "unit": unit, "met": value >= target}
                        for aim, value, target, unit in aims]
     return figures
-
-
-def cpu_flags(wanted: tuple[str, ...]) -> list[str]:
-    """Which of the `wanted` CPU flags this CPU has (Linux's /proc/cpuinfo; none where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    have = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return [flag for flag in wanted if flag in have]
 
 
 def _cpu_name() -> str:

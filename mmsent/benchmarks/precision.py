@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmsent import quantize
 from mmsent.benchmarks.host import sample_photos, synthetic_captions
 from mmsent.device import autocast
 from mmsent.model import FusionHead, MMSentModel
@@ -129,14 +130,9 @@ def cpu_flags(names: Sequence[str] = PRECISION_CPU_FLAGS, cpuinfo: str | None = 
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return "unknown", ""
-    name, flags = "unknown", set[str]()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and name == "unknown":
-            name = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
-    return name, " ".join(f for f in names if f in flags)
+    name = next((line.partition(":")[2].strip() for line in cpuinfo.splitlines()
+                 if line.partition(":")[0].strip() == "model name"), "unknown")
+    return name, " ".join(quantize.cpu_flags(names, cpuinfo))
 
 
 def probabilities(scorer: Scorer, posts: Sequence[dict[str, Any]]) -> np.ndarray:
