@@ -16,8 +16,9 @@ same speed; all six FFN down-projections in fp32 kept 98.25% but ran at 175 ms. 
 Lite0 static QDQ with MinMax ranges from 64 training photos: 124 against 270 ms, 99.25% of labels (percentile
 ranges: 99.0%, 4x slower to calibrate). EfficientNet-Lite was designed for int8 (ReLU6, no squeeze-excite).
 
-`auto` takes int8 where the CPU has the instructions that make it pay (VNNI or AMX: ONNX Runtime's u8s8 kernels
-without them run at about fp32's speed) and the model directory says its int8 accuracy was measured and kept.
+`auto` takes int8 only where the CPU has int8 dot-product instructions (VNNI or AMX; int8 was measured only on such
+a CPU, and ONNX Runtime cannot be made to use its AVX2 kernels on one to measure the rest), and only the parts the
+model directory says were measured and kept.
 """
 
 from __future__ import annotations
