@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from mmsent.runtime import write_atomically
 
 __all__ = ["CPU_PRECISIONS", "INT8_CPU_FLAGS", "INT8_FILE", "PARTS", "RANGES_FILE", "Int8Model", "Int8Recipe",
            "PrecisionChoice", "choose_precision", "collect_cnn_ranges", "cpu_flags", "cpu_int8_flags", "quantize_cnn",
@@ -124,7 +125,7 @@ class Int8Model:
     def write(self, directory: Path) -> Path:
         path = directory / INT8_FILE
         body = {"format": INT8_FORMAT, "recipe": asdict(self.recipe), "measured": self.measured}
-        _write_atomically(path, json.dumps(body, indent=2).encode())
+        write_atomically(path, json.dumps(body, indent=2).encode())
         return path
 
 
@@ -309,10 +310,3 @@ def _quiet() -> Iterator[None]:
             yield
     finally:
         logging.root.setLevel(level)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
-        f.write(data)
-    os.replace(f.name, path)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CPU_RUNTIMES", "Exportable", "Int8", "OnnxGraph", "onnxruntime_available"]
+__all__ = ["CPU_RUNTIMES", "Exportable", "Int8", "OnnxGraph", "onnxruntime_available", "write_atomically"]
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +137,21 @@ def _cached_or_quantized(fp32: str | bytes, key: str, int8: Int8, cache_dir: Pat
     return _kept(data, path)
 
 
+def write_atomically(path: Path, data: bytes) -> None:
+    """`data` into `path` through a temporary file beside it: a concurrent reader sees the whole file or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
+        f.write(data)
+    os.replace(f.name, path)
+
+
 def _kept(data: bytes, path: Path | None) -> str | bytes:
     """The graph saved at `path` (atomically: a concurrent loader sees the whole file or none) and its path; the
     bytes themselves where there is no cache dir or it is not writable (a read-only pod)."""
     if path is None:
         return data
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".part", delete=False) as f:
-            f.write(data)
-        os.replace(f.name, path)
+        write_atomically(path, data)
     except OSError as exc:
         log.info("onnx_cache_unwritable path=%s error=%s", path, exc)
         return data

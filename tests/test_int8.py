@@ -224,3 +224,13 @@ def test_the_bar_keeps_both_parts_or_the_one_that_passes_alone() -> None:
     assert kept_parts(together_fail) == {"text": "fp32", "cnn": "int8"}
     together_fail["alone"]["cnn"] = _figures(0.991, 0.74, 0.729)  # type: ignore[index]
     assert kept_parts(together_fail) == {"text": "fp32", "cnn": "fp32"}
+
+
+def test_ranges_that_vanish_before_quantizing_leave_the_cnn_in_fp32(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(tmp_path / "cache"))
+    gone = Int8Model(Int8Recipe(), tmp_path / RANGES_FILE, None)  # read, then removed by a roll-out under way
+    with pytest.warns(UserWarning, match="could not be read"):
+        scorer = Scorer(from_config(preset_config("tiny-random")), cpu_precision="int8", int8=gone)
+    assert scorer.cpu_precision == "fp32" and scorer.int8_parts == ()
+    assert scorer.score([{"text": "still scores", "image": Image.new("RGB", (40, 30))}])[0].label in LABELS

@@ -337,14 +337,19 @@ class Scorer:
         with graph.fp32_file() as fp32:
             return collect_cnn_ranges(fp32, batches, out)
 
-    def _int8_twin(self, part: str) -> Int8:
-        """How to quantize one encoder's graph (mmsent/quantize.py), keyed by the recipe (and the CNN's ranges)."""
+    def _int8_twin(self, part: str) -> Int8 | None:
+        """How to quantize one encoder's graph (mmsent/quantize.py), keyed by the recipe (and the CNN's ranges);
+        None (the part in fp32) when its ranges file vanished since the directory was read (a roll-out under way)."""
         recipe = self._int8.recipe
         if part == "text":
             return Int8(f"text-{recipe.digest()}", lambda fp32, out: quantize_text(fp32, out, recipe))
         ranges = self._int8.ranges
         if ranges is not None:
-            digest = hashlib.sha256(ranges.read_bytes()).hexdigest()[:12]
+            try:
+                digest = hashlib.sha256(ranges.read_bytes()).hexdigest()[:12]
+            except OSError as exc:
+                warnings.warn(f"mmsent: the CNN stays fp32: its int8 ranges could not be read ({exc})", stacklevel=4)
+                return None
             return Int8(f"cnn-{recipe.digest()}-{digest}", lambda fp32, out: quantize_cnn(fp32, out, ranges, recipe))
         warnings.warn("mmsent: the model has no int8 ranges (mmsent quantize): its CNN is quantized with ranges from "
                       "generated pictures, fit for timing, not for accuracy", stacklevel=4)
