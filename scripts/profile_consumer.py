@@ -12,8 +12,9 @@ a backlog of posts through the embedded broker, Redis and a loopback image serve
                                             │   ▲ images (loopback server, Redis cache)
                      /proc/<pid>/task ◀─────┘   └── py-spy record --pid
 
-    .venv/bin/python scripts/profile_consumer.py [--posts 320] [--env MMSENT_CPU_PRECISION=int8]
-        [--py-spy /tmp/consumer.speedscope.json [--native]] [--model-only] [--idle-s 10] [--photos DIR]
+    .venv/bin/python scripts/profile_consumer.py [--posts 320] [--broker tansu|noida-db]
+        [--env MMSENT_CPU_PRECISION=int8] [--py-spy /tmp/consumer.speedscope.json [--native]] [--model-only]
+        [--idle-s 10] [--photos DIR]
 
 Figures on a shared machine are noisy: compare runs made one after the other, and say the load.
 """
@@ -44,7 +45,7 @@ from tooling.bench import (
     post_producer,
     run_end_to_end,
 )
-from tooling.embedded import EmbeddedServices, create_topics, free_port
+from tooling.embedded import BROKERS, EmbeddedServices, create_topics, free_port
 
 MVSA_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvsa-single" / "images"
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -112,8 +113,9 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     print(photo_source, flush=True)
     server = photo_server(photos)
     log_dir = Path(tempfile.mkdtemp(prefix="mmsent-profile-"))
-    result: dict[str, Any] = {"photos": photo_source, "env": env, "posts": args.posts, "log_dir": str(log_dir)}
-    with EmbeddedServices(force_redis=True) as services:
+    result: dict[str, Any] = {"photos": photo_source, "broker": args.broker, "env": env, "posts": args.posts,
+                              "log_dir": str(log_dir)}
+    with EmbeddedServices(force_redis=True, broker=args.broker) as services:
         bootstrap = services.kafka_bootstrap
         create_topics(bootstrap, {IN: 3, OUT: 3, DLQ: 1})
         metrics_port = free_port()
@@ -186,6 +188,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--posts", type=int, default=320, help="posts in the backlog")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--broker", choices=sorted(BROKERS), default="tansu",
+                        help="the embedded broker (noida-db answers empty fetches at once: its clients spin)")
     parser.add_argument("--model", help="model directory or preset (default: the packaged model)")
     parser.add_argument("--env", action="append", default=[], metavar="MMSENT_X=V", help="more consumer settings")
     parser.add_argument("--photos", type=Path, help="a folder of JPEGs (default: the MVSA photos when present)")

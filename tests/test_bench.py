@@ -35,6 +35,7 @@ def test_bench_smoke_runs_every_part(smoke: tuple[dict[str, Any], str]) -> None:
     assert result["naive"]["cpu_precision"] == "fp32"
     assert result["naive_fast"]["cpu_runtime"] == "onnx" and result["naive_fast"]["posts"] == result["naive"]["posts"]
     assert "| tiny-random |" in stdout and "Where the cores went" in stdout
+    assert result["broker"] == "tansu" and "### End to end (tansu broker" in stdout, "a broker that holds empty fetches"
 
 
 def test_bench_smoke_measures_fp32_against_int8_in_one_run(smoke: tuple[dict[str, Any], str]) -> None:

