@@ -13,7 +13,7 @@ from consumer.batcher import Batch, MicroBatcher, ServingModel, WorkItem
 from consumer.errors import Action, ErrorPolicy
 from consumer.metrics import Metrics
 from consumer.offsets import OffsetTracker
-from consumer.pausing import PausingManager
+from consumer.pausing import RECONCILE_S, PausingManager
 from consumer.stages import ImageStage, LoopThread, ModelStage, Pipeline, RecentEmbeddings
 from schemas.models import ModelInfo, PostEvent
 
@@ -93,12 +93,16 @@ class FakeConsumer:
 
 def test_pausing_manager_pauses_at_high_resumes_at_low_and_pauses_new_partitions() -> None:
     consumer = FakeConsumer([0, 1])
-    manager = PausingManager(consumer, high=10, low=4)
+    now = [0.0]
+    manager = PausingManager(consumer, high=10, low=4, clock=lambda: now[0])
     assert not manager.update(9) and manager.room(9) == 1
     assert manager.update(10)
     assert consumer.paused == {0, 1} and manager.room(3) == 0
     assert manager.update(7)  # above low: still paused (hysteresis)
-    consumer.partitions.append(TopicPartition("t", 2))  # assigned while paused
+    consumer.partitions.append(TopicPartition("t", 2))  # assigned while paused, without on_assign
+    manager.update(6)
+    assert consumer.paused == {0, 1}, "the assignment is not asked for at every poll"
+    now[0] += RECONCILE_S
     manager.update(6)
     assert consumer.paused == {0, 1, 2}
     assert not manager.update(4)  # room again
