@@ -146,6 +146,7 @@ def test_the_bottleneck_names_what_limits_end_to_end() -> None:
 
     # 1000 posts at 400/s: 2.5 s, two model threads
     assert limit(900) == "the model"  # 90% of the model alone
+    assert limit(850) != "the model"  # 85%: the aim is 90%
     assert limit(400, batches=40).startswith("input: batches held 25% of 100 posts")
     assert limit(400, model=4.5).startswith("the model stage in the consumer: its 2 threads 90% busy, 2.25 ms a post "
                                             "against 1.00 alone")
