@@ -87,7 +87,11 @@ def train_cmd(
     extra = [replace(ex, image=None, pair=None) for p in extra_text or [] for ex in load_examples(p, cfg.labels)]
     command = " ".join(["mmsent train", *sys.argv[2:]]) if len(sys.argv) > 2 else "mmsent train"
     model.cfg = replace(model.cfg, extra={**model.cfg.extra, "command": command})
-    train_model(model, examples, out, train, extra_text=extra, resume=resume, log=_err, half=half)
+    try:
+        train_model(model, examples, out, train, extra_text=extra, resume=resume, log=_err, half=half)
+    except ValueError as exc:  # a combination of options training cannot honour; said before any work
+        _err(str(exc))
+        raise typer.Exit(2) from exc
 
 
 @app.command("eval")

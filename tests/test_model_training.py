@@ -223,6 +223,21 @@ def test_kfold_cross_validation_reports_mean_and_std(tmp_path: Path) -> None:
     assert len(scorer.score([{"text": "great", "image": None}])) == 1
 
 
+def test_extra_text_with_tuned_encoder_layers_is_refused_before_any_work(tmp_path: Path) -> None:
+    """Only head-only training on cached features uses extra text-only rows: the fine-tuning loops would drop them
+    silently (a run with TweetEval that was none), so the combination is refused with a message, exit 2."""
+    data = make_dataset(tmp_path, 12)
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text("".join(json.dumps({"text": WORDS[lab], "label": lab}) + "\n" for lab in LABELS))
+    out = tmp_path / "tuned"
+    base = ["train", str(data), "--out", str(out), "--preset", "tiny-random", "--quiet", "--extra-text", str(extra)]
+    for how in (["--text-layers", "1"], ["--no-cache"]):
+        res = CliRunner().invoke(app, [*base, *how])
+        assert res.exit_code == 2, res.output
+        assert "--extra-text" in res.output and "not supported" in res.output
+        assert not out.exists(), "refused before anything is written"
+
+
 def test_resume_continues_from_train_state(tmp_path: Path) -> None:
     data = make_dataset(tmp_path, 30)
     out = tmp_path / "m"

@@ -262,6 +262,13 @@ def train_model(
     half: bool = False,
 ) -> TrainResult:
     """Train `model` on `examples` and save it to `out`. Cached head-only training unless encoders are trainable."""
+    finetune = model.cfg.text_trainable_layers != 0 or model.cfg.image_trainable_blocks != 0
+    if extra_text and (finetune or not cfg.cache_features):
+        # Only head-only training on cached features mixes extra text-only rows in; the fine-tuning loops would
+        # drop them without a word, which a user comparing runs would take for a result.
+        raise ValueError("extra text-only data (--extra-text) is used by head-only training on cached features; "
+                         "with tuned encoder layers (--text-layers, --image-blocks) or --no-cache it is "
+                         "not supported")
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -269,7 +276,6 @@ def train_model(
     if not resume:
         for stale in out.glob("train_state*.pt"):  # a soup's later runs checkpoint to train_state.K.pt
             stale.unlink()
-    finetune = model.cfg.text_trainable_layers != 0 or model.cfg.image_trainable_blocks != 0
     if cfg.cache_features and not finetune:
         result = TrainResult(out, *_train_cached(model, examples, extra_text, cfg, state_path, log))
     elif cfg.cache_features and resolve_device(cfg.device).type == "cpu":
