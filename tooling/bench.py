@@ -35,7 +35,7 @@ import typer
 from confluent_kafka import Consumer, Producer
 from prometheus_client.parser import text_string_to_metric_families
 
-from tooling.embedded import EmbeddedServices, create_topics, free_port
+from tooling.embedded import BROKERS, EmbeddedServices, create_topics, free_port
 from tooling.localimages import LoopbackImageServer
 from tooling.topicreader import read_topic
 
@@ -730,6 +730,8 @@ def bench_all(
 ) -> None:
     """Everything, in one run, so that ratios compare figures measured side by side: fp32 against int8 (model only
     and end to end), the batch-size sweep, and the eager seed-style consumer."""
+    if broker not in BROKERS:  # said now, not after minutes of model-only rounds
+        raise typer.BadParameter(f"one of {', '.join(BROKERS)}", param_hint="--broker")
     result = run_all(model=model, batch_size=batch_size, max_wait_ms=max_wait_ms, e2e_posts=e2e_posts,
                      naive_posts=naive_posts, model_batch_sizes=[1, 8, 32, 128],
                      seed_batch_sizes=[1, 8, 32] if seed else [], min_seconds=3.0, precision_rounds=20,
