@@ -365,6 +365,8 @@ def test_modality_pairs_head_learns_and_sums_to_labels(tmp_path: Path) -> None:
     args = ["train", str(data), "--out", str(out), "--preset", "tiny-random", "--modality-pairs", "--squash"]
     res = CliRunner().invoke(app, [*args, "--epochs", "60", "--lr", "0.01", "--patience", "60", "--quiet"])
     assert res.exit_code == 0, res.output
+    # every row has its pair, and the pair loss is not class-weighted: the default sqrt weights are said to be inert
+    assert "--class-weights sqrt changes nothing here" in res.output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["head"]["modality_pairs"] is True and cfg["image_encoder"]["preprocess"]["crop"] is False
     scorer = Scorer.load(out)

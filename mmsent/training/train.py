@@ -269,6 +269,10 @@ def train_model(
         raise ValueError("extra text-only data (--extra-text) is used by head-only training on cached features; "
                          "with tuned encoder layers (--text-layers, --image-blocks) or --no-cache it is "
                          "not supported")
+    if model.cfg.head.modality_pairs and cfg.class_weights != "none" and all(e.pair is not None for e in examples):
+        # The pair loss is unweighted (head_loss): class weights reach only rows without a pair, here none.
+        log(f"note: --class-weights {cfg.class_weights} changes nothing here: with --modality-pairs every row "
+            "trains on its (text, image) pair, which is not class-weighted")
     torch.set_num_threads(cfg.threads)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
