@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from tooling.bench import (
+    BENCH_BROKER,
     DLQ,
     IN,
     OUT,
@@ -188,7 +189,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--posts", type=int, default=320, help="posts in the backlog")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--broker", choices=sorted(BROKERS), default="tansu",
+    parser.add_argument("--broker", choices=sorted(BROKERS), default=BENCH_BROKER,
                         help="the embedded broker (noida-db answers empty fetches at once: its clients spin)")
     parser.add_argument("--model", help="model directory or preset (default: the packaged model)")
     parser.add_argument("--env", action="append", default=[], metavar="MMSENT_X=V", help="more consumer settings")

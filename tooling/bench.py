@@ -492,12 +492,14 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
     from mmsent.benchmarks.precision import cpu_flags
 
     name = model or "default"
-    flags = cpu_flags(CPU_FLAGS)[1].split()
+    cpu, flag_text = cpu_flags(CPU_FLAGS)  # one reading of /proc/cpuinfo: the name and the flags
+    cpu_name = platform.machine() if cpu == "unknown" else f"{cpu} ({platform.machine()})"
+    flags = flag_text.split()
     result: dict[str, Any] = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu": {"name": _cpu_name(), "flags": flags, "cores": os.cpu_count()},
+        "cpu": {"name": cpu_name, "flags": flags, "cores": os.cpu_count()},
         "broker": broker,
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores, int8/bf16 flags: {' '.join(flags) or 'none'} (of "
+        "machine": f"{cpu_name}, {os.cpu_count()} cores, int8/bf16 flags: {' '.join(flags) or 'none'} (of "
                    f"{', '.join(CPU_FLAGS)}), torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
                    f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
         "matmul_flops_per_s": matmul_flops_per_s(),
@@ -604,17 +606,6 @@ def precision_figures(result: dict[str, Any]) -> dict[str, Any]:
     figures["aims"] = [{"aim": aim, "value": value, "at_least": target, "unit": unit, "met": value >= target}
                        for aim, value, target, unit in aims]
     return figures
-
-
-def _cpu_name() -> str:
-    """The processor's model name (Linux), else the architecture: runs on different VMs differ in speed."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def _times(value: float, unit: str) -> str:
