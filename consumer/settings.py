@@ -82,10 +82,11 @@ class Settings(BaseSettings):
         default="auto",
         description="On a CPU, the frozen encoders run in ONNX Runtime (auto: where they export) or PyTorch.",
     )
-    cpu_precision: Literal["auto", "fp32", "int8"] = Field(
+    cpu_precision: Literal["auto", "fp32", "int8", "bf16"] = Field(
         default="auto",
-        description="On a CPU (ONNX Runtime): the encoders in fp32 or int8; auto: int8 where the CPU has VNNI or "
-        "AMX and the model directory says its int8 accuracy was measured (mmsent quantize), else fp32.",
+        description="On a CPU: the encoders in fp32 or int8 (ONNX Runtime), or bf16 (PyTorch, for a CPU with "
+        "AVX512_BF16 or AMX); auto: int8 where the CPU has VNNI or AMX and the model directory says its int8 "
+        "accuracy was measured (mmsent quantize), else fp32.",
     )
     compile: bool = Field(
         default=False,

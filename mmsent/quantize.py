@@ -19,6 +19,9 @@ ranges: 99.0%, 4x slower to calibrate). EfficientNet-Lite was designed for int8 
 `auto` takes int8 only where the CPU has int8 dot-product instructions (VNNI or AMX; int8 was measured only on such
 a CPU, and ONNX Runtime cannot be made to use its AVX2 kernels on one to measure the rest), and only the parts the
 model directory says were measured and kept.
+
+"bf16" is not a recipe of this module: the Scorer runs the encoders in eager PyTorch with bf16 weights under bf16
+autocast (its CUDA recipe) instead of ONNX Runtime. `bf16_note` says whether the CPU has the units that make it pay.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ import numpy as np
 
 from mmsent.runtime import write_atomically
 
-__all__ = ["CPU_PRECISIONS", "INT8_CPU_FLAGS", "INT8_FILE", "PARTS", "RANGES_FILE", "Int8Model", "Int8Recipe",
-           "PrecisionChoice", "choose_precision", "collect_cnn_ranges", "cpu_flags", "cpu_int8_flags", "quantize_cnn",
-           "quantize_text"]
+__all__ = ["BF16_CPU_FLAGS", "CPU_PRECISIONS", "INT8_CPU_FLAGS", "INT8_FILE", "PARTS", "RANGES_FILE", "Int8Model",
+           "Int8Recipe", "PrecisionChoice", "bf16_note", "choose_precision", "collect_cnn_ranges", "cpu_flags",
+           "cpu_int8_flags", "quantize_cnn", "quantize_text"]
 
 log = logging.getLogger(__name__)
 
-CPU_PRECISIONS = ("auto", "fp32", "int8")
+CPU_PRECISIONS = ("auto", "fp32", "int8", "bf16")
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of the bf16 dot-product units
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo names of the int8 dot-product units
 INT8_FILE = "int8.json"  # in a model directory: the recipe and what it measured (`mmsent quantize`)
 RANGES_FILE = "int8-ranges.json"  # in a model directory: the CNN's activation ranges, ONNX Runtime's format
@@ -187,13 +191,22 @@ def cpu_int8_flags(cpuinfo: str | None = None) -> tuple[str, ...]:
     return cpu_flags(INT8_CPU_FLAGS, cpuinfo)
 
 
+def bf16_note(cpuinfo: str | None = None) -> str:
+    """Why the encoders run in bf16 (asked for), and whether this CPU has bf16 dot products (AVX512_BF16, AMX):
+    without them oneDNN emulates bf16 and it runs slower than fp32."""
+    flags = cpu_flags(BF16_CPU_FLAGS, cpuinfo)
+    if flags:
+        return f"bf16: asked for; the CPU has {', '.join(flags)}"
+    return "bf16: asked for, but the CPU has no AVX512_BF16 or AMX: slower than fp32 here"
+
+
 def choose_precision(wanted: str, cpu_flags: Iterable[str], model: Int8Model,
                      int8_parts: tuple[str, ...] = PARTS) -> PrecisionChoice:
     """`wanted` ("auto", "fp32", "int8") for a model on a CPU with these int8 flags. "int8" is what was asked:
     `int8_parts` (every part) in int8. "auto": int8 for the parts the model's measurement kept, and only on a CPU
-    with VNNI or AMX."""
-    if wanted not in CPU_PRECISIONS:
-        raise ValueError(f"cpu_precision must be one of {', '.join(CPU_PRECISIONS)}, not {wanted!r}")
+    with VNNI or AMX. ("bf16" is the Scorer's, before ONNX Runtime: refused here.)"""
+    if wanted not in CPU_PRECISIONS or wanted == "bf16":
+        raise ValueError(f"cpu_precision on ONNX Runtime is auto, fp32 or int8, not {wanted!r}")
     if not set(int8_parts) <= set(PARTS):
         raise ValueError(f"int8 parts are {', '.join(PARTS)}, not {int8_parts!r}")
     if wanted == "fp32":

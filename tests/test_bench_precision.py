@@ -52,7 +52,8 @@ def test_each_variant_runs_what_it_says(result: dict) -> None:
     assert by_name["fp32-torch"]["max_prob_diff"] < 1e-4
     # bf16 really ran: its probabilities moved (a wrapper the Scorer did not call would leave them exactly fp32's),
     # but only by bf16's rounding
-    for name in ("bf16-autocast", "bf16-weights"):
+    assert by_name["bf16"]["cpu_precision"] == "bf16"
+    for name in ("bf16-autocast", "bf16"):
         assert by_name[name]["cpu_runtime"] == "torch"
         assert 0 < by_name[name]["max_prob_diff"] < 0.05, name
     # the hybrid's CNN left ONNX Runtime for bf16 eager: its probabilities moved too

@@ -24,7 +24,7 @@ from mmsent.cli import app
 from mmsent.data import ColumnMap, augmentation, collate, load_examples
 from mmsent.encoders import RandomWeightsWarning, resolve_path
 from mmsent.model import HeadConfig, MMSentModel, ModelConfig
-from mmsent.presets import ModelOptions, default_model_dir, from_config, preset_config
+from mmsent.presets import ModelOptions, default_model_dir, from_config, preset_config, with_text_encoder_from
 from mmsent.textnorm import normalize_tweet
 from mmsent.training.config import TrainConfig
 from mmsent.training.finetune import finetune
@@ -235,6 +235,41 @@ def test_extra_text_with_tuned_encoder_layers_is_refused_before_any_work(tmp_pat
         res = CliRunner().invoke(app, [*base, *how])
         assert res.exit_code == 2, res.output
         assert "--extra-text" in res.output and "not supported" in res.output
+        assert not out.exists(), "refused before anything is written"
+
+
+def test_text_from_starts_the_text_encoder_from_a_model_tuned_on_text_alone(tmp_path: Path) -> None:
+    """Intermediate training (issue 30: TweetEval before MVSA): a first model tuned on text-only rows, then a
+    multimodal one whose text encoder starts from its weights (`--text-from DIR`); only the text encoder moves, and
+    a preset, a missing directory or another text encoder is refused with a message before any work."""
+    text_only = tmp_path / "tweets.jsonl"
+    text_only.write_text("".join(json.dumps({"id": str(k), "text": f"{WORDS[lab]} {k}", "label": lab}) + "\n"
+                                 for k, lab in enumerate(LABELS * 8)))
+    first, second = tmp_path / "first", tmp_path / "second"
+    tuned = ["--preset", "tiny-random", "--text-layers", "1", "--quiet", "--epochs", "2", "--lr", "0.05"]
+    res = CliRunner().invoke(app, ["train", str(text_only), "--out", str(first), *tuned, "--encoder-lr", "0.05"])
+    assert res.exit_code == 0, res.output
+    tuned_text = MMSentModel.load(first).text_encoder.state_dict()
+    fresh = from_config(preset_config("tiny-random")).text_encoder.state_dict()
+    assert any(not torch.equal(tuned_text[k], fresh[k]) for k in fresh), "the first run tuned the text encoder"
+
+    start = with_text_encoder_from(from_config(preset_config("tiny-random")), first)
+    assert all(torch.equal(start.text_encoder.state_dict()[k], tuned_text[k]) for k in tuned_text)
+    assert all(torch.equal(a, b) for a, b in zip(start.head.state_dict().values(),
+                                                 from_config(preset_config("tiny-random")).head.state_dict().values(),
+                                                 strict=True)), "only the text encoder moves"
+
+    data = make_dataset(tmp_path / "posts", 24)
+    res = CliRunner().invoke(app, ["train", str(data), "--out", str(second), *tuned, "--text-from", str(first)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((second / "config.json").read_text())["extra"]["text_from"].endswith(f"({first})")
+    assert Scorer.load(second).score([{"text": "great", "image": None}])[0].label in LABELS
+
+    for source, why in ((str(tmp_path / "nowhere"), "trained model directory"), ("tiny-random", "trained model"),
+                        (str(default_model_dir()), "is not this model's")):
+        out = tmp_path / "refused"
+        res = CliRunner().invoke(app, ["train", str(data), "--out", str(out), *tuned, "--text-from", source])
+        assert res.exit_code == 2 and why in res.output, res.output
         assert not out.exists(), "refused before anything is written"
 
 

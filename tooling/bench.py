@@ -712,7 +712,7 @@ def bench_all(
     e2e_posts: Annotated[int, typer.Option(help="Posts in each full-load run.")] = 1500,
     naive_posts: Annotated[int, typer.Option(help="Posts through the naive consumer.")] = 150,
     seed: Annotated[bool, typer.Option(help="Also bench the seed preset (BERT-base + ResNet-50).")] = True,
-    cpu_precision: Annotated[str, typer.Option(help="The batch-size sweep's CPU precision: auto | fp32 | int8 "
+    cpu_precision: Annotated[str, typer.Option(help="The batch-size sweep's CPU precision: auto | fp32 | int8 | bf16 "
                                                     "(the fp32 against int8 figures are taken either way).")] = "auto",
     broker: Annotated[str, typer.Option(help="The embedded broker end to end runs through: tansu | noida-db "
                                              "(noida-db answers empty fetches at once, so idle readers spin).")]
@@ -764,7 +764,7 @@ def bench_models(
              "`../v2.2@fp32 ./new-model@int8`; the first is the reference")],
     batch_size: Annotated[int, typer.Option(help="Posts per batch.")] = 32,
     rounds: Annotated[int, typer.Option(help="Batches timed per model.")] = 8,
-    cpu_precision: Annotated[str, typer.Option(help="auto | fp32 | int8: the CPU precision of every model that "
+    cpu_precision: Annotated[str, typer.Option(help="auto | fp32 | int8 | bf16: the CPU precision of every model that "
                                                     "names none with @.")] = "auto",
 ) -> None:
     """Model-only posts/s of several models on the same posts, timed in alternation: ratios measured side by side.

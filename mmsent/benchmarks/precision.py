@@ -10,10 +10,10 @@ posts.
     synthetic posts ──every variant scores all of them──▶ label agreement with the reference, max |Δp|
     batches of each size ──round k of every variant before round k + 1 of any──▶ median ms per batch ──▶ posts/s
 
-The bf16 variants run the Scorer's own code on the PyTorch runtime with the model's two encoder calls under bf16
-autocast (`autocast(cpu, bf16=True)` from mmsent/device.py), their outputs handed back to the fp32 head as fp32:
-`bf16-autocast` keeps the weights fp32 (autocast casts them on every call, as its cast cache is off for inference);
-`bf16-weights` casts the encoders' weights to bf16 once, the recipe the Scorer already uses on CUDA. Two mixes keep
+`bf16` is the Scorer's own `cpu_precision="bf16"`: its CUDA recipe on the CPU, the model's weights cast to bf16 once
+and every call under bf16 autocast (`autocast(cpu, bf16=True)` from mmsent/device.py), eager PyTorch.
+`bf16-autocast` keeps the weights fp32 and puts only the two encoder calls under autocast (which casts the weights
+on every call, as its cast cache is off for inference), their outputs handed back to the fp32 head. Two mixes keep
 one part out of int8, as issue 28 allows when its int8 loses labels: `int8-text` (the CNN in fp32 on ONNX Runtime)
 and `int8-text+bf16-cnn` (the CNN in bf16, eager). The ResNet is
 channels-last in every eager variant (the ImageEncoder's own layout). Posts/s are model-only as in
@@ -81,14 +81,6 @@ def with_bf16_encoders(model: MMSentModel) -> MMSentModel:
     return model
 
 
-def _bf16_weights_scorer(model: MMSentModel) -> Scorer:
-    scorer = Scorer(with_bf16_encoders(model), cpu_runtime="torch")
-    # after the Scorer is built: on the CPU it puts the whole model in fp32
-    scorer.model.text_encoder.to(torch.bfloat16)
-    scorer.model.image_encoder.to(torch.bfloat16)
-    return scorer
-
-
 def _int8_text_scorer(model: MMSentModel) -> Scorer:
     """The text encoder in int8 and the CNN in fp32 on ONNX Runtime: what `auto` runs for a model whose measurement
     kept int8 for the text only (on a CPU with VNNI or AMX; fp32 elsewhere, and its note says so)."""
@@ -113,7 +105,8 @@ def precision_variants() -> list[Variant]:
         Variant("fp32-torch", lambda m: Scorer(m, cpu_runtime="torch"), "fp32, eager PyTorch"),
         Variant("bf16-autocast", lambda m: Scorer(with_bf16_encoders(m), cpu_runtime="torch"),
                 "eager PyTorch, encoders under bf16 autocast, fp32 weights"),
-        Variant("bf16-weights", _bf16_weights_scorer, "eager PyTorch, encoders' weights in bf16, under bf16 autocast"),
+        Variant("bf16", lambda m: Scorer(m, cpu_precision="bf16"),
+                "eager PyTorch, the model's weights in bf16 under bf16 autocast (MMSENT_CPU_PRECISION=bf16)"),
         Variant("int8", lambda m: Scorer(m, cpu_runtime="auto", cpu_precision="int8"),
                 "int8, ONNX Runtime (mmsent/quantize.py)"),
         Variant("int8-text", _int8_text_scorer, "text int8, CNN fp32, ONNX Runtime"),

@@ -61,6 +61,7 @@ from mmsent.quantize import (
     CPU_PRECISIONS,
     PARTS,
     Int8Model,
+    bf16_note,
     choose_precision,
     collect_cnn_ranges,
     cpu_int8_flags,
@@ -148,7 +149,9 @@ class Scorer:
         Runtime ("onnx"), PyTorch ("torch"), or ONNX Runtime where it is installed and they export ("auto"). The
         small fusion head always runs in PyTorch.
 
-        `cpu_precision` (ONNX Runtime on the CPU only; mmsent/quantize.py): "fp32"; "int8", both encoders in int8
+        `cpu_precision` (on the CPU only; mmsent/quantize.py): "fp32"; "bf16", the CUDA recipe on the CPU (the
+        weights cast to bf16, under bf16 autocast, eager PyTorch: for a CPU with AVX512_BF16 or AMX); "int8", both
+        encoders in int8
         (the CNN from `int8`'s stored ranges, or, where the model has none, ranges from generated pictures, with a
         warning: fit for timing random-weights presets, not for a trained model's accuracy); "auto", int8 for the
         parts whose int8 accuracy `int8` (what `load` reads from the model directory) says was measured and kept,
@@ -181,9 +184,14 @@ class Scorer:
         on_cuda = self.device.type == "cuda"
         if compile and cpu_runtime == "onnx":
             raise ValueError("compile=True compiles the PyTorch model: it cannot run with cpu_runtime='onnx'")
-        self.dtype = torch.bfloat16 if on_cuda else torch.float32
+        if cpu_precision not in CPU_PRECISIONS:
+            raise ValueError(f"cpu_precision must be one of {', '.join(CPU_PRECISIONS)}, not {cpu_precision!r}")
+        cpu_bf16 = self.device.type == "cpu" and cpu_precision == "bf16"
+        if cpu_bf16 and cpu_runtime == "onnx":
+            raise ValueError("cpu_precision='bf16' runs the encoders in PyTorch: not with cpu_runtime='onnx'")
+        self.dtype = torch.bfloat16 if on_cuda or cpu_bf16 else torch.float32
         self._emb_shape = model.embedding_shape()  # (R, C); measured (for regions) while the weights are still fp32
-        self.model = model.to(self.device, self.dtype).eval()  # fp32 on the CPU (also a model a CUDA Scorer had)
+        self.model = model.to(self.device, self.dtype).eval()  # fp32 on the CPU but in bf16 (or a CUDA Scorer's)
         if on_cuda:  # the weights' copies ran on the default stream; the scoring threads read them on their own
             torch.cuda.synchronize(self.device)
         on_cpu = self.device.type == "cpu"
@@ -191,11 +199,12 @@ class Scorer:
         # Each worker runs single-threaded kernels (set per thread), so no worker waits on another's stragglers.
         self._pool = (ThreadPoolExecutor(self.cpu_workers, initializer=torch.set_num_threads, initargs=(1,),
                                          thread_name_prefix="mmsent-score") if self.cpu_workers > 1 else None)
-        if cpu_precision not in CPU_PRECISIONS:
-            raise ValueError(f"cpu_precision must be one of {', '.join(CPU_PRECISIONS)}, not {cpu_precision!r}")
         self._int8 = int8 or Int8Model.load(None)
         self.precision_note = "fp32: not on the CPU's ONNX Runtime"
-        self.cpu_runtime = self._use_cpu_runtime("torch" if compile else cpu_runtime, cpu_precision, int8_parts)
+        self.cpu_runtime = self._use_cpu_runtime("torch" if compile or cpu_bf16 else cpu_runtime, cpu_precision,
+                                                 int8_parts)
+        if cpu_bf16:
+            self.cpu_precision, self.precision_note = "bf16", bf16_note()
         cfg = model.cfg
         labels = tuple(cfg.labels)
         if len(labels) != 3:
@@ -364,10 +373,11 @@ class Scorer:
     # --- the device ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _on_device(self) -> Iterator[None]:
-        """Inference mode, bf16 autocast on CUDA, and on CUDA this thread's own stream: the consumer's two model
-        threads then overlap one batch's copies and decode with the other's compute instead of queueing on the
-        default stream. Each thread waits for its own results (`.cpu()`), so they leave in submission order."""
-        with torch.inference_mode(), autocast(self.device), self._stream():
+        """Inference mode, bf16 autocast with bf16 weights (on CUDA; on the CPU when asked), and on CUDA this
+        thread's own stream: the consumer's two model threads then overlap one batch's copies and decode with the
+        other's compute instead of queueing on the default stream. Each thread waits for its own results (`.cpu()`),
+        so they leave in submission order."""
+        with torch.inference_mode(), autocast(self.device, bf16=self.dtype == torch.bfloat16), self._stream():
             yield
 
     def _stream(self) -> contextlib.AbstractContextManager[Any]:
