@@ -151,13 +151,12 @@ class Scorer:
 
         `cpu_precision` (on the CPU only; mmsent/quantize.py): "fp32"; "bf16", the CUDA recipe on the CPU (the
         weights cast to bf16, under bf16 autocast, eager PyTorch: for a CPU with AVX512_BF16 or AMX); "int8", both
-        encoders in int8
-        (the CNN from `int8`'s stored ranges, or, where the model has none, ranges from generated pictures, with a
-        warning: fit for timing random-weights presets, not for a trained model's accuracy); "auto", int8 for the
-        parts whose int8 accuracy `int8` (what `load` reads from the model directory) says was measured and kept,
-        on a CPU with VNNI or AMX, else fp32. `cpu_precision` then says what it resolved to ("int8" when any part
-        runs in int8), `int8_parts` which parts do, and `precision_note` why. `int8_parts`: the parts "int8" means
-        ("text", "cnn"; `mmsent quantize` measures each alone too).
+        encoders in int8 on ONNX Runtime (the CNN from `int8`'s stored ranges, or, where the model has none, ranges
+        from generated pictures, with a warning: fit for timing random-weights presets, not for a trained model's
+        accuracy); "auto", int8 for the parts whose int8 accuracy `int8` (what `load` reads from the model
+        directory) says was measured and kept, on a CPU with VNNI or AMX, else fp32. `cpu_precision` then says what
+        it resolved to ("int8" when any part runs in int8), `int8_parts` which parts do, and `precision_note` why.
+        `int8_parts`: the parts "int8" means ("text", "cnn"; `mmsent quantize` measures each alone too).
 
         `cpu_workers` (default: torch's thread count, one per core): on the CPU a batch is cut into that many slices
         scored at once, each with single-threaded kernels, instead of one slice with multi-threaded kernels. Depthwise
@@ -459,7 +458,8 @@ class Scorer:
             if self.wants_image_bytes:
                 return bytes(image)
             try:
-                return decode_image(bytes(image), max_pixels=self.max_pixels, max_side=self.max_side)
+                return decode_image(bytes(image), max_pixels=self.max_pixels, max_side=self.max_side,
+                                    min_side=self.model.cfg.image.preprocess.source_side)  # as the consumer does
             except ImageDecodeError:
                 return None
         raise TypeError(f"a post's image must be PIL, bytes, an ImageEmbedding or None, not {type(image).__name__}")
