@@ -458,8 +458,7 @@ class Scorer:
             if self.wants_image_bytes:
                 return bytes(image)
             try:
-                return decode_image(bytes(image), max_pixels=self.max_pixels, max_side=self.max_side,
-                                    min_side=self.model.cfg.image.preprocess.source_side)  # as the consumer does
+                return decode_image(bytes(image), max_pixels=self.max_pixels, max_side=self.max_side)
             except ImageDecodeError:
                 return None
         raise TypeError(f"a post's image must be PIL, bytes, an ImageEmbedding or None, not {type(image).__name__}")
