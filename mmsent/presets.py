@@ -232,7 +232,7 @@ def with_text_encoder_from(model: MMSentModel, directory: str | os.PathLike[str]
     any): intermediate training, a text encoder tuned on other labelled text before this model trains. Only the
     text encoder moves, and only between the same text encoders (architecture, weights' source, tokenizer,
     pooling); `ValueError` otherwise. The config's `extra.text_from` names the source."""
-    if model_directory(directory) is None or str(directory) in PRESETS or str(directory) == "default":
+    if str(directory) in PRESETS or model_directory(directory) is None:  # "default" is a preset name too
         raise ValueError(f"--text-from takes a trained model directory (with config.json), not {str(directory)!r}")
     source = build_model(directory)
     if source.cfg.text != model.cfg.text:

@@ -42,13 +42,14 @@ import numpy as np
 
 from mmsent.runtime import write_atomically
 
-__all__ = ["BF16_CPU_FLAGS", "CPU_PRECISIONS", "INT8_CPU_FLAGS", "INT8_FILE", "PARTS", "RANGES_FILE", "Int8Model",
-           "Int8Recipe", "PrecisionChoice", "bf16_note", "choose_precision", "collect_cnn_ranges", "cpu_flags",
-           "cpu_int8_flags", "quantize_cnn", "quantize_text"]
+__all__ = ["BF16_CPU_FLAGS", "CPU_PRECISIONS", "INT8_CPU_FLAGS", "INT8_FILE", "ONNX_PRECISIONS", "PARTS",
+           "RANGES_FILE", "Int8Model", "Int8Recipe", "PrecisionChoice", "bf16_note", "choose_precision",
+           "collect_cnn_ranges", "cpu_flags", "cpu_int8_flags", "quantize_cnn", "quantize_text"]
 
 log = logging.getLogger(__name__)
 
-CPU_PRECISIONS = ("auto", "fp32", "int8", "bf16")
+ONNX_PRECISIONS = ("auto", "fp32", "int8")  # what `choose_precision` decides between, on ONNX Runtime
+CPU_PRECISIONS = (*ONNX_PRECISIONS, "bf16")
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo names of the bf16 dot-product units
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # /proc/cpuinfo names of the int8 dot-product units
 INT8_FILE = "int8.json"  # in a model directory: the recipe and what it measured (`mmsent quantize`)
@@ -205,8 +206,9 @@ def choose_precision(wanted: str, cpu_flags: Iterable[str], model: Int8Model,
     """`wanted` ("auto", "fp32", "int8") for a model on a CPU with these int8 flags. "int8" is what was asked:
     `int8_parts` (every part) in int8. "auto": int8 for the parts the model's measurement kept, and only on a CPU
     with VNNI or AMX. ("bf16" is the Scorer's, before ONNX Runtime: refused here.)"""
-    if wanted not in CPU_PRECISIONS or wanted == "bf16":
-        raise ValueError(f"cpu_precision on ONNX Runtime is auto, fp32 or int8, not {wanted!r}")
+    if wanted not in ONNX_PRECISIONS:
+        raise ValueError(f"cpu_precision on ONNX Runtime is {', '.join(ONNX_PRECISIONS[:-1])} or "
+                         f"{ONNX_PRECISIONS[-1]}, not {wanted!r}")
     if not set(int8_parts) <= set(PARTS):
         raise ValueError(f"int8 parts are {', '.join(PARTS)}, not {int8_parts!r}")
     if wanted == "fp32":

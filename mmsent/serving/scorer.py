@@ -200,10 +200,7 @@ class Scorer:
                                          thread_name_prefix="mmsent-score") if self.cpu_workers > 1 else None)
         self._int8 = int8 or Int8Model.load(None)
         self.precision_note = "fp32: not on the CPU's ONNX Runtime"
-        self.cpu_runtime = self._use_cpu_runtime("torch" if compile or cpu_bf16 else cpu_runtime, cpu_precision,
-                                                 int8_parts)
-        if cpu_bf16:
-            self.cpu_precision, self.precision_note = "bf16", bf16_note()
+        self.cpu_runtime = self._use_cpu_runtime("torch" if compile else cpu_runtime, cpu_precision, int8_parts)
         cfg = model.cfg
         labels = tuple(cfg.labels)
         if len(labels) != 3:
@@ -292,6 +289,9 @@ class Scorer:
         self.cpu_precision = "fp32"
         self.int8_parts: tuple[str, ...] = ()
         self._cnn_int8: str | None = None  # the CNN's int8 recipe and ranges, when it runs in int8
+        if precision == "bf16" and self.device.type == "cpu":  # eager, in the bf16 dtype `__init__` chose
+            self.cpu_precision, self.precision_note = "bf16", bf16_note()
+            return "torch"
         if wanted == "torch" or self.device.type != "cpu":
             return "torch"
         if not onnxruntime_available():
