@@ -143,10 +143,14 @@ def test_promtool_checks_the_rules(tmp_path: Path) -> None:
 
 def test_promtool_unit_tests_one_file_per_alert(tmp_path: Path) -> None:
     rules_file(tmp_path)
+    group_order = [group["name"] for group in
+                   yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())["spec"]["groups"]]
     tests = sorted((MONITORING / "tests").glob("*.test.yaml"))
     tested: dict[str, list[str]] = {}
     for test in tests:
         shutil.copy(test, tmp_path / test.name)
+        # without it promtool evaluates the groups in map order: an alert may read last minute's recording rule
+        assert yaml.safe_load(test.read_text()).get("group_eval_order") == group_order, test.name
         names = {case["alertname"] for t in yaml.safe_load(test.read_text())["tests"]
                  for case in t.get("alert_rule_test", [])}
         assert len(names) == 1, f"{test.name} tests {sorted(names)}: one alert per file"
