@@ -4,7 +4,8 @@ a backlog of posts through the embedded broker, Redis and a loopback image serve
 * the posts/s, and the consumer's own stage totals (seconds in fetch+decode, in the model stage),
 * the CPU of each of its threads, from /proc/<pid>/task/*/stat (the model threads, the I/O loop, the decode
   threads, librdkafka's, ONNX Runtime's workers...),
-* with `--py-spy FILE`, a py-spy profile of the whole run (`--native`: C frames too), speedscope or SVG by name;
+* with `--py-spy FILE`, a py-spy profile of the whole run (`--native`: C frames too), speedscope, collapsed
+  stacks per thread (.txt) or SVG by name;
 * with `--model-only`, the model alone on the same photos (the Scorer from JPEG bytes, batch as given, one thread),
   for the share end to end reaches of it.
 
@@ -173,8 +174,10 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 
 def _start_py_spy(pid: int, out: Path, native: bool) -> subprocess.Popen[bytes]:
     """py-spy on the consumer; `native` (C frames too) costs the consumer much more of its time, so less rate."""
-    fmt = "speedscope" if out.name.endswith(".json") else "flamegraph"
+    # .txt: collapsed stacks, one line per stack with its thread first, for grep and sort
+    fmt = {".json": "speedscope", ".txt": "raw"}.get(out.suffix, "flamegraph")
     how = ["--native", "--rate", "50"] if native else ["--rate", "100"]
+    how += ["--threads"] if fmt == "raw" else []
     spy = subprocess.Popen([_py_spy(), "record", *how, "--pid", str(pid), "--format", fmt, "--output", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attached before the backlog starts

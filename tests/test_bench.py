@@ -121,6 +121,17 @@ def test_a_model_spec_names_its_precision_after_an_at() -> None:
     assert parse_model_spec("@int8") == ("@int8", "auto")
 
 
+def test_the_matmul_roof_in_onnx_runtime_multiplies_what_torch_does() -> None:
+    """The roof is the faster of torch's and ONNX Runtime's fp32 matmul: the ONNX one must compute the same product."""
+    import torch
+
+    from mmsent.benchmarks.host import onnxruntime_matmul
+
+    a, b = torch.randn(64, 48), torch.randn(48, 32)
+    (product,) = onnxruntime_matmul(a.numpy(), b.numpy())()
+    assert torch.allclose(torch.from_numpy(product), a @ b, atol=1e-4)
+
+
 def test_bench_device_reports_the_model_on_the_cpu(tmp_path: Path) -> None:
     out = tmp_path / "device.json"
     done = subprocess.run(

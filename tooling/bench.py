@@ -614,7 +614,7 @@ def _times(value: float, unit: str) -> str:
 
 def render_markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join([f"## {result['date']} — `{command}`", "",
-                      f"Machine: {result['machine']}; measured fp32 matmul "
+                      f"Machine: {result['machine']}; measured fp32 matmul (the faster of torch and ONNX Runtime) "
                       f"{result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s.", "",
                       *_render_precisions(result), *_render_sweep(result), *_render_end_to_end(result),
                       *_render_naive(result)])
