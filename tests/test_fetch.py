@@ -20,7 +20,7 @@ import httpcore
 import pytest
 from PIL import Image
 
-from consumer.fetch import FetchResult, ImageFetcher, PinnedNetworkBackend, sniff_image_type
+from consumer.fetch import FetchResult, ImageFetcher, PinnedNetworkBackend, PolledStream, sniff_image_type
 from consumer.settings import Settings
 from tests.imageserver import (
     ImageServer,
@@ -545,6 +545,32 @@ def test_the_network_backend_refuses_connections_that_were_not_pinned(image_serv
     with pytest.raises(httpcore.ConnectError):
         asyncio.run(attempt())
     assert image_server.connections == []
+
+
+def test_a_polled_stream_says_readable_when_anyio_does() -> None:
+    """The pool's expiry check, answered from the socket found once: idle (not readable), the server gone
+    (readable), closed by us (readable), each time what anyio's own stream says."""
+
+    async def states() -> list[tuple[bool, bool]]:
+        server_sides: list[asyncio.StreamWriter] = []
+        server = await asyncio.start_server(lambda _r, w: server_sides.append(w), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        inner = await httpcore.AnyIOBackend().connect_tcp("127.0.0.1", port)
+        stream = PolledStream(inner)
+        seen = []
+        while not server_sides:
+            await asyncio.sleep(0.01)
+        seen.append((stream.get_extra_info("is_readable"), inner.get_extra_info("is_readable")))
+        server_sides[0].close()
+        await asyncio.sleep(0.1)
+        seen.append((stream.get_extra_info("is_readable"), inner.get_extra_info("is_readable")))
+        await stream.aclose()
+        seen.append((stream.get_extra_info("is_readable"), True))
+        server.close()
+        await server.wait_closed()
+        return seen
+
+    assert asyncio.run(states()) == [(False, False), (True, True), (True, True)]
 
 
 def test_sniffing() -> None:
