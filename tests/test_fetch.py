@@ -553,13 +553,18 @@ def test_a_polled_stream_says_readable_when_anyio_does() -> None:
 
     async def states() -> list[tuple[bool, bool]]:
         server_sides: list[asyncio.StreamWriter] = []
-        server = await asyncio.start_server(lambda _r, w: server_sides.append(w), "127.0.0.1", 0)
+        accepted = asyncio.Event()
+
+        def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            server_sides.append(writer)
+            accepted.set()
+
+        server = await asyncio.start_server(accept, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         inner = await httpcore.AnyIOBackend().connect_tcp("127.0.0.1", port)
         stream = PolledStream(inner)
         seen = []
-        while not server_sides:
-            await asyncio.sleep(0.01)
+        await accepted.wait()
         seen.append((stream.get_extra_info("is_readable"), inner.get_extra_info("is_readable")))
         server_sides[0].close()
         await asyncio.sleep(0.1)
