@@ -112,11 +112,13 @@ class CpuMeter:
         self._end = self._snapshot()
 
     def shares(self) -> dict[str, float] | None:
+        """None unless every role's process was read at both ends: a share of 0 then means the kernel charged it no
+        clock tick over the window (a short window, a process that mostly waits), never a process not found."""
         if self._start is None or self._end is None:
             return None
         (before, machine0), (after, machine1) = self._start, self._end
         total = sum(machine1) - sum(machine0)
-        if total <= 0:
+        if total <= 0 or any(pid not in before or pid not in after for pid in self._role_of):
             return None
         seconds = dict.fromkeys([*self._roles, "other"], 0.0)
         for pid, (parent, used) in after.items():
