@@ -2,9 +2,13 @@
 `mmsent.evaluation.failures` (numpy only, no model is loaded: seconds).
 
     .venv/bin/python scripts/oof_failures.py [--model mmsent/models/default]
-        [--data ../shared/data/mvsa-single/train.jsonl] [--folds 5 --seed 0] [--decode] [--json]
+        [--data ../shared/data/mvsa-single/train.jsonl] [--folds 5 --seed 0] [--decode] [--json] [--fused WAY]
 
     DIR/oof.npz + DIR/calibration.json + DATA ──failure_report──▶ render_failures ──▶ stdout
+
+`--fused WAY` reads the fused path's probabilities from DIR/int8-oof.npz (what `mmsent quantize --folds` scored:
+`fp32`, `int8`, `int8-cnn`, `int8-text`) instead of oof.npz's: what the alerts catch as served in int8. The
+single-modality paths stay oof.npz's (fp32).
 
 oof.npz row k is DATA's k-th post (`mmsent train --folds` writes it so). `--folds`/`--seed` rebuild the training's
 folds (`mmsent.training.train.fold_splits`, the split `mmsent train --folds` uses) so that
@@ -23,6 +27,7 @@ import numpy as np
 
 from mmsent.data import Example, load_examples, load_image
 from mmsent.evaluation.failures import failure_report, image_file_present, render_failures
+from mmsent.evaluation.int8 import INT8_OOF_FILE
 from mmsent.serving.calibration import CALIBRATION_FILE, Calibration
 from mmsent.training.train import fold_splits
 
@@ -41,6 +46,21 @@ def image_decodes(example: Example) -> bool:
     return load_image(example.image) is not None
 
 
+def quantized_fused(model: Path, way: str) -> np.ndarray:
+    """The fused out-of-fold probabilities `way` of `mmsent quantize --folds`; SystemExit when absent or partial."""
+    path = model / INT8_OOF_FILE
+    if not path.is_file():
+        raise SystemExit(f"{path}: missing; `mmsent quantize DATA --model {model} --folds FOLDS` writes it")
+    with np.load(path) as npz:
+        if way not in npz.files:
+            raise SystemExit(f"{path} has no {way!r}: it has {', '.join(npz.files)}")
+        fused = npz[way]
+    if np.isnan(fused).any():
+        raise SystemExit(f"{path}: {way!r} leaves {int(np.isnan(fused).any(1).sum())} posts unscored (no fold held "
+                         "them out)")
+    return fused
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT / "mmsent" / "models" / "default")
@@ -49,12 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the CV's seed (mmsent train --seed)")
     ap.add_argument("--decode", action="store_true", help="image status by decoding, not by the file's existence")
     ap.add_argument("--json", action="store_true", help="print the report's dict as JSON instead of Markdown")
+    ap.add_argument("--fused", metavar="WAY", help=f"the fused path from DIR/{INT8_OOF_FILE} (mmsent quantize "
+                                                   "--folds): fp32, int8, int8-cnn or int8-text")
     args = ap.parse_args(argv)
 
     calibration = Calibration.from_dict(json.loads((args.model / CALIBRATION_FILE).read_text()))
     examples = load_examples(args.data, calibration.labels)
     with np.load(args.model / "oof.npz") as npz:
         oof = {name: npz[name] for name in npz.files}
+    if args.fused:
+        oof["both"] = quantized_fused(args.model, args.fused)
     y = np.asarray([e.label for e in examples], dtype=np.int64)
     report = failure_report(examples, oof, calibration,
                             image_status=image_decodes if args.decode else image_file_present,

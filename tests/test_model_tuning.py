@@ -27,6 +27,7 @@ from mmsent.training.config import TrainConfig
 from mmsent.training.features import extract_activations
 from mmsent.training.finetune import ActivationRows, AuxHeads, finetune, predict
 from mmsent.training.train import finetune_soup
+from scripts.oof_failures import main as oof_failures_main
 from tests.test_model_training import LABELS, make_dataset
 
 FAST = TrainConfig(epochs=3, batch_size=8, lr=1e-2, encoder_lr=1e-2, patience=99, progress=False, device="cpu")
@@ -158,7 +159,8 @@ def test_auxiliary_heads_learn_each_modalitys_own_label() -> None:
     assert loss > 0 and aux.loss(f, torch.full((3,), -100)) == 0
 
 
-def test_train_with_folds_tunes_from_activations_and_calibrates_out_of_fold(tmp_path: Path) -> None:
+def test_train_with_folds_tunes_from_activations_and_calibrates_out_of_fold(tmp_path: Path,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
     data = make_dataset(tmp_path, 60)
     out = tmp_path / "model"
     args = ["train", str(data), "--out", str(out), "--preset", "tiny-random", "--text-layers", "1",
@@ -195,3 +197,23 @@ def test_train_with_folds_tunes_from_activations_and_calibrates_out_of_fold(tmp_
     measured = json.loads(res.output.strip().splitlines()[-1])
     assert measured["out_of_fold"]["folds"] == 2 and measured["out_of_fold"]["posts"] == 60
     assert measured["posts"] == 60 and {"fp32", "int8", "agreement"} <= set(measured["out_of_fold"])
+    # ... and keeps what it scored: the fused path out of fold, each way; fp32's is the cross-validation's own
+    with np.load(out / "int8-oof.npz") as served, np.load(out / "oof.npz") as oof:
+        assert {"fp32", "int8"} <= set(served.files)
+        assert all(served[w].shape == (60, 3) and not np.isnan(served[w]).any() for w in served.files)
+        assert np.abs(served["fp32"] - oof["both"]).max() < 1e-3
+        int8_fused = served["int8"]
+    # which the failure analysis reads for the alerts as served in int8
+    capsys.readouterr()
+    assert oof_failures_main(["--model", str(out), "--data", str(data), "--fused", "int8", "--json", "--folds",
+                              "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    y = np.array([e.label for e in examples])
+    assert report["confusion"] == [[int(((y == t) & (int8_fused.argmax(1) == p)).sum()) for p in range(3)]
+                                   for t in range(3)]
+    with pytest.raises(SystemExit, match="has no 'int8-both'"):
+        oof_failures_main(["--model", str(out), "--data", str(data), "--fused", "int8-both"])
+    # a run without folds measures nothing out of fold: the file of the run before goes
+    res = CliRunner().invoke(app, ["quantize", str(data), "--model", str(out), "--calibration-images", "8", "--json"])
+    assert res.exit_code == 0, res.output
+    assert not (out / "int8-oof.npz").exists()

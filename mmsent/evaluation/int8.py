@@ -8,6 +8,7 @@
 
     --folds FOLDS (a cross-validation's kept fold models, `mmsent train --folds K --keep-folds`): each fold model
     the same way, its ranges on its own training photos, scored both ways on its held-out posts ──▶ out of fold
+                                                                 └─▶ int8-oof.npz: those probabilities, pooled
 
 `auto` (mmsent/quantize.py `choose_precision`) runs a part in int8 only when int8.json says it was kept: both
 encoders when, with both in int8, the labels are fp32's for at least 98% of the posts and at most 0.5 points of
@@ -34,7 +35,13 @@ from mmsent.presets import model_directory
 from mmsent.quantize import MAX_ACCURACY_DROP, MIN_AGREEMENT, PARTS, RANGES_FILE, Int8Model, Int8Recipe, cpu_int8_flags
 from mmsent.serving.scorer import Scorer
 
-__all__ = ["kept_parts", "passes_bar", "quantize_model"]
+__all__ = ["INT8_OOF_FILE", "kept_parts", "passes_bar", "quantize_model"]
+
+# In a model directory, beside oof.npz: the fused out-of-fold probabilities `--folds` scored, one (N, K) array per way
+# ("fp32", "int8", and "int8-text" / "int8-cnn" where each part was measured alone), row k the data's k-th labelled
+# post, NaN where no fold held it out. What an alert threshold catches as served in int8 is read from here
+# (scripts/oof_failures.py --fused).
+INT8_OOF_FILE = "int8-oof.npz"
 
 
 def quantize_model(data: str | Path, model: str | Path | None = None, *, calibration_images: int = 128,
@@ -44,11 +51,13 @@ def quantize_model(data: str | Path, model: str | Path | None = None, *, calibra
     posts (None: all) in fp32 and in int8, and write int8-ranges.json and int8.json into the model directory.
     `folds`: the fold models a cross-validation kept (`mmsent train --folds K --keep-folds`: FOLDS/1, FOLDS/2, ...,
     each with heldout.json), each quantized the same way on its own training photos and scored both ways on the
-    posts it never trained on; then the bar applies to those out-of-fold figures. Returns int8.json's `measured`."""
+    posts it never trained on; then the bar applies to those out-of-fold figures, and their probabilities are kept
+    (INT8_OOF_FILE). Returns int8.json's `measured`."""
     directory = model_directory(model)
     if directory is None:
         raise ValueError(f"{model!r} is not a model directory (with config.json); a preset cannot be quantized")
     recipe = recipe or Int8Recipe()
+    (directory / INT8_OOF_FILE).unlink(missing_ok=True)  # an earlier run's, of other ranges: never read as this one's
     fp32 = Scorer.load(directory, cpu_precision="fp32")
     labels = fp32.labels
     examples = _labelled(data, labels, columns)
@@ -58,7 +67,10 @@ def quantize_model(data: str | Path, model: str | Path | None = None, *, calibra
     y = [examples[k].label for k in checked]
     measured = {"data": str(data), "posts": len(checked), "calibration_photos": photos, **_compared(y, probs, labels)}
     if folds is not None:
-        measured["out_of_fold"] = _out_of_fold(folds, recipe, examples, labels, calibration_images, progress, log)
+        measured["out_of_fold"], pooled = _out_of_fold(folds, recipe, examples, labels, calibration_images, progress,
+                                                       log)
+        arrays: dict[str, Any] = {way: p.astype(np.float32) for way, p in pooled.items()}
+        np.savez_compressed(directory / INT8_OOF_FILE, **arrays)
     measured.update(_context(), parts=kept_parts(measured.get("out_of_fold", measured)))
     Int8Model(recipe, directory / RANGES_FILE, measured).write(directory)
     return measured
@@ -101,8 +113,10 @@ def _both_ways(fp32: Scorer, directory: Path, recipe: Int8Recipe, examples: list
 
 
 def _out_of_fold(folds: Path, recipe: Int8Recipe, examples: list[Example], labels: tuple[str, ...],
-                 calibration_images: int, progress: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    """Every fold model on its held-out rows, both ways: the out-of-fold figures, pooled and per fold."""
+                 calibration_images: int, progress: bool, log: Callable[[str], None]
+                 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Every fold model on its held-out rows, both ways: the out-of-fold figures, pooled and per fold; and the
+    pooled probabilities by way (INT8_OOF_FILE)."""
     fold_dirs = sorted((d for d in folds.iterdir() if (d / "heldout.json").is_file()), key=lambda d: d.name)
     if not fold_dirs:
         raise ValueError(f"{folds}: no fold directories (with heldout.json)")
@@ -121,7 +135,7 @@ def _out_of_fold(folds: Path, recipe: Int8Recipe, examples: list[Example], label
     result = _compared([examples[r].label for r in covered], {m: p[covered] for m, p in pooled.items()}, labels)
     for key in ("accuracy", "weighted_f1", "macro_f1"):
         result[f"fold_mean_{key}"] = {m: float(np.mean([f[m][key] for f in per_fold])) for m in ("fp32", "int8")}
-    return {"folds": len(per_fold), "posts": len(covered), **result, "per_fold": per_fold}
+    return {"folds": len(per_fold), "posts": len(covered), **result, "per_fold": per_fold}, pooled
 
 
 def _probabilities(scorer: Scorer, examples: list[Example], progress: bool, name: str) -> np.ndarray:
