@@ -5,7 +5,8 @@ a backlog of posts through the embedded broker, Redis and a loopback image serve
 * the CPU of each of its threads, from /proc/<pid>/task/*/stat (the model threads, the I/O loop, the decode
   threads, librdkafka's, ONNX Runtime's workers...),
 * with `--py-spy FILE`, a py-spy profile of the whole run (`--native`: C frames too), speedscope, collapsed
-  stacks per thread (.txt) or SVG by name;
+  stacks per thread (.txt) or SVG by name; `--gil` keeps only the samples of the thread holding the GIL, so that
+  a .txt's samples per thread over 100 a second of the run are each thread's share of the GIL;
 * with `--model-only`, the model alone on the same photos (the Scorer from JPEG bytes, batch as given, one thread),
   for the share end to end reaches of it.
 
@@ -14,7 +15,7 @@ a backlog of posts through the embedded broker, Redis and a loopback image serve
                      /proc/<pid>/task ◀─────┘   └── py-spy record --pid
 
     .venv/bin/python scripts/profile_consumer.py [--posts 320] [--broker tansu|noida-db]
-        [--env MMSENT_CPU_PRECISION=int8] [--py-spy /tmp/consumer.speedscope.json [--native]] [--model-only]
+        [--env MMSENT_CPU_PRECISION=int8] [--py-spy /tmp/consumer.speedscope.json [--native] [--gil]] [--model-only]
         [--idle-s 10] [--photos DIR]
 
 Figures on a shared machine are noisy: compare runs made one after the other, and say the load.
@@ -145,7 +146,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
                                                if cpu - idle_before.get(key, 0.0) >= 0.005 * args.idle_s}
             stages_before, threads_before = counter.stage_totals(), thread_cpu_s(consumer.pid)
             process_before = process_cpu_s(consumer.pid)
-            spy = _start_py_spy(consumer.pid, args.py_spy, args.native) if args.py_spy else None
+            spy = _start_py_spy(consumer.pid, args.py_spy, args.native, args.gil) if args.py_spy else None
             full = run_end_to_end(make_posts(args.posts, len(photos), server, 0.3, seed=2), producer, counter,
                                   server, "full", None, roles)
             threads_after, stages_after = thread_cpu_s(consumer.pid), counter.stage_totals()
@@ -172,12 +173,14 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def _start_py_spy(pid: int, out: Path, native: bool) -> subprocess.Popen[bytes]:
-    """py-spy on the consumer; `native` (C frames too) costs the consumer much more of its time, so less rate."""
+def _start_py_spy(pid: int, out: Path, native: bool, gil: bool) -> subprocess.Popen[bytes]:
+    """py-spy on the consumer; `native` (C frames too) costs the consumer much more of its time, so less rate;
+    `gil`: only the samples of a thread that holds the GIL."""
     # .txt: collapsed stacks, one line per stack with its thread first, for grep and sort
     fmt = {".json": "speedscope", ".txt": "raw"}.get(out.suffix, "flamegraph")
     how = ["--native", "--rate", "50"] if native else ["--rate", "100"]
     how += ["--threads"] if fmt == "raw" else []
+    how += ["--gil"] if gil else []
     spy = subprocess.Popen([_py_spy(), "record", *how, "--pid", str(pid), "--format", fmt, "--output", str(out)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(1.0)  # attached before the backlog starts
@@ -200,6 +203,7 @@ def main() -> None:
     parser.add_argument("--py-spy", type=Path, help="record a py-spy profile of the consumer to this file")
     parser.add_argument("--idle-s", type=float, default=0.0, help="first measure the idle consumer this long")
     parser.add_argument("--native", action="store_true", help="py-spy: C frames too (slows the consumer more)")
+    parser.add_argument("--gil", action="store_true", help="py-spy: only samples that hold the GIL")
     parser.add_argument("--model-only", action="store_true", help="also time the model alone on the same photos")
     print(json.dumps(profile(parser.parse_args()), indent=2))
 
