@@ -57,7 +57,7 @@ def test_bench_smoke_measures_fp32_against_int8_in_one_run(smoke: tuple[dict[str
         # whole; the broker may be charged no clock tick over this two-second window (CI saw 0.0), the consumer is
         shares = full["cpu_shares"]
         assert set(shares) == {"consumer", "broker", "redis", "bench (producer, image server)", "other", "idle"}
-        assert shares["consumer"] > 0 and shares["broker"] >= 0
+        assert shares["consumer"] > 0
         assert 0.8 < sum(shares.values()) < 1.2, shares
         assert result["share_of_model_only"][precision] == pytest.approx(
             full["posts_per_s"] / compared[precision]["posts_per_s"])
