@@ -20,6 +20,7 @@ from mmsent import Reference, Scorer
 from mmsent.cli import app
 from mmsent.data import Example, collate, load_examples, load_image
 from mmsent.encoders import ImageEncoder, ImageSpec, RandomWeightsWarning
+from mmsent.evaluation.failures import confusion
 from mmsent.model import MODALITY_PAIRS, Features, MMSentModel
 from mmsent.presets import from_config, preset_config
 from mmsent.training import loop
@@ -208,9 +209,7 @@ def test_train_with_folds_tunes_from_activations_and_calibrates_out_of_fold(tmp_
     assert oof_failures_main(["--model", str(out), "--data", str(data), "--fused", "int8", "--json", "--folds",
                               "2"]) == 0
     report = json.loads(capsys.readouterr().out)
-    y = np.array([e.label for e in examples])
-    assert report["confusion"] == [[int(((y == t) & (int8_fused.argmax(1) == p)).sum()) for p in range(3)]
-                                   for t in range(3)]
+    assert report["confusion"] == confusion(np.array([e.label for e in examples]), int8_fused.argmax(1), 3)
     with pytest.raises(SystemExit, match="has no 'int8-both'"):
         oof_failures_main(["--model", str(out), "--data", str(data), "--fused", "int8-both"])
     # a run without folds measures nothing out of fold: the file of the run before goes
