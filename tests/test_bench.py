@@ -51,6 +51,8 @@ def test_bench_smoke_measures_fp32_against_int8_in_one_run(smoke: tuple[dict[str
         run = result["end_to_end"][precision]
         assert run["consumer_cpu_precision"] == precision, run["log"]
         full, half = run["full"], run["half"]
+        # two rounds, the precisions alternating: the table's run is the median (of two, the slower)
+        assert len(run["full_runs_posts_per_s"]) == 2 and full["posts_per_s"] == min(run["full_runs_posts_per_s"])
         assert full["posts"] == 48 and full["posts_per_s"] > 0 and full["latency_ms_p99"] >= full["latency_ms_p50"]
         assert half["offered_per_s"] == pytest.approx(full["posts_per_s"] / 2)
         assert full["image_requests"] > 0, "the posts' images were never fetched"
@@ -72,6 +74,25 @@ def test_bench_smoke_measures_fp32_against_int8_in_one_run(smoke: tuple[dict[str
     assert all(a["met"] == (a["value"] >= a["at_least"]) for a in result["aims"])
     assert "| int8 | int8 / int8 |" in stdout and "| fp32 | fp32 / fp32 |" in stdout
     assert stdout.count("| int8 end to end / int8 model only |") == 1
+    assert "in each of 2 rounds, the precisions alternating" in stdout and "Every full-load run's posts/s" in stdout
+    assert [line.split(":")[0] for line in stdout.splitlines() if line.startswith("end to end ")] == [
+        "end to end fp32 full, round 1", "end to end fp32 half, round 1", "end to end int8 full, round 1",
+        "end to end int8 half, round 1", "end to end fp32 full, round 2", "end to end int8 full, round 2"]
+
+
+def test_the_median_run_is_one_real_run_and_of_two_the_slower() -> None:
+    from tooling.bench import EndToEnd, ServedRun, median_run
+
+    def run(posts_per_s: float) -> ServedRun:
+        full = EndToEnd("full", 10, None, posts_per_s, 1.0, 2.0, 3.0, 5, None)
+        return ServedRun(full, None, {}, Path(f"/tmp/{posts_per_s}"))
+
+    runs = [run(150.0), run(120.0), run(160.0)]
+    assert median_run(runs) is runs[0]
+    assert median_run(runs[1:]) is runs[1]
+    assert median_run(runs[:1]) is runs[0]
+    with pytest.raises(RuntimeError, match="no half-load run"):
+        runs[0].half_load()
 
 
 def _distinct_images(posts: int, seed: int) -> int:
