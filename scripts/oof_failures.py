@@ -3,8 +3,14 @@
 
     .venv/bin/python scripts/oof_failures.py [--model mmsent/models/default]
         [--data ../shared/data/mvsa-single/train.jsonl] [--folds 5 --seed 0] [--decode] [--json] [--fused WAY]
+        [--with DIR2 ...]
 
     DIR/oof.npz + DIR/calibration.json + DATA ──failure_report──▶ render_failures ──▶ stdout
+
+`--with DIR2` (repeatable) scores an ensemble: each path's probabilities the mean of DIR's and DIR2's oof.npz (both
+models cross-validated on the same data with the same folds and seed), the calibration refitted on the mean fused
+path (`fit_calibration`, DIR's target precisions), as an ensemble that averages its members' probabilities would be
+served.
 
 `--fused WAY` reads the fused path's probabilities from DIR/int8-oof.npz (what `mmsent quantize --folds` scored:
 `fp32`, `int8`, `int8-cnn`, `int8-text`) instead of oof.npz's: what the alerts catch as served in int8. The
@@ -26,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from mmsent.data import Example, load_examples, load_image
+from mmsent.evaluation.calibrate import fit_calibration
 from mmsent.evaluation.failures import failure_report, image_file_present, render_failures
 from mmsent.evaluation.int8 import INT8_OOF_FILE
 from mmsent.serving.calibration import CALIBRATION_FILE, Calibration
@@ -61,6 +68,25 @@ def quantized_fused(model: Path, way: str) -> np.ndarray:
     return fused
 
 
+def load_oof(model: Path) -> dict[str, np.ndarray]:
+    with np.load(model / "oof.npz") as npz:
+        return {name: npz[name] for name in npz.files}
+
+
+def ensemble(oofs: list[dict[str, np.ndarray]], y: np.ndarray, calibration: Calibration
+             ) -> tuple[dict[str, np.ndarray], Calibration]:
+    """The mean of several models' out-of-fold probabilities, path by path, and a calibration refitted on the mean
+    fused path at `calibration`'s target precisions."""
+    for other in oofs[1:]:
+        if {m: p.shape for m, p in other.items()} != {m: p.shape for m, p in oofs[0].items()}:
+            raise SystemExit("--with: the models' oof.npz differ in paths or rows (the same data and folds?)")
+    mean = {path: np.mean([oof[path] for oof in oofs], axis=0) for path in oofs[0]}
+    targets = sorted({t.target for thresholds in calibration.thresholds.values() for t in thresholds})
+    refitted = fit_calibration(np.log(np.clip(mean["both"], 1e-12, None)), y, calibration.labels, targets,
+                               metrics={"source": f"the mean of {len(oofs)} models' out-of-fold probabilities"})
+    return mean, refitted
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=ROOT / "mmsent" / "models" / "default")
@@ -71,15 +97,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print the report's dict as JSON instead of Markdown")
     ap.add_argument("--fused", metavar="WAY", help=f"the fused path from DIR/{INT8_OOF_FILE} (mmsent quantize "
                                                    "--folds): fp32, int8, int8-cnn or int8-text")
+    ap.add_argument("--with", dest="members", metavar="DIR2", type=Path, action="append", default=[],
+                    help="another model directory with an oof.npz of the same data and folds: report the ensemble "
+                         "(the mean of the models' probabilities)")
     args = ap.parse_args(argv)
+    if args.fused and args.members:
+        raise SystemExit("--fused and --with: one at a time (int8's fused path is one model's)")
 
     calibration = Calibration.from_dict(json.loads((args.model / CALIBRATION_FILE).read_text()))
     examples = load_examples(args.data, calibration.labels)
-    with np.load(args.model / "oof.npz") as npz:
-        oof = {name: npz[name] for name in npz.files}
+    y = np.asarray([e.label for e in examples], dtype=np.int64)
+    oof = load_oof(args.model)
     if args.fused:
         oof["both"] = quantized_fused(args.model, args.fused)
-    y = np.asarray([e.label for e in examples], dtype=np.int64)
+    if args.members:
+        oof, calibration = ensemble([oof, *(load_oof(member) for member in args.members)], y, calibration)
     report = failure_report(examples, oof, calibration,
                             image_status=image_decodes if args.decode else image_file_present,
                             folds=training_folds(y, args.folds, args.seed) if args.folds else None)

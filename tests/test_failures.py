@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from mmsent.data import Example
-from mmsent.evaluation.failures import failure_report, image_file_present, render_failures
+from mmsent.evaluation.failures import confusion, failure_report, fold_means, image_file_present, render_failures
 from mmsent.model import LABELS, MODALITY_PAIRS
 from mmsent.serving.calibration import Calibration, Threshold
 from scripts.oof_failures import main as oof_failures_main
+from scripts.oof_failures import training_folds
 
 ROOT = Path(__file__).resolve().parents[1]
 NEG, NEU, POS = range(3)
@@ -151,6 +152,17 @@ def test_cross_fitted_thresholds_are_fitted_on_the_other_folds() -> None:
     assert cross["per_fold"][1]["threshold"] == pytest.approx(0.8, abs=1e-6)
 
 
+def test_fold_means_average_each_folds_figures_not_the_pooled_ones() -> None:
+    y = np.array([NEG, POS, NEG, POS, NEG, POS])  # fold 0: rows 0-1, fold 1: rows 2-5
+    said = np.array([NEG, POS, NEG, NEG, POS, POS])  # fold 0 all right; fold 1 half right
+    probs = np.array([confident(k) for k in said])
+    means = fold_means({"both": probs}, y, LABELS, [0, 0, 1, 1, 1, 1])
+    assert means["both"]["accuracy"] == pytest.approx((1.0 + 0.5) / 2)  # pooled: 4 / 6
+    assert means["both"]["weighted_f1"] == pytest.approx((1.0 + 0.5) / 2)  # fold 1: F1 0.5 for each of its labels
+    assert failure_report([Example(str(k), "w", int(label), None) for k, label in enumerate(y)],
+                          {"both": probs, "text": probs, "image": probs}, calibration())["fold_means"] is None
+
+
 # --- Markdown and the script ----------------------------------------------------------------------------------------
 def test_the_markdown_carries_the_reports_figures(tmp_path: Path) -> None:
     examples, oof = posts(tmp_path)
@@ -161,6 +173,7 @@ def test_the_markdown_carries_the_reports_figures(tmp_path: Path) -> None:
     assert "| caption ≤ 5 words | 3 | 3 | 3 | **1.000** | 1.000 | 1.000 |" in text
     assert "cross-fitted over the CV folds" in text
     assert "Recall: fused 0.500, text-only 0.500, image-only 0.500" in text
+    assert "### Accuracy and weighted-F1, means over the CV folds (argmax)" in text
 
 
 def test_the_script_reads_a_model_directorys_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -182,6 +195,22 @@ def test_the_script_reads_a_model_directorys_files(tmp_path: Path, capsys: pytes
     report = json.loads(capsys.readouterr().out)
     # b"present" is no image: decoding finds every post's image missing
     assert {g["group"]: g["posts"] for g in report["negative"]["by_image"]}["image missing or undecodable"] == 13
+    # an ensemble (--with): each path the mean of the two models' probabilities, the calibration refitted on it
+    other = tmp_path / "other"
+    other.mkdir()
+    flipped = {path: p[::-1].copy() for path, p in oof.items()}  # another model: other posts right and wrong
+    np.savez(other / "oof.npz", **flipped)
+    assert oof_failures_main(["--model", str(model), "--data", str(data), "--with", str(other), "--json",
+                              "--folds", "2"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    labels = np.array([e.label for e in examples])
+    mean = {path: (oof[path] + flipped[path]) / 2 for path in oof}
+    assert report["confusion"] == confusion(labels, mean["both"].argmax(1), 3)
+    want = fold_means(mean, labels, LABELS, training_folds(labels, 2, 0))
+    assert report["fold_means"]["text"] == pytest.approx(want["text"])
+    assert report["temperature"] != calibration().temperature, "the ensemble's own calibration"
+    with pytest.raises(SystemExit, match="one at a time"):
+        oof_failures_main(["--model", str(model), "--data", str(data), "--with", str(other), "--fused", "int8"])
 
 
 @pytest.mark.skipif(not (MVSA.is_file() and (SHIPPED / "oof.npz").is_file()), reason="no shared MVSA data")
@@ -190,3 +219,14 @@ def test_the_shipped_models_recorded_alerts_are_reproduced(capsys: pytest.Captur
     assert oof_failures_main(["--json", "--folds", "0"]) == 0
     for row in json.loads(capsys.readouterr().out)["negative"]["alerts"]:
         assert (row["alerts"], row["recall"]) == (row["recorded"]["alerts"], pytest.approx(row["recorded"]["recall"]))
+
+
+@pytest.mark.skipif(not (MVSA.is_file() and (SHIPPED / "oof.npz").is_file()), reason="no shared MVSA data")
+def test_the_shipped_models_fold_means_are_its_cross_validations(capsys: pytest.CaptureFixture[str]) -> None:
+    """The report's fold means, from oof.npz and training's own folds, are what cv.json summarised at training."""
+    assert oof_failures_main(["--json"]) == 0
+    means = json.loads(capsys.readouterr().out)["fold_means"]
+    summary = json.loads((SHIPPED / "cv.json").read_text())["summary"]
+    for path in ("both", "text", "image"):
+        for name in ("accuracy", "weighted_f1"):
+            assert means[path][name] == pytest.approx(summary[path][name]["mean"], abs=1e-4), (path, name)

@@ -1,11 +1,13 @@
-"""Where a model fails, from its out-of-fold predictions: which negative posts the fused path misses (and what its
+"""Where a model fails, from its out-of-fold predictions: each path's accuracy and weighted-F1 over the CV folds,
+which negative posts the fused path misses (and what its
 text-only and image-only paths, and the annotators, say of them), negative recall by caption length, image status
 and whether the two single-modality paths agree, negative recall at the calibration's alert thresholds, and what
 neutral posts are called instead.
 
     examples (label, annotators' pair, caption, image) ──┐
     oof {"both", "text", "image"}: (N, K) probabilities ──┼── failure_report ──▶ dict ── render_failures ──▶ Markdown
-    calibration (temperature, thresholds by precision) ───┘       (folds given: thresholds also cross-fitted)
+    calibration (temperature, thresholds by precision) ───┘       (folds given: each path's fold means, and the
+                                                                    thresholds also cross-fitted)
 
 The probabilities are the cross-validation's (`mmsent train --folds`, oof.npz): every row scored by a fold model that
 never trained on it. Argmax figures use them as they are; the alert figures apply the calibration's temperature
@@ -23,6 +25,7 @@ import numpy as np
 
 from mmsent.data import Example
 from mmsent.evaluation.calibrate import precision_thresholds
+from mmsent.evaluation.metrics import compute_metrics
 from mmsent.model import MODALITY_PAIRS, pair_label
 from mmsent.serving.calibration import Calibration, Threshold, calibrated_probabilities
 
@@ -77,10 +80,23 @@ def failure_report(examples: Sequence[Example], oof: Mapping[str, np.ndarray], c
         "n": len(y),
         "labels": labels,
         "temperature": calibration.temperature,
+        "fold_means": fold_means(probs, y, labels, folds) if folds is not None else None,
         "confusion": confusion(y, pred["both"], len(labels)),
         "negative": negative,
         "neutral": label_failures(neu, y, pred, labels, examples),
     }
+
+
+def fold_means(probs: Mapping[str, np.ndarray], y: np.ndarray, labels: Sequence[str],
+               folds: Sequence[int] | np.ndarray) -> dict[str, dict[str, float]]:
+    """Per path, the mean over the CV folds of each fold's accuracy and weighted-F1 (argmax): the figures cv.json
+    summarises, here for any out-of-fold probabilities (an ensemble's averaged ones, say)."""
+    fold_of = np.asarray(folds)
+    out = {}
+    for path, p in probs.items():
+        per_fold = [compute_metrics(y[fold_of == f], p[fold_of == f], labels) for f in np.unique(fold_of)]
+        out[path] = {name: float(np.mean([m[name] for m in per_fold])) for name in ("accuracy", "weighted_f1")}
+    return out
 
 
 def label_failures(k: int, y: np.ndarray, pred: Mapping[str, np.ndarray], labels: Sequence[str],
@@ -222,7 +238,11 @@ def render_failures(report: Mapping[str, Any]) -> str:
     """The report as Markdown: a heading per question, a table each."""
     labels = report["labels"]
     neg, neu = report["negative"], report["neutral"]
+    means = report.get("fold_means")
     parts = [
+        *([("### Accuracy and weighted-F1, means over the CV folds (argmax)\n\n| path | accuracy | weighted-F1 |\n"
+            "| --- | --- | --- |\n" + "\n".join(f"| {path} | {100 * m['accuracy']:.2f} | {100 * m['weighted_f1']:.2f} |"
+                                           for path, m in means.items()))] if means else []),
         f"### Where the fused path misses negative posts ({report['n']} posts out of fold, argmax)",
         f"{neg['support']} negative posts: called "
         + ", ".join(f"{lab} {neg['called'][lab]}" for lab in labels)
