@@ -1,8 +1,7 @@
 """Where a model fails, from its out-of-fold predictions: each path's accuracy and weighted-F1 over the CV folds,
-which negative posts the fused path misses (and what its
-text-only and image-only paths, and the annotators, say of them), negative recall by caption length, image status
-and whether the two single-modality paths agree, negative recall at the calibration's alert thresholds, and what
-neutral posts are called instead.
+which negative posts the fused path misses (and what its text-only and image-only paths, and the annotators, say of
+them), negative recall by caption length, image status and whether the two single-modality paths agree, negative
+recall at the calibration's alert thresholds, and what neutral posts are called instead.
 
     examples (label, annotators' pair, caption, image) ──┐
     oof {"both", "text", "image"}: (N, K) probabilities ──┼── failure_report ──▶ dict ── render_failures ──▶ Markdown
@@ -240,9 +239,7 @@ def render_failures(report: Mapping[str, Any]) -> str:
     neg, neu = report["negative"], report["neutral"]
     means = report.get("fold_means")
     parts = [
-        *([("### Accuracy and weighted-F1, means over the CV folds (argmax)\n\n| path | accuracy | weighted-F1 |\n"
-            "| --- | --- | --- |\n" + "\n".join(f"| {path} | {100 * m['accuracy']:.2f} | {100 * m['weighted_f1']:.2f} |"
-                                           for path, m in means.items()))] if means else []),
+        *(["### Accuracy and weighted-F1, means over the CV folds (argmax)", fold_means_table(means)] if means else []),
         f"### Where the fused path misses negative posts ({report['n']} posts out of fold, argmax)",
         f"{neg['support']} negative posts: called "
         + ", ".join(f"{lab} {neg['called'][lab]}" for lab in labels)
@@ -267,6 +264,11 @@ def render_failures(report: Mapping[str, Any]) -> str:
         table_3x3(neu["missed_by_paths"], labels, "text-only says", "image-only says"),
     ]
     return "\n\n".join(parts) + "\n"
+
+
+def fold_means_table(means: Mapping[str, Mapping[str, float]]) -> str:
+    rows = [f"| {path} | {100 * m['accuracy']:.2f} | {100 * m['weighted_f1']:.2f} |" for path, m in means.items()]
+    return "\n".join(["| path | accuracy | weighted-F1 |", "| --- | --- | --- |", *rows])
 
 
 def table_3x3(counts: Sequence[Sequence[int]], labels: Sequence[str], row_name: str, col_name: str) -> str:
