@@ -43,6 +43,8 @@ def test_bench_smoke_runs_every_part(smoke: tuple[dict[str, Any], str]) -> None:
 def test_bench_smoke_measures_fp32_against_int8_in_one_run(smoke: tuple[dict[str, Any], str]) -> None:
     """Both precisions, model only and end to end, each really run in its precision: the model-only scorers say
     what they resolved to, and each consumer process says so in its `model_loaded` log line."""
+    from tooling.bench import IRQ_STEAL
+
     result, stdout = smoke
     compared = {m["asked"]: m for m in result["precision_model_only"]["models"]}
     assert set(compared) == {"fp32", "int8"}
@@ -57,12 +59,14 @@ def test_bench_smoke_measures_fp32_against_int8_in_one_run(smoke: tuple[dict[str
         # the half load: run once, in the first round, at half that round's full-load rate
         assert half["offered_per_s"] == pytest.approx(run["full_runs_posts_per_s"][0] / 2)
         assert full["image_requests"] > 0, "the posts' images were never fetched"
-        # where the cores went: every role's process read at both ends (else no shares), the shares adding up to the
-        # whole; the broker may be charged no clock tick over this two-second window (CI saw 0.0), the consumer is
+        # where the cores went: every role's process read at both ends (else no shares); the broker may be charged no
+        # clock tick over this half-second window (CI saw 0.0), the consumer is; the roles are never charged more than
+        # the machine was busy ("other", the busy remainder, dips below 0 only by the ticks rounded off: ~100 here)
         shares = full["cpu_shares"]
-        assert set(shares) == {"consumer", "broker", "redis", "bench (producer, image server)", "other", "idle"}
-        assert shares["consumer"] > 0
-        assert 0.8 < sum(shares.values()) < 1.2, shares
+        assert set(shares) == {"consumer", "broker", "redis", "bench (producer, image server)", "other", IRQ_STEAL,
+                               "idle"}
+        assert shares["consumer"] > 0 and all(0 <= shares[r] <= 1 for r in ("consumer", IRQ_STEAL, "idle")), shares
+        assert shares["other"] > -0.1, shares
         assert result["share_of_model_only"][precision] == pytest.approx(
             full["posts_per_s"] / compared[precision]["posts_per_s"])
         assert result["half_load_p99_ms"][precision] == half["latency_ms_p99"]
@@ -198,7 +202,7 @@ def test_the_bottleneck_names_what_limits_end_to_end() -> None:
 def test_the_cpu_meter_charges_each_role_its_process_and_refuses_a_role_it_cannot_read() -> None:
     """A role's process spinning half a second inside the window is charged to that role; a role whose process was
     not read at both ends gives no shares (never a silent 0)."""
-    from tooling.bench import CpuMeter
+    from tooling.bench import IRQ_STEAL, CpuMeter
 
     spin = ("import sys, time\nsys.stdin.readline()\nend = time.process_time() + 0.5\n"
             "while time.process_time() < end: pass\nprint('spun', flush=True)\nsys.stdin.readline()")
@@ -214,11 +218,11 @@ def test_the_cpu_meter_charges_each_role_its_process_and_refuses_a_role_it_canno
         busy.stdin.write("end\n")
         busy.stdin.flush()
     shares = meter.shares()
-    assert shares is not None and set(shares) == {"busy", "bench", "other", "idle"}
+    assert shares is not None and set(shares) == {"busy", "bench", "other", IRQ_STEAL, "idle"}
     # back to CPU seconds (a share of all cores' time over the window): the 0.5 s spun, however loaded the machine
     busy_s = shares["busy"] * (os.cpu_count() or 1) * window_s
     assert 0.4 < busy_s < 0.8, (busy_s, shares)
-    assert 0.8 < sum(shares.values()) < 1.2, shares
+    assert shares["other"] > -0.1, shares
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
