@@ -722,8 +722,8 @@ def _render_end_to_end(result: dict[str, Any]) -> list[str]:
         roles = list(shares[0][1]["cpu_shares"])
         lines += ["", "Where the cores went, as shares of all cores' time from the first post produced to the last "
                   "event (CPU time per process from /proc; \"other\" is the rest of /proc/stat's busy time, a point "
-                  "or two below 0 where the process and machine counters round apart):", "", "| precision | load | " + " | ".join(roles) + " |",
-                  "|---|---|" + "---|" * len(roles)]
+                  "or two below 0 where the process and machine counters round apart):", "",
+                  "| precision | load | " + " | ".join(roles) + " |", "|---|---|" + "---|" * len(roles)]
         for p, e in shares:
             lines.append(f"| {p} | {e['load']} | " + " | ".join(f"{100 * e['cpu_shares'][r]:.0f}%" for r in roles)
                          + " |")
