@@ -41,9 +41,9 @@ PIXELS_IN_FLIGHT = Gauge(
 )
 
 # The shorter side images are decoded to (at least, and below twice it) when the model's need is not known: twice the
-# 256 px a cropping preset resizes to (EfficientNet-Lite2 squashes to 260: 1.97 times). `decode_side` gives a model's
-# own: twice its preprocess's `ImagePreprocess.source_side`, so that a JPEG's DCT scaling and the box reduce only
-# ever halve what the model's own antialiased resize sees (mmsent/imaging.py: what a closer scale costs in scores).
+# 256 px a cropping preset resizes to, a margin for a model that does not say. `decode_side` gives a model's own: its
+# preprocess's `ImagePreprocess.source_side`, so that the model's own antialiased resize only ever shrinks
+# (mmsent/imaging.py: what decoding that close costs in scores, and what it saves).
 DECODE_MIN_SIDE = 512
 # Waiting for room is bounded too: decodes that outlive their deadline keep their pixels, and a stream of hostile
 # images must not stall the image stage behind them. Four deadlines: a batch of 32 images at the per-image limit
@@ -52,9 +52,9 @@ ROOM_WAIT_DEADLINES = 4
 
 
 def decode_side(*scorers: object) -> int:
-    """The `min_side` to decode images at for these scorers (a shadow model's beside the primary's): twice the
-    largest shorter side their image preprocess needs (`ImagePreprocess.source_side`); DECODE_MIN_SIDE for a scorer
-    that does not say (a test double)."""
+    """The `min_side` to decode images at for these scorers (a shadow model's beside the primary's): the largest
+    shorter side their image preprocess needs (`ImagePreprocess.source_side`); DECODE_MIN_SIDE for a scorer that
+    does not say (a test double)."""
     return max((_decode_side(scorer) for scorer in scorers), default=DECODE_MIN_SIDE)
 
 
@@ -62,7 +62,7 @@ def _decode_side(scorer: object) -> int:
     found: object = scorer
     for name in ("model", "cfg", "image", "preprocess", "source_side"):  # a Scorer's model.cfg.image.preprocess
         found = getattr(found, name, None)
-    return 2 * found if isinstance(found, int) else DECODE_MIN_SIDE
+    return found if isinstance(found, int) else DECODE_MIN_SIDE
 
 
 class PixelBudget:

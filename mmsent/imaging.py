@@ -8,18 +8,21 @@ first frame of an animation and returns an RGB image, whatever the source mode (
     bytes ──open_checked (magic bytes, header: pixels and sides; JPEG drafted to a DCT scale)──▶ lazy image
           ──decode_opened (pixels: first frame, EXIF orientation, RGB, shrunk to within 2 × `min_side`)──▶ RGB image
 
-`min_side` (the consumer's decoder sets it to twice the model's `ImagePreprocess.source_side`; None keeps every
-pixel) says how small the image may come back: a model that sees 224 px gains nothing from a 16 MP photo, and a
-smaller image costs less memory while it waits for the CNN and less time to decode and resize. A JPEG is decoded at
-the smallest DCT scale (1/2, 1/4, 1/8: `Image.draft`, nearly free) whose shorter side is still at least `min_side`;
-then, any format, a shorter side of twice `min_side` or more is box-averaged by a whole factor (`Image.reduce`) to
-below twice `min_side`. Either way the shorter side ends in [min_side, 2 × min_side) (or as it was, when smaller).
+`min_side` (the consumer's decoder and the Scorer's own decode of image bytes set it to the model's
+`ImagePreprocess.source_side`; None keeps every pixel) says how small the image may come back: a model that sees
+224 px gains nothing from a 16 MP photo, and a smaller image costs less memory while it waits for the CNN and less
+time to decode and resize. A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8: `Image.draft`, nearly free)
+whose shorter side is still at least `min_side`; then, any format, a shorter side of twice `min_side` or more is
+box-averaged by a whole factor (`Image.reduce`) to below twice `min_side`. Either way the shorter side ends in
+[min_side, 2 × min_side) (or as it was, when smaller), and the model's own antialiased resize only ever shrinks it.
 Not an exact resize to `min_side`: that one (a box filter at a fractional scale) took 2 ms of CPU for a 600 × 800
-MVSA photo on the dev VM, more than decoding it, and the model's own antialiased resize follows anyway.
-Why twice the model's side and not the side itself: the default model's scores of 400 MVSA photos (600 px on the
-shorter side, most of them) decoded at the DCT scale nearest 224 px moved by up to 0.034 from those of a full decode
-(mean 0.0045; no label changed); of 200 of them enlarged to twice their size and decoded at the scale nearest twice
-224 px, by up to 0.011 (p99 0.008, mean 0.0016): about the 1e-2 the scorer allows its float16 embedding cache.
+MVSA photo on the dev VM, more than decoding it, and the model's own resize follows anyway.
+Why the model's side and no margin (it was twice the side until 2026-12-06): training decodes every pixel, and a
+serving decode at the model's side moves the shipped model's scores a little (all 4,000 MVSA posts, most photos
+450 px on the shorter side and so decoded at 1/2: the same label as a full decode for 99.75% in fp32 and 99.65% in
+int8, the largest probability change 0.0025 on average, 0.020 at p99, 0.050 at most; accuracy 82.25 -> 82.23 in
+fp32, 81.62 -> 81.67 in int8), less than int8 itself moves them (98% of labels is its bar), while the decode and the
+pixels' trip to the CNN cost ~1.1 ms less a photo: +4% fp32 / +6% int8 model only, +9% int8 end to end (BENCHMARKS.md).
 The two halves are separate so that a caller can reserve memory for the pixels between them (consumer/decoding.py).
 """
 

@@ -141,8 +141,8 @@ def test_a_jpeg_is_drafted_to_the_smallest_dct_scale_the_model_needs() -> None:
 
 
 @pytest.mark.parametrize(("size", "min_side", "expected"), [
-    ((600, 800), 448, (600, 800)),  # an MVSA photo for the default model: every pixel, no resize (it cost 2 ms)
-    ((600, 800), 224, (300, 400)),  # the DCT scale 1/2 is enough
+    ((600, 800), 448, (600, 800)),  # every pixel, no resize (it cost 2 ms)
+    ((600, 800), 224, (300, 400)),  # an MVSA photo for the default model: the DCT scale 1/2 is enough
     ((1200, 1600), 448, (600, 800)),
     ((4000, 3000), 448, (1000, 750)),  # 1/4 (1/8 would give 375 < 448)
     ((4000, 3000), 160, (250, 188)),  # 1/8 (500 x 375), the smallest DCT scale, then box-averaged by 2
@@ -155,7 +155,7 @@ def test_a_jpeg_comes_back_with_its_shorter_side_between_min_side_and_twice_it(
     assert min(size) < min_side or min_side <= min(out.size) < 2 * min_side
 
 
-def test_the_decode_side_is_twice_what_each_model_preprocess_needs() -> None:
+def test_the_decode_side_is_what_each_model_preprocess_needs() -> None:
     from mmsent.imaging import ImagePreprocess
     from mmsent.presets import preset_config
 
@@ -169,13 +169,13 @@ def test_the_decode_side_is_twice_what_each_model_preprocess_needs() -> None:
 
     from mmsent import Scorer
 
-    assert decode_side(Scorer.load("tiny-random")) == 2 * 36  # its tiny CNN crops from a 36 px shorter side
-    assert decode_side(Holding(squash)) == 448
-    assert decode_side(Holding(squash), Holding(crop)) == 512  # a shadow model's need counts too
+    assert decode_side(Scorer.load("tiny-random")) == 36  # its tiny CNN crops from a 36 px shorter side
+    assert decode_side(Holding(squash)) == 224
+    assert decode_side(Holding(squash), Holding(crop)) == 256  # a shadow model's need counts too
     assert decode_side(object()) == DECODE_MIN_SIDE  # a scorer that does not say
     settings = Settings()
     decode = image_decoder(settings, min_side=decode_side(Holding(squash)))
-    assert isinstance(decode, BoundedDecoder) and decode.min_side == 448
+    assert isinstance(decode, BoundedDecoder) and decode.min_side == 224
     assert image_decoder(settings).min_side == DECODE_MIN_SIDE  # type: ignore[union-attr]
 
 

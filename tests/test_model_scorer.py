@@ -111,6 +111,20 @@ def test_corrupt_image_bytes_score_text_only_and_never_break_the_batch(scorer: S
         assert _close(r, out[-1])  # exactly the text-only score
 
 
+def test_image_bytes_are_decoded_at_the_models_side_as_the_consumer_decodes_them(scorer: Scorer) -> None:
+    """A 480 x 640 JPEG for the tiny model (a 36 px shorter side): scored from its bytes as from the PIL image that
+    `decode_image` gives at that side (the DCT scale 1/8, 60 x 80), not as from every pixel."""
+    from mmsent import decode_image
+
+    data = _jpeg((40, 160, 220), size=(480, 640))
+    side = scorer.model.cfg.image.preprocess.source_side
+    assert side == 36 and decode_image(data, min_side=side).size == (60, 80)
+    from_bytes, at_side, full = scorer.score([{"text": "look", "image": image} for image in (
+        data, decode_image(data, min_side=side), decode_image(data))])
+    assert _close(from_bytes, at_side, 1e-6)
+    assert max(abs(from_bytes.scores[k] - full.scores[k]) for k in full.scores) > 1e-6  # the full decode differs
+
+
 def test_embed_images_matches_scoring_from_pixels(scorer: Scorer) -> None:
     img = Image.new("RGB", (64, 64), (10, 180, 90))
     [emb] = scorer.embed_images([img])

@@ -3,9 +3,10 @@
     scorer = Scorer.load()                       # the packaged default model
     scorer.score([{"text": "great day", "image": jpeg_bytes}, {"text": "meh", "image": None}])
 
-A post's image may be a PIL image, encoded bytes (decoded by the safe `decode_image`), a precomputed
-`ImageEmbedding` from `embed_images` (for the consumer's embedding cache) or None. Bytes that cannot be decoded are
-scored text-only (`image_used=False`); a broken image never breaks the batch.
+A post's image may be a PIL image, encoded bytes (decoded by the safe `decode_image`, at the model's own side as
+the consumer decodes them), a precomputed `ImageEmbedding` from `embed_images` (for the consumer's embedding cache)
+or None. Bytes that cannot be decoded are scored text-only (`image_used=False`); a broken image never breaks the
+batch.
 
 Each result also says what each modality alone says (`scores_by_modality`: "text" when the post has a caption,
 "image" when its image was used): the same head on the same encoder outputs with the other modality marked absent
@@ -457,8 +458,9 @@ class Scorer:
         if isinstance(image, bytes | bytearray | memoryview):
             if self.wants_image_bytes:
                 return bytes(image)
-            try:
-                return decode_image(bytes(image), max_pixels=self.max_pixels, max_side=self.max_side)
+            try:  # at the model's side, as the consumer decodes (mmsent/imaging.py)
+                return decode_image(bytes(image), max_pixels=self.max_pixels, max_side=self.max_side,
+                                    min_side=self.model.cfg.image.preprocess.source_side)
             except ImageDecodeError:
                 return None
         raise TypeError(f"a post's image must be PIL, bytes, an ImageEmbedding or None, not {type(image).__name__}")
