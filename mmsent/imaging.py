@@ -18,11 +18,12 @@ box-averaged by a whole factor (`Image.reduce`) to below twice `min_side`. Eithe
 Not an exact resize to `min_side`: that one (a box filter at a fractional scale) took 2 ms of CPU for a 600 × 800
 MVSA photo on the dev VM, more than decoding it, and the model's own resize follows anyway.
 Why the model's side and no margin (it was twice the side until 2026-12-06): training decodes every pixel, and a
-serving decode at the model's side moves the shipped model's scores a little (all 4,000 MVSA posts, most photos
-450 px on the shorter side and so decoded at 1/2: the same label as a full decode for 99.75% in fp32 and 99.65% in
-int8, the largest probability change 0.0025 on average, 0.020 at p99, 0.050 at most; accuracy 82.25 -> 82.23 in
-fp32, 81.62 -> 81.67 in int8), less than int8 itself moves them (98% of labels is its bar), while the decode and the
-pixels' trip to the CNN cost ~1.1 ms less a photo: +4% fp32 / +6% int8 model only, +9% int8 end to end (BENCHMARKS.md).
+serving decode at the model's side moves the shipped model's scores a little. On all 4,000 MVSA posts (most photos
+450 px on the shorter side, so decoded at 1/2): the same label as a full decode for 99.75% in fp32 and 99.65% in
+int8; a post's largest probability change 0.0025 on average, 0.020 at p99, 0.050 at most; in-sample accuracy (the
+model trained on these posts) 82.25 -> 82.23 in fp32, 81.62 -> 81.67 in int8. That is less than int8 itself moves
+them (its bar: 98% of labels), and the decode and the pixels' trip to the CNN cost ~1.1 ms less a photo: model
+only +5% in fp32 and +10% in int8, end to end in int8 +11% (BENCHMARKS.md, 2026-12-07).
 The two halves are separate so that a caller can reserve memory for the pixels between them (consumer/decoding.py).
 """
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+import re
 import socket
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,6 +126,26 @@ def test_image_bytes_are_decoded_at_the_models_side_as_the_consumer_decodes_them
         data, decode_image(data, min_side=side), decode_image(data))])
     assert _close(from_bytes, at_side, 1e-6)
     assert max(abs(from_bytes.scores[k] - full.scores[k]) for k in full.scores) > 1e-6  # the full decode differs
+
+
+def test_the_decode_side_script_compares_labels_and_speed_with_every_pixel(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """scripts/decode_side.py on the tiny model and 6 labelled posts of 480 x 640 photos: one agreement line per side
+    and precision, with a share of labels that is a percentage, and one model-only line per side and precision."""
+    from scripts.decode_side import main
+
+    rows = []
+    for k in range(6):
+        (tmp_path / f"{k}.jpg").write_bytes(_jpeg((40 * k, 160, 220 - 30 * k), size=(480, 640)))
+        rows.append({"text": f"post {k}", "label": ["negative", "neutral", "positive"][k % 3], "image": f"{k}.jpg"})
+    data = tmp_path / "posts.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["--data", str(data), "--model", "tiny-random", "--posts", "6", "--sides", "36", "72",
+                 "--precisions", "fp32", "--rounds", "1"]) == 0
+    printed = capsys.readouterr().out
+    shares = [float(x) for x in re.findall(r"the full decode's label for ([0-9.]+)% of 6 posts", printed)]
+    assert len(shares) == 2 and all(0 <= x <= 100 for x in shares), printed
+    assert len(re.findall(r"model only, fp32, .*: [0-9.]+ posts/s", printed)) == 3, printed  # every pixel, 36, 72
 
 
 def test_embed_images_matches_scoring_from_pixels(scorer: Scorer) -> None:

@@ -230,6 +230,9 @@ class Scorer:
         self.length_bucket: int | None = 8 if on_cpu else None  # rows per text-encoder call
         self.max_pixels = DEFAULT_MAX_PIXELS
         self.max_side = DEFAULT_MAX_SIDE
+        # image bytes decoded to a shorter side of at least this, as the consumer decodes them (mmsent/imaging.py);
+        # None: every pixel
+        self.decode_side: int | None = cfg.image.preprocess.source_side
 
     @classmethod
     def load(cls, model: str | os.PathLike[str] | None = None, *, device: str | None = None,
@@ -458,9 +461,9 @@ class Scorer:
         if isinstance(image, bytes | bytearray | memoryview):
             if self.wants_image_bytes:
                 return bytes(image)
-            try:  # at the model's side, as the consumer decodes (mmsent/imaging.py)
+            try:
                 return decode_image(bytes(image), max_pixels=self.max_pixels, max_side=self.max_side,
-                                    min_side=self.model.cfg.image.preprocess.source_side)
+                                    min_side=self.decode_side)
             except ImageDecodeError:
                 return None
         raise TypeError(f"a post's image must be PIL, bytes, an ImageEmbedding or None, not {type(image).__name__}")
