@@ -23,7 +23,7 @@ serving decode at the model's side moves the shipped model's scores a little. On
 int8; a post's largest probability change 0.0025 on average, 0.020 at p99, 0.050 at most; in-sample accuracy (the
 model trained on these posts) 82.25 -> 82.23 in fp32, 81.62 -> 81.67 in int8. That is less than int8 itself moves
 them (its bar: 98% of labels), and the decode and the pixels' trip to the CNN cost ~1.1 ms less a photo: model
-only +5% in fp32 and +10% in int8, end to end in int8 +11% (BENCHMARKS.md, 2026-12-07).
+only +7% in fp32 and +10% in int8 against every pixel, end to end in int8 +10% (BENCHMARKS.md, 2026-12-07).
 The two halves are separate so that a caller can reserve memory for the pixels between them (consumer/decoding.py).
 """
 

@@ -140,7 +140,7 @@ class CpuMeter:
 
         roles = {role: t / total for role, t in seconds.items()}
         unowned, idle = share("irq", "softirq", "steal"), share("idle", "iowait")
-        # may dip below 0 by the clock ticks the counters round off (a few over a short window)
+        # may dip a point or two below 0: the processes' counters and the machine's are kept, and rounded, apart
         other = 1 - unowned - idle - sum(roles.values())
         return roles | {"other": other, IRQ_STEAL: unowned, "idle": idle}
 
