@@ -61,7 +61,7 @@ def test_bench_smoke_measures_fp32_against_int8_in_one_run(smoke: tuple[dict[str
         assert full["image_requests"] > 0, "the posts' images were never fetched"
         # where the cores went: every role's process read at both ends (else no shares); the broker may be charged no
         # clock tick over this half-second window (CI saw 0.0), the consumer is; the roles are never charged more than
-        # the machine was busy ("other", the busy remainder, dips below 0 only by the ticks rounded off: ~100 here)
+        # the machine was busy ("other", the busy remainder, reads below 0 only by what the two counters round apart)
         shares = full["cpu_shares"]
         assert set(shares) == {"consumer", "broker", "redis", "bench (producer, image server)", "other", IRQ_STEAL,
                                "idle"}
