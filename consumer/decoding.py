@@ -53,16 +53,14 @@ ROOM_WAIT_DEADLINES = 4
 
 def decode_side(*scorers: object) -> int:
     """The `min_side` to decode images at for these scorers (a shadow model's beside the primary's): the largest
-    shorter side their image preprocess needs (`ImagePreprocess.source_side`); DECODE_MIN_SIDE for a scorer that
-    does not say (a test double)."""
+    `Scorer.decode_side` among them (its model's `ImagePreprocess.source_side`, the side the Scorer decodes image
+    bytes at itself); DECODE_MIN_SIDE for a scorer that does not say (a test double) or says None."""
     return max((_decode_side(scorer) for scorer in scorers), default=DECODE_MIN_SIDE)
 
 
 def _decode_side(scorer: object) -> int:
-    found: object = scorer
-    for name in ("model", "cfg", "image", "preprocess", "source_side"):  # a Scorer's model.cfg.image.preprocess
-        found = getattr(found, name, None)
-    return found if isinstance(found, int) else DECODE_MIN_SIDE
+    side = getattr(scorer, "decode_side", None)
+    return side if isinstance(side, int) else DECODE_MIN_SIDE
 
 
 class PixelBudget:

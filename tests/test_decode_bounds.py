@@ -11,7 +11,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -163,13 +162,16 @@ def test_the_decode_side_is_what_each_model_preprocess_needs() -> None:
     crop = ImagePreprocess(size=224, resize=256)  # the shorter side resized to 256, then cropped
     assert (squash.source_side, crop.source_side) == (224, 256)
 
-    class Holding:  # what decode_side reads of a Scorer: model.cfg.image.preprocess
+    class Holding:  # what decode_side reads of a Scorer: its decode_side, set from its model's preprocess
         def __init__(self, preprocess: ImagePreprocess) -> None:
-            self.model = SimpleNamespace(cfg=SimpleNamespace(image=SimpleNamespace(preprocess=preprocess)))
+            self.decode_side = preprocess.source_side
 
     from mmsent import Scorer
 
-    assert decode_side(Scorer.load("tiny-random")) == 36  # its tiny CNN crops from a 36 px shorter side
+    tiny = Scorer.load("tiny-random")
+    assert decode_side(tiny) == 36  # its tiny CNN crops from a 36 px shorter side
+    tiny.decode_side = 100
+    assert decode_side(tiny) == 100  # the Scorer's own decode side is the one source of the rule
     assert decode_side(Holding(squash)) == 224
     assert decode_side(Holding(squash), Holding(crop)) == 256  # a shadow model's need counts too
     assert decode_side(object()) == DECODE_MIN_SIDE  # a scorer that does not say
