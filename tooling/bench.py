@@ -47,6 +47,18 @@ IN, OUT, DLQ = "bench-posts", "bench-sentiment", "bench-dlq"
 # -- the image server and the posts -------------------------------------------------------------------------------
 
 
+def precision_ran(entry: dict[str, Any]) -> str:
+    """The precision a model-only entry ran in, naming the parts when int8 covers only some: `auto` serves the
+    default model's CNN in int8 and its text encoder in fp32 ("int8 (cnn only)"), which is slower than both in int8
+    and must not read as the same figure."""
+    from mmsent.quantize import PARTS  # torch comes with mmsent: imported when this runs, as in run_all
+
+    parts = entry.get("int8_parts") or []
+    if entry["cpu_precision"] == "int8" and parts and set(parts) != set(PARTS):
+        return f"int8 ({', '.join(parts)} only)"
+    return str(entry["cpu_precision"])
+
+
 def photo_server(photos: list[bytes]) -> LoopbackImageServer:
     return LoopbackImageServer({f"/p{i}.jpg": (photo, "image/jpeg") for i, photo in enumerate(photos)})
 
@@ -537,7 +549,7 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
     result["precision_model_only"] = compare_models([f"{name}@{p}" for p in PRECISIONS], batch_size,
                                                     precision_rounds, posts=4 * batch_size)
     for entry in result["precision_model_only"]["models"]:
-        print(f"model only {entry['spec']} batch {batch_size} (ran {entry['cpu_precision']}): "
+        print(f"model only {entry['spec']} batch {batch_size} (ran {precision_ran(entry)}): "
               f"{entry['posts_per_s']:.1f} posts/s, {entry['batch_ms_p50']:.1f} ms/batch", flush=True)
     result["model_only"] = [bench_model(name, model_batch_sizes, min_seconds=min_seconds,
                                         compare_padding_at=batch_size, cpu_precision=cpu_precision)]
@@ -546,7 +558,7 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
                                                 compare_padding_at=None, cpu_precision=cpu_precision))
     for entry in result["model_only"]:
         for figure in entry["figures"]:
-            print(f"model {entry['preset']} ({entry['cpu_precision']}) batch {figure['batch_size']:>3} "
+            print(f"model {entry['preset']} ({precision_ran(entry)}) batch {figure['batch_size']:>3} "
                   f"{figure['padding']:<8} {figure['posts_per_s']:8.1f} posts/s  {figure['batch_ms_p50']:8.1f} "
                   "ms/batch", flush=True)
     photos, _ = sample_photos(max(64, e2e_posts))
@@ -696,7 +708,7 @@ def _render_sweep(result: dict[str, Any]) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for entry in result["model_only"]:
         for f in entry["figures"]:
-            lines.append(f"| {entry['preset']} | {entry['cpu_precision']} | {f['batch_size']} | {f['padding']} | "
+            lines.append(f"| {entry['preset']} | {precision_ran(entry)} | {f['batch_size']} | {f['padding']} | "
                          f"{f['posts_per_s']:.1f} | {f['batch_ms_p50']:.1f} | {f['batch_ms_max']:.1f} |")
     lines += ["", "| preset | GFLOPs/post | share of fp32 matmul FLOP/s at best batch | photos |", "|---|---|---|---|"]
     for entry in result["model_only"]:

@@ -190,6 +190,7 @@ def bench_model(
         "model": scorer.info,
         "device": str(scorer.device),
         "cpu_precision": scorer.cpu_precision,
+        "int8_parts": list(scorer.int8_parts),
         "precision_note": scorer.precision_note,
         "threads": torch.get_num_threads(),
         "photos": photo_source,
@@ -225,7 +226,8 @@ def compare_models(models: Sequence[str], batch_size: int = 32, rounds: int = 8,
         "batch_size": batch_size, "rounds": rounds, "posts": n, "photos": photo_source,
         "threads": torch.get_num_threads(),
         "models": [{"spec": spec, "model": model, "asked": asked, "cpu_precision": s.cpu_precision,
-                    "precision_note": s.precision_note, "info": s.info, "posts_per_s": r,
+                    "int8_parts": list(s.int8_parts), "precision_note": s.precision_note, "info": s.info,
+                    "posts_per_s": r,
                     "batch_ms_p50": 1000 * median, "of_first": r / rates[0]}
                    for spec, (model, asked), s, r, median in zip(models, specs, scorers, rates, medians, strict=True)],
     }
