@@ -47,18 +47,6 @@ IN, OUT, DLQ = "bench-posts", "bench-sentiment", "bench-dlq"
 # -- the image server and the posts -------------------------------------------------------------------------------
 
 
-def precision_ran(entry: dict[str, Any]) -> str:
-    """The precision a model-only entry ran in, naming the parts when int8 covers only some: `auto` serves the
-    default model's CNN in int8 and its text encoder in fp32 ("int8 (cnn only)"), which is slower than both in int8
-    and must not read as the same figure."""
-    from mmsent.quantize import PARTS  # torch comes with mmsent: imported when this runs, as in run_all
-
-    parts = entry.get("int8_parts") or []
-    if entry["cpu_precision"] == "int8" and parts and set(parts) != set(PARTS):
-        return f"int8 ({', '.join(parts)} only)"
-    return str(entry["cpu_precision"])
-
-
 def photo_server(photos: list[bytes]) -> LoopbackImageServer:
     return LoopbackImageServer({f"/p{i}.jpg": (photo, "image/jpeg") for i, photo in enumerate(photos)})
 
@@ -501,6 +489,18 @@ MODEL_BOUND_SHARE = 0.9
 BENCH_BROKER = "tansu"
 PRECISIONS = ("fp32", "int8")  # the CPU precisions measured side by side (MMSENT_CPU_PRECISION)
 CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")  # what int8 and bf16 kernels use
+
+
+def precision_ran(entry: dict[str, Any]) -> str:
+    """The precision a model-only entry ran in, naming the parts when int8 covers only some: `auto` serves the
+    default model's CNN in int8 and its text encoder in fp32 ("int8 (cnn only)"), which is slower than both in int8
+    and must not read as the same figure."""
+    from mmsent.quantize import PARTS  # torch comes with mmsent: imported when this runs, as in run_all
+
+    parts = entry.get("int8_parts") or []
+    if entry["cpu_precision"] == "int8" and parts and set(parts) != set(PARTS):
+        return f"int8 ({', '.join(parts)} only)"
+    return str(entry["cpu_precision"])
 
 
 def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: int, naive_posts: int,
