@@ -235,7 +235,7 @@ def test_a_model_only_figure_names_the_parts_int8_covered() -> None:
     """`auto` serves the default model's CNN in int8 and its text encoder in fp32: the sweep must not label that
     figure "int8" beside the rounds' both-parts int8 (the 2026-12-07 bench printed 101.5 "int8" posts/s against
     189.9)."""
-    from tooling.bench import precision_ran
+    from mmsent.benchmarks.host import precision_ran
 
     assert precision_ran({"cpu_precision": "int8", "int8_parts": ["cnn"]}) == "int8 (cnn only)"
     assert precision_ran({"cpu_precision": "int8", "int8_parts": ["text", "cnn"]}) == "int8"

@@ -491,18 +491,6 @@ PRECISIONS = ("fp32", "int8")  # the CPU precisions measured side by side (MMSEN
 CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16")  # what int8 and bf16 kernels use
 
 
-def precision_ran(entry: dict[str, Any]) -> str:
-    """The precision a model-only entry ran in, naming the parts when int8 covers only some: `auto` serves the
-    default model's CNN in int8 and its text encoder in fp32 ("int8 (cnn only)"), which is slower than both in int8
-    and must not read as the same figure."""
-    from mmsent.quantize import PARTS  # torch comes with mmsent: imported when this runs, as in run_all
-
-    parts = entry.get("int8_parts") or []
-    if entry["cpu_precision"] == "int8" and parts and set(parts) != set(PARTS):
-        return f"int8 ({', '.join(parts)} only)"
-    return str(entry["cpu_precision"])
-
-
 def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: int, naive_posts: int,
             model_batch_sizes: list[int], seed_batch_sizes: list[int], min_seconds: float, precision_rounds: int,
             cpu_precision: str = "auto", partitions: int = 3, broker: str = BENCH_BROKER, e2e_rounds: int = 1
@@ -528,7 +516,7 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
     import onnxruntime
     import torch
 
-    from mmsent.benchmarks.host import bench_model, compare_models, matmul_flops_per_s, sample_photos
+    from mmsent.benchmarks.host import bench_model, compare_models, matmul_flops_per_s, precision_ran, sample_photos
     from mmsent.benchmarks.precision import cpu_flags
 
     name = model or "default"
@@ -703,6 +691,8 @@ def _render_precisions(result: dict[str, Any]) -> list[str]:
 
 
 def _render_sweep(result: dict[str, Any]) -> list[str]:
+    from mmsent.benchmarks.host import precision_ran
+
     lines = ["### Model only (`Scorer.score`, images as JPEG bytes: decode + CNN + text + fusion)", "",
              "| preset | precision | batch | padding | posts/s | ms/batch (p50) | ms/batch (max) |",
              "|---|---|---|---|---|---|---|"]

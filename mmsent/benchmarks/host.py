@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmsent.quantize import CPU_PRECISIONS
+from mmsent.quantize import CPU_PRECISIONS, PARTS
 from mmsent.runtime import onnxruntime_available
 from mmsent.serving.scorer import Scorer
 
@@ -158,6 +158,16 @@ def time_batches(scorer: Scorer, posts: list[dict[str, Any]], batch_size: int, m
         scorer.score(batch)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def precision_ran(entry: dict[str, Any]) -> str:
+    """The precision a model-only entry (`bench_model`, `compare_models`) ran in, naming the parts when int8 covers
+    only some: `auto` serves the default model's CNN in int8 and its text encoder in fp32 ("int8 (cnn only)"), which
+    is slower than both in int8 and must not read as the same figure."""
+    parts = entry.get("int8_parts") or []
+    if entry["cpu_precision"] == "int8" and parts and set(parts) != set(PARTS):
+        return f"int8 ({', '.join(parts)} only)"
+    return str(entry["cpu_precision"])
 
 
 def bench_model(
