@@ -34,12 +34,18 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["CPU_RUNTIMES", "Exportable", "Int8", "OnnxGraph", "onnxruntime_available", "write_atomically"]
+__all__ = ["CPU_RUNTIMES", "SLOWER_FUSIONS", "Exportable", "Int8", "OnnxGraph", "inference_session",
+           "onnxruntime_available", "write_atomically"]
 
 log = logging.getLogger(__name__)
 
 CPU_RUNTIMES = ("auto", "onnx", "torch")
 _EXPORT_VERSION = 1  # bump when the export recipe changes: old cached graphs are then ignored
+# ONNX Runtime fusions that make these graphs slower on the CPU. SkipLayerNormFusion folds each residual Add into the
+# LayerNormalization after it, and ONNX Runtime 1.32's SkipLayerNormalization kernel is slower than the two ops it
+# replaces: MiniLM at batch 32 x 40 tokens, one thread, 147.6 -> 125.3 ms in int8 and 329.5 -> 313.8 ms in fp32
+# with it off (2-core AMD EPYC VM, 2026-12-07; BENCHMARKS.md). The CNN has no LayerNormalization: unaffected.
+SLOWER_FUSIONS = ("SkipLayerNormFusion",)
 
 
 def onnxruntime_available() -> bool:
@@ -84,20 +90,13 @@ class OnnxGraph:
     def __init__(self, name: str, module: Exportable, example: tuple[torch.Tensor, ...],
                  dynamic: tuple[dict[int, str], ...], *, threads: int, cache_dir: Path | None,
                  int8: Int8 | None = None) -> None:
-        import onnxruntime as ort
-
         shape = "-".join("x".join(str(n) for n in t.shape) for t in example)
         key = f"{name}-{_weights_digest(module)}-{shape}-t{torch.__version__}-v{_EXPORT_VERSION}"
         model = _cached_or_exported(module, example, dynamic, key, cache_dir)
         self.fp32_graph = model  # its path in the cache dir, or the graph itself
         if int8 is not None:
             model = _cached_or_quantized(model, f"{key}-int8-{int8.key}", int8, cache_dir)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        # Busy-waiting worker threads steal the core that the broker client, the fetcher and Redis need.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self._session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self._session = inference_session(model, threads=threads)
         self._inputs = [i.name for i in self._session.get_inputs()]
         self._dtypes = [t.dtype for t in example]
 
@@ -117,6 +116,22 @@ class OnnxGraph:
                 for name, t, dtype in zip(self._inputs, inputs, self._dtypes, strict=True)}
         (out,) = self._session.run(None, feed)
         return torch.from_numpy(out)
+
+
+def inference_session(model: str | bytes, *, threads: int, optimized_to: Path | None = None) -> Any:
+    """ONNX Runtime's CPU session for one of these graphs: `threads` intra-op threads that sleep when idle, every
+    graph optimisation but `SLOWER_FUSIONS`. `optimized_to`: also write the graph as optimised (to look at it)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = max(1, threads)
+    options.inter_op_num_threads = 1
+    # Busy-waiting worker threads steal the core that the broker client, the fetcher and Redis need.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if optimized_to is not None:
+        options.optimized_model_filepath = str(optimized_to)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
+                                disabled_optimizers=list(SLOWER_FUSIONS))
 
 
 def _cached_or_quantized(fp32: str | bytes, key: str, int8: Int8, cache_dir: Path | None) -> str | bytes:

@@ -15,6 +15,7 @@ from PIL import Image
 from mmsent import Scorer
 from mmsent.imaging import ImagePreprocess
 from mmsent.presets import from_config, preset_config
+from mmsent.runtime import inference_session
 from tests.modelutil import structured_photo
 
 
@@ -64,6 +65,28 @@ def test_the_exported_graph_is_cached_and_reused(
     assert again.cpu_runtime == "onnx"
     photo = [{"text": "x", "image": structured_photo(9)}]
     assert again.score(photo)[0].scores == pytest.approx(default_pair[1].score(photo)[0].scores, abs=1e-6)
+
+
+def test_the_text_graph_runs_without_the_fusion_that_slows_it(
+    default_pair: tuple[Scorer, Scorer], onnx_cache: Path, tmp_path: Path
+) -> None:
+    """SkipLayerNormFusion is off in the sessions the encoders run in (runtime.SLOWER_FUSIONS says why); without
+    the list, ONNX Runtime fuses MiniLM's residual Adds into SkipLayerNormalization (the control)."""
+    import onnx
+    import onnxruntime as ort
+
+    [text_graph] = list((onnx_cache / "onnx").glob("text-*.onnx"))
+
+    def op_types(path: Path) -> set[str]:
+        return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node}
+
+    ours = tmp_path / "ours.onnx"
+    inference_session(str(text_graph), threads=1, optimized_to=ours)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "fused.onnx")
+    ort.InferenceSession(str(text_graph), options, providers=["CPUExecutionProvider"])
+    assert "SkipLayerNormalization" in op_types(tmp_path / "fused.onnx")
+    assert "SkipLayerNormalization" not in op_types(ours) and "LayerNormalization" in op_types(ours)
 
 
 def test_an_unwritable_cache_keeps_the_graph_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
