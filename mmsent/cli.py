@@ -215,6 +215,10 @@ def quantize_cmd(
     text_fp32_ffn_layers: Annotated[
         int, typer.Option(min=0, help="keep the first K layers' FFN down-projections of the text encoder in fp32")
     ] = Int8Recipe.text_fp32_ffn_layers,
+    text_smoothing: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="smooth the text encoder's MatMul inputs into the weights before "
+                                                   "int8 (SmoothQuant's alpha; 0: not smoothed)")
+    ] = 0.5,
     folds: Annotated[
         Path | None, typer.Option(help="the fold models a CV kept (mmsent train --folds K --keep-folds: OUT/folds): "
                                        "also measure int8 out of fold, and hold the bar to that")
@@ -224,13 +228,14 @@ def quantize_cmd(
     threads: Annotated[int, typer.Option(help="torch CPU threads")] = 2,
 ) -> None:
     """Make a model directory ready for int8 on the CPU: take the CNN's activation ranges on the data's photos
-    (int8-ranges.json), score the data in fp32 and in int8, and write what int8 kept (int8.json). MMSENT_CPU_PRECISION
-    =auto then serves int8 where it kept 98% of labels and lost at most 0.5 points of accuracy and weighted-F1."""
+    (int8-ranges.json) and the text encoder's on its captions (int8-text-ranges.json), score the data in fp32 and in
+    int8, and write what int8 kept (int8.json). MMSENT_CPU_PRECISION=auto then serves int8 where it kept 98% of labels
+    and lost at most 0.5 points of accuracy and weighted-F1."""
     torch.set_num_threads(threads)
     try:
         measured = quantize_model(data, model, calibration_images=calibration_images, check_posts=check_posts or None,
-                                  recipe=Int8Recipe(text_fp32_ffn_layers=text_fp32_ffn_layers), folds=folds,
-                                  columns=ColumnMap.parse(columns), progress=not json_out, log=_err)
+                                  recipe=Int8Recipe(text_fp32_ffn_layers, text_smoothing=text_smoothing),
+                                  folds=folds, columns=ColumnMap.parse(columns), progress=not json_out, log=_err)
     except ValueError as exc:
         _err(str(exc))
         raise typer.Exit(2) from exc

@@ -13,13 +13,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import mmsent.serving.scorer as scorer_module
 from mmsent import Scorer
 from mmsent.evaluation.int8 import kept_parts, passes_bar, quantize_model
 from mmsent.presets import from_config, model_directory, preset_config
-from mmsent.quantize import INT8_FILE, RANGES_FILE, Int8Model, Int8Recipe, choose_precision, cpu_int8_flags
+from mmsent.quantize import (
+    INT8_FILE,
+    RANGES_FILE,
+    TEXT_RANGES_FILE,
+    Int8Model,
+    Int8Recipe,
+    choose_precision,
+    cpu_int8_flags,
+)
 from tests.modelutil import structured_photo
 
 CPUINFO = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f {extra}\n"
@@ -207,6 +216,65 @@ def test_int8_gives_fp32s_labels_on_the_default_model(cache: Path, monkeypatch: 
     auto = Scorer.load("default")
     kept = Int8Model.load(model_directory("default")).int8_parts
     assert auto.int8_parts == (kept if cpu_int8_flags() else ()), auto.precision_note
+
+
+CAPTIONS = ["so proud of this team!!", "worst commute ever", "meh", "what a beautiful morning", "broken again",
+            "thanks for nothing", "best day with friends", "can't believe they did this to us", "love love love it",
+            "the queue at the airport is endless", "new shoes, who dis", "rain rain go away", "happy birthday mum!"]
+
+
+def test_smoothing_cuts_the_text_encoders_int8_error_and_its_ranges_key_the_graph(
+        cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A smoothing recipe (SmoothQuant's α 0.5) with channel maxima taken on some captions: on others, MiniLM's int8
+    hidden states are nearer fp32's than without it (a wrong rescaling would be far off), and other maxima make
+    another cached graph."""
+    monkeypatch.setenv("MMSENT_CACHE_DIR", str(cache))
+    smoothed_dir = shutil.copytree(model_directory("default"), tmp_path / "smoothed")
+    fp32 = Scorer.load(smoothed_dir, cpu_precision="fp32")
+    assert fp32.collect_text_ranges([f"{c} #{k}" for k in range(4) for c in CAPTIONS], smoothed_dir / TEXT_RANGES_FILE
+                                    ) == 4 * len(CAPTIONS)
+    stored = json.loads((smoothed_dir / INT8_FILE).read_text())
+    stored["recipe"]["text_smoothing"] = 0.5
+    (smoothed_dir / INT8_FILE).write_text(json.dumps(stored))
+    assert Int8Model.load(smoothed_dir).recipe.text_smoothing == 0.5
+    smoothed = Scorer.load(smoothed_dir, cpu_precision="int8", int8_parts=("text",))
+    plain = Scorer.load("default", cpu_precision="int8", int8_parts=("text",))
+    assert smoothed.int8_parts == plain.int8_parts == ("text",)
+    tokens = fp32.model.text_encoder.tokenize([f"{c}, again" for c in reversed(CAPTIONS)])
+
+    def error(scorer: Scorer) -> float:
+        with torch.inference_mode():  # the ONNX Runtime graphs (with grad on, the encoders run in PyTorch)
+            reference = fp32.model.text_encoder(**tokens)
+            return float(((scorer.model.text_encoder(**tokens) - reference).norm() / reference.norm()).item())
+
+    assert error(smoothed) < 0.9 * error(plain), (error(smoothed), error(plain))
+    [graph] = list((cache / "onnx").glob(f"text-*-int8-text-{Int8Model.load(smoothed_dir).recipe.digest()}-*.onnx"))
+    other_dir = shutil.copytree(smoothed_dir, tmp_path / "other")
+    ranges = json.loads((other_dir / TEXT_RANGES_FILE).read_text())
+    ranges["data"] = {name: [2 * v for v in maxima] for name, maxima in ranges["data"].items()}
+    (other_dir / TEXT_RANGES_FILE).write_text(json.dumps(ranges))
+    Scorer.load(other_dir, cpu_precision="int8", int8_parts=("text",))
+    assert len(list((cache / "onnx").glob(f"{graph.name.rsplit('-', 1)[0]}-*.onnx"))) == 2, "other ranges, other graph"
+
+
+def test_a_smoothing_recipe_runs_the_text_encoder_in_int8_only_with_its_ranges(quantized: tuple[Path, Path],
+                                                                               tmp_path: Path) -> None:
+    model_dir = shutil.copytree(quantized[0], tmp_path / "model")
+    stored = json.loads((model_dir / INT8_FILE).read_text())
+    stored["recipe"]["text_smoothing"] = 0.5
+    stored["measured"]["parts"] = {"text": "int8", "cnn": "int8"}
+    (model_dir / INT8_FILE).write_text(json.dumps(stored))
+    assert Int8Model.load(model_dir).int8_parts == ("cnn",), "no text ranges: the text encoder in fp32"
+    for bad in ("not json", '{"format": "mmsent-text-ranges/1", "data": {"x": [1.0, -2.0]}}',
+                '{"format": "mmsent-text-ranges/1", "data": {"x": [NaN]}}', '{"data": {"x": [1.0]}}'):
+        (model_dir / TEXT_RANGES_FILE).write_text(bad)
+        int8 = Int8Model.load(model_dir)
+        assert int8.int8_parts == ("cnn",) and int8.problem is not None and TEXT_RANGES_FILE in int8.problem, bad
+    (model_dir / TEXT_RANGES_FILE).write_text('{"format": "mmsent-text-ranges/1", "data": {"x": [1.0, 0.0]}}')
+    assert Int8Model.load(model_dir).int8_parts == ("text", "cnn")
+    stored["recipe"]["text_smoothing"] = 1.5
+    (model_dir / INT8_FILE).write_text(json.dumps(stored))
+    assert Int8Model.load(model_dir).int8_parts == () and "text_smoothing" in str(Int8Model.load(model_dir).problem)
 
 
 def _figures(agreement: float, accuracy: float, weighted_f1: float) -> dict[str, object]:

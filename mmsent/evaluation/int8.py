@@ -1,6 +1,7 @@
 """`mmsent quantize`: a model directory's int8 artefacts, measured before `auto` may use them.
 
     DATA.jsonl ──shuffled (seed 0); the first N posts with a photo──▶ the CNN's fp32 graph ──▶ int8-ranges.json
+               └─the first 512 captions (a smoothing recipe)──▶ the text encoder's fp32 graph ──▶ int8-text-ranges.json
     DATA.jsonl ──every post (or a sample)──▶ Scorer fp32 ─┐
                                            └─▶ Scorer int8 ┤ (and with each encoder alone in int8)
                                                             ┴─▶ labels kept, accuracy and F1 both ways, per class
@@ -32,7 +33,16 @@ from tqdm.auto import tqdm
 from mmsent.data import Example, load_examples, load_image
 from mmsent.evaluation.metrics import compute_metrics
 from mmsent.presets import model_directory
-from mmsent.quantize import MAX_ACCURACY_DROP, MIN_AGREEMENT, PARTS, RANGES_FILE, Int8Model, Int8Recipe, cpu_int8_flags
+from mmsent.quantize import (
+    MAX_ACCURACY_DROP,
+    MIN_AGREEMENT,
+    PARTS,
+    RANGES_FILE,
+    TEXT_RANGES_FILE,
+    Int8Model,
+    Int8Recipe,
+    cpu_int8_flags,
+)
 from mmsent.serving.scorer import Scorer
 
 __all__ = ["INT8_OOF_FILE", "kept_parts", "passes_bar", "quantize_model"]
@@ -42,6 +52,7 @@ __all__ = ["INT8_OOF_FILE", "kept_parts", "passes_bar", "quantize_model"]
 # post, NaN where no fold held it out. What an alert threshold catches as served in int8 is read from here
 # (scripts/oof_failures.py --fused).
 INT8_OOF_FILE = "int8-oof.npz"
+CALIBRATION_CAPTIONS = 512  # training captions the text encoder's channel maxima (smoothing) are taken on
 
 
 def quantize_model(data: str | Path, model: str | Path | None = None, *, calibration_images: int = 128,
@@ -101,6 +112,11 @@ def _both_ways(fp32: Scorer, directory: Path, recipe: Int8Recipe, examples: list
     Int8Model(recipe, None, None).write(directory)  # the recipe first: a half-done run leaves nothing `auto` takes
     seen = fp32.collect_cnn_ranges(photos, directory / RANGES_FILE)
     log(f"{directory}: CNN ranges from {seen} photos")
+    (directory / TEXT_RANGES_FILE).unlink(missing_ok=True)  # another run's: never read with this recipe
+    if recipe.text_smoothing and fp32.model.text_encoder.onnx_model is not None:  # a Hugging Face encoder
+        captions = [examples[k].text or "" for k in training[:CALIBRATION_CAPTIONS]]
+        log(f"{directory}: text ranges from {fp32.collect_text_ranges(captions, directory / TEXT_RANGES_FILE)} "
+            "captions")
     int8 = Scorer.load(directory, cpu_precision="int8")
     if int8.cpu_precision != "int8":
         raise ValueError(f"{directory} did not load in int8: {int8.precision_note}")

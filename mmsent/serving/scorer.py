@@ -45,7 +45,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -65,6 +65,7 @@ from mmsent.quantize import (
     bf16_note,
     choose_precision,
     collect_cnn_ranges,
+    collect_text_ranges,
     cpu_int8_flags,
     quantize_cnn,
     quantize_text,
@@ -349,18 +350,30 @@ class Scorer:
         with graph.fp32_file() as fp32:
             return collect_cnn_ranges(fp32, batches, out)
 
+    def collect_text_ranges(self, texts: Sequence[str], out: Path) -> int:
+        """The text encoder's channel maxima over these captions (normalised and tokenised as for scoring), written
+        to `out` in the format `int8-text-ranges.json` has: what its smoothed int8 twin is quantized with. Needs the
+        text encoder on ONNX Runtime in fp32. Returns the number of captions."""
+        graph = self.model.text_encoder.onnx_model
+        if not isinstance(graph, OnnxGraph) or self.cpu_precision != "fp32":
+            raise ValueError("the text encoder's ranges are collected on its fp32 ONNX Runtime graph: load the "
+                             "Scorer on the CPU with cpu_precision='fp32'")
+        tokenize = self.model.text_encoder.tokenize
+        encoded = (tokenize([normalize_tweet(t) for t in texts[k : k + 32]]) for k in range(0, len(texts), 32))
+        batches = ((e["input_ids"].numpy(), e["attention_mask"].numpy()) for e in encoded)
+        with graph.fp32_file() as fp32:
+            return collect_text_ranges(fp32, batches, out)
+
     def _int8_twin(self, part: str) -> Int8 | None:
-        """How to quantize one encoder's graph (mmsent/quantize.py), keyed by the recipe (and the CNN's ranges);
+        """How to quantize one encoder's graph (mmsent/quantize.py), keyed by the recipe and the ranges it reads;
         None (the part in fp32) when its ranges file vanished since the directory was read (a roll-out under way)."""
         recipe = self._int8.recipe
         if part == "text":
-            return Int8(f"text-{recipe.digest()}", lambda fp32, out: quantize_text(fp32, out, recipe))
+            return self._text_int8_twin()
         ranges = self._int8.ranges
         if ranges is not None:
-            try:
-                digest = hashlib.sha256(ranges.read_bytes()).hexdigest()[:12]
-            except OSError as exc:
-                warnings.warn(f"mmsent: the CNN stays fp32: its int8 ranges could not be read ({exc})", stacklevel=4)
+            digest = _file_digest(ranges, "the CNN")
+            if digest is None:
                 return None
             return Int8(f"cnn-{recipe.digest()}-{digest}", lambda fp32, out: quantize_cnn(fp32, out, ranges, recipe))
         warnings.warn("mmsent: the model has no int8 ranges (mmsent quantize): its CNN is quantized with ranges from "
@@ -372,6 +385,22 @@ class Scorer:
             quantize_cnn(fp32, out, generated, recipe)
 
         return Int8(f"cnn-{recipe.digest()}-generated", from_generated)
+
+    def _text_int8_twin(self) -> Int8 | None:
+        """The text encoder's: smoothed with the model's channel maxima where the recipe says; where they are missing
+        (asked for int8 on a model that was not quantized so) not smoothed, said in a warning."""
+        recipe, ranges = self._int8.recipe, self._int8.text_ranges
+        if not recipe.text_smoothing:
+            return Int8(f"text-{recipe.digest()}", lambda fp32, out: quantize_text(fp32, out, recipe))
+        if ranges is None:
+            warnings.warn("mmsent: the model has no readable int8 text ranges (mmsent quantize): its text encoder "
+                          "is quantized without smoothing", stacklevel=5)
+            plain = replace(recipe, text_smoothing=0.0)
+            return Int8(f"text-{plain.digest()}", lambda fp32, out: quantize_text(fp32, out, plain))
+        digest = _file_digest(ranges, "the text encoder")
+        if digest is None:
+            return None
+        return Int8(f"text-{recipe.digest()}-{digest}", lambda fp32, out: quantize_text(fp32, out, recipe, ranges))
 
     # --- the device ----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -672,6 +701,16 @@ def generated_pixels(preprocess: ImagePreprocess, images: int = 32, batch: int =
         pictures = [Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((320, 240))
                     for _ in range(min(batch, images - start))]
         yield preprocess.batch(pictures).numpy()
+
+
+def _file_digest(ranges: Path, part: str) -> str | None:
+    """A ranges file's digest, part of its int8 graph's cache key; None (with a warning: `part` stays fp32) when it
+    cannot be read."""
+    try:
+        return hashlib.sha256(ranges.read_bytes()).hexdigest()[:12]
+    except OSError as exc:
+        warnings.warn(f"mmsent: {part} stays fp32: its int8 ranges could not be read ({exc})", stacklevel=5)
+        return None
 
 
 def _pad_features(f: Features, rows: int) -> Features:
