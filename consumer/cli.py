@@ -53,8 +53,9 @@ MOUNTED = {mounted.name: mounted for mounted in (
     Mounted("calibrate", "mmsent.cli", "Fit the model's calibration (a temperature on its logits, by NLL) and its "
                                        "per-label alert thresholds by target precision on a labelled file;"),
     Mounted("quantize", "mmsent.cli", "Make a model directory ready for int8 on the CPU: take the CNN's activation "
-                                      "ranges on the data's photos (int8-ranges.json), score the data in fp32 and in "
-                                      "int8, and write what int8 kept (int8.json)."),
+                                      "ranges on the data's photos (int8-ranges.json) and the text encoder's on its "
+                                      "captions (int8-text-ranges.json), score the data in fp32 and in int8, and "
+                                      "write what int8 kept (int8.json)."),
     Mounted("reconcile", "tooling.cli", "Check that every input record ended as an event or a dead letter;"),
     Mounted("demo", "tooling.cli", "The embedded default: broker, Redis, image server, consumer and model on this "
                                    "machine, the live console beside them (its URL printed), then a summary."),

@@ -218,7 +218,7 @@ def quantize_cmd(
     text_smoothing: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="smooth the text encoder's MatMul inputs into the weights before "
                                                    "int8 (SmoothQuant's alpha; 0: not smoothed)")
-    ] = 0.5,
+    ] = Int8Recipe.text_smoothing,
     folds: Annotated[
         Path | None, typer.Option(help="the fold models a CV kept (mmsent train --folds K --keep-folds: OUT/folds): "
                                        "also measure int8 out of fold, and hold the bar to that")

@@ -82,7 +82,7 @@ class Int8Recipe:
     text_fp32_ffn_layers: int = 1  # the first k layers' FFN down-projections stay fp32 (module docstring: why)
     per_channel: bool = True
     cnn_calibration: str = "minmax"
-    text_smoothing: float = 0.0  # SmoothQuant's α for the text encoder; 0: not smoothed (module docstring: why)
+    text_smoothing: float = 0.5  # SmoothQuant's α for the text encoder; 0: not smoothed (module docstring: why)
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -91,6 +91,7 @@ class Int8Recipe:
     def from_dict(cls, d: Any) -> Int8Recipe:
         if not isinstance(d, dict):
             raise ValueError("the recipe must be an object")
+        d = {"text_smoothing": 0.0, **d}  # a recipe written before smoothing existed was not smoothed
         names = ("text_fp32_ffn_layers", "per_channel", "cnn_calibration", "text_smoothing")
         recipe = cls(**{k: d[k] for k in names if k in d})
         if not (isinstance(recipe.text_fp32_ffn_layers, int) and 0 <= recipe.text_fp32_ffn_layers <= 64):

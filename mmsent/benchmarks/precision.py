@@ -84,7 +84,8 @@ def with_bf16_encoders(model: MMSentModel) -> MMSentModel:
 def _int8_text_scorer(model: MMSentModel) -> Scorer:
     """The text encoder in int8 and the CNN in fp32 on ONNX Runtime: what `auto` runs for a model whose measurement
     kept int8 for the text only (on a CPU with VNNI or AMX; fp32 elsewhere, and its note says so)."""
-    text_only = Int8Model(Int8Recipe(), None, {"parts": {"text": "int8", "cnn": "fp32"}})
+    # A preset has no channel maxima to smooth the text encoder with: plain dynamic int8.
+    text_only = Int8Model(Int8Recipe(text_smoothing=0.0), None, {"parts": {"text": "int8", "cnn": "fp32"}})
     return Scorer(model, cpu_runtime="auto", cpu_precision="auto", int8=text_only)
 
 

@@ -23,6 +23,7 @@ import json
 import platform
 import random
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,8 @@ def quantize_model(data: str | Path, model: str | Path | None = None, *, calibra
     recipe = recipe or Int8Recipe()
     (directory / INT8_OOF_FILE).unlink(missing_ok=True)  # an earlier run's, of other ranges: never read as this one's
     fp32 = Scorer.load(directory, cpu_precision="fp32")
+    if fp32.model.text_encoder.onnx_model is None:  # a text encoder in PyTorch never runs in int8: nothing to smooth
+        recipe = replace(recipe, text_smoothing=0.0)
     labels = fp32.labels
     examples = _labelled(data, labels, columns)
     order = _shuffled(range(len(examples)))
@@ -113,7 +116,7 @@ def _both_ways(fp32: Scorer, directory: Path, recipe: Int8Recipe, examples: list
     seen = fp32.collect_cnn_ranges(photos, directory / RANGES_FILE)
     log(f"{directory}: CNN ranges from {seen} photos")
     (directory / TEXT_RANGES_FILE).unlink(missing_ok=True)  # another run's: never read with this recipe
-    if recipe.text_smoothing and fp32.model.text_encoder.onnx_model is not None:  # a Hugging Face encoder
+    if recipe.text_smoothing:
         captions = [examples[k].text or "" for k in training[:CALIBRATION_CAPTIONS]]
         log(f"{directory}: text ranges from {fp32.collect_text_ranges(captions, directory / TEXT_RANGES_FILE)} "
             "captions")
