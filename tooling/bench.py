@@ -497,7 +497,7 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
             ) -> dict[str, Any]:
     """The whole benchmark, in this order on this machine:
 
-        matmul FLOP/s ─▶ model only, fp32 against int8 at `batch_size` (alternating rounds, `compare_models`)
+        matmul FLOP/s (in a child process) ─▶ model only, fp32 against int8 at `batch_size` (alternating rounds, `compare_models`)
           ─▶ model only, the batch-size sweep at `cpu_precision` (and the seed preset's)
           ─▶ end to end: `e2e_rounds` rounds of the consumer process once per precision (MMSENT_CPU_PRECISION),
              the same workload, the precisions alternating; the half-load run in the first round only
@@ -516,7 +516,13 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
     import onnxruntime
     import torch
 
-    from mmsent.benchmarks.host import bench_model, compare_models, matmul_flops_per_s, precision_ran, sample_photos
+    from mmsent.benchmarks.host import (
+        bench_model,
+        compare_models,
+        matmul_flops_per_s_apart,
+        precision_ran,
+        sample_photos,
+    )
     from mmsent.benchmarks.precision import cpu_flags
 
     name = model or "default"
@@ -530,7 +536,7 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
         "machine": f"{cpu_name}, {os.cpu_count()} cores, int8/bf16 flags: {' '.join(flags) or 'none'} (of "
                    f"{', '.join(CPU_FLAGS)}), torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
                    f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
-        "matmul_flops_per_s": matmul_flops_per_s(),
+        "matmul_flops_per_s": matmul_flops_per_s_apart(),
     }
     print(f"matmul: {result['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s", flush=True)
     # posts: the rounds cycle through 4 batches' worth, captions and photos of the kinds end to end sees
