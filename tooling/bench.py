@@ -497,7 +497,8 @@ def run_all(*, model: str | None, batch_size: int, max_wait_ms: int, e2e_posts: 
             ) -> dict[str, Any]:
     """The whole benchmark, in this order on this machine:
 
-        matmul FLOP/s (in a child process) ─▶ model only, fp32 against int8 at `batch_size` (alternating rounds, `compare_models`)
+        matmul FLOP/s (in a child process)
+          ─▶ model only, fp32 against int8 at `batch_size` (alternating rounds, `compare_models`)
           ─▶ model only, the batch-size sweep at `cpu_precision` (and the seed preset's)
           ─▶ end to end: `e2e_rounds` rounds of the consumer process once per precision (MMSENT_CPU_PRECISION),
              the same workload, the precisions alternating; the half-load run in the first round only

@@ -172,8 +172,8 @@ def time_batches(scorer: Scorer, posts: list[dict[str, Any]], batch_size: int, m
 
 def precision_ran(entry: dict[str, Any]) -> str:
     """The precision a model-only entry (`bench_model`, `compare_models`) ran in, naming the parts when int8 covers
-    only some: `auto` serves the default model's CNN in int8 and its text encoder in fp32 ("int8 (cnn only)"), which
-    is slower than both in int8 and must not read as the same figure."""
+    only some: `auto` serves a model whose measurement kept one part in int8 with the other in fp32 (e.g. "int8 (cnn
+    only)"), which is slower than both in int8 and must not read as the same figure."""
     parts = entry.get("int8_parts") or []
     if entry["cpu_precision"] == "int8" and parts and set(parts) != set(PARTS):
         return f"int8 ({', '.join(parts)} only)"
