@@ -43,8 +43,9 @@ CPU_RUNTIMES = ("auto", "onnx", "torch")
 _EXPORT_VERSION = 1  # bump when the export recipe changes: old cached graphs are then ignored
 # ONNX Runtime fusions that make these graphs slower on the CPU. SkipLayerNormFusion folds each residual Add into the
 # LayerNormalization after it, and ONNX Runtime 1.32's SkipLayerNormalization kernel is slower than the two ops it
-# replaces: MiniLM at batch 32 x 40 tokens, one thread, 147.6 -> 125.3 ms in int8 and 329.5 -> 313.8 ms in fp32
-# with it off (2-core AMD EPYC VM, 2026-12-07; BENCHMARKS.md). The CNN has no LayerNormalization: unaffected.
+# replaces: MiniLM at batch 32 x 40 tokens, one thread, 147.8 -> 121.0 ms in int8 and 329.1 -> 306.5 ms in fp32
+# with it off (medians, scripts/ort_fusions.py, 2-core AMD EPYC VM, 2026-12-07; BENCHMARKS.md). The CNN has no
+# LayerNormalization: unaffected.
 SLOWER_FUSIONS = ("SkipLayerNormFusion",)
 
 
