@@ -145,7 +145,7 @@ class Int8Model:
         if not path.is_file():
             return cls(Int8Recipe(), checked, None, problem, text_checked)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
+            raw = _untrusted_json(path.read_text(encoding="utf-8"))
             if not isinstance(raw, dict) or raw.get("format") != INT8_FORMAT:
                 raise ValueError(f"not {INT8_FORMAT}")
             measured = raw.get("measured")
@@ -166,7 +166,7 @@ def _checked_ranges(path: Path) -> Path:
     with finite bounds. It is read from a model directory, so it is checked before ONNX Runtime sees it."""
     if path.stat().st_size > 16 << 20:
         raise ValueError("larger than 16 MiB")
-    raw = json.loads(path.read_bytes(), parse_constant=_refuse_constant)
+    raw = _untrusted_json(path.read_bytes(), parse_constant=_refuse_constant)
     data = raw.get("data") if isinstance(raw, dict) else None
     if not isinstance(data, dict) or not data:
         raise ValueError("no tensor ranges")
@@ -182,7 +182,7 @@ def _checked_text_ranges(path: Path) -> Path:
     list of finite, non-negative numbers."""
     if path.stat().st_size > 16 << 20:
         raise ValueError("larger than 16 MiB")
-    raw = json.loads(path.read_bytes(), parse_constant=_refuse_constant)
+    raw = _untrusted_json(path.read_bytes(), parse_constant=_refuse_constant)
     data = raw.get("data") if isinstance(raw, dict) and raw.get("format") == TEXT_RANGES_FORMAT else None
     if not isinstance(data, dict) or not data:
         raise ValueError(f"not {TEXT_RANGES_FORMAT} with channel maxima")
@@ -190,6 +190,15 @@ def _checked_text_ranges(path: Path) -> Path:
         if not (isinstance(maxima, list) and _finite_numbers(maxima) and min(maxima) >= 0):
             raise ValueError(f"tensor {name[:80]!r} has no finite, non-negative channel maxima")
     return path
+
+
+def _untrusted_json(text: str | bytes, **options: Any) -> Any:
+    """`json.loads` for a file that came with a model directory: nesting too deep for the parser (RecursionError)
+    is a malformed file like any other (ValueError), which `Int8Model.load` turns into an ignored one."""
+    try:
+        return json.loads(text, **options)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
 
 
 def _refuse_constant(name: str) -> float:

@@ -119,9 +119,11 @@ class OnnxGraph:
         return torch.from_numpy(out)
 
 
-def inference_session(model: str | bytes, *, threads: int, optimized_to: Path | None = None) -> Any:
+def inference_session(model: str | bytes, *, threads: int, optimized_to: Path | None = None,
+                      disabled: tuple[str, ...] = SLOWER_FUSIONS) -> Any:
     """ONNX Runtime's CPU session for one of these graphs: `threads` intra-op threads that sleep when idle, every
-    graph optimisation but `SLOWER_FUSIONS`. `optimized_to`: also write the graph as optimised (to look at it)."""
+    graph optimisation but `disabled` (what serving disables: `SLOWER_FUSIONS`). `optimized_to`: also write the
+    graph as optimised (to look at it)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -132,7 +134,7 @@ def inference_session(model: str | bytes, *, threads: int, optimized_to: Path | 
     if optimized_to is not None:
         options.optimized_model_filepath = str(optimized_to)
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=list(SLOWER_FUSIONS))
+                                disabled_optimizers=list(disabled))
 
 
 def _cached_or_quantized(fp32: str | bytes, key: str, int8: Int8, cache_dir: Path | None) -> str | bytes:

@@ -23,14 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-
-def session(graph: Path, disabled: list[str]) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"],
-                                disabled_optimizers=disabled)
+from mmsent.runtime import inference_session
 
 
 def feed(s: ort.InferenceSession, batch: int, tokens: int) -> dict[str, np.ndarray]:
@@ -54,7 +47,7 @@ def main() -> None:
     print(f"| graph | all fusions: median / min ms | without {', '.join(args.disable)} | largest output change |")
     print("| --- | --- | --- | --- |")
     for graph in args.graphs:
-        pair = [session(graph, []), session(graph, args.disable)]
+        pair = [inference_session(str(graph), threads=1, disabled=disabled) for disabled in ((), tuple(args.disable))]
         inputs = feed(pair[0], args.batch, args.tokens)
         outputs = [s.run(None, inputs)[0] for s in pair]  # also the warm-up
         times: list[list[float]] = [[], []]

@@ -160,7 +160,7 @@ def test_the_quantized_graph_is_cached_keyed_by_weights_recipe_and_ranges(
 @pytest.mark.parametrize("ranges", [
     "not json", '{"data": {}}', '{"data": {"x": {"lowest": NaN, "highest": 1.0}}}',
     '{"data": {"x": {"lowest": {"data": [0.0]}, "highest": {"data": [Infinity]}}}}',
-    '{"data": {"x": {"lowest": "0", "highest": 1.0}}}',
+    '{"data": {"x": {"lowest": "0", "highest": 1.0}}}', "[" * 100_000,  # too deep for the parser
 ])
 def test_bad_ranges_never_stop_a_load(quantized: tuple[Path, Path], tmp_path: Path, cache: Path, ranges: str,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
@@ -274,7 +274,7 @@ def test_a_smoothing_recipe_runs_the_text_encoder_in_int8_only_with_its_ranges(q
     (model_dir / INT8_FILE).write_text(json.dumps(stored))
     assert Int8Model.load(model_dir).int8_parts == ("cnn",), "no text ranges: the text encoder in fp32"
     for bad in ("not json", '{"format": "mmsent-text-ranges/1", "data": {"x": [1.0, -2.0]}}',
-                '{"format": "mmsent-text-ranges/1", "data": {"x": [NaN]}}', '{"data": {"x": [1.0]}}'):
+                '{"format": "mmsent-text-ranges/1", "data": {"x": [NaN]}}', '{"data": {"x": [1.0]}}', "[" * 100_000):
         (model_dir / TEXT_RANGES_FILE).write_text(bad)
         int8 = Int8Model.load(model_dir)
         assert int8.int8_parts == ("cnn",) and int8.problem is not None and TEXT_RANGES_FILE in int8.problem, bad
