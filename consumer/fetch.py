@@ -3,9 +3,9 @@
 How the dangerous parts are handled, and why:
 
 * Server-side request forgery: every URL (and every redirect hop) goes through `AddressPolicy`; the host is
-  resolved here, in a thread, and *every* address it resolves to is checked. The connection is then made to one
-  of those checked addresses by `PinnedNetworkBackend`, which refuses any connect it was not told about, so a
-  second DNS answer (rebinding) can never be used.
+  resolved here, in a thread, and *every* address it resolves to is checked. The HTTP client (aiohttp) then
+  connects to one of those checked addresses: its only resolver is `PinnedResolver`, which answers with them and
+  refuses any other name, so a second DNS answer (rebinding) can never be used.
 * Resource exhaustion: connect/read timeouts per request, a total deadline per fetch, a byte limit while
   streaming, `Accept-Encoding: identity` (no compression bombs at the HTTP layer), per-host and global
   concurrency limits, concurrent fetches of one URL share a single download, and failures are remembered for a
@@ -24,20 +24,21 @@ import contextlib
 import contextvars
 import functools
 import ipaddress
-import select
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urljoin
 
-import httpcore
-import httpx
+import aiohttp
+import aiohttp.abc
+import certifi
 import structlog
 import tenacity
+import yarl
 from cachetools import TTLCache
 from prometheus_client import Counter, Histogram
 
@@ -148,8 +149,8 @@ class _Pin:
     addresses: tuple[str, ...]
 
 
-# The addresses the current task may connect to. A contextvar, because httpcore opens the connection inside the
-# task that sends the request, and concurrent fetches must not see each other's pins.
+# The addresses the current task may connect to. A contextvar, because aiohttp resolves (without its DNS cache)
+# inside the task that sends the request, and concurrent fetches must not see each other's pins.
 _PIN: contextvars.ContextVar[_Pin | None] = contextvars.ContextVar("mmsent_fetch_pin", default=None)
 
 
@@ -160,97 +161,34 @@ def _same_host(a: str, b: str) -> bool:
         return a.lower().rstrip(".") == b.lower().rstrip(".")
 
 
-class PinnedNetworkBackend(httpcore.AsyncNetworkBackend):
-    """Connects to the checked addresses of the pinned host instead of resolving the name again.
+class PinnedResolver(aiohttp.abc.AbstractResolver):
+    """The HTTP client's resolver: it answers only for the pinned host, with the addresses already checked, and
+    refuses any other lookup (fail closed), so the client never resolves a name itself.
 
-    TLS still uses the URL's host name for SNI and certificate checks (httpcore passes it to start_tls), and the
-    Host header comes from the URL, so only the address lookup is replaced. Anything not pinned is refused:
-    fail closed.
-    """
+    TLS still uses the URL's host name for SNI and certificate checks (aiohttp takes it from the answer's
+    "hostname"), and the Host header comes from the URL, so only the address lookup is replaced. An address
+    literal never reaches a resolver: the policy checked it in the URL, and `_check_url` makes sure aiohttp reads
+    the same host from the URL."""
 
-    def __init__(self, inner: httpcore.AsyncNetworkBackend | None = None) -> None:
-        self._inner = inner or httpcore.AnyIOBackend()
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
+    async def resolve(self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+                      ) -> list[aiohttp.abc.ResolveResult]:
         pin = _PIN.get()
         if pin is None or port != pin.port or not _same_host(host, pin.host):
-            raise httpcore.ConnectError(f"refusing an unpinned connection to {host}:{port}")
-        error: Exception | None = None
-        for address in pin.addresses:
-            try:
-                return PolledStream(
-                    await self._inner.connect_tcp(address, port, timeout, local_address, socket_options))
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                error = exc
-        raise error or httpcore.ConnectError("no address to connect to")
+            raise OSError(f"refusing an unpinned connection to {host}:{port}")
+        return [
+            {"hostname": host, "host": address, "port": port, "proto": 0, "flags": socket.AI_NUMERICHOST,
+             "family": socket.AF_INET6 if ":" in address else socket.AF_INET}
+            for address in pin.addresses
+        ]
 
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are never used for image fetches")
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-class PolledStream(httpcore.AsyncNetworkStream):
-    """A connection's stream, answering httpcore's pool's "is_readable" from the socket found once.
-
-    httpcore's pool asks every pooled connection whether it has expired at every request and at every response's
-    close, and anyio answers `get_extra_info("is_readable")` by building all of the socket's attributes, a
-    `getpeername` among them: 4.8 µs a call against 0.8 through this stream, and 24% of the I/O thread under an int8
-    backlog (BENCHMARKS.md, 2026-12-06; upstream: encode/httpcore#928, open). The answer is anyio's: whether the raw
-    socket has something to read (on an idle HTTP/1.1 connection, that the server closed it), a closed socket
-    counting as readable."""
-
-    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
-        self._inner = inner
-        self._socket: socket.socket | None = inner.get_extra_info("socket")
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 - httpcore's
-        return await self._inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 - httpcore's
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpcore's interface
-    ) -> httpcore.AsyncNetworkStream:
-        return PolledStream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable" and self._socket is not None:
-            return _readable(self._socket)
-        return self._inner.get_extra_info(info)
-
-
-def _readable(sock: socket.socket) -> bool:
-    # httpcore's own `is_socket_readable` is in its private `_utils`: these lines, not an import that may move
-    if sock.fileno() < 0:
-        return True
-    poll = select.poll()
-    poll.register(sock, select.POLLIN)
-    return bool(poll.poll(0))
+    async def close(self) -> None:
+        return None
 
 
 @contextlib.contextmanager
-def _pinned(target: Target, addresses: Sequence[str]) -> Any:
+def pinned(target: Target, addresses: Sequence[str]) -> Iterator[None]:
+    """Within this block (this task and what it starts), `PinnedResolver` answers `target`'s host and port with
+    `addresses`, which the caller has checked, and nothing else."""
     token = _PIN.set(_Pin(target.host, target.port, tuple(addresses)))
     try:
         yield
@@ -258,24 +196,30 @@ def _pinned(target: Target, addresses: Sequence[str]) -> Any:
         _PIN.reset(token)
 
 
-def _build_transport(settings: Settings, ssl_context: ssl.SSLContext | None = None) -> httpx.AsyncHTTPTransport:
-    """httpx's transport over an httpcore pool whose only way out is the pinned backend."""
-    keepalive = min(settings.fetch_concurrency, 32)
-    transport = httpx.AsyncHTTPTransport(trust_env=False, retries=0)
-    # httpx offers no public hook for the network backend; swap the pool it built. The isinstance check makes an
-    # httpx upgrade that changes this fail loudly here rather than silently resolving names again.
-    if not isinstance(getattr(transport, "_pool", None), httpcore.AsyncConnectionPool):
-        raise RuntimeError("httpx.AsyncHTTPTransport has no httpcore pool to replace; check the httpx version")
-    transport._pool = httpcore.AsyncConnectionPool(
-        ssl_context=ssl_context or httpx.create_ssl_context(trust_env=False),
-        max_connections=settings.fetch_concurrency,
-        max_keepalive_connections=keepalive,
-        keepalive_expiry=30.0,
-        http1=True,
-        http2=False,
-        network_backend=PinnedNetworkBackend(),
+def _new_session(settings: Settings, ssl_context: ssl.SSLContext | None) -> aiohttp.ClientSession:
+    """aiohttp's client over a pool whose only resolver is the pinned one. aiohttp rather than httpx: 0.16-0.19
+    against 1.0-1.3 ms of the I/O thread's CPU per 50 KB loopback photo (BENCHMARKS.md, 2026-12-07)."""
+    connector = aiohttp.TCPConnector(
+        limit=settings.fetch_concurrency,
+        limit_per_host=0,  # `_HostLimiter` holds the per-host limit, before the pool
+        ssl=ssl_context or ssl.create_default_context(cafile=certifi.where()),
+        resolver=PinnedResolver(),
+        use_dns_cache=False,  # the pin is per request: nothing may answer from an earlier lookup
+        keepalive_timeout=30.0,
     )
-    return transport
+    return aiohttp.ClientSession(
+        connector=connector,
+        # What a stranger's server sends must not travel on: no cookies kept, no proxy from the environment, and
+        # the body exactly as sent (identity asked for; anything else is refused, never inflated).
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        auto_decompress=False,
+        timeout=aiohttp.ClientTimeout(
+            total=None,  # the fetch's own deadline (`_fetch_and_record`) covers waiting for the pool too
+            sock_connect=settings.fetch_connect_timeout_s,
+            sock_read=settings.fetch_read_timeout_s,
+        ),
+    )
 
 
 # -- small helpers -----------------------------------------------------------------------------------
@@ -361,13 +305,8 @@ class ImageFetcher:
         self._dns_threads = ThreadPoolExecutor(min(32, settings.fetch_concurrency), thread_name_prefix="mmsent-dns")
         self._resolve = resolver or functools.partial(system_resolve, executor=self._dns_threads)
         self._backoff_s = retry_backoff_s
-        self._timeout = httpx.Timeout(
-            connect=settings.fetch_connect_timeout_s,
-            read=settings.fetch_read_timeout_s,
-            write=settings.fetch_read_timeout_s,
-            pool=settings.fetch_total_timeout_s,
-        )
-        self._transport = _build_transport(settings, ssl_context)
+        self._ssl_context = ssl_context
+        self._session: aiohttp.ClientSession | None = None  # made on the loop that first fetches (aiohttp's rule)
         self._all = asyncio.Semaphore(settings.fetch_concurrency)
         self._hosts = _HostLimiter(settings.fetch_per_host_concurrency)
         self._negative = _NegativeCache(settings.fetch_negative_cache_s, negative_cache_size)
@@ -379,7 +318,8 @@ class ImageFetcher:
         return self._policy
 
     async def aclose(self) -> None:
-        await self._transport.aclose()
+        if self._session is not None:
+            await self._session.close()
         self._dns_threads.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> ImageFetcher:
@@ -477,10 +417,13 @@ class ImageFetcher:
             target = self._policy.check_url(url)
         except Refused as exc:
             raise _Failure(FetchResult.blocked(exc.reason), detail=exc.detail) from None
-        # The policy rebuilt the URL; make sure httpx reads the same host and port from it (no parser gaps).
-        parsed = httpx.URL(target.url)
-        port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        if not _same_host(parsed.raw_host.decode("ascii"), target.host) or port != target.port:
+        # The policy rebuilt the URL; make sure aiohttp reads the same host and port from it (no parser gaps): an
+        # address literal goes to the socket without a resolver to refuse it.
+        try:
+            parsed = yarl.URL(target.url)
+        except ValueError:
+            raise _Failure(FetchResult.blocked("ambiguous_url"), detail=target.url) from None
+        if not _same_host(parsed.raw_host or "", target.host) or parsed.port != target.port:
             raise _Failure(FetchResult.blocked("ambiguous_url"), detail=target.url)
         return target
 
@@ -513,30 +456,31 @@ class ImageFetcher:
 
     async def _request_once(self, target: Target, addresses: list[str]) -> FetchResult | str:
         """One GET: an ok result, or the next URL when redirected; raises `_Failure` otherwise."""
-        request = httpx.Request(
-            "GET",
-            target.url,
-            headers={"Accept": "image/*", "Accept-Encoding": "identity", "User-Agent": USER_AGENT},
-            extensions={"timeout": self._timeout.as_dict()},
-        )
-        with _pinned(target, addresses):
+        with pinned(target, addresses):
             try:
-                response = await self._transport.handle_async_request(request)
-            except httpx.TimeoutException as exc:
+                response = await self._client().get(
+                    target.url, allow_redirects=False,
+                    headers={"Accept": "image/*", "Accept-Encoding": "identity", "User-Agent": USER_AGENT})
+            except TimeoutError as exc:  # aiohttp's connect and read timeouts are TimeoutErrors
                 raise _Failure(FetchResult.unavailable("timeout"), retryable=True, detail=repr(exc)) from None
-            except httpx.TransportError as exc:
+            except aiohttp.ClientError as exc:
                 raise _Failure(FetchResult.unavailable("connect_error"), True, detail=repr(exc)) from None
             try:
                 return await self._handle_response(target, response)
-            except httpx.TimeoutException as exc:
+            except TimeoutError as exc:
                 raise _Failure(FetchResult.unavailable("timeout"), retryable=True, detail=repr(exc)) from None
-            except httpx.TransportError as exc:
+            except aiohttp.ClientError as exc:
                 raise _Failure(FetchResult.unavailable("read_error"), True, detail=repr(exc)) from None
             finally:
-                await response.aclose()
+                response.release()
 
-    async def _handle_response(self, target: Target, response: httpx.Response) -> FetchResult | str:
-        status = response.status_code
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = _new_session(self._settings, self._ssl_context)
+        return self._session
+
+    async def _handle_response(self, target: Target, response: aiohttp.ClientResponse) -> FetchResult | str:
+        status = response.status
         if status in REDIRECT_STATUSES:
             location = response.headers.get("location")
             if not location:
@@ -558,14 +502,14 @@ class ImageFetcher:
             raise _Failure(FetchResult.unavailable("not_an_image" if data else "empty_body"))
         return FetchResult("ok", data, "ok", content_type)
 
-    async def _read_body(self, response: httpx.Response) -> bytes:
+    async def _read_body(self, response: aiohttp.ClientResponse) -> bytes:
         limit = self._settings.fetch_max_bytes
         declared = response.headers.get("content-length")
         if declared is not None and declared.strip().isdigit() and int(declared) > limit:
             raise _Failure(FetchResult.unavailable("too_large"), detail=f"declared {declared}")
         body = bytearray()
         sniffed = False
-        async for chunk in response.aiter_raw():
+        async for chunk in response.content.iter_any():
             body += chunk
             if len(body) > limit:
                 raise _Failure(FetchResult.unavailable("too_large"), detail=f"over {limit} bytes")

@@ -11,16 +11,17 @@ import asyncio
 import io
 import resource
 import shutil
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-import httpcore
 import pytest
 from PIL import Image
 
-from consumer.fetch import FetchResult, ImageFetcher, PinnedNetworkBackend, PolledStream, sniff_image_type
+from consumer.fetch import FetchResult, ImageFetcher, PinnedResolver, pinned, sniff_image_type
+from consumer.netpolicy import Target
 from consumer.settings import Settings
 from tests.imageserver import (
     ImageServer,
@@ -252,14 +253,17 @@ def test_4xx_is_not_retried(image_server: ImageServer, code: int) -> None:
     assert image_server.count("/gone") == 1
 
 
-@pytest.mark.parametrize(("responder", "name"), [(drop(), "drop"), (garbage(), "garbage")])
+@pytest.mark.parametrize(("responder", "name", "requests"), [(drop(), "drop", 4), (garbage(), "garbage", 2)])
 def test_broken_connections_are_retried_and_reported(
-    image_server: ImageServer, responder: Responder, name: str
+    image_server: ImageServer, responder: Responder, name: str, requests: int
 ) -> None:
+    """One retry (`fetch_retries=1`): two attempts. A connection closed before any response is sent again at once
+    by aiohttp within an attempt (its guard against a kept-alive connection the server has just closed), so a
+    server that always drops is asked twice per attempt; a garbled response is not asked again within one."""
     url = image_server.route(f"/{name}", responder)
     result = fetch_one(url, settings(fetch_retries=1))
     assert result.status == "unavailable" and result.reason in {"connect_error", "read_error"}
-    assert image_server.count(f"/{name}") == 2
+    assert image_server.count(f"/{name}") == requests
 
 
 def test_connection_refused_is_unavailable() -> None:
@@ -538,46 +542,34 @@ def test_dns_rebinding_cannot_change_the_address(image_server: ImageServer) -> N
     assert [r.path for r in image_server.requests] == ["/a.jpg", "/hop"]
 
 
-def test_the_network_backend_refuses_connections_that_were_not_pinned(image_server: ImageServer) -> None:
-    async def attempt() -> None:
-        await PinnedNetworkBackend().connect_tcp("127.0.0.1", image_server.port)
+def test_the_resolver_answers_only_for_the_pinned_host(image_server: ImageServer) -> None:
+    """The HTTP client's only resolver: with no pin, another host or another port it refuses (so aiohttp never
+    connects); for the pinned host, exactly the checked addresses, with the URL's name kept for TLS."""
+    target = Target(url="http://images.test:8080/a.jpg", scheme="http", host="images.test", port=8080, ip=None)
 
-    with pytest.raises(httpcore.ConnectError):
-        asyncio.run(attempt())
+    async def answers() -> tuple[list[str], list[dict[str, object]]]:
+        refused = []
+        resolver = PinnedResolver()
+        for host, port in [("images.test", 8080), ("127.0.0.1", image_server.port)]:
+            try:
+                await resolver.resolve(host, port)
+            except OSError:
+                refused.append(f"{host}:{port} unpinned")
+        with pinned(target, ["127.0.0.1", "::1"]):
+            for host, port in [("other.test", 8080), ("images.test", 80)]:
+                try:
+                    await resolver.resolve(host, port)
+                except OSError:
+                    refused.append(f"{host}:{port}")
+            found = await resolver.resolve("images.test", 8080)
+        return refused, [dict(answer) for answer in found]
+
+    refused, found = asyncio.run(answers())
+    assert refused == ["images.test:8080 unpinned", f"127.0.0.1:{image_server.port} unpinned", "other.test:8080",
+                       "images.test:80"]
+    assert [(a["hostname"], a["host"], a["port"], a["family"]) for a in found] == [
+        ("images.test", "127.0.0.1", 8080, socket.AF_INET), ("images.test", "::1", 8080, socket.AF_INET6)]
     assert image_server.connections == []
-
-
-def test_a_polled_stream_says_readable_when_anyio_does() -> None:
-    """The pool's expiry check, answered from the socket found once: idle (not readable) and the server gone
-    (readable), each time what anyio's own stream says; closed by us, readable (expired), as httpcore expects."""
-
-    async def states() -> tuple[list[tuple[bool, bool]], bool]:
-        server_sides: list[asyncio.StreamWriter] = []
-        accepted = asyncio.Event()
-
-        def accept(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            server_sides.append(writer)
-            accepted.set()
-
-        server = await asyncio.start_server(accept, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        inner = await httpcore.AnyIOBackend().connect_tcp("127.0.0.1", port)
-        stream = PolledStream(inner)
-        seen = []
-        await accepted.wait()
-        seen.append((stream.get_extra_info("is_readable"), inner.get_extra_info("is_readable")))
-        server_sides[0].close()
-        await server_sides[0].wait_closed()  # its FIN sent: on loopback, at the client's socket at once
-        seen.append((stream.get_extra_info("is_readable"), inner.get_extra_info("is_readable")))
-        await stream.aclose()
-        closed = stream.get_extra_info("is_readable")
-        server.close()
-        await server.wait_closed()
-        return seen, closed
-
-    seen, closed = asyncio.run(states())
-    assert seen == [(False, False), (True, True)]
-    assert closed is True
 
 
 def test_sniffing() -> None:
