@@ -193,6 +193,30 @@ def test_compressed_responses_are_refused(image_server: ImageServer) -> None:
     assert fetch_one(url).reason == "content_encoding"
 
 
+def test_a_cookie_one_server_sets_is_never_sent_back(image_server: ImageServer, netguard: NetGuard) -> None:
+    """A stranger's server must not plant state that travels with later fetches (to it or to another host)."""
+    netguard.add_host("other.test", "127.0.0.1")
+    first = image_server.route("/a.jpg", body(JPEG, "image/jpeg", headers={"Set-Cookie": "track=1; Path=/"}))
+    image_server.route("/b.jpg", image(JPEG))
+    results = fetch_all([first, image_server.url("/b.jpg"), f"http://other.test:{image_server.port}/b.jpg"])
+    assert [result.ok for result in results] == [True, True, True]
+    assert [r.headers.get("Cookie") for r in image_server.requests] == [None, None, None]
+
+
+def test_proxy_settings_in_the_environment_are_ignored(image_server: ImageServer,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pinned, checked address is the only way out: a proxy named in the environment (here a loopback port
+    nobody listens on, which would fail every fetch) is never used."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{unused.getsockname()[1]}"
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, nowhere)
+    url = image_server.route("/a.jpg", image(JPEG))
+    assert fetch_one(url).ok
+    assert [r.path for r in image_server.requests] == ["/a.jpg"]
+
+
 def test_a_decompression_bomb_is_refused_without_allocating_it(image_server: ImageServer) -> None:
     bomb = png_bomb(20_000, 20_000)  # 1.2 GB of RGB pixels declared, a few KB sent
     assert len(bomb) < 10_000
