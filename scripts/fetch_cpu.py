@@ -15,7 +15,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import aiohttp
 import httpx
@@ -23,9 +22,10 @@ import structlog
 
 from consumer.fetch import ImageFetcher
 from consumer.settings import Settings
+from mmsent.benchmarks.host import sample_photos
+from tooling.bench import photo_server
 from tooling.localimages import LoopbackImageServer
 
-MVSA_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvsa-single" / "images"
 BATCH = 22
 PER_HOST = 8
 Get = Callable[[str], Awaitable[object]]
@@ -51,7 +51,7 @@ async def timed(server: LoopbackImageServer, get: Get, n_photos: int, total: int
 
 
 async def ours(server: LoopbackImageServer, n_photos: int, total: int) -> tuple[float, float]:
-    settings = Settings(fetch_allow_cidrs="127.0.0.1/32", fetch_negative_cache_s=0)
+    settings = Settings.model_validate({"fetch_allow_cidrs": "127.0.0.1/32", "fetch_negative_cache_s": 0})
     async with ImageFetcher(settings) as fetcher:
         return await timed(server, fetcher.fetch, n_photos, total)
 
@@ -79,11 +79,10 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=1100, help="fetches timed per client and round")
     args = parser.parse_args()
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))  # no per-fetch lines
-    photos = [path.read_bytes() for path in sorted(MVSA_PHOTOS.glob("*.jpg"))[:64]]
-    if not photos:
-        raise SystemExit(f"no photos in {MVSA_PHOTOS}")
+    photos, source = sample_photos(64)  # MVSA's where ../shared/data has them, else generated ones
+    print(source)
     clients = {"ImageFetcher.fetch (aiohttp)": ours, "bare aiohttp": bare_aiohttp, "bare httpx": bare_httpx}
-    with LoopbackImageServer({f"/p{i}.jpg": (photo, "image/jpeg") for i, photo in enumerate(photos)}) as server:
+    with photo_server(photos) as server:
         for _ in range(args.rounds):
             for name, client in clients.items():
                 cpu_ms, wall_ms = asyncio.run(client(server, len(photos), args.photos))

@@ -13,13 +13,13 @@ import argparse
 import asyncio
 import statistics
 import time
-from pathlib import Path
 
 import httpx
 
+from mmsent.benchmarks.host import sample_photos
+from tooling.bench import photo_server
 from tooling.localimages import LoopbackImageServer
 
-MVSA_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "mvsa-single" / "images"
 PHOTOS_PER_BATCH = 22
 PER_HOST = 8
 
@@ -46,10 +46,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=30)
     args = parser.parse_args()
-    photos = [path.read_bytes() for path in sorted(MVSA_PHOTOS.glob("*.jpg"))[:64]]
-    if not photos:
-        raise SystemExit(f"no photos in {MVSA_PHOTOS}")
-    with LoopbackImageServer({f"/p{i}.jpg": (photo, "image/jpeg") for i, photo in enumerate(photos)}) as server:
+    photos, source = sample_photos(64)  # MVSA's where ../shared/data has them, else generated ones
+    print(source)
+    with photo_server(photos) as server:
         handler = server.handler
         for _ in range(args.rounds):
             for nodelay in (False, True):
