@@ -290,6 +290,18 @@ def test_broken_connections_are_retried_and_reported(
     assert image_server.count(f"/{name}") == requests
 
 
+@pytest.mark.parametrize("headers", [
+    b"X-Pad: " + b"a" * 100_000 + b"\r\n",  # one header line of 100 KB
+    b"".join(b"X-Pad-%d: a\r\n" % k for k in range(20_000)),  # 20,000 headers
+], ids=["long-line", "many-headers"])
+def test_a_response_with_oversized_headers_is_refused(image_server: ImageServer, headers: bytes) -> None:
+    """The client's parser limits hold (aiohttp: 8,190 bytes a line, 128 headers): the fetch ends unavailable, its
+    body never read, instead of the headers being kept in memory."""
+    response = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\n" + headers + b"\r\n" + JPEG
+    url = image_server.route("/pad", garbage(response))
+    assert fetch_one(url) == FetchResult("unavailable", None, "connect_error")
+
+
 def test_connection_refused_is_unavailable() -> None:
     with ImageServer(("127.0.0.1",)) as server:
         url = server.url("/a.jpg")
