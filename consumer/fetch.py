@@ -198,8 +198,8 @@ def pinned(target: Target, addresses: Sequence[str]) -> Iterator[None]:
 
 def _new_session(settings: Settings, ssl_context: ssl.SSLContext | None) -> aiohttp.ClientSession:
     """aiohttp's client over a pool whose only resolver is the pinned one. aiohttp rather than httpx: the I/O
-    thread's CPU per 50 KB loopback photo, this fetcher 0.36 ms on aiohttp against 1.2-1.3 on httpx (the bare
-    clients 0.16-0.19 against 1.0-1.1; scripts/fetch_cpu.py, BENCHMARKS.md, 2026-12-07)."""
+    thread's CPU per 50 KB loopback photo, this fetcher 0.36-0.45 ms on aiohttp against 1.2-1.3 on httpx (the bare
+    clients 0.16-0.20 against 1.03-1.23; `scripts/loopback_fetch.py clients`, BENCHMARKS.md, 2026-12-07)."""
     connector = aiohttp.TCPConnector(
         limit=settings.fetch_concurrency,
         limit_per_host=0,  # `_HostLimiter` holds the per-host limit, before the pool

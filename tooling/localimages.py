@@ -20,8 +20,9 @@ class LoopbackImageServer:
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
             # Headers and body go out in two writes; with Nagle's algorithm on, the body's last segment waits for
-            # the client's delayed ACK (40 ms on Linux): 22 photos over 8 connections took 116 ms instead of 34
-            # (BENCHMARKS.md, 2026-12-07). Image servers and CDNs send with TCP_NODELAY; so does this stand-in.
+            # the client's delayed ACK (40 ms on Linux): 22 photos, 8 at a time, took 104-110 ms instead of 27-33
+            # (`scripts/loopback_fetch.py server`, BENCHMARKS.md, 2026-12-07). Image servers and CDNs send with
+            # TCP_NODELAY; so does this stand-in.
             disable_nagle_algorithm = True
 
             def do_GET(self) -> None:  # noqa: N802 (the http.server API)
