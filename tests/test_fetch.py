@@ -578,7 +578,7 @@ def test_dns_rebinding_cannot_change_the_address(image_server: ImageServer) -> N
     assert [r.path for r in image_server.requests] == ["/a.jpg", "/hop"]
 
 
-def test_the_resolver_answers_only_for_the_pinned_host(image_server: ImageServer) -> None:
+def test_the_resolver_answers_only_for_the_pinned_host() -> None:
     """The HTTP client's only resolver: with no pin, another host or another port it refuses (so aiohttp never
     connects); for the pinned host, exactly the checked addresses, with the URL's name kept for TLS."""
     target = Target(url="http://images.test:8080/a.jpg", scheme="http", host="images.test", port=8080, ip=None)
@@ -586,7 +586,7 @@ def test_the_resolver_answers_only_for_the_pinned_host(image_server: ImageServer
     async def answers() -> tuple[list[str], list[dict[str, object]]]:
         refused = []
         resolver = PinnedResolver()
-        for host, port in [("images.test", 8080), ("127.0.0.1", image_server.port)]:
+        for host, port in [("images.test", 8080), ("127.0.0.1", 8080)]:
             try:
                 await resolver.resolve(host, port)
             except OSError:
@@ -601,11 +601,9 @@ def test_the_resolver_answers_only_for_the_pinned_host(image_server: ImageServer
         return refused, [dict(answer) for answer in found]
 
     refused, found = asyncio.run(answers())
-    assert refused == ["images.test:8080 unpinned", f"127.0.0.1:{image_server.port} unpinned", "other.test:8080",
-                       "images.test:80"]
+    assert refused == ["images.test:8080 unpinned", "127.0.0.1:8080 unpinned", "other.test:8080", "images.test:80"]
     assert [(a["hostname"], a["host"], a["port"], a["family"]) for a in found] == [
         ("images.test", "127.0.0.1", 8080, socket.AF_INET), ("images.test", "::1", 8080, socket.AF_INET6)]
-    assert image_server.connections == []
 
 
 def test_sniffing() -> None:
