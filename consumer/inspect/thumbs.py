@@ -45,6 +45,7 @@ class Thumbnails:
         self._fetcher = fetcher or ImageFetcher(settings, decode=self._decode)
         self._cache = cache or ImageCache.from_settings(settings)
         self._memo: LRUCache[str, bytes | None] = LRUCache(MEMO_ENTRIES)
+        self._building: dict[str, asyncio.Future[bytes | None]] = {}
         self.refused = 0
 
     async def aclose(self) -> None:
@@ -55,6 +56,16 @@ class Thumbnails:
         """The thumbnail of `url`, or None: refused by the policy, unavailable, undecodable. Never raises."""
         if url in self._memo:
             return self._memo[url]
+        # Cards sharing a picture ask at once: one build for them all, or the second, finding no cache entry yet,
+        # downloads the picture again once the first download is done (the fetcher only shares downloads in flight).
+        building = self._building.get(url)
+        if building is None:
+            building = asyncio.ensure_future(self._build(url))
+            self._building[url] = building
+            building.add_done_callback(lambda _done: self._building.pop(url, None))
+        return await asyncio.shield(building)  # one client going away must not cancel the others' build
+
+    async def _build(self, url: str) -> bytes | None:
         try:
             thumb = await self._make(url)
         except Exception as exc:  # a thumbnail is a nicety: a fault here is a missing picture, never a 500
