@@ -86,6 +86,48 @@ def test_the_text_graph_runs_without_the_fusion_that_slows_it(
     assert "SkipLayerNormalization" not in op_types(ours) and "LayerNormalization" in op_types(ours)
 
 
+def test_the_text_graph_drops_the_exporters_softmax_nan_guards(default_pair: tuple[Scorer, Scorer],
+                                                               onnx_cache: Path) -> None:
+    """runtime.without_softmax_nan_guards: the cached MiniLM graph keeps its softmaxes but not the guards after them;
+    on a small attention graph masked as Hugging Face masks (float32's lowest value, one row of keys all masked),
+    the outputs with and without the guards are the same to the bit."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from mmsent.runtime import without_softmax_nan_guards
+
+    [text_graph] = list((onnx_cache / "onnx").glob("text-*.onnx"))
+    ops = [n.op_type for n in onnx.load(str(text_graph), load_external_data=False).graph.node]
+    assert ops.count("Softmax") == 6 and "IsNaN" not in ops
+
+    def attention() -> onnx.ModelProto:
+        lowest = np.finfo(np.float32).min
+        nodes = [helper.make_node("Where", ["keep", "zero", "lowest"], ["bias"]),
+                 helper.make_node("Add", ["scores", "bias"], ["masked"]),
+                 helper.make_node("Softmax", ["masked"], ["p"], axis=-1),
+                 helper.make_node("IsNaN", ["p"], ["nan"]),
+                 helper.make_node("Where", ["nan", "zero", "p"], ["guarded"]),
+                 helper.make_node("MatMul", ["guarded", "v"], ["out"])]
+        graph = helper.make_graph(
+            nodes, "attention",
+            [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [2, 4, 4]),
+             helper.make_tensor_value_info("keep", TensorProto.BOOL, [2, 1, 4]),
+             helper.make_tensor_value_info("v", TensorProto.FLOAT, [2, 4, 3])],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4, 3])],
+            [helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0]),
+             helper.make_tensor("lowest", TensorProto.FLOAT, [], [float(lowest)])])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    rng = np.random.default_rng(0)
+    feed = {"scores": rng.normal(size=(2, 4, 4)).astype(np.float32), "v": rng.normal(size=(2, 4, 3)).astype(np.float32),
+            "keep": np.array([[[True, True, False, False]], [[False, False, False, False]]])}
+    guarded, unguarded = attention(), without_softmax_nan_guards(attention())
+    assert [n.op_type for n in unguarded.graph.node] == ["Where", "Add", "Softmax", "MatMul"]
+    before, after = (inference_session(m.SerializeToString(), threads=1).run(None, feed)[0]
+                     for m in (guarded, unguarded))
+    assert np.isfinite(after).all() and np.array_equal(before, after)
+
+
 def test_an_unwritable_cache_keeps_the_graph_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("a file where the cache dir would be")
