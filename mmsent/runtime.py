@@ -161,7 +161,7 @@ def without_softmax_nan_guards(model: Any) -> Any:
     attention softmax, `Where(IsNaN(p), 0, p)`, for a row whose keys are all masked with -inf. Hugging Face masks
     with float32's lowest finite value instead, so the softmax never gives NaN and the outputs are unchanged to the
     bit. The two ops cost MiniLM in int8 6-8% of its time (8 captions x 24-40 tokens, one thread, the AMX VM,
-    2026-12-07: 14.15 -> 13.36 and 24.72 -> 22.81 ms; fp32 1-2%). A graph without them (a CNN) is returned as is."""
+    2026-12-07: 14.15 -> 13.36 and 24.72 -> 22.81 ms; fp32 0.3-2%). A graph without them (a CNN) is returned as is."""
     graph = model.graph
     producer = {out: node for node in graph.node for out in node.output}
     guards = [(node, producer[node.input[0]]) for node in graph.node
