@@ -20,6 +20,7 @@ import gc
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -88,6 +89,12 @@ DEVICELESS_BATCH_SIZE = 32
 # its size limit halves each time, and from the BARE_AFTER-th the letter keeps nothing of the record); then the
 # delivery error policy decides.
 MAX_REPLACEMENTS = 8
+# How long a thread may hold the GIL while another asks for it (CPython's default: 5 ms). A scoring slice that comes
+# back from ONNX Runtime waits for the GIL while the I/O loop or the poll loop runs Python. At 1 ms the two scoring
+# threads slept 8.7% of an int8 backlog instead of 10.5% (means over 8 runs each of `scripts/profile_consumer.py
+# --posts 1920 --env MMSENT_CPU_PRECISION=int8`, alternated, AMD EPYC VNNI VM, 2026-12-07: median 195.4 against 180.7
+# posts/s, inside this VM's run-to-run spread; fp32 no change seen). BENCHMARKS.md "The GIL's switch interval".
+GIL_SWITCH_INTERVAL_S = 0.001
 
 
 class Application:
@@ -112,7 +119,8 @@ class Application:
         """`window`: replay a time window (`mmsent replay`) and stop at its end, instead of consuming for good.
         `producer_factory`: makes the Kafka producer from its configuration (a test wraps the real one to inject
         faults). `owns_process` (`mmsent consume`, `mmsent replay`): the process is this application's, so its
-        start-up objects are frozen out of the cyclic garbage collector once wired (`freeze_start_up_objects`)."""
+        start-up objects are frozen out of the cyclic garbage collector once wired (`freeze_start_up_objects`) and
+        the GIL changes hands sooner (`GIL_SWITCH_INTERVAL_S`)."""
         self.settings = settings
         self.eos = settings.processing_guarantee is ProcessingGuarantee.EXACTLY_ONCE
         self.metrics = metrics or Metrics.get()
@@ -228,6 +236,8 @@ class Application:
         )
         if self._owns_process:
             freeze_start_up_objects()
+            sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+            log.info("gil_switch_interval_set", seconds=sys.getswitchinterval())
         self.started.set()
         return True
 

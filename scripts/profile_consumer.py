@@ -3,7 +3,9 @@ a backlog of posts through the embedded broker, Redis and a loopback image serve
 
 * the posts/s, and the consumer's own stage totals (seconds in fetch+decode, in the model stage),
 * the CPU of each of its threads, from /proc/<pid>/task/*/stat (the model threads, the I/O loop, the decode
-  threads, librdkafka's, ONNX Runtime's workers...),
+  threads, librdkafka's, ONNX Runtime's workers...), and from /proc/<pid>/task/*/schedstat the time each spent
+  runnable but waiting for a core (so a thread's wall time splits into on a core, waiting for one, and asleep:
+  waiting for work, a lock or the GIL),
 * with `--py-spy FILE`, a py-spy profile of the whole run (`--native`: C frames too), speedscope, collapsed
   stacks per thread (.txt) or SVG by name; `--gil` keeps only the samples of the thread holding the GIL, so that
   a .txt's samples per thread over 100 a second of the run are each thread's share of the GIL;
@@ -67,6 +69,20 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
         fields = stat[stat.rindex(")") + 2 :].split()
         by_thread[f"{task.name} {name}"] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
     return dict(by_thread)
+
+
+def thread_run_queue_s(pid: int) -> dict[str, float]:
+    """Seconds each thread of process `pid` has spent runnable but not on a core (schedstat's second field), keyed
+    as `thread_cpu_s` keys them."""
+    waits: dict[str, float] = defaultdict(float)
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat, schedstat = (task / "stat").read_text(), (task / "schedstat").read_text()
+        except OSError:  # the thread ended meanwhile, or the kernel keeps no schedstats
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        waits[f"{task.name} {name}"] += int(schedstat.split()[1]) / 1e9
+    return dict(waits)
 
 
 def process_cpu_s(pid: int) -> float:
@@ -145,11 +161,13 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
                                                for key, cpu in idle_after.items()
                                                if cpu - idle_before.get(key, 0.0) >= 0.005 * args.idle_s}
             stages_before, threads_before = counter.stage_totals(), thread_cpu_s(consumer.pid)
+            waits_before = thread_run_queue_s(consumer.pid)
             process_before = process_cpu_s(consumer.pid)
             spy = _start_py_spy(consumer.pid, args.py_spy, args.native, args.gil) if args.py_spy else None
             full = run_end_to_end(make_posts(args.posts, len(photos), server, 0.3, seed=2), producer, counter,
                                   server, "full", None, roles)
             threads_after, stages_after = thread_cpu_s(consumer.pid), counter.stage_totals()
+            waits_after = thread_run_queue_s(consumer.pid)
             process_s = process_cpu_s(consumer.pid) - process_before
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
@@ -159,6 +177,8 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     wall_s = full.posts / full.posts_per_s
     threads = {f"{key} {python_names.get(key.split()[0], '')}".strip(): cpu - threads_before.get(key, 0.0)
                for key, cpu in threads_after.items()}
+    waits = {f"{key} {python_names.get(key.split()[0], '')}".strip(): wait - waits_before.get(key, 0.0)
+             for key, wait in waits_after.items()}
     threads["threads that ended (decodes)"] = process_s - sum(threads.values())
     result.update(
         consumer_cores=process_s / wall_s, consumer_cpu_ms_per_post=1000 * process_s / full.posts,
@@ -166,6 +186,11 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         stages={k: stages_after[k] - stages_before[k] for k in stages_after},
         thread_cores={name: cpu / wall_s for name, cpu in sorted(threads.items(), key=lambda kv: -kv[1])
                       if cpu / wall_s >= 0.005},
+        # of each busy thread's wall time: on a core / runnable, waiting for one / asleep (for work, a lock, the GIL)
+        thread_on_waiting_asleep={name: [round(cpu / wall_s, 3), round(waits.get(name, 0.0) / wall_s, 3),
+                                         round(1 - (cpu + waits.get(name, 0.0)) / wall_s, 3)]
+                                  for name, cpu in sorted(threads.items(), key=lambda kv: -kv[1])
+                                  if name in waits and cpu / wall_s >= 0.05},
     )
     if args.model_only:
         result["model_only_posts_per_s"] = model_only_posts_per_s(args.model, photos[:64], args.batch_size, env)

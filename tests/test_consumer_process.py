@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from consumer.app import GIL_SWITCH_INTERVAL_S
 from tests.consumerutil import (
     ConsumerProcess,
     Outcome,
@@ -78,6 +79,9 @@ def test_sigterm_mid_stream_exits_zero_within_the_grace_period_and_loses_nothing
     # cyclic collector's full passes (consumer.app.freeze_start_up_objects)
     frozen = consumer.events("start_up_objects_frozen")
     assert len(frozen) == 1 and frozen[0]["objects"] > 100_000, frozen
+    # ... and its GIL changes hands at consumer.app.GIL_SWITCH_INTERVAL_S (CPython's default is 5 ms)
+    switch = consumer.events("gil_switch_interval_set")
+    assert len(switch) == 1 and abs(switch[0]["seconds"] - GIL_SWITCH_INTERVAL_S) < 1e-9, switch
     committed = committed_offsets(kafka_bootstrap, topics.group, topics.posts)
     outcome = Outcome.read(kafka_bootstrap, topics)
     lost = outcome.covered_below(committed)
