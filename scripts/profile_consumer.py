@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,29 +61,28 @@ def thread_cpu_s(pid: int) -> dict[str, float]:
     """CPU seconds (user + system) per thread of process `pid`, keyed "tid name" (Python's threads are all named
     "python" here: `--py-spy` dumps map a tid to its Python name)."""
     by_thread: dict[str, float] = defaultdict(float)
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:  # the thread ended meanwhile
-            continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+    for key, stat, _ in _each_thread(pid):
         fields = stat[stat.rindex(")") + 2 :].split()
-        by_thread[f"{task.name} {name}"] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+        by_thread[key] += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
     return dict(by_thread)
 
 
-def thread_run_queue_s(pid: int) -> dict[str, float]:
-    """Seconds each thread of process `pid` has spent runnable but not on a core (schedstat's second field), keyed
-    as `thread_cpu_s` keys them."""
-    waits: dict[str, float] = defaultdict(float)
+def thread_sched_s(pid: int) -> dict[str, tuple[float, float]]:
+    """Per thread of process `pid`, keyed as `thread_cpu_s` keys them: (seconds on a core, seconds runnable but
+    waiting for one), the first two fields of its schedstat (nanoseconds; absent where the kernel keeps none)."""
+    return {key: (int(fields[0]) / 1e9, int(fields[1]) / 1e9)
+            for key, _, schedstat in _each_thread(pid) if len(fields := schedstat.split()) >= 2}
+
+
+def _each_thread(pid: int) -> Iterator[tuple[str, str, str]]:
+    """("tid name", its /proc stat, its schedstat or "") for each thread of `pid` still alive."""
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            stat, schedstat = (task / "stat").read_text(), (task / "schedstat").read_text()
-        except OSError:  # the thread ended meanwhile, or the kernel keeps no schedstats
+            stat = (task / "stat").read_text()
+            schedstat = (task / "schedstat").read_text() if (task / "schedstat").exists() else ""
+        except OSError:  # the thread ended meanwhile
             continue
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        waits[f"{task.name} {name}"] += int(schedstat.split()[1]) / 1e9
-    return dict(waits)
+        yield f"{task.name} {stat[stat.index('(') + 1 : stat.rindex(')')]}", stat, schedstat
 
 
 def process_cpu_s(pid: int) -> float:
@@ -161,13 +161,13 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
                                                for key, cpu in idle_after.items()
                                                if cpu - idle_before.get(key, 0.0) >= 0.005 * args.idle_s}
             stages_before, threads_before = counter.stage_totals(), thread_cpu_s(consumer.pid)
-            waits_before = thread_run_queue_s(consumer.pid)
+            sched_before = thread_sched_s(consumer.pid)
             process_before = process_cpu_s(consumer.pid)
             spy = _start_py_spy(consumer.pid, args.py_spy, args.native, args.gil) if args.py_spy else None
             full = run_end_to_end(make_posts(args.posts, len(photos), server, 0.3, seed=2), producer, counter,
                                   server, "full", None, roles)
             threads_after, stages_after = thread_cpu_s(consumer.pid), counter.stage_totals()
-            waits_after = thread_run_queue_s(consumer.pid)
+            sched_after = thread_sched_s(consumer.pid)
             process_s = process_cpu_s(consumer.pid) - process_before
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
@@ -175,10 +175,15 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
             python_names = python_thread_names(consumer.pid)  # after: one py-spy at a time attaches
     server.close()
     wall_s = full.posts / full.posts_per_s
-    threads = {f"{key} {python_names.get(key.split()[0], '')}".strip(): cpu - threads_before.get(key, 0.0)
-               for key, cpu in threads_after.items()}
-    waits = {f"{key} {python_names.get(key.split()[0], '')}".strip(): wait - waits_before.get(key, 0.0)
-             for key, wait in waits_after.items()}
+
+    def label(key: str) -> str:
+        return f"{key} {python_names.get(key.split()[0], '')}".strip()
+
+    threads = {label(key): cpu - threads_before.get(key, 0.0) for key, cpu in threads_after.items()}
+    # of each thread's wall time: on a core, runnable but waiting for one; the rest asleep (work, a lock, the GIL)
+    sched = {label(key): ((ran - sched_before.get(key, (0.0, 0.0))[0]) / wall_s,
+                          (waited - sched_before.get(key, (0.0, 0.0))[1]) / wall_s)
+             for key, (ran, waited) in sched_after.items()}
     threads["threads that ended (decodes)"] = process_s - sum(threads.values())
     result.update(
         consumer_cores=process_s / wall_s, consumer_cpu_ms_per_post=1000 * process_s / full.posts,
@@ -186,11 +191,9 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         stages={k: stages_after[k] - stages_before[k] for k in stages_after},
         thread_cores={name: cpu / wall_s for name, cpu in sorted(threads.items(), key=lambda kv: -kv[1])
                       if cpu / wall_s >= 0.005},
-        # of each busy thread's wall time: on a core / runnable, waiting for one / asleep (for work, a lock, the GIL)
-        thread_on_waiting_asleep={name: [round(cpu / wall_s, 3), round(waits.get(name, 0.0) / wall_s, 3),
-                                         round(1 - (cpu + waits.get(name, 0.0)) / wall_s, 3)]
-                                  for name, cpu in sorted(threads.items(), key=lambda kv: -kv[1])
-                                  if name in waits and cpu / wall_s >= 0.05},
+        thread_on_waiting_asleep={name: [round(on, 3), round(waiting, 3), round(1 - on - waiting, 3)]
+                                  for name, (on, waiting) in sorted(sched.items(), key=lambda kv: -kv[1][0])
+                                  if on >= 0.05},
     )
     if args.model_only:
         result["model_only_posts_per_s"] = model_only_posts_per_s(args.model, photos[:64], args.batch_size, env)
