@@ -181,9 +181,10 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
 
     threads = {label(key): cpu - threads_before.get(key, 0.0) for key, cpu in threads_after.items()}
     # of each thread's wall time: on a core, runnable but waiting for one; the rest asleep (work, a lock, the GIL)
-    sched = {label(key): ((ran - sched_before.get(key, (0.0, 0.0))[0]) / wall_s,
-                          (waited - sched_before.get(key, (0.0, 0.0))[1]) / wall_s)
-             for key, (ran, waited) in sched_after.items()}
+    sched: dict[str, tuple[float, float]] = {}
+    for key, (ran, waited) in sched_after.items():
+        ran_before, waited_before = sched_before.get(key, (0.0, 0.0))
+        sched[label(key)] = ((ran - ran_before) / wall_s, (waited - waited_before) / wall_s)
     threads["threads that ended (decodes)"] = process_s - sum(threads.values())
     result.update(
         consumer_cores=process_s / wall_s, consumer_cpu_ms_per_post=1000 * process_s / full.posts,
